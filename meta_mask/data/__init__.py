@@ -1,0 +1,1 @@
+"""Downstream tasks, pre-training corpora, the synthetic knowledge world and corpus annotation."""

@@ -1,0 +1,990 @@
+"""Pre-training corpora: reading, sentence splitting, filtering, tokenize-once caching, ordering.
+
+This module owns the unlabeled text side of intermediate pre-training:
+
+1. *Readers* yield documents ``{"text", "doc_id"[, "entities"]}`` from
+   - English Wikipedia on the Hugging Face hub (``wikimedia/wikipedia``), streamed, or the same
+     parquet schema (id, url, title, text) from local files (``data_files=...``);
+   - a downstream task's own documents (summarization source articles, QA evidence / provenance
+     passages) via ``meta_mask.data.tasks.load_task``;
+   - local ``.txt`` (one document per line, or blank-line separated paragraphs) and ``.jsonl``
+     files (a configurable text field, optional character entity spans carried through);
+   - in-memory sentence records (the synthetic world), which are not split again.
+2. *Sentences*: a dependency-free rule-based splitter (``sentence_spans``) and a length filter
+   (``SentenceFilter``). We use rules rather than spaCy's sentencizer because the sentencizer
+   splits after every "." (so "Dr. Smith", "the U.S. Army", "J. R. R. Tolkien" break) and the
+   statistical parser is far too slow for Wikipedia-scale text on a CPU.
+3. *Caching*: ``build_corpus`` tokenizes each sentence once with ``datasets`` and caches the
+   result on disk under a fingerprint of (tokenizer content, source identity, every filtering
+   setting, max length). An unchanged setting reloads the Arrow file without reading the source or
+   tokenizing; a changed one rebuilds. Sentences are cached separately (fingerprint without the
+   tokenizer), so switching tokenizers does not re-stream Wikipedia.
+4. *Order*: ``CorpusStream`` serves fixed-shape padded numpy batches in an order that is a
+   permutation derived from (seed, epoch); its position is one integer (examples consumed =
+   step * global batch size) that a checkpoint stores and a resumed run passes back. With
+   ``process_index``/``process_count`` each host takes a disjoint slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+WIKIPEDIA_DATASET = "wikimedia/wikipedia"
+WIKIPEDIA_CONFIG = "20231101.en"
+SOURCE_KINDS = ("wikipedia", "file", "task", "records")
+TXT_UNITS = ("line", "paragraph")
+TASK_FIELDS = ("auto", "contexts", "source")
+# Bump when the cached columns or the tokenization/truncation rules change, so old caches are
+# never mistaken for new ones.
+CACHE_FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Sentence splitting
+# ---------------------------------------------------------------------------------------------
+
+# Abbreviations that (practically) never end a sentence: titles before a name, "e.g.", months
+# before a day, "Fig. 3". Matched case-sensitively against the word before the period.
+_NEVER_FINAL = frozenset(
+    "Mr Mrs Ms Mx Dr Prof Rev Hon Gen Col Lt Sgt Capt Cmdr Adm Maj Gov Sen Rep Pres Supt Fr "
+    "St Ste Mt Ft vs v cf viz approx ca Fig Figs fig figs Vol Vols vol pp Eq Eqs Sec Ch Art "
+    "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec e.g i.e E.g I.e".split()
+)
+# Abbreviations that end a sentence only sometimes ("He founded Acme Inc. The firm ...", but
+# "Acme Inc. shares", "the U.S. Army", "No. 5"). After these we split only when the next word
+# is a common sentence opener.
+_AMBIGUOUS = frozenset("Jr Sr Inc Ltd Co Corp Bros Assn Dept Univ etc al No Nos Op".split())
+_SENTENCE_OPENERS = frozenset(
+    "The A An He She It They We I You In On At This That These Those His Her Its Their Our "
+    "My There Here After Before During While When Where However Although Though As But And "
+    "Since From For By With Following Despite Today Some Many Most One Both Also Then Thus "
+    "If Other Each Every All No Several According Later Meanwhile Yet So".split()
+)
+# A terminal punctuation run, optional closing quotes/brackets, then whitespace.
+_BOUNDARY = re.compile(r"([.!?]+)([\"'”’)\]]*)(\s+)")
+_DOTTED_ACRONYM = re.compile(r"(?:[A-Za-z]{1,3}\.)+[A-Za-z]{1,3}")
+_OPENING = "\"'“‘(["
+
+
+def _starts_sentence(text: str, j: int) -> bool:
+    """Whether a sentence may start at text[j]: an uppercase letter or digit, possibly quoted."""
+    while j < len(text) and text[j] in _OPENING:
+        j += 1
+    return j < len(text) and (text[j].isupper() or text[j].isdigit())
+
+
+def _next_word(text: str, j: int) -> str:
+    m = re.match(r"[\"'“‘(\[]*(\w+)", text[j:])
+    return m.group(1) if m else ""
+
+
+def _is_boundary(text: str, match: re.Match) -> bool:
+    """Decide whether the punctuation run in `match` ends a sentence (rules in the module doc)."""
+    nxt = match.end()
+    if not _starts_sentence(text, nxt):
+        return False
+    punct, closing = match.group(1), match.group(2)
+    if punct != "." or closing:
+        return True  # "!", "?", "...", or a period inside a closed quote: always a boundary.
+    # The word the period is attached to, without leading quotes/brackets.
+    start = match.start()
+    word_start = start
+    while word_start > 0 and not text[word_start - 1].isspace():
+        word_start -= 1
+    word = text[word_start:start].lstrip(_OPENING)
+    if word in _NEVER_FINAL:
+        return False
+    if len(word) == 1 and word.isalpha():
+        return False  # an initial: "John F. Kennedy", "J. R. R. Tolkien".
+    if word in _AMBIGUOUS or _DOTTED_ACRONYM.fullmatch(word):
+        return _next_word(text, nxt) in _SENTENCE_OPENERS
+    return True
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Half-open character spans of the sentences of `text`, whitespace-trimmed.
+
+    A newline is always a boundary (Wikipedia puts paragraphs and headings on their own lines).
+    Within a line, a run of ".", "!" or "?" (plus closing quotes/brackets) followed by whitespace
+    and an uppercase letter or digit ends a sentence, except after titles ("Dr."), initials
+    ("F."), "e.g.", and - unless the next word is a common sentence opener - after ambiguous
+    abbreviations ("Inc.", "No.") and dotted acronyms ("U.S.", "Ph.D."). Decimals ("3.14") never
+    split because no whitespace follows the period. Known misses: a sentence that really ends
+    in a title or an initial ("... vitamin C. The") stays joined to the next.
+    """
+    spans: list[tuple[int, int]] = []
+    for line in re.finditer(r"[^\n]+", text):
+        cut = line.start()
+        line_text = line.group(0)
+        for m in _BOUNDARY.finditer(line_text):
+            if _is_boundary(line_text, m):
+                spans.append((cut, line.start() + m.end(2)))
+                cut = line.start() + m.end()
+        spans.append((cut, line.end()))
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text` (see `sentence_spans` for the rules)."""
+    return [text[a:b] for a, b in sentence_spans(text)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentence filtering and sentence records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SentenceFilter:
+    """Keep sentences whose length lies within [min, max] in both characters and words.
+
+    Words are whitespace-separated tokens. The defaults drop headings, list fragments and
+    run-on tables while keeping ordinary encyclopedic sentences.
+    """
+
+    min_chars: int = 20
+    max_chars: int = 1000
+    min_words: int = 5
+    max_words: int = 128
+
+    def __post_init__(self) -> None:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars={self.min_chars} > max_chars={self.max_chars}")
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words={self.min_words} > max_words={self.max_words}")
+
+    def reject_reason(self, text: str) -> str | None:
+        """None when `text` passes, else which bound it violates."""
+        if len(text) < self.min_chars:
+            return "too_few_chars"
+        if len(text) > self.max_chars:
+            return "too_many_chars"
+        n = len(text.split())
+        if n < self.min_words:
+            return "too_few_words"
+        if n > self.max_words:
+            return "too_many_words"
+        return None
+
+
+def document_sentences(doc: dict, counts: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Split one document into sentence records {"text", "doc_id", "entities"}.
+
+    Entity char spans (tuples (start, end, label, ...)) are shifted to sentence offsets; an
+    entity that crosses a sentence boundary is dropped (counted as "entities_crossing").
+    """
+    text = doc["text"]
+    entities = sorted(doc.get("entities") or (), key=lambda e: (e[0], e[1]))
+    records = []
+    placed = 0
+    for a, b in sentence_spans(text):
+        inside = [(e[0] - a, e[1] - a, *e[2:]) for e in entities if a <= e[0] and e[1] <= b]
+        placed += len(inside)
+        records.append({"text": text[a:b], "doc_id": str(doc["doc_id"]), "entities": inside})
+    if counts is not None:
+        counts["entities_crossing"] = counts.get("entities_crossing", 0) + len(entities) - placed
+    return records
+
+
+def iter_sentences(
+    documents: Iterable[dict],
+    sentence_filter: SentenceFilter,
+    *,
+    max_sentences: int | None = None,
+    presplit: bool = False,
+    counts: dict[str, int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Sentence records of `documents` that pass the filter, at most `max_sentences` of them.
+
+    With `presplit`, each input record is already one sentence (the synthetic world) and is
+    only filtered. `counts` (if given) accumulates documents, sentences seen, kept, and the
+    number rejected for each reason.
+    """
+    counts = counts if counts is not None else {}
+    kept = 0
+    if max_sentences is not None and max_sentences <= 0:
+        return
+    for doc in documents:
+        counts["documents"] = counts.get("documents", 0) + 1
+        if presplit:
+            sentences = [
+                {
+                    "text": doc["text"],
+                    "doc_id": str(doc.get("doc_id", "")),
+                    "entities": list(doc.get("entities") or ()),
+                }
+            ]
+        else:
+            sentences = document_sentences(doc, counts)
+        for record in sentences:
+            counts["sentences_seen"] = counts.get("sentences_seen", 0) + 1
+            reason = sentence_filter.reject_reason(record["text"])
+            if reason is not None:
+                counts[reason] = counts.get(reason, 0) + 1
+                continue
+            kept += 1
+            counts["sentences_kept"] = kept
+            yield record
+            if max_sentences is not None and kept >= max_sentences:
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# Document readers
+# ---------------------------------------------------------------------------------------------
+
+
+def wikipedia_documents(
+    config: str = WIKIPEDIA_CONFIG,
+    *,
+    data_files: str | Sequence[str] | None = None,
+    split: str = "train",
+    dataset: str = WIKIPEDIA_DATASET,
+    revision: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Stream Wikipedia articles as documents {"text", "doc_id", "title"}.
+
+    Without `data_files` the articles stream from the hub (`dataset`, `config`); with it, the
+    same code streams local parquet files in the hub's schema (columns id, url, title, text).
+    Nothing is downloaded in full: `datasets` streams record batches.
+    """
+    import datasets  # heavy; imported only when a corpus is actually read
+
+    try:
+        if data_files is not None:
+            stream = datasets.load_dataset(
+                "parquet", data_files=data_files, split=split, streaming=True
+            )
+        else:
+            stream = datasets.load_dataset(
+                dataset, config, split=split, streaming=True, revision=revision
+            )
+        for row in stream:
+            yield {"text": row["text"], "doc_id": str(row["id"]), "title": row.get("title", "")}
+    except (ConnectionError, OSError) as err:
+        if data_files is not None:
+            raise
+        raise ConnectionError(
+            f"Could not stream {dataset} (config {config!r}) from the Hugging Face hub: {err}. "
+            "Without network access, download the parquet shards elsewhere (columns id, url, "
+            "title, text) and pass them as local files: corpus source 'wikipedia' with "
+            "data_files='/path/to/*.parquet' (CorpusSource(kind='wikipedia', "
+            "data_files=...)), or use a local .txt/.jsonl corpus (kind='file', path=...)."
+        ) from err
+
+
+def _parse_jsonl_entities(value: Any, where: str, field_name: str) -> list[tuple]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: field {field_name!r} must be a list of [start, end, label]")
+    out = []
+    for ent in value:
+        if (
+            not isinstance(ent, (list, tuple))
+            or len(ent) < 3
+            or not all(isinstance(x, int) for x in ent[:2])
+        ):
+            raise ValueError(
+                f"{where}: each entry of {field_name!r} must be [start, end, label, ...] with "
+                f"integer character offsets; got {ent!r}"
+            )
+        out.append(tuple(ent))
+    return out
+
+
+def file_documents(
+    path: str | os.PathLike,
+    *,
+    text_field: str = "text",
+    entities_field: str = "entities",
+    txt_unit: str = "line",
+) -> Iterator[dict[str, Any]]:
+    """Documents from a local .txt or .jsonl file.
+
+    - ``.jsonl``: one JSON object per line; the document text is `text_field`; optional
+      `entities_field` is a list of [char_start, char_end, label, ...] (character offsets into
+      the text) carried through to the sentences. Blank lines are skipped. A malformed line
+      raises ValueError naming the file and the line number.
+    - ``.txt`` with ``txt_unit="line"`` (default): every non-empty line is one document.
+      With ``txt_unit="paragraph"``: blank-line separated blocks are documents and single
+      newlines inside a block are joined by spaces (hard-wrapped prose).
+    """
+    path = pathlib.Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: malformed JSON ({err.msg})") from err
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                    raise ValueError(
+                        f"{where}: expected an object with a string field {text_field!r} "
+                        "(set text_field to the field that holds the text)"
+                    )
+                yield {
+                    "text": obj[text_field],
+                    "doc_id": str(obj.get("id", f"{path.name}:{lineno}")),
+                    "entities": _parse_jsonl_entities(
+                        obj.get(entities_field), where, entities_field
+                    ),
+                }
+    elif suffix == ".txt":
+        if txt_unit not in TXT_UNITS:
+            raise ValueError(f"txt_unit={txt_unit!r}; valid: {TXT_UNITS}")
+        with path.open(encoding="utf-8") as f:
+            if txt_unit == "line":
+                for lineno, line in enumerate(f, start=1):
+                    if line.strip():
+                        yield {"text": line.strip(), "doc_id": f"{path.name}:{lineno}"}
+            else:
+                block: list[str] = []
+                first = 0
+                for lineno, line in enumerate(f, start=1):
+                    if line.strip():
+                        first = first or lineno
+                        block.append(line.strip())
+                    elif block:
+                        yield {"text": " ".join(block), "doc_id": f"{path.name}:{first}"}
+                        block, first = [], 0
+                if block:
+                    yield {"text": " ".join(block), "doc_id": f"{path.name}:{first}"}
+    else:
+        raise ValueError(f"{path}: unsupported corpus file type {suffix!r}; valid: .txt, .jsonl")
+
+
+def task_documents(
+    task: str,
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    field: str = "auto",
+) -> Iterator[dict[str, Any]]:
+    """In-domain documents from a downstream task's own data (`tasks.load_task`).
+
+    `field` picks the text: "contexts" (TriviaQA evidence, KILT provenance passages, world
+    contexts: Example.contexts[*]["text"]), "source" (summarization articles: Example.source),
+    or "auto": contexts where the task's examples carry any, else the sources of a
+    summarization task; for a QA task without contexts (whose sources are only questions) it
+    raises. Identical texts are yielded once (many questions share one evidence passage).
+    """
+    from meta_mask.data import tasks  # the task registry, imported on use
+
+    if field not in TASK_FIELDS:
+        raise ValueError(f"field={field!r}; valid: {TASK_FIELDS}")
+    examples = tasks.load_task(task, split, data_dir=data_dir)
+    if field == "auto":
+        if any(ex.contexts for ex in examples):
+            field = "contexts"
+        elif tasks.get_task(task).category == "summarization":
+            field = "source"
+        else:
+            raise ValueError(
+                f"task {task!r} split {split!r} has no contexts (evidence / provenance "
+                "passages) and is not a summarization task, so it has no in-domain documents; "
+                "set the task field to 'source' to use its inputs (questions) anyway"
+            )
+    seen: set[str] = set()
+    for ex in examples:
+        texts = [c["text"] for c in ex.contexts] if field == "contexts" else [ex.source]
+        for i, text in enumerate(texts):
+            if not text or text in seen:
+                continue
+            seen.add(text)
+            yield {"text": text, "doc_id": f"{ex.id}:{i}" if field == "contexts" else str(ex.id)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources and their identity
+# ---------------------------------------------------------------------------------------------
+
+
+def _file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """Identity of a local file for cache keys: absolute path, size, modification time."""
+    p = pathlib.Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """Where corpus text comes from. `kind` is one of SOURCE_KINDS:
+
+    - "wikipedia": `config` (e.g. "20231101.en") from the hub `dataset`, or local parquet
+      `data_files` in the same schema;
+    - "file": a local .txt/.jsonl `path` (`text_field`, `entities_field`, `txt_unit`);
+    - "task": the documents of task `task` / `split` (`data_dir`, `task_field`);
+    - "records": in-memory sentence records (`records`, e.g. the synthetic world), named by
+      `name`; they are filtered but not split again.
+    """
+
+    kind: str
+    config: str = WIKIPEDIA_CONFIG
+    dataset: str = WIKIPEDIA_DATASET
+    data_files: tuple[str, ...] = ()
+    path: str = ""
+    text_field: str = "text"
+    entities_field: str = "entities"
+    txt_unit: str = "line"
+    task: str = ""
+    split: str = "train"
+    data_dir: str = ""
+    task_field: str = "auto"
+    name: str = ""
+    records: Sequence[dict] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"corpus source kind={self.kind!r}; valid: {SOURCE_KINDS}")
+        if self.kind == "file" and not self.path:
+            raise ValueError("corpus source kind='file' needs path=<.txt or .jsonl file>")
+        if self.kind == "task" and not self.task:
+            raise ValueError("corpus source kind='task' needs task=<task name>")
+        if self.kind == "records" and self.records is None:
+            raise ValueError("corpus source kind='records' needs records=[{'text', ...}, ...]")
+        if self.txt_unit not in TXT_UNITS:
+            raise ValueError(f"txt_unit={self.txt_unit!r}; valid: {TXT_UNITS}")
+        if self.task_field not in TASK_FIELDS:
+            raise ValueError(f"task_field={self.task_field!r}; valid: {TASK_FIELDS}")
+
+    @classmethod
+    def from_spec(cls, spec: str, **kw: Any) -> CorpusSource:
+        """Parse a CLI spec: "wikipedia[:CONFIG]", "file:PATH", "task:NAME[:SPLIT]".
+
+        A "wikipedia" spec with `data_files` in `kw` reads local parquet files.
+        """
+        kind, _, rest = spec.partition(":")
+        if kind == "wikipedia":
+            return cls(kind=kind, config=rest or WIKIPEDIA_CONFIG, **kw)
+        if kind == "file":
+            return cls(kind=kind, path=rest, **kw)
+        if kind == "task":
+            name, _, split = rest.partition(":")
+            return cls(kind=kind, task=name, split=split or "train", **kw)
+        raise ValueError(
+            f"corpus spec {spec!r}; valid forms: 'wikipedia[:CONFIG]', 'file:PATH', "
+            "'task:NAME[:SPLIT]' (in-memory records are passed as CorpusSource(kind='records'))"
+        )
+
+    @property
+    def label(self) -> str:
+        """A short readable name for cache folders and logs."""
+        raw = {
+            "wikipedia": f"wikipedia-{self.config}" if not self.data_files else "wikipedia-local",
+            "file": pathlib.Path(self.path).stem,
+            "task": f"task-{self.task}-{self.split}",
+            "records": f"records-{self.name or 'anon'}",
+        }[self.kind]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)[:48]
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the documents this source yields (for cache keys)."""
+        if self.kind == "wikipedia":
+            if self.data_files:
+                return {"kind": "wikipedia", "files": [_file_identity(f) for f in self.data_files]}
+            return {"kind": "wikipedia", "dataset": self.dataset, "config": self.config}
+        if self.kind == "file":
+            return {
+                "kind": "file",
+                "file": _file_identity(self.path),
+                "text_field": self.text_field,
+                "entities_field": self.entities_field,
+                "txt_unit": self.txt_unit,
+            }
+        if self.kind == "task":
+            files = []
+            if self.data_dir:
+                root = pathlib.Path(self.data_dir)
+                files = [_file_identity(p) for p in sorted(root.rglob("*")) if p.is_file()]
+            return {
+                "kind": "task",
+                "task": self.task,
+                "split": self.split,
+                "field": self.task_field,
+                "data_dir_files": files,
+            }
+        # In-memory records: their content is their identity.
+        from datasets.fingerprint import Hasher
+
+        blob = json.dumps(list(self.records), sort_keys=True, default=list).encode()
+        return {"kind": "records", "name": self.name, "content": Hasher.hash_bytes(blob)}
+
+    def documents(self) -> Iterator[dict[str, Any]]:
+        """The documents (or, for "records", the sentence records) of this source."""
+        if self.kind == "wikipedia":
+            return wikipedia_documents(
+                self.config,
+                data_files=list(self.data_files) or None,
+                dataset=self.dataset,
+                split=self.split,
+            )
+        if self.kind == "file":
+            return file_documents(
+                self.path,
+                text_field=self.text_field,
+                entities_field=self.entities_field,
+                txt_unit=self.txt_unit,
+            )
+        if self.kind == "task":
+            return task_documents(
+                self.task, self.split, data_dir=self.data_dir or None, field=self.task_field
+            )
+        return iter(self.records)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that determines how `tokenizer` maps text to ids.
+
+    The fast tokenizer's serialized JSON holds the vocabulary, merges, normalizer,
+    pre-tokenizer and post-processor (which adds <s> ... </s>), so two tokenizers with equal
+    fingerprints tokenize identically wherever they were loaded from.
+    """
+    from datasets.fingerprint import Hasher
+
+    backend = tokenizer.backend_tokenizer.to_str()
+    return Hasher.hash_bytes([type(tokenizer).__name__.encode(), backend.encode()])
+
+
+def _hash_json(obj: Any) -> str:
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash_bytes(json.dumps(obj, sort_keys=True).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenize once, cache on disk
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus: an Arrow-backed `datasets.Dataset` plus how it was built.
+
+    Columns: text, doc_id, input_ids, word_ids, entity_spans ([E,2] token spans),
+    entity_labels, entity_types (the 4th element of a char entity, e.g. the world's attribute
+    type; "" when absent), length (tokens after truncation), truncated (bool).
+    """
+
+    dataset: Any
+    fingerprint: str
+    stats: dict[str, Any]
+    path: pathlib.Path
+    from_cache: bool
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _sentence_features() -> Any:
+    import datasets
+
+    return datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "doc_id": datasets.Value("string"),
+            "entity_char_spans": datasets.List(datasets.List(datasets.Value("int32"))),
+            "entity_char_labels": datasets.List(datasets.Value("string")),
+            "entity_char_types": datasets.List(datasets.Value("string")),
+        }
+    )
+
+
+def _token_features() -> Any:
+    import datasets
+
+    return datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "doc_id": datasets.Value("string"),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "word_ids": datasets.List(datasets.Value("int32")),
+            "entity_spans": datasets.List(datasets.List(datasets.Value("int32"))),
+            "entity_labels": datasets.List(datasets.Value("string")),
+            "entity_types": datasets.List(datasets.Value("string")),
+            "length": datasets.Value("int32"),
+            "truncated": datasets.Value("bool"),
+        }
+    )
+
+
+def _sentence_rows(
+    source: CorpusSource,
+    sentence_filter: SentenceFilter,
+    max_sentences: int | None,
+    counts_path: str,
+) -> Iterator[dict[str, Any]]:
+    """Generator for `Dataset.from_generator`: sentence records as flat Arrow rows.
+
+    Counts are written to `counts_path` when the generator finishes, because the generator may
+    run inside `datasets`' builder where return values are lost.
+    """
+    counts: dict[str, int] = {}
+    sentences = iter_sentences(
+        source.documents(),
+        sentence_filter,
+        max_sentences=max_sentences,
+        presplit=source.kind == "records",
+        counts=counts,
+    )
+    for rec in sentences:
+        ents = rec["entities"]
+        yield {
+            "text": rec["text"],
+            "doc_id": rec["doc_id"],
+            "entity_char_spans": [[int(e[0]), int(e[1])] for e in ents],
+            "entity_char_labels": [str(e[2]) for e in ents],
+            "entity_char_types": [str(e[3]) if len(e) > 3 else "" for e in ents],
+        }
+    pathlib.Path(counts_path).write_text(json.dumps(counts))
+
+
+def truncate_record(record: dict[str, Any], max_length: int, eos_id: int) -> tuple[dict, bool]:
+    """Cut a tokenized record to `max_length` tokens, keeping the final </s>.
+
+    Entity spans that no longer fit whole are dropped (a half entity is not an entity).
+    Returns the record and whether it was truncated.
+    """
+    ids = np.asarray(record["input_ids"], np.int32)
+    if len(ids) <= max_length:
+        return record, False
+    keep = max_length - 1
+    spans = np.asarray(record["entity_spans"], np.int32).reshape(-1, 2)
+    ok = spans[:, 1] <= keep
+    out = dict(record)
+    out["input_ids"] = np.concatenate([ids[:keep], [eos_id]]).astype(np.int32)
+    out["word_ids"] = np.concatenate(
+        [np.asarray(record["word_ids"], np.int32)[:keep], [-1]]
+    ).astype(np.int32)
+    out["entity_spans"] = spans[ok]
+    out["entity_labels"] = [lab for lab, k in zip(record["entity_labels"], ok, strict=True) if k]
+    if "entity_types" in record:
+        out["entity_types"] = [t for t, k in zip(record["entity_types"], ok, strict=True) if k]
+    return out, True
+
+
+def _tokenize_batch(
+    batch: dict[str, list],
+    *,
+    tokenizer: Any,
+    max_length: int,
+    tokenize_fn: Callable[[list[dict], Any], list[dict]],
+) -> dict[str, list]:
+    """`Dataset.map` function: sentence rows -> tokenized, truncated rows."""
+    records = []
+    for text, doc_id, spans, labels, types in zip(
+        batch["text"],
+        batch["doc_id"],
+        batch["entity_char_spans"],
+        batch["entity_char_labels"],
+        batch["entity_char_types"],
+        strict=True,
+    ):
+        ents = [(s[0], s[1], lab, typ) for s, lab, typ in zip(spans, labels, types, strict=True)]
+        records.append({"text": text, "doc_id": doc_id, "entities": ents})
+    tokenized = tokenize_fn(records, tokenizer)
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
+    out: dict[str, list] = {k: [] for k in _token_features()}
+    for rec, tok in zip(records, tokenized, strict=True):
+        tok = dict(tok)
+        # tokenize_sentences carries the 4th element of a char entity as "entity_attributes".
+        attributes = tok.get("entity_attributes") or [None] * len(tok["entity_labels"])
+        tok["entity_types"] = ["" if t is None else str(t) for t in attributes]
+        tok, was_truncated = truncate_record(tok, max_length, eos_id)
+        out["text"].append(rec["text"])
+        out["doc_id"].append(rec["doc_id"])
+        out["input_ids"].append(np.asarray(tok["input_ids"], np.int32))
+        out["word_ids"].append(np.asarray(tok["word_ids"], np.int32))
+        out["entity_spans"].append(np.asarray(tok["entity_spans"], np.int32).reshape(-1, 2))
+        out["entity_labels"].append(list(tok["entity_labels"]))
+        out["entity_types"].append(list(tok["entity_types"]))
+        out["length"].append(len(tok["input_ids"]))
+        out["truncated"].append(was_truncated)
+    return out
+
+
+def _default_tokenize_fn() -> Callable[[list[dict], Any], list[dict]]:
+    from meta_mask.data.tokenize import tokenize_sentences  # another helper's module
+
+    return tokenize_sentences
+
+
+def build_corpus(
+    source: CorpusSource,
+    tokenizer: Any,
+    cache_dir: str | os.PathLike,
+    *,
+    sentence_filter: SentenceFilter = SentenceFilter(),
+    max_sentences: int | None = None,
+    max_length: int = 128,
+    num_proc: int | None = None,
+    tokenize_fn: Callable[[list[dict], Any], list[dict]] | None = None,
+) -> Corpus:
+    """Read, split, filter and tokenize `source` once; later calls reload from `cache_dir`.
+
+    The cache key is a fingerprint of (CACHE_FORMAT_VERSION, source identity, sentence filter,
+    max_sentences, max_length, tokenizer content). The tokenized Arrow file is written by
+    `Dataset.map(new_fingerprint=...)`; a JSON file with the build statistics is written last
+    and marks the build complete. `tokenize_fn` defaults to
+    `meta_mask.data.tokenize.tokenize_sentences`.
+    """
+    import datasets
+
+    if max_length < 3:
+        raise ValueError(f"max_length={max_length}: must leave room for <s>, a token and </s>")
+    cache_dir = pathlib.Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sentence_key = {
+        "version": CACHE_FORMAT_VERSION,
+        "source": source.identity(),
+        "filter": dataclasses.asdict(sentence_filter),
+        "max_sentences": max_sentences,
+    }
+    sentence_fp = _hash_json(sentence_key)
+    token_key = {
+        "sentences": sentence_fp,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+    }
+    fp = _hash_json(token_key)
+    arrow_path = cache_dir / f"{source.label}-{fp}.arrow"
+    stats_path = cache_dir / f"{source.label}-{fp}.json"
+
+    # The stats file is written last, so its presence marks a complete build.
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    if stats is not None and all((cache_dir / f).exists() for f in stats["files"]):
+        t0 = time.perf_counter()
+        parts = [datasets.Dataset.from_file(str(cache_dir / f)) for f in stats["files"]]
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        ds._fingerprint = fp  # `from_file` does not know the map's fingerprint
+        logger.info(
+            "corpus %s: loaded %d sentences (%d tokens, %d truncated) from cache %s in %.2fs",
+            source.label,
+            stats["sentences"],
+            stats["tokens"],
+            stats["truncated"],
+            arrow_path,
+            time.perf_counter() - t0,
+        )
+        return Corpus(ds, fp, stats, arrow_path, from_cache=True)
+
+    t0 = time.perf_counter()
+    tokenize_fn = tokenize_fn or _default_tokenize_fn()
+    counts_path = cache_dir / f"{source.label}-{sentence_fp}.counts.json"
+    # `from_generator` caches the sentences under their own fingerprint (no tokenizer in it),
+    # so a new tokenizer or max_length re-tokenizes without reading the source again.
+    sentences = datasets.Dataset.from_generator(
+        _sentence_rows,
+        features=_sentence_features(),
+        cache_dir=str(cache_dir / "sentences"),
+        gen_kwargs={
+            "source": source,
+            "sentence_filter": sentence_filter,
+            "max_sentences": max_sentences,
+            "counts_path": str(counts_path),
+        },
+        fingerprint=sentence_fp,
+    )
+    t_read = time.perf_counter() - t0
+    tokenized = sentences.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "tokenize_fn": tokenize_fn},
+        remove_columns=sentences.column_names,
+        features=_token_features(),
+        cache_file_name=str(arrow_path),
+        load_from_cache_file=True,
+        new_fingerprint=fp,
+        num_proc=num_proc,
+        desc=f"tokenizing {source.label}",
+    )
+    build_s = time.perf_counter() - t0
+    lengths = np.asarray(tokenized.data.column("length").to_numpy(), np.int64)
+    truncated = int(np.asarray(tokenized.data.column("truncated").to_numpy()).sum())
+    stats: dict[str, Any] = {
+        "sentences": len(tokenized),
+        "tokens": int(lengths.sum()),
+        "truncated": truncated,
+        "max_length": max_length,
+        "read_seconds": round(t_read, 3),
+        "build_seconds": round(build_s, 3),
+        "sentences_per_second": round(len(tokenized) / max(build_s, 1e-9), 1),
+        "counts": json.loads(counts_path.read_text()) if counts_path.exists() else {},
+        "key": token_key | {"sentence_key": sentence_key},
+        # With num_proc > 1, `map` writes one Arrow file per process.
+        "files": [pathlib.Path(f["filename"]).name for f in tokenized.cache_files],
+    }
+    stats_path.write_text(json.dumps(stats, indent=1))
+    logger.info(
+        "corpus %s: built %d sentences, %d tokens (%d truncated to %d) in %.1fs "
+        "(%.0f sentences/s; reading+splitting %.1fs); cache %s",
+        source.label,
+        stats["sentences"],
+        stats["tokens"],
+        truncated,
+        max_length,
+        build_s,
+        stats["sentences_per_second"],
+        t_read,
+        arrow_path,
+    )
+    return Corpus(tokenized, fp, stats, arrow_path, from_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic, resumable, multi-host batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _ragged(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of an Arrow list column, offsets starting at 0."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values, offsets - offsets[0]
+
+
+class CorpusStream:
+    """Fixed-shape padded batches of a tokenized corpus in a seeded, resumable order.
+
+    The global order is epoch after epoch of permutations of the rows, each drawn from
+    ``np.random.PCG64([seed, epoch])``; the last incomplete global batch of an epoch is dropped
+    so every batch has the same shape. ``position`` counts examples consumed globally
+    (step * global batch size): ``batch_at(p)`` depends only on (seed, p), so a run resumed at
+    a checkpointed position continues exactly as the uninterrupted run would.
+
+    With ``process_count > 1`` every host builds the same global batch and keeps rows
+    ``[process_index * b, (process_index + 1) * b)`` where b = global batch / process_count.
+
+    Each batch is a dict of numpy arrays: input_ids int32 [b, L] (padded with `pad_id`),
+    word_ids int32 [b, L] (-1 on padding), lengths int32 [b], entity_spans int32 [b, E, 2]
+    (padded with empty [0, 0) spans), num_entities int32 [b] and indices int64 [b] (dataset
+    rows, for looking up text or labels).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        batch_size: int,
+        max_length: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        max_entities: int = 16,
+        pad_id: int = 1,
+    ) -> None:
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(
+                f"process_index={process_index} must lie in [0, process_count={process_count})"
+            )
+        if batch_size % process_count:
+            raise ValueError(
+                f"global batch_size={batch_size} is not divisible by process_count={process_count}"
+            )
+        n = len(dataset)
+        if n < batch_size:
+            raise ValueError(f"corpus has {n} sentences, fewer than batch_size={batch_size}")
+        table = dataset.data  # the Arrow table; columns are read once into numpy
+        self._ids, self._offsets = _ragged(table.column("input_ids"))
+        self._word_ids, _ = _ragged(table.column("word_ids"))
+        spans_outer = table.column("entity_spans").combine_chunks()
+        span_pairs, span_offsets = _ragged(spans_outer.flatten())
+        self._spans = span_pairs.reshape(-1, 2).astype(np.int32)
+        ent_off = spans_outer.offsets.to_numpy().astype(np.int64)
+        self._ent_offsets = ent_off - ent_off[0]
+        lengths = np.diff(self._offsets)
+        if lengths.max() > max_length:
+            raise ValueError(
+                f"max_length={max_length} is shorter than the longest sentence in the corpus "
+                f"({int(lengths.max())} tokens, row {int(lengths.argmax())}); rebuild the "
+                "corpus with a smaller max_length or raise the stream's"
+            )
+        self.num_examples = n
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // process_count
+        self.max_length = max_length
+        self.max_entities = max_entities
+        self.seed = seed
+        self.process_index = process_index
+        self.pad_id = pad_id
+        self.batches_per_epoch = n // batch_size
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The row order of `epoch` (the same on every host)."""
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        return rng.permutation(self.num_examples)
+
+    def indices_at(self, position: int) -> np.ndarray:
+        """This host's dataset rows of the global batch starting at `position`."""
+        if position < 0 or position % self.batch_size:
+            raise ValueError(
+                f"position={position} must be a non-negative multiple of the global "
+                f"batch_size={self.batch_size} (position = step * batch_size)"
+            )
+        step = position // self.batch_size
+        epoch, within = divmod(step, self.batches_per_epoch)
+        start = within * self.batch_size + self.process_index * self.local_batch_size
+        return self.permutation(epoch)[start : start + self.local_batch_size].astype(np.int64)
+
+    def batch_at(self, position: int) -> dict[str, np.ndarray]:
+        """The padded batch for this host at global `position`."""
+        rows = self.indices_at(position)
+        b, length, e_max = len(rows), self.max_length, self.max_entities
+        input_ids = np.full((b, length), self.pad_id, np.int32)
+        word_ids = np.full((b, length), -1, np.int32)
+        spans = np.zeros((b, e_max, 2), np.int32)
+        lengths = np.zeros(b, np.int32)
+        num_entities = np.zeros(b, np.int32)
+        for i, r in enumerate(rows):
+            a, z = self._offsets[r], self._offsets[r + 1]
+            lengths[i] = z - a
+            input_ids[i, : z - a] = self._ids[a:z]
+            word_ids[i, : z - a] = self._word_ids[a:z]
+            ea, ez = (
+                self._ent_offsets[r],
+                min(self._ent_offsets[r + 1], self._ent_offsets[r] + e_max),
+            )
+            num_entities[i] = ez - ea
+            spans[i, : ez - ea] = self._spans[ea:ez]
+        return {
+            "input_ids": input_ids,
+            "word_ids": word_ids,
+            "lengths": lengths,
+            "entity_spans": spans,
+            "num_entities": num_entities,
+            "indices": rows,
+        }
+
+    def iterate(self, position: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Endless (position, batch) pairs from `position` on; save `position + batch_size`."""
+        while True:
+            yield position, self.batch_at(position)
+            position += self.batch_size

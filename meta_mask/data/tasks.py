@@ -1,0 +1,888 @@
+"""Downstream task registry: hub ids, raw column schemas, the mapping to `Example`, the metric.
+
+Every task reads rows in the schema of its Hugging Face dataset and maps them to one common
+`Example(source, targets, id, contexts, meta)`. The same mapping serves both origins:
+
+- hub: `datasets.load_dataset(hub_id, hub_config, split=..., revision=..., data_dir=...)`;
+- local files (`data_dir=`): `<split>.jsonl|json|parquet|csv`, the hub's own shard names
+  (`<split>-00000-of-00001.parquet`), the parquet-export layout (`<split>/0000.parquet`), or the
+  dataset's original file names (`NQ-open.dev.jsonl`, `fever-dev-kilt.jsonl`), read through
+  `datasets.load_dataset("json" | "parquet" | "csv", data_files=...)` with the hub's columns.
+
+Hub ids and revisions (datasets 5 no longer runs loading scripts, so each must ship data files):
+
+| task  | hub id                             | config               | revision             |
+|-------|------------------------------------|----------------------|----------------------|
+| nq    | google-research-datasets/nq_open   | nq_open              | main (parquet)       |
+| tqa   | mandarjoshi/trivia_qa              | unfiltered.nocontext | main (parquet, 2024) |
+| wq    | stanfordnlp/web_questions          | -                    | main (parquet)       |
+| fever | facebook/kilt_tasks                | fever                | main (parquet)       |
+| zsre  | facebook/kilt_tasks                | structured_zeroshot  | main (parquet)       |
+| trex  | facebook/kilt_tasks                | trex                 | main (parquet)       |
+| xsum  | EdinburghNLP/xsum                  | - (data_dir default) | refs/convert/parquet |
+| cnndm | abisee/cnn_dailymail               | 3.0.0                | main (parquet)       |
+| samsum| Samsung/samsum                     | - (data_dir samsum)  | refs/convert/parquet |
+
+XSum's and SAMSum's main branches still hold a loading script (xsum.py + a tarball; samsum.py +
+corpus.7z), which datasets 5 refuses; the hub's automatic parquet export (branch
+`refs/convert/parquet`, files `<config>/<split>/0000.parquet`) carries the same columns.
+
+The ninth task is SAMSum (dialogue summarization; columns id, dialogue, summary): its parquet
+export exists, it is small (14.7k train / 818 validation / 819 test), so a full fine-tune plus
+evaluation fits one GPU in minutes, and its inputs are short enough for BART without truncation.
+It adds a second kind of summarization (dialogue, abstractive, multi-speaker) next to news.
+Its licence is CC BY-NC-ND 4.0 (research use).
+
+Split conventions: NQ-open has no public test set, so "validation" is the test set of closed-book
+QA papers (Lee et al. 2019; Roberts et al. 2020); likewise TriviaQA unfiltered "validation" and
+KILT "validation". TriviaQA's and KILT's "test" splits carry no answers: loading them raises an
+error that says so.
+
+Bad input never passes silently and nothing is lost without a report: a missing file names the
+paths looked for; a malformed JSON line names file and line; a row whose columns have the wrong
+type names file, line/row and the expected schema; rows without a usable answer (no answers,
+only empty strings, TriviaQA's "<unk>") or with an empty source are skipped, counted and logged
+(their ids are in `TaskData.skipped`), and if every row is bad the load raises. Over-long inputs
+are truncated at tokenization time; `truncate_report` says how many will be.
+
+Synthetic tasks (the knowledge world, data/world.py) join through `register_task` with a
+`loader` returning {split: [dicts with source, targets, contexts, ...]}. `get_task` imports the
+modules in `PLUGIN_MODULES` on a miss, so world tasks resolve by name without this module
+importing world.py at import time (no cycle).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import numbers
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("closed_book_qa", "knowledge", "summarization", "synthetic")
+# Must match meta_mask.evaluation.metrics.METRICS (data/ does not import evaluation/).
+METRIC_NAMES = ("em_f1", "accuracy", "kilt_em", "rouge")
+LOCAL_EXTENSIONS = ("jsonl", "json", "parquet", "csv")
+# The CLI flag (DataConfig.data_dir) that passes `data_dir`; error messages name it.
+DATA_DIR_FLAG = "--data.data_dir"
+# Modules that register tasks on import; tried in order when a name is not yet registered.
+PLUGIN_MODULES = ("meta_mask.data.world",)
+_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
+
+
+class TaskDataError(ValueError):
+    """A task's files or rows are unusable; the message names the file, line/row and the fix."""
+
+
+class TaskOfflineError(ConnectionError):
+    """The hub is unreachable; the message says how to load the same task from local files."""
+
+
+class UnknownNameError(KeyError):
+    """An unknown task or split; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would print the message's repr
+        return str(self.args[0]) if self.args else ""
+
+
+class _RowError(Exception):
+    """A raw row does not fit the schema (wrapped with its file and line by the loader)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One downstream example.
+
+    source: the encoder input (question, claim, "subject [SEP] relation", document).
+    targets: every gold answer / alias / reference summary (first one is the training target).
+    id: the dataset's id, or "<split>-<row>" when it has none.
+    contexts: optional passages [{"text": str, "answer_spans": [(start, end), ...]}] with
+        character-level half-open spans of the answer inside `text`.
+    meta: anything else kept from the row (KILT provenance, world person_id/attribute).
+    """
+
+    source: str
+    targets: list[str]
+    id: str
+    contexts: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+RowConverter = Callable[[Mapping[str, Any], str], Example]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to get one task: where it lives, its raw columns, its mapping and its metric.
+
+    schema: the required raw columns and their types, as on the hub (also used in errors).
+    to_example: maps one raw row (and a fallback id) to an `Example`; raises on a wrong type.
+    splits: the split names the dataset has (None: whatever `loader` returns).
+    local_names: (split, file name) pairs of the dataset's own file names, e.g. KILT's
+        ("validation", "fever-dev-kilt.jsonl").
+    loader: in-memory source for synthetic tasks: () -> {split: [row dicts]}.
+    """
+
+    name: str
+    category: str
+    metric: str
+    schema: tuple[tuple[str, str], ...]
+    to_example: RowConverter
+    splits: tuple[str, ...] | None = ("train", "validation", "test")
+    hub_id: str | None = None
+    hub_config: str | None = None
+    revision: str | None = None
+    hub_data_dir: str | None = None
+    local_names: tuple[tuple[str, str], ...] = ()
+    loader: Callable[[], Mapping[str, Sequence[Mapping[str, Any]]]] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("TaskSpec.name must be non-empty")
+        if self.category not in CATEGORIES:
+            raise ValueError(
+                f"task {self.name!r}: category={self.category!r}; valid: {', '.join(CATEGORIES)}"
+            )
+        if self.metric not in METRIC_NAMES:
+            raise ValueError(
+                f"task {self.name!r}: metric={self.metric!r}; valid: {', '.join(METRIC_NAMES)}"
+            )
+        if (self.hub_id is None) == (self.loader is None):
+            raise ValueError(f"task {self.name!r}: give exactly one of hub_id and loader")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.schema)
+
+    def schema_text(self) -> str:
+        return ", ".join(f"{name}: {kind}" for name, kind in self.schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row converters: raw hub rows -> Example. Wrong types raise _RowError; missing answers give an
+# Example with no targets, which the loader skips and counts.
+
+
+def _string(row: Mapping[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _RowError(f"column {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _string_list(value: Any, column: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise _RowError(f"column {column!r} must be a list of strings, got {type(value).__name__}")
+    for item in value:
+        if item is not None and not isinstance(item, str):
+            raise _RowError(
+                f"column {column!r} must be a list of strings, has a {type(item).__name__}"
+            )
+    return [item for item in value if item is not None]
+
+
+def _clean_targets(values: Sequence[str]) -> list[str]:
+    """Strip, drop empty strings and exact duplicates, keep order (first = training target)."""
+    seen: dict[str, None] = {}
+    for value in values:
+        value = value.strip()
+        if value:
+            seen.setdefault(value, None)
+    return list(seen)
+
+
+def _row_id(row: Mapping[str, Any], column: str, fallback: str) -> str:
+    value = row.get(column)
+    return str(value) if value not in (None, "") else fallback
+
+
+def nq_example(row: Mapping[str, Any], fallback_id: str) -> Example:
+    """google-research-datasets/nq_open: question, answer (list of strings)."""
+    return Example(
+        source=_string(row, "question"),
+        targets=_clean_targets(_string_list(row.get("answer"), "answer")),
+        id=fallback_id,
+    )
+
+
+def tqa_example(row: Mapping[str, Any], fallback_id: str) -> Example:
+    """mandarjoshi/trivia_qa: question, question_id, answer {value, aliases, ...}.
+
+    Targets are the answer's value then its aliases (normalized_aliases are lower-cased copies
+    that SQuAD normalization makes redundant). The test split's placeholder "<unk>" is no answer.
+    """
+    answer = row.get("answer")
+    if answer is None:
+        answer = {}
+    if not isinstance(answer, Mapping):
+        raise _RowError(
+            "column 'answer' must be a dict {value, aliases, normalized_aliases, ...}, "
+            f"got {type(answer).__name__}"
+        )
+    value = answer.get("value")
+    if value is not None and not isinstance(value, str):
+        raise _RowError(f"answer.value must be a string, got {type(value).__name__}")
+    golds = [value or ""] + _string_list(answer.get("aliases"), "answer.aliases")
+    return Example(
+        source=_string(row, "question"),
+        targets=[t for t in _clean_targets(golds) if t != "<unk>"],
+        id=_row_id(row, "question_id", fallback_id),
+    )
+
+
+def wq_example(row: Mapping[str, Any], fallback_id: str) -> Example:
+    """stanfordnlp/web_questions: url, question, answers (list of strings)."""
+    return Example(
+        source=_string(row, "question"),
+        targets=_clean_targets(_string_list(row.get("answers"), "answers")),
+        id=fallback_id,
+        meta={"url": row["url"]} if row.get("url") else {},
+    )
+
+
+def _provenance(output: Mapping[str, Any]) -> list[dict[str, Any]]:
+    provenance = output.get("provenance") or []
+    if not isinstance(provenance, Sequence) or isinstance(provenance, str):
+        raise _RowError("output[].provenance must be a list of dicts")
+    return [dict(p) for p in provenance if isinstance(p, Mapping)]
+
+
+def kilt_example(row: Mapping[str, Any], fallback_id: str) -> Example:
+    """facebook/kilt_tasks: id, input, meta, output [{answer, meta, provenance [...]}].
+
+    Targets are every non-empty `answer` of `output` (entries may carry only provenance); the
+    provenance (wikipedia_id, title, paragraph and character offsets) goes to meta["provenance"]
+    since the passage text lives in KILT's separate Wikipedia knowledge source.
+    """
+    outputs = row.get("output")
+    if outputs is None:
+        outputs = []
+    if isinstance(outputs, str) or not isinstance(outputs, Sequence):
+        raise _RowError(
+            f"column 'output' must be a list of {{answer, provenance}} dicts, "
+            f"got {type(outputs).__name__}"
+        )
+    answers: list[str] = []
+    provenance: list[dict[str, Any]] = []
+    for output in outputs:
+        if not isinstance(output, Mapping):
+            raise _RowError(f"output entries must be dicts, got {type(output).__name__}")
+        answer = output.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise _RowError(f"output[].answer must be a string, got {type(answer).__name__}")
+        answers.append(answer or "")
+        provenance.extend(_provenance(output))
+    return Example(
+        source=_string(row, "input"),
+        targets=_clean_targets(answers),
+        id=_row_id(row, "id", fallback_id),
+        meta={"provenance": provenance} if provenance else {},
+    )
+
+
+def _summarization(source: str, target: str) -> RowConverter:
+    def convert(row: Mapping[str, Any], fallback_id: str) -> Example:
+        return Example(
+            source=_string(row, source),
+            targets=_clean_targets([_string(row, target)]),
+            id=_row_id(row, "id", fallback_id),
+        )
+
+    convert.__doc__ = f"Summarization rows: {source} -> {target}, id."
+    return convert
+
+
+def _contexts(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise _RowError("column 'contexts' must be a list of {text, answer_spans} dicts")
+    contexts = []
+    for ctx in value:
+        if not isinstance(ctx, Mapping) or not isinstance(ctx.get("text"), str):
+            raise _RowError("each context must be a dict with a string 'text'")
+        text = ctx["text"]
+        spans = []
+        for span in ctx.get("answer_spans") or []:
+            if len(span) != 2 or not all(isinstance(x, numbers.Integral) for x in span):
+                raise _RowError(f"answer span {span!r} must be a pair of ints (start, end)")
+            start, end = int(span[0]), int(span[1])
+            if not 0 <= start <= end <= len(text):
+                raise _RowError(
+                    f"answer span {span!r} lies outside its context text of {len(text)} chars"
+                )
+            spans.append((start, end))
+        contexts.append({"text": text, "answer_spans": spans})
+    return contexts
+
+
+_EXAMPLE_KEYS = ("source", "targets", "contexts", "id")
+
+
+def example_from_dict(row: Mapping[str, Any], fallback_id: str) -> Example:
+    """meta_mask's own schema (synthetic world, custom tasks): source, targets, [contexts, id].
+
+    Every other key (e.g. the world's person_id, attribute) is kept in `meta`.
+    """
+    return Example(
+        source=_string(row, "source"),
+        targets=_clean_targets(_string_list(row.get("targets"), "targets")),
+        id=_row_id(row, "id", fallback_id),
+        contexts=_contexts(row.get("contexts")),
+        meta={k: v for k, v in row.items() if k not in _EXAMPLE_KEYS},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry.
+
+_QA_SPLITS = ("train", "validation")
+_KILT_SCHEMA = (("id", "str"), ("input", "str"), ("output", "list[{answer: str, provenance}]"))
+
+
+def _kilt(name: str, config: str, metric: str) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        category="knowledge",
+        metric=metric,
+        schema=_KILT_SCHEMA,
+        to_example=kilt_example,
+        hub_id="facebook/kilt_tasks",
+        hub_config=config,
+        local_names=(
+            ("train", f"{config}-train-kilt.jsonl"),
+            ("validation", f"{config}-dev-kilt.jsonl"),
+            ("test", f"{config}-test_without_answers-kilt.jsonl"),
+        ),
+    )
+
+
+def builtin_tasks() -> dict[str, TaskSpec]:
+    """The nine real-data tasks, freshly built."""
+    specs = [
+        TaskSpec(
+            name="nq",
+            category="closed_book_qa",
+            metric="em_f1",
+            schema=(("question", "str"), ("answer", "list[str]")),
+            to_example=nq_example,
+            splits=_QA_SPLITS,
+            hub_id="google-research-datasets/nq_open",
+            hub_config="nq_open",
+            local_names=(("train", "NQ-open.train.jsonl"), ("validation", "NQ-open.dev.jsonl")),
+        ),
+        TaskSpec(
+            name="tqa",
+            category="closed_book_qa",
+            metric="em_f1",
+            schema=(
+                ("question", "str"),
+                ("answer", "{value: str, aliases: list[str], normalized_aliases: list[str], ...}"),
+            ),
+            to_example=tqa_example,
+            hub_id="mandarjoshi/trivia_qa",
+            hub_config="unfiltered.nocontext",
+        ),
+        TaskSpec(
+            name="wq",
+            category="closed_book_qa",
+            metric="em_f1",
+            schema=(("question", "str"), ("answers", "list[str]")),
+            to_example=wq_example,
+            splits=("train", "test"),
+            hub_id="stanfordnlp/web_questions",
+        ),
+        _kilt("fever", "fever", "accuracy"),
+        _kilt("zsre", "structured_zeroshot", "kilt_em"),
+        _kilt("trex", "trex", "kilt_em"),
+        TaskSpec(
+            name="xsum",
+            category="summarization",
+            metric="rouge",
+            schema=(("document", "str"), ("summary", "str")),
+            to_example=_summarization("document", "summary"),
+            hub_id="EdinburghNLP/xsum",
+            revision="refs/convert/parquet",
+            hub_data_dir="default",
+        ),
+        TaskSpec(
+            name="cnndm",
+            category="summarization",
+            metric="rouge",
+            schema=(("article", "str"), ("highlights", "str")),
+            to_example=_summarization("article", "highlights"),
+            hub_id="abisee/cnn_dailymail",
+            hub_config="3.0.0",
+        ),
+        TaskSpec(
+            name="samsum",
+            category="summarization",
+            metric="rouge",
+            schema=(("dialogue", "str"), ("summary", "str")),
+            to_example=_summarization("dialogue", "summary"),
+            hub_id="Samsung/samsum",
+            revision="refs/convert/parquet",
+            hub_data_dir="samsum",
+        ),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+# The one registry. Plugins (world.py) add to it through `register_task`.
+TASKS: dict[str, TaskSpec] = builtin_tasks()
+
+
+def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
+    """Add a task to the registry (replace=True to redefine an existing name)."""
+    if spec.name in TASKS and not replace and TASKS[spec.name] is not spec:
+        raise ValueError(f"task {spec.name!r} is already registered; pass replace=True")
+    TASKS[spec.name] = spec
+    return spec
+
+
+def synthetic_task(
+    name: str,
+    loader: Callable[[], Mapping[str, Sequence[Mapping[str, Any]]]],
+    *,
+    metric: str = "em_f1",
+) -> TaskSpec:
+    """A synthetic task whose rows (source, targets, contexts, ...) come from `loader()`."""
+    return TaskSpec(
+        name=name,
+        category="synthetic",
+        metric=metric,
+        schema=(("source", "str"), ("targets", "list[str]")),
+        to_example=example_from_dict,
+        splits=None,
+        loader=loader,
+    )
+
+
+def _import_plugins() -> None:
+    for module in PLUGIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # the plugin exists but one of its imports is missing
+                raise
+
+
+def get_task(name: str) -> TaskSpec:
+    """The registered task `name`; an unknown name lists the valid ones."""
+    if name not in TASKS:
+        _import_plugins()
+    if name not in TASKS:
+        raise UnknownNameError(f"Unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def task_names() -> list[str]:
+    """Every registered task name, plugins' included."""
+    _import_plugins()
+    return sorted(TASKS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files.
+
+
+def _candidate_patterns(spec: TaskSpec, split: str) -> list[list[str]]:
+    """Groups of glob patterns tried in order; the first group that matches anything wins."""
+    own = [file for s, file in spec.local_names if s == split]
+    return [
+        [f"{split}.{ext}" for ext in LOCAL_EXTENSIONS],
+        [f"{split}-*.{ext}" for ext in LOCAL_EXTENSIONS],
+        [f"{split}/*.parquet"],
+        own,
+    ]
+
+
+def find_local_files(spec: TaskSpec, split: str, data_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """The files holding `split` under `data_dir`; errors name what was looked for and found."""
+    root = pathlib.Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{DATA_DIR_FLAG}={root} is not a directory (task {spec.name!r}, split {split!r})"
+        )
+    tried: list[str] = []
+    for group in _candidate_patterns(spec, split):
+        found = sorted({p for pattern in group for p in root.glob(pattern) if p.is_file()})
+        tried.extend(group)
+        if not found:
+            continue
+        extensions = sorted({_extension(p) for p in found})
+        if len(extensions) > 1:
+            raise TaskDataError(
+                f"split {split!r} of task {spec.name!r} has files in several formats in {root}: "
+                f"{[p.name for p in found]}; keep one format"
+            )
+        return found
+    present = sorted(p.name for p in root.iterdir())
+    raise FileNotFoundError(
+        f"No file for split {split!r} of task {spec.name!r} in {root}: looked for "
+        f"{', '.join(tried)}. Present: {present or 'nothing'}. Expected columns "
+        f"({spec.schema_text()})."
+    )
+
+
+def _extension(path: pathlib.Path) -> str:
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix not in _BUILDERS:
+        raise TaskDataError(f"{path}: unsupported extension; valid: {', '.join(LOCAL_EXTENSIONS)}")
+    return suffix
+
+
+def _jsonl_records(path: str | os.PathLike):
+    """(line number, record) for each non-blank line; a bad line raises with file and line.
+
+    Lines end at "\\n" only, as in pyarrow's reader: a JSON string may hold a raw U+2028,
+    which Python's universal newlines would treat as a line break.
+    """
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8", newline="\n") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskDataError(
+                        f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                        "each line must be one JSON object"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise TaskDataError(
+                        f"{path}:{lineno}: expected a JSON object per line, "
+                        f"got {type(record).__name__}"
+                    )
+                yield lineno, record
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
+
+
+def validate_jsonl(path: str | os.PathLike) -> list[int]:
+    """Line numbers (1-based) of the records of a JSON-lines file; blank lines are allowed.
+
+    Parses every line with json.loads so a bad line is reported with file and line number
+    (datasets' own JSON error does not give the line).
+    """
+    return [lineno for lineno, _ in _jsonl_records(path)]
+
+
+def _validate_json(path: pathlib.Path) -> list[str] | None:
+    """Row locations of a .json file: a JSON array of objects, or JSON lines."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [f"{path}:{n}" for n in validate_jsonl(path)]  # JSON lines named .json
+    if isinstance(data, dict):
+        # A single record is valid JSON lines too; anything else is a wrapped dataset.
+        if "\n" not in text.strip():
+            return [f"{path}:1"]
+        raise TaskDataError(
+            f"{path}: top-level JSON object; expected a JSON array of records or one JSON "
+            "object per line"
+        )
+    if not isinstance(data, list):
+        raise TaskDataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise TaskDataError(f"{path}: element {i} is a {type(record).__name__}, not an object")
+    return [f"{path} record {i}" for i in range(len(data))]
+
+
+def _row_locations(files: Sequence[pathlib.Path], ext: str) -> list[str] | None:
+    """A human-readable location for each row, in the order datasets reads them."""
+    if ext == "jsonl":
+        return [f"{p}:{n}" for p in files for n in validate_jsonl(p)]
+    if ext == "json":
+        return [loc for p in files for loc in (_validate_json(p) or [])]
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+
+        return [f"{p} row {i}" for p in files for i in range(pq.ParquetFile(p).metadata.num_rows)]
+    return None  # csv: rows can span lines; locations are given as row indices
+
+
+def _raise_first_bad_record(spec: TaskSpec, files: Sequence[pathlib.Path], split: str) -> None:
+    """When pyarrow rejects a JSON file (e.g. a column's type differs between rows), find the
+    first record our own mapping rejects and name its line; return if every record maps."""
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+            data = [data] if isinstance(data, dict) else data
+            records = [(f"{path} record {i}", r) for i, r in enumerate(data)]
+        except json.JSONDecodeError:
+            records = [(f"{path}:{n}", r) for n, r in _jsonl_records(path)]
+        for where, record in records:
+            try:
+                spec.to_example(record, f"{split}-0")
+            except _RowError as e:
+                raise TaskDataError(
+                    f"{where}: {e} (task {spec.name!r} expects {spec.schema_text()})"
+                ) from None
+
+
+def _read_local(spec: TaskSpec, split: str, data_dir: str | os.PathLike):
+    import datasets
+
+    files = find_local_files(spec, split, data_dir)
+    ext = _extension(files[0])
+    if ext == "csv" and any(kind != "str" for _, kind in spec.schema):
+        raise TaskDataError(
+            f"{files[0]}: CSV cannot hold the list/dict columns of task {spec.name!r} "
+            f"({spec.schema_text()}); write {split}.jsonl or {split}.parquet instead"
+        )
+    locations = _row_locations(files, ext)
+    if locations == []:
+        raise TaskDataError(
+            f"{', '.join(map(str, files))}: no rows for task {spec.name!r} split {split!r}"
+        )
+    try:
+        ds = datasets.load_dataset(
+            _BUILDERS[ext], data_files=[str(p) for p in files], split="train"
+        )
+    except Exception as e:  # pyarrow/datasets errors: wrap with the files and expected schema
+        if ext in ("jsonl", "json"):
+            _raise_first_bad_record(spec, files, split)  # names the line when it can
+        raise TaskDataError(
+            f"could not read {[str(p) for p in files]} as {ext} for task {spec.name!r} "
+            f"(expected columns {spec.schema_text()}): {type(e).__name__}: {e}"
+        ) from e
+    missing = [c for c in spec.columns if c not in ds.column_names]
+    if missing:
+        raise TaskDataError(
+            f"{files[0]}: missing column(s) {missing} required by task {spec.name!r}; "
+            f"expected {spec.schema_text()}; found {ds.column_names}"
+        )
+    where = lambda r: locations[r] if locations and r < len(locations) else f"{files[0]} row {r}"
+    return ds, where, ", ".join(str(p) for p in files)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub.
+
+
+def _is_network_error(error: BaseException) -> bool:
+    names = {"OfflineModeIsEnabled", "ConnectError", "ConnectTimeout", "TimeoutException"}
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionError) or type(error).__name__ in names:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def offline_help(spec: TaskSpec, split: str) -> str:
+    """How to run `spec` from local files instead of the hub."""
+    own = [f for s, f in spec.local_names if s == split]
+    names = (
+        f"{split}.jsonl (or {split}.json / {split}.parquet / {split}-*.parquet / {split}/*.parquet"
+    )
+    names += f" / {', '.join(own)})" if own else ")"
+    where = spec.hub_id + (f" config {spec.hub_config}" if spec.hub_config else "")
+    if spec.revision:
+        where += f" revision {spec.revision}"
+    return (
+        f"To use local files, pass {DATA_DIR_FLAG}=DIR (load_task(..., data_dir=DIR)) where DIR "
+        f"holds {names} with the columns of {where}: {spec.schema_text()}. On a machine with "
+        f"network access, datasets.load_dataset({spec.hub_id!r}, {spec.hub_config!r}, "
+        f"revision={spec.revision!r}, data_dir={spec.hub_data_dir!r}, split={split!r})"
+        f".to_json('DIR/{split}.jsonl') writes such a file."
+    )
+
+
+def _read_hub(spec: TaskSpec, split: str):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            spec.hub_id,
+            spec.hub_config,
+            split=split,
+            revision=spec.revision,
+            data_dir=spec.hub_data_dir,
+        )
+    except Exception as e:
+        if _is_network_error(e):
+            offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+            reason = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else e
+            raise TaskOfflineError(
+                f"Cannot load task {spec.name!r} split {split!r} from the Hugging Face hub "
+                f"({spec.hub_id}): {reason}. {offline_help(spec, split)}"
+            ) from e
+        raise
+    return ds, (lambda r: f"{spec.hub_id} {split} row {r}"), spec.hub_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Loaded examples, the ids of skipped rows by reason, and where the rows came from."""
+
+    examples: list[Example]
+    skipped: dict[str, list[str]]
+    origin: str
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(ids) for ids in self.skipped.values())
+
+
+def _synthetic_rows(spec: TaskSpec, split: str):
+    splits = spec.loader()
+    if split not in splits:
+        raise UnknownNameError(
+            f"task {spec.name!r} has no split {split!r}; valid: {', '.join(sorted(splits))}"
+        )
+    return splits[split], (lambda r: f"{spec.name} {split} row {r}"), f"{spec.name} (in memory)"
+
+
+def read_task(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_examples: int | None = None,
+) -> TaskData:
+    """Read `split` of task `name` (local files when `data_dir` is given, else hub / loader)."""
+    spec = get_task(name)
+    if spec.splits is not None and split not in spec.splits:
+        raise UnknownNameError(
+            f"task {name!r} has no split {split!r}; valid: {', '.join(spec.splits)}"
+        )
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples={max_examples}; must be >= 1 or None")
+    if data_dir is not None:
+        rows, where, origin = _read_local(spec, split, data_dir)
+    elif spec.loader is not None:
+        rows, where, origin = _synthetic_rows(spec, split)
+    else:
+        rows, where, origin = _read_hub(spec, split)
+
+    examples: list[Example] = []
+    skipped: dict[str, list[str]] = {"no answer": [], "empty source": []}
+    num_rows = 0
+    for r, row in enumerate(rows):
+        num_rows += 1
+        try:
+            example = spec.to_example(row, f"{split}-{r}")
+        except _RowError as e:
+            raise TaskDataError(
+                f"{where(r)}: {e} (task {name!r} expects {spec.schema_text()})"
+            ) from None
+        if not example.targets:
+            skipped["no answer"].append(example.id)
+        elif not example.source.strip():
+            skipped["empty source"].append(example.id)
+        else:
+            examples.append(example)
+            if max_examples is not None and len(examples) >= max_examples:
+                break
+    skipped = {reason: ids for reason, ids in skipped.items() if ids}
+    if num_rows == 0:
+        raise TaskDataError(f"{origin}: no rows for task {name!r} split {split!r}")
+    if not examples:
+        counts = ", ".join(f"{len(ids)} with {reason}" for reason, ids in skipped.items())
+        raise TaskDataError(
+            f"{origin}: none of the {num_rows} rows of task {name!r} split {split!r} is usable "
+            f"({counts}; first: {where(0)}). Test splits of TriviaQA and KILT have no public "
+            "answers: evaluate on 'validation'."
+        )
+    for reason, ids in skipped.items():
+        log.warning(
+            "task %s split %s: skipped %d of %d rows with %s (first ids: %s)",
+            name, split, len(ids), num_rows, reason, ids[:5],
+        )  # fmt: skip
+    return TaskData(examples=examples, skipped=skipped, origin=origin)
+
+
+def load_task(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_examples: int | None = None,
+) -> list[Example]:
+    """The usable examples of `split` of task `name` (skipped rows are logged; see read_task)."""
+    return read_task(name, split, data_dir=data_dir, max_examples=max_examples).examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation.
+
+
+@dataclass(frozen=True)
+class TruncationReport:
+    """How many sources / target strings exceed the model's lengths (in tokens, with specials)."""
+
+    num_examples: int
+    num_sources_truncated: int
+    max_source_tokens: int
+    num_targets: int
+    num_targets_truncated: int
+    max_target_tokens: int
+
+    @property
+    def fraction_sources_truncated(self) -> float:
+        return self.num_sources_truncated / max(self.num_examples, 1)
+
+
+def truncate_report(
+    examples: Sequence[Example],
+    tokenizer: Callable[..., Mapping[str, Any]],
+    max_source_length: int,
+    max_target_length: int | None = None,
+    *,
+    batch_size: int = 1024,
+) -> TruncationReport:
+    """Count the examples whose source (and target strings) tokenization will truncate.
+
+    `tokenizer` is a Hugging Face tokenizer (called on a list of strings, returning input_ids).
+    """
+
+    def lengths(texts: list[str]) -> list[int]:
+        out: list[int] = []
+        for start in range(0, len(texts), batch_size):
+            ids = tokenizer(texts[start : start + batch_size], add_special_tokens=True)
+            out.extend(len(x) for x in ids["input_ids"])
+        return out
+
+    source_lengths = lengths([ex.source for ex in examples])
+    target_lengths = lengths([t for ex in examples for t in ex.targets])
+    target_limit = math.inf if max_target_length is None else max_target_length
+    report = TruncationReport(
+        num_examples=len(examples),
+        num_sources_truncated=sum(n > max_source_length for n in source_lengths),
+        max_source_tokens=max(source_lengths, default=0),
+        num_targets=len(target_lengths),
+        num_targets_truncated=sum(n > target_limit for n in target_lengths),
+        max_target_tokens=max(target_lengths, default=0),
+    )
+    if report.num_sources_truncated or report.num_targets_truncated:
+        log.warning(
+            "truncation: %d of %d sources exceed %d tokens (longest %d); %d of %d targets exceed "
+            "%s tokens (longest %d)",
+            report.num_sources_truncated, report.num_examples, max_source_length,
+            report.max_source_tokens, report.num_targets_truncated, report.num_targets,
+            max_target_length, report.max_target_tokens,
+        )  # fmt: skip
+    return report

@@ -1,0 +1,1 @@
+"""Metrics (EM/F1, accuracy, ROUGE, overlap buckets) and reports (tables, plots, heatmaps)."""

@@ -1,0 +1,1 @@
+"""The BART encoder-decoder (bart.py), its generation (generate.py) and Hugging Face I/O (hf.py)."""

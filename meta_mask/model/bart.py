@@ -1,0 +1,472 @@
+"""The BART encoder-decoder as a Flax linen module, with a key/value cache for decoding.
+
+Owns: `Bart` (the module), `shift_right`, `init_params`, and the decode-cache API
+(`init_cache`, `decode_step`) that greedy and beam search are built on. It mirrors
+`transformers.BartForConditionalGeneration` (post-layer-norm blocks, learned positions with
+offset 2, `layernorm_embedding`, tied input/output embeddings plus `final_logits_bias`) so that a
+Hugging Face checkpoint maps onto the parameter tree name by name (see `meta_mask.model.hf`).
+
+Numerics: parameters are float32; matmuls run in `config.dtype` (float32 or bfloat16); layer
+norms and softmax always run in float32; logits are returned in float32.
+
+Decode-cache API (one token at a time, for meta_mask/model/generate.py)
+-----------------------------------------------------------------------
+    model = Bart(config)
+    # 1. Encode once.
+    enc = model.apply({"params": params}, input_ids, attention_mask, method=Bart.encode)
+    enc_mask = attention_mask  # [B, S] bool/int; (input_ids != pad) if you have no mask
+    # 2. Build the cache for batch B (= enc.shape[0]) and at most T decoder tokens.
+    cache = init_cache(model, params, enc, enc_mask, max_decode_len=T)
+    # 3. Step: feed the previous token [B, 1]; get logits [B, 1, V] (float32) and the new cache.
+    logits, cache = decode_step(model, params, cache, tokens, enc_mask)
+    # equivalently:
+    # logits, mut = model.apply({"params": params, "cache": cache}, tokens, None, enc_mask,
+    #                           decode=True, method=Bart.decode, mutable=["cache"])
+    # cache = mut["cache"]
+
+The first step feeds `decoder_start_token_id` (2 for BART); step t (0-based) uses learned
+position t, exactly as the full teacher-forced pass does, so the logits of step t equal
+`model.apply(..., decoder_input_ids)[:, t]` for the same prefix.
+
+Cache contents (a plain pytree, safe to pass through `jax.jit` / `lax.while_loop`):
+  - `cache["decoder"]["position_index"]`: int32 scalar, number of tokens decoded so far.
+  - per layer i, `cache["decoder"][f"layers_{i}"]["self_attn"]`:
+      `cached_key`, `cached_value` [B, T, H, Dh] (compute dtype) and `cache_index` (int32 scalar);
+  - per layer i, `cache["decoder"][f"layers_{i}"]["encoder_attn"]`:
+      `cross_key`, `cross_value` [B, S, H, Dh]: the encoder output projected once in `init_cache`,
+      so steps never recompute them (and need no encoder output: pass None).
+Every array leaf with ndim > 0 has the batch on axis 0 and every scalar leaf is a step counter
+shared by the whole batch, so beam search can expand / reorder beams with
+`jax.tree.map(lambda x: x[idx] if x.ndim else x, cache)` (see `reorder_cache`). Decoding more than
+T tokens, or past `max_position_embeddings`, is not checked inside jit: callers must stop at T.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meta_mask.config import ModelConfig
+
+Array = jax.Array
+PyTree = Any
+
+# HF's BartLearnedPositionalEmbedding looks up position + 2 (a fairseq legacy of padding_idx=1).
+POSITION_OFFSET = 2
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which BART checkpoints were trained with.
+
+
+def _quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch's exact erf gelu
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "quick_gelu": _quick_gelu,
+}
+
+
+def compute_dtype(config: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(config.dtype)
+
+
+def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
+    # HF BartPreTrainedModel._init_weights: Linear weights ~ N(0, init_std), biases zero.
+    return nn.Dense(
+        features,
+        dtype=compute_dtype(config),
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(config.init_std),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+    # A plain nn.LayerNorm keeps the tree flat ({name}/{scale,bias}); float32 statistics.
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name
+    )
+
+
+def _apply_ln(ln: nn.LayerNorm, x: Array, dtype: jnp.dtype) -> Array:
+    return ln(x.astype(jnp.float32)).astype(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k/v/out projections named like HF's BartAttention.
+
+    `mask` is boolean, broadcastable to [B, 1, Lq, Lk], True where attention is allowed.
+    Self-attention caches keys/values per decoded token; cross-attention caches the projected
+    encoder output once (see the module docstring).
+    """
+
+    config: ModelConfig
+    num_heads: int
+    is_cross: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        kv: Array | None,
+        mask: Array | None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        d = cfg.d_model
+        head_dim = d // self.num_heads
+        batch, q_len = x.shape[:2]
+
+        def split(t: Array) -> Array:
+            return t.reshape(t.shape[0], t.shape[1], self.num_heads, head_dim)
+
+        q = split(_dense(cfg, d, "q_proj")(x))
+        k_proj, v_proj = _dense(cfg, d, "k_proj"), _dense(cfg, d, "v_proj")
+
+        if self.is_cross:
+            if decode and self.has_variable("cache", "cross_key"):
+                k = self.get_variable("cache", "cross_key")
+                v = self.get_variable("cache", "cross_value")
+            else:
+                if kv is None:
+                    raise ValueError("cross-attention needs the encoder output (no cache yet)")
+                k, v = split(k_proj(kv)), split(v_proj(kv))
+                if decode:  # first (initializing) call: store the projected encoder output
+                    self.put_variable("cache", "cross_key", k)
+                    self.put_variable("cache", "cross_value", v)
+        else:
+            src = x if kv is None else kv
+            k, v = split(k_proj(src)), split(v_proj(src))
+            if decode:
+                k, v, mask = self._update_cache(k, v, mask)
+
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+        if mask is not None:
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(rate=cfg.attention_dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v)
+        return _dense(cfg, d, "out_proj")(out.reshape(batch, q_len, d))
+
+    def _update_cache(self, k: Array, v: Array, mask: Array | None) -> tuple[Array, Array, Any]:
+        """flax-wmt style: the initializing call sizes the cache from the input length T."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if not initialized:
+            return k, v, mask  # init pass: a normal causal pass whose output is discarded
+        batch, step_len, heads, head_dim = k.shape
+        max_len = cached_key.value.shape[1]
+        if step_len != 1:
+            raise ValueError(f"decode=True takes one token per step, got length {step_len}")
+        idx = cache_index.value
+        k = jax.lax.dynamic_update_slice(cached_key.value, k, (0, idx, 0, 0))
+        v = jax.lax.dynamic_update_slice(cached_value.value, v, (0, idx, 0, 0))
+        cached_key.value, cached_value.value = k, v
+        cache_index.value = idx + 1
+        # The new query (position idx) sees cache slots 0..idx; later slots are still zeros.
+        return k, v, (jnp.arange(max_len) <= idx)[None, None, None, :]
+
+
+class EncoderLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool = True) -> Array:
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        drop = nn.Dropout(rate=cfg.dropout)
+        h = Attention(cfg, cfg.encoder_attention_heads, name="self_attn")(
+            x, None, mask, deterministic
+        )
+        x = _apply_ln(_layer_norm(cfg, "self_attn_layer_norm"), x + drop(h, deterministic), dtype)
+        h = ACTIVATION_FNS[cfg.activation_function](_dense(cfg, cfg.encoder_ffn_dim, "fc1")(x))
+        h = nn.Dropout(rate=cfg.activation_dropout)(h, deterministic=deterministic)
+        h = _dense(cfg, cfg.d_model, "fc2")(h)
+        return _apply_ln(_layer_norm(cfg, "final_layer_norm"), x + drop(h, deterministic), dtype)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        enc: Array | None,
+        enc_mask: Array | None,
+        self_mask: Array | None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        heads = cfg.decoder_attention_heads
+        drop = nn.Dropout(rate=cfg.dropout)
+        h = Attention(cfg, heads, name="self_attn")(x, None, self_mask, deterministic, decode)
+        x = _apply_ln(_layer_norm(cfg, "self_attn_layer_norm"), x + drop(h, deterministic), dtype)
+        h = Attention(cfg, heads, is_cross=True, name="encoder_attn")(
+            x, enc, enc_mask, deterministic, decode
+        )
+        x = _apply_ln(
+            _layer_norm(cfg, "encoder_attn_layer_norm"), x + drop(h, deterministic), dtype
+        )
+        h = ACTIVATION_FNS[cfg.activation_function](_dense(cfg, cfg.decoder_ffn_dim, "fc1")(x))
+        h = nn.Dropout(rate=cfg.activation_dropout)(h, deterministic=deterministic)
+        h = _dense(cfg, cfg.d_model, "fc2")(h)
+        return _apply_ln(_layer_norm(cfg, "final_layer_norm"), x + drop(h, deterministic), dtype)
+
+
+def _positions(config: ModelConfig, name: str) -> nn.Embed:
+    return nn.Embed(
+        config.max_position_embeddings + POSITION_OFFSET,
+        config.d_model,
+        dtype=compute_dtype(config),
+        param_dtype=jnp.float32,
+        embedding_init=nn.initializers.normal(config.init_std),
+        name=name,
+    )
+
+
+class Encoder(nn.Module):
+    """Positions + layernorm_embedding + encoder layers, on already-embedded tokens."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, embeds: Array, mask: Array, deterministic: bool = True) -> Array:
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        positions = jnp.arange(embeds.shape[1]) + POSITION_OFFSET
+        x = embeds + _positions(cfg, "embed_positions")(positions)[None]
+        x = _apply_ln(_layer_norm(cfg, "layernorm_embedding"), x, dtype)
+        x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
+        attn_mask = mask[:, None, None, :]  # [B,1,1,S]: keys only, like HF's bidirectional mask
+        layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if cfg.remat else EncoderLayer
+        for i in range(cfg.encoder_layers):
+            x = layer_cls(cfg, name=f"layers_{i}")(x, attn_mask, deterministic)
+        return x
+
+
+class Decoder(nn.Module):
+    """Positions + layernorm_embedding + causal decoder layers, on already-embedded tokens."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        embeds: Array,
+        enc: Array | None,
+        enc_mask: Array,
+        decoder_mask: Array | None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        length = embeds.shape[1]
+        start = jnp.array(0, jnp.int32)
+        if decode:
+            initialized = self.has_variable("cache", "position_index")
+            index = self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
+            if initialized:  # a real step: learned position = tokens decoded so far
+                start = index.value
+                index.value = start + length
+        positions = start + jnp.arange(length) + POSITION_OFFSET
+        x = embeds + _positions(cfg, "embed_positions")(positions)[None]
+        x = _apply_ln(_layer_norm(cfg, "layernorm_embedding"), x, dtype)
+        x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
+
+        self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1,1,T,T]
+        if decoder_mask is not None:
+            self_mask = self_mask & decoder_mask.astype(bool)[:, None, None, :]
+        enc_attn_mask = enc_mask.astype(bool)[:, None, None, :]
+        layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 6)) if cfg.remat else DecoderLayer
+        for i in range(cfg.decoder_layers):
+            x = layer_cls(cfg, name=f"layers_{i}")(
+                x, enc, enc_attn_mask, self_mask, deterministic, decode
+            )
+        return x
+
+
+class Bart(nn.Module):
+    """BART for conditional generation (HF `BartForConditionalGeneration` semantics).
+
+    `__call__(input_ids [B,S], decoder_input_ids [B,T], attention_mask=None,
+    decoder_attention_mask=None, deterministic=True)` -> logits [B,T,V] float32. Dropout is active
+    only with deterministic=False and a "dropout" rng. `final_logits_bias` is a parameter for
+    checkpoint compatibility but, like HF's buffer, receives no gradient.
+    """
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        init_std = cfg.init_std
+        pad = cfg.pad_token_id
+
+        def embed_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+            # HF: N(0, init_std) with the padding_idx row zeroed.
+            w = jax.random.normal(key, shape, dtype) * init_std
+            return w.at[pad].set(0.0) if 0 <= pad < shape[0] else w
+
+        self.shared = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=compute_dtype(cfg),
+            param_dtype=jnp.float32,
+            embedding_init=embed_init,
+        )
+        self.final_logits_bias = self.param(
+            "final_logits_bias", nn.initializers.zeros, (cfg.vocab_size,), jnp.float32
+        )
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def token_embedding(self, input_ids: Array) -> Array:
+        """Shared embedding lookup, times sqrt(d_model) when scale_embedding: [B,L,D]."""
+        scale = math.sqrt(self.config.d_model) if self.config.scale_embedding else 1.0
+        return self.shared(input_ids) * jnp.asarray(scale, compute_dtype(self.config))
+
+    def encode(
+        self, input_ids: Array, attention_mask: Array | None = None, deterministic: bool = True
+    ) -> Array:
+        """Encoder output [B,S,D] in the compute dtype. Mask defaults to input_ids != pad."""
+        if attention_mask is None:
+            attention_mask = input_ids != self.config.pad_token_id
+        return self.encoder(
+            self.token_embedding(input_ids), attention_mask.astype(bool), deterministic
+        )
+
+    def decode(
+        self,
+        decoder_input_ids: Array,
+        encoder_hidden: Array | None,
+        encoder_attention_mask: Array | None,
+        decoder_attention_mask: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        """Decoder + tied LM head: logits [B,T,V] float32.
+
+        With decode=True see the module docstring (cache API); `encoder_hidden` may then be None
+        once the cache exists, and `decoder_attention_mask` must be None (decoding never pads).
+        """
+        if decode and decoder_attention_mask is not None:
+            raise ValueError("decoder_attention_mask is not supported with decode=True")
+        if encoder_attention_mask is None:
+            if encoder_hidden is None:
+                raise ValueError("pass encoder_attention_mask when encoder_hidden is None")
+            encoder_attention_mask = jnp.ones(encoder_hidden.shape[:2], bool)
+        h = self.decoder(
+            self.token_embedding(decoder_input_ids),
+            encoder_hidden,
+            encoder_attention_mask,
+            decoder_attention_mask,
+            deterministic,
+            decode,
+        )
+        return self.logits(h)
+
+    def logits(self, hidden: Array) -> Array:
+        """Tied output projection + final_logits_bias, accumulated and returned in float32."""
+        table = self.shared.embedding.astype(hidden.dtype)
+        logits = jnp.einsum("btd,vd->btv", hidden, table, preferred_element_type=jnp.float32)
+        # HF keeps final_logits_bias as a (never trained) buffer: no gradient flows into it.
+        return logits + jax.lax.stop_gradient(self.final_logits_bias)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        decoder_input_ids: Array,
+        attention_mask: Array | None = None,
+        decoder_attention_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        if attention_mask is None:
+            attention_mask = input_ids != self.config.pad_token_id
+        attention_mask = attention_mask.astype(bool)
+        enc = self.encode(input_ids, attention_mask, deterministic)
+        return self.decode(
+            decoder_input_ids, enc, attention_mask, decoder_attention_mask, deterministic
+        )
+
+
+def shift_right(labels: Array, decoder_start_token_id: int, pad_token_id: int) -> Array:
+    """HF shift_tokens_right: prepend the start token, drop the last label, -100 -> pad."""
+    labels = jnp.asarray(labels)
+    start = jnp.full(labels.shape[:-1] + (1,), decoder_start_token_id, labels.dtype)
+    shifted = jnp.concatenate([start, labels[..., :-1]], axis=-1)
+    return jnp.where(shifted == -100, jnp.asarray(pad_token_id, labels.dtype), shifted)
+
+
+def init_params(config: ModelConfig, rng: Array, batch_shape: tuple[int, int] = (1, 8)) -> PyTree:
+    """Fresh float32 parameters (HF-style init: N(0, init_std) weights, zero biases)."""
+    ids = jnp.full(batch_shape, config.bos_token_id, jnp.int32)
+    return jax.jit(lambda r: Bart(config).init(r, ids, ids)["params"])(rng)
+
+
+def init_cache(
+    model: Bart,
+    params: PyTree,
+    encoder_hidden: Array,
+    encoder_attention_mask: Array,
+    max_decode_len: int,
+) -> PyTree:
+    """Empty decode cache for batch encoder_hidden.shape[0] and up to `max_decode_len` tokens.
+
+    Also projects `encoder_hidden` into every layer's cross-attention keys/values once.
+    """
+    batch = encoder_hidden.shape[0]
+    dummy = jnp.zeros((batch, max_decode_len), jnp.int32)
+    _, mutated = model.apply(
+        {"params": params},
+        dummy,
+        encoder_hidden,
+        encoder_attention_mask,
+        decode=True,
+        method=Bart.decode,
+        mutable=["cache"],
+    )
+    return mutated["cache"]
+
+
+def decode_step(
+    model: Bart,
+    params: PyTree,
+    cache: PyTree,
+    tokens: Array,
+    encoder_attention_mask: Array,
+) -> tuple[Array, PyTree]:
+    """One decoding step: tokens [B,1] -> (logits [B,1,V] float32, updated cache)."""
+    logits, mutated = model.apply(
+        {"params": params, "cache": cache},
+        tokens,
+        None,
+        encoder_attention_mask,
+        decode=True,
+        method=Bart.decode,
+        mutable=["cache"],
+    )
+    return logits, mutated["cache"]
+
+
+def reorder_cache(cache: PyTree, index: Array) -> PyTree:
+    """Gather batch rows `index` [B'] from every batched cache leaf (beam expand / reorder)."""
+    return jax.tree.map(lambda x: x[index] if x.ndim else x, cache)

@@ -1,0 +1,462 @@
+"""The conductor: one run's stages, their order, and resume/skip logic.
+
+    run(cfg, workdir) -> results
+
+Stages (cfg.stages, in this order): intermediate pre-training of the model under the
+masking policy on the corpus -> fine-tuning on the downstream task -> evaluation by
+generation with the task's metric. Each stage writes to `workdir/<stage>/`: its orbax
+checkpoints (resumed after a kill: data order and masks derive from seed and step, so the
+result equals an uninterrupted run's), metrics.jsonl and TensorBoard events, and finally
+`final/` params and `done.json`; a stage with `done.json` is skipped on rerun. A finished
+run (`results.json`) is never overwritten: rerunning with the same config returns the stored
+results; with a different config it is an error naming the differing fields.
+
+This is the only module that knows every part; the parts know nothing of each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from meta_mask import config as config_lib
+from meta_mask.config import Config
+
+log = logging.getLogger(__name__)
+
+WORLD_CORPUS = "world"
+
+
+class RunConflict(RuntimeError):
+    """The workdir holds a run with another config; nothing was changed."""
+
+
+# --------------------------------------------------------------------------------- files
+
+
+def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    """The source tree's commit (with '+dirty' for uncommitted changes), or 'unknown'."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} (stored) vs {vb!r} (now)")
+    return out
+
+
+def claim_workdir(cfg: Config, workdir: pathlib.Path, argv: list[str] | None) -> dict | None:
+    """Record the run's config in `workdir`; returns stored results if the run is finished.
+
+    Refuses (RunConflict) when the folder holds a run with a different config, so a finished
+    run's results are never silently replaced and stages are never mixed across configs.
+    """
+    resolved = json.loads(json.dumps(config_lib.to_dict(cfg), default=str))
+    # Which stages a command runs may change between invocations of the same run.
+    resolved.pop("stages")
+    stored_path = workdir / "config.json"
+    if stored_path.exists():
+        stored = json.loads(stored_path.read_text())
+        diff = _differences(stored, resolved)
+        if diff:
+            raise RunConflict(
+                f"{workdir} holds a run with a different config:\n  "
+                + "\n  ".join(diff)
+                + "\nUse another --workdir, or delete the folder to start over."
+            )
+        results = workdir / "results.json"
+        if results.exists():
+            return json.loads(results.read_text())
+    else:
+        write_json_atomic(stored_path, resolved)
+    if argv is not None:
+        write_text_atomic(workdir / "command.txt", " ".join(argv) + "\n")
+    write_text_atomic(workdir / "git_commit.txt", git_commit() + "\n")
+    return None
+
+
+# ------------------------------------------------------------------------------ context
+
+
+@dataclass
+class RunContext:
+    """What every stage needs, built once per run."""
+
+    cfg: Config
+    workdir: pathlib.Path
+    cache_dir: pathlib.Path
+    tokenizer: Any
+    model_cfg: config_lib.ModelConfig
+    model: Any
+    init_params: Any
+    mesh: Any
+    world: Any = None
+
+
+def _is_world_task(name: str) -> bool:
+    from meta_mask.data import world as world_lib
+
+    return name in world_lib.TASKS
+
+
+def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -> RunContext:
+    from meta_mask.model import bart, hf
+    from meta_mask.training import sharding
+
+    world = None
+    if cfg.data.corpus == WORLD_CORPUS or _is_world_task(cfg.data.task):
+        from meta_mask.data import world as world_lib
+        from meta_mask.data import world_tokenizer
+
+        world = world_lib.build_world(cfg.world)
+    if cfg.data.tokenizer:
+        tokenizer = hf.load_tokenizer(cfg.data.tokenizer, flag="--data.tokenizer")
+    elif cfg.init:
+        tokenizer = hf.load_tokenizer(cfg.init, flag="--init")
+    elif world is not None:
+        tokenizer = world_tokenizer.world_tokenizer(world)
+    else:
+        raise ValueError("no tokenizer: set --data.tokenizer or --init (a Hugging Face BART)")
+
+    if cfg.init:
+        model_cfg, params = hf.load_hf(
+            cfg.init, flag="--init", dtype=cfg.model.dtype, remat=cfg.model.remat
+        )
+    else:
+        model_cfg = cfg.model
+        if len(tokenizer) > model_cfg.vocab_size or model_cfg.vocab_size == 0:
+            # The world's vocabulary is only known once its tokenizer is trained.
+            model_cfg = model_cfg.replace(vocab_size=len(tokenizer))
+        params = bart.init_params(model_cfg, jax.random.key(cfg.seed))
+    for name in ("pad", "eos", "bos"):
+        ours, theirs = getattr(model_cfg, f"{name}_token_id"), getattr(tokenizer, f"{name}_token_id")
+        if ours != theirs:
+            raise ValueError(
+                f"the tokenizer's {name} id is {theirs} but the model's {name}_token_id is {ours}"
+            )
+    mesh = sharding.make_mesh(cfg.mesh)
+    return RunContext(
+        cfg=cfg,
+        workdir=workdir,
+        cache_dir=cache_dir,
+        tokenizer=tokenizer,
+        model_cfg=model_cfg,
+        model=bart.Bart(model_cfg),
+        init_params=params,
+        mesh=mesh,
+        world=world,
+    )
+
+
+def task_examples(ctx: RunContext, split: str, max_examples: int = 0) -> list:
+    """The examples of the run's task and `split` (world tasks come from the run's world)."""
+    from meta_mask.data import tasks
+
+    name = ctx.cfg.data.task
+    if _is_world_task(name):
+        from meta_mask.data import world as world_lib
+
+        rows = world_lib.world_task(ctx.world, name)[split]
+        examples = [tasks.example_from_dict(r, f"{split}-{i}") for i, r in enumerate(rows)]
+    else:
+        examples = tasks.load_task(
+            name, split, data_dir=ctx.cfg.data.data_dir or None, max_examples=max_examples or None
+        )
+    return examples[:max_examples] if max_examples else examples
+
+
+def task_metric(name: str) -> str:
+    from meta_mask.data import tasks
+
+    if _is_world_task(name):
+        from meta_mask.data import world as world_lib
+
+        return "rouge" if name == world_lib.SUMMARY_TASK else "em_f1"
+    return tasks.get_task(name).metric
+
+
+# ------------------------------------------------------------------------------- stages
+
+
+def _stage_done(stage_dir: pathlib.Path) -> dict | None:
+    done = stage_dir / "done.json"
+    return json.loads(done.read_text()) if done.exists() else None
+
+
+def _final_params(stage_dir: pathlib.Path, like: Any) -> Any:
+    from meta_mask.training import checkpoint
+
+    return checkpoint.load_params(stage_dir / "final", jax.eval_shape(lambda: like))
+
+
+def train_stage(
+    ctx: RunContext,
+    name: str,
+    params: Any,
+    stage_cfg: config_lib.StageConfig,
+    batch_for_step,
+    *,
+    rng_salt: int,
+) -> Any:
+    """Train `params` for the stage's steps (resuming its checkpoints); returns final params."""
+    from meta_mask.evaluation.writers import MetricWriter
+    from meta_mask.training import checkpoint, loop, steps
+
+    stage_dir = ctx.workdir / name
+    if _stage_done(stage_dir) is not None:
+        log.info("stage %s already done; loading its final params", name)
+        return _final_params(stage_dir, params)
+    tx = steps.make_optimizer(stage_cfg.optim)
+    state = steps.create_train_state(params, tx)
+    metadata = {
+        "stage": name,
+        "model": config_lib.to_dict(ctx.model_cfg),
+        "stage_config": config_lib.to_dict(stage_cfg),
+        "seed": ctx.cfg.seed,
+    }
+    train_step = steps.make_train_step(ctx.model, stage_cfg.optim, mesh=ctx.mesh)
+    rng = jax.random.fold_in(jax.random.key(ctx.cfg.seed), rng_salt)
+    with (
+        checkpoint.CheckpointManager(stage_dir / "checkpoints", max_to_keep=2) as ckpt,
+        MetricWriter(stage_dir, enabled=jax.process_index() == 0) as writer,
+    ):
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(
+                jax.eval_shape(lambda: state), expected_metadata=metadata,
+                compare_sections=("model", "stage_config"),
+            )  # fmt: skip
+            log.info("stage %s: resumed from step %d", name, int(state.step))
+        start = time.time()
+        state = loop.run_loop(
+            state,
+            train_step=train_step,
+            batch_for_step=batch_for_step,
+            rng=rng,
+            options=loop.LoopOptions(
+                num_steps=stage_cfg.steps,
+                checkpoint_every=stage_cfg.checkpoint_every,
+                log_every=stage_cfg.log_every,
+                desc=name,
+            ),
+            checkpoints=ckpt,
+            writer=writer,
+            metadata=metadata,
+        )
+    checkpoint.save_params(stage_dir / "final", state.params, overwrite=True)
+    write_json_atomic(
+        stage_dir / "done.json", {"steps": stage_cfg.steps, "seconds": time.time() - start}
+    )
+    return state.params
+
+
+def intermediate_stage(ctx: RunContext, params: Any) -> Any:
+    """MLM on the corpus under the run's masking policy, in the chosen output format."""
+    from meta_mask.data import corpora
+    from meta_mask.policies import corrupt, heuristic, mlm_batches
+
+    cfg = ctx.cfg
+    source = corpus_source(ctx)
+    corpus = corpora.build_corpus(
+        source,
+        ctx.tokenizer,
+        ctx.cache_dir / "corpora",
+        max_sentences=cfg.data.max_corpus_sentences or None,
+        max_length=cfg.data.mlm_length,
+    )
+    stream = corpora.CorpusStream(
+        corpus.dataset,
+        batch_size=cfg.intermediate.batch_size,
+        max_length=cfg.data.mlm_length,
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        pad_id=ctx.tokenizer.pad_token_id,
+    )
+    labels_column = corpus.dataset.data.column("entity_labels")
+    pmi_table = None
+    if cfg.policy.name == "pmi":
+        from meta_mask.data import pmi
+
+        pmi_table = pmi.build_pmi_table(
+            corpus.dataset, cfg.policy.pmi_max_n, cfg.policy.pmi_min_count, cfg.policy.pmi_top_k
+        )
+    special = set(ctx.tokenizer.all_special_ids)
+    batches = mlm_batches.MlmBatches(
+        stream=stream,
+        scorer=heuristic.make_scorer(cfg.policy, pmi_table),
+        policy=cfg.policy,
+        data=cfg.data,
+        seed=cfg.seed,
+        mask_id=ctx.tokenizer.mask_token_id,
+        sentinels=corrupt.sentinel_ids(ctx.tokenizer),
+        labels_of=lambda rows: labels_column.take(rows).to_pylist(),
+        random_ids=np.asarray([i for i in range(len(ctx.tokenizer)) if i not in special]),
+        pad_id=ctx.tokenizer.pad_token_id,
+        eos_id=ctx.tokenizer.eos_token_id,
+        decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
+    )
+    return train_stage(ctx, "intermediate", params, cfg.intermediate, batches, rng_salt=1)
+
+
+def corpus_source(ctx: RunContext):
+    from meta_mask.data import corpora
+
+    spec = ctx.cfg.data.corpus
+    if spec == WORLD_CORPUS:
+        return corpora.CorpusSource(
+            kind="records", records=list(ctx.world.sentences), name=f"world-{ctx.cfg.world.seed}"
+        )
+    if spec == "task":
+        return corpora.CorpusSource(
+            kind="task", task=ctx.cfg.data.task, data_dir=ctx.cfg.data.data_dir
+        )
+    if spec.endswith((".txt", ".jsonl")) and ":" not in spec:
+        return corpora.CorpusSource(kind="file", path=spec)
+    return corpora.CorpusSource.from_spec(spec)
+
+
+def finetune_stage(ctx: RunContext, params: Any) -> Any:
+    from meta_mask.data import seq2seq
+
+    cfg = ctx.cfg
+    examples = task_examples(ctx, "train", cfg.data.max_train_examples)
+    data = seq2seq.encode_examples(
+        examples,
+        ctx.tokenizer,
+        source_length=cfg.data.source_length,
+        target_length=cfg.data.target_length,
+    )
+    pad = ctx.tokenizer.pad_token_id
+    start = ctx.model_cfg.decoder_start_token_id
+    batch_size = cfg.finetune.batch_size
+
+    def batch_for_step(step: int):
+        rows = seq2seq.batch_rows(len(data), batch_size, cfg.seed, step)
+        return seq2seq.train_batch(data, rows, pad_id=pad, decoder_start_token_id=start)
+
+    return train_stage(ctx, "finetune", params, cfg.finetune, batch_for_step, rng_salt=2)
+
+
+def evaluate_stage(ctx: RunContext, params: Any) -> dict:
+    """Generate on the eval split, score with the task's metric, write predictions."""
+    from meta_mask.evaluation import predict
+
+    stage_dir = ctx.workdir / "evaluate"
+    done = _stage_done(stage_dir)
+    if done is not None:
+        return done
+    cfg = ctx.cfg
+    examples = task_examples(ctx, cfg.eval.split, cfg.eval.max_examples)
+    metric = task_metric(cfg.data.task)
+    closed_book = metric == "em_f1"
+    result = predict.evaluate(
+        ctx.model,
+        params,
+        ctx.model_cfg,
+        ctx.tokenizer,
+        examples,
+        metric=metric,
+        source_length=cfg.data.source_length,
+        max_length=cfg.data.target_length,
+        eval_cfg=cfg.eval,
+        out_dir=stage_dir,
+        train_examples=task_examples(ctx, "train", cfg.data.max_train_examples)
+        if closed_book
+        else None,
+    )
+    write_json_atomic(stage_dir / "done.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+def run(
+    cfg: Config,
+    workdir: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    argv: list[str] | None = None,
+) -> dict:
+    """Run (or resume, or skip) every stage of `cfg.stages`; returns the run's results."""
+    from meta_mask.evaluation import report
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    finished = claim_workdir(cfg, workdir, argv)
+    if finished is not None:
+        log.info("%s is finished; returning its stored results", workdir)
+        return finished
+    cache = pathlib.Path(cache_dir) if cache_dir else workdir / "cache"
+    ctx = build_context(cfg, workdir, cache)
+    params = ctx.init_params
+    timings: dict[str, float] = {}
+    if "intermediate" in cfg.stages and cfg.policy.name != "none":
+        t = time.time()
+        params = intermediate_stage(ctx, params)
+        timings["intermediate"] = time.time() - t
+    if "finetune" in cfg.stages:
+        t = time.time()
+        params = finetune_stage(ctx, params)
+        timings["finetune"] = time.time() - t
+    metrics: dict = {}
+    if "evaluate" in cfg.stages:
+        t = time.time()
+        metrics = evaluate_stage(ctx, params)
+        timings["evaluate"] = time.time() - t
+    results = {
+        "task": cfg.data.task,
+        "policy": cfg.policy.name,
+        "output_format": cfg.policy.output_format,
+        "seed": cfg.seed,
+        "metrics": metrics,
+        "seconds": timings,
+    }
+    if "evaluate" in cfg.stages:  # only a complete run has results
+        report.write_run_report(workdir, results)
+        write_json_atomic(workdir / "results.json", results)
+    return results

@@ -1,0 +1,228 @@
+"""Turning (tokens, mask) into one fixed-shape training example, in either output format.
+
+Owns the two output formats of the study:
+- "masked_spans" (T5): the encoder input is the sentence with each masked span (a maximal run
+  of masked tokens; with infill="token" each masked token) replaced by one sentinel
+  <extra_id_0>, <extra_id_1>, ... in order (<mask> for every span when the tokenizer has no
+  sentinels); the decoder target is  sentinel_0 span_0 sentinel_1 span_1 ... </s>.
+- "full_sentence" (BART text infilling): the encoder input has one <mask> per masked span (or
+  per masked token with infill="token"); the target is the whole original sentence,
+  <s> ... </s>. Optionally BERT's 80/10/10: each masked span/token is replaced by <mask> with
+  probability 0.8, by random tokens (same length) with 0.1, and left unchanged with 0.1.
+
+Both return {"input_ids" int32 [B, enc_len], "decoder_input_ids" int32 [B, dec_len],
+"labels" int32 [B, dec_len], "weights" float32 [B, dec_len]} with pad_id padding, weights 1 on
+real labels and 0 on padding, and decoder_input_ids = shift_right(labels) starting with
+decoder_start_token_id. numpy for the host pipeline (vectorized over the batch);
+`corrupt_tokens_jax` is the jittable same-length full-sentence variant for the learned policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meta_mask.config import PolicyConfig
+from meta_mask.policies.sampler import STREAM_CORRUPT, BatchRng
+
+REPLACE_PROBS = (0.8, 0.1, 0.1)  # <mask>, random tokens, unchanged
+_MASK, _RANDOM, _KEEP = 0, 1, 2
+
+
+def sentinel_ids(tokenizer) -> list[int]:
+    """Ids of <extra_id_0>, <extra_id_1>, ... in the tokenizer's vocabulary (empty if none)."""
+    vocab = tokenizer.get_vocab()
+    out = []
+    while f"<extra_id_{len(out)}>" in vocab:
+        out.append(vocab[f"<extra_id_{len(out)}>"])
+    return out
+
+
+def non_special_ids(tokenizer) -> np.ndarray:
+    """Ids a random replacement may draw: the vocabulary minus special tokens and sentinels."""
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids) | set(sentinel_ids(tokenizer))
+    return np.asarray(sorted(set(vocab.values()) - special), np.int32)
+
+
+def shift_right(labels: np.ndarray, decoder_start_token_id: int = 2) -> np.ndarray:
+    """decoder_input_ids: labels moved one step right, decoder_start_token_id first."""
+    out = np.empty_like(labels)
+    out[:, 0] = decoder_start_token_id
+    out[:, 1:] = labels[:, :-1]
+    return out
+
+
+def _scatter_rows(values, keep, width, pad_id, name) -> np.ndarray:
+    """Compact each row's kept values to the left of a [B, width] array padded with pad_id."""
+    counts = keep.sum(1)
+    if counts.max(initial=0) > width:
+        raise ValueError(
+            f"corrupt: an example needs {counts.max()} {name} positions but {name}={width}; "
+            f"raise {name}"
+        )
+    out = np.full((keep.shape[0], width), pad_id, np.int32)
+    rows, cols = np.nonzero(keep)
+    out[rows, (np.cumsum(keep, axis=1) - 1)[rows, cols]] = values[rows, cols]
+    return out
+
+
+def _replacement_actions(rng, random_ids, shape):
+    """An 80/10/10 action and a random id drawn at every position (used at run starts)."""
+    length = shape[1]
+    action_at_start = np.empty(shape, np.int8)
+    random_tokens = np.empty(shape, np.int32)
+    cdf = np.cumsum(REPLACE_PROBS)
+    for i, g in enumerate(rng.generators(STREAM_CORRUPT)):
+        action_at_start[i] = np.searchsorted(cdf, g.random(length), side="right")
+        random_tokens[i] = random_ids[g.integers(len(random_ids), size=length)]
+    return np.minimum(action_at_start, _KEEP), random_tokens
+
+
+def corrupt_np(
+    input_ids: np.ndarray,
+    mask: np.ndarray,
+    *,
+    output_format: str,
+    enc_len: int,
+    dec_len: int,
+    mask_id: int,
+    sentinels: Sequence[int] = (),
+    infill: str = "span",
+    replace_80_10_10: bool = False,
+    rng: BatchRng | None = None,
+    random_ids: np.ndarray | None = None,
+    pad_id: int = 1,
+    eos_id: int = 2,
+    decoder_start_token_id: int = 2,
+) -> dict[str, np.ndarray]:
+    """One training example per row of `input_ids` [B, L] (with <s> .. </s>, pad_id padding at
+    the end) masked by `mask` [B, L] (bool); see the module docstring for the formats.
+
+    replace_80_10_10 (full_sentence only) needs `rng` (draws use the STREAM_CORRUPT stream of
+    each example) and `random_ids`, the ids a random replacement draws from uniformly (e.g.
+    every non-special token id).
+    """
+    if output_format not in ("masked_spans", "full_sentence"):
+        raise ValueError(f"output_format={output_format!r}; valid: masked_spans, full_sentence")
+    if infill not in ("span", "token"):
+        raise ValueError(f"infill={infill!r}; valid: span, token")
+    input_ids = np.asarray(input_ids, np.int32)
+    if np.shape(mask) != input_ids.shape:
+        raise ValueError(f"mask shape {np.shape(mask)} != input_ids shape {input_ids.shape}")
+    real = input_ids != pad_id
+    mask = np.asarray(mask, bool) & real
+    prev = np.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+    run_start = mask & ~prev if infill == "span" else mask
+    run_idx = np.cumsum(run_start, axis=1) - 1
+
+    action = np.full(input_ids.shape, _MASK, np.int8)
+    enc_values = input_ids.copy()
+    if replace_80_10_10:
+        if output_format != "full_sentence":
+            raise ValueError("replace_80_10_10 applies to output_format='full_sentence' only")
+        if rng is None or random_ids is None or len(random_ids) == 0:
+            raise ValueError("replace_80_10_10 needs rng (a BatchRng) and non-empty random_ids")
+        at_start, random_tokens = _replacement_actions(
+            rng, np.asarray(random_ids, np.int32), input_ids.shape
+        )
+        # Every token of a run follows the draw made at the run's start.
+        run_first = np.maximum.accumulate(
+            np.where(run_start, np.arange(input_ids.shape[1]), 0), axis=1
+        )
+        action = np.take_along_axis(at_start, run_first, axis=1)
+        enc_values = np.where(mask & (action == _RANDOM), random_tokens, enc_values)
+
+    masked_out = mask & (action == _MASK)
+    if output_format == "masked_spans" and len(sentinels):
+        if run_idx.max(initial=-1) >= len(sentinels):
+            raise ValueError(
+                f"corrupt: a sentence has {run_idx.max() + 1} masked spans but the tokenizer "
+                f"has {len(sentinels)} sentinels; lower the budget or add <extra_id_*> tokens"
+            )
+        symbol = np.asarray(sentinels, np.int32)[np.maximum(run_idx, 0)]
+    else:
+        symbol = np.full(input_ids.shape, mask_id, np.int32)
+    enc_values = np.where(masked_out & run_start, symbol, enc_values)
+    enc_keep = real & ~(masked_out & ~run_start)
+    enc = _scatter_rows(enc_values, enc_keep, enc_len, pad_id, "enc_len")
+
+    if output_format == "full_sentence":
+        labels = _scatter_rows(input_ids, real, dec_len, pad_id, "dec_len")
+        n_labels = real.sum(1)
+    else:
+        # Each masked token emits itself, preceded by its span's sentinel at a span start.
+        width = mask.astype(np.int64) + run_start
+        end = np.cumsum(width, axis=1)  # one past each token's own slot
+        n_labels = end[:, -1] + 1  # + </s>
+        if n_labels.max(initial=0) > dec_len:
+            raise ValueError(
+                f"corrupt: a target needs {n_labels.max()} positions but dec_len={dec_len}; "
+                "raise dec_len"
+            )
+        labels = np.full((input_ids.shape[0], dec_len), pad_id, np.int32)
+        rows, cols = np.nonzero(mask)
+        labels[rows, end[rows, cols] - 1] = input_ids[rows, cols]
+        rows, cols = np.nonzero(run_start)
+        labels[rows, end[rows, cols] - 2] = symbol[rows, cols]
+        labels[np.arange(len(labels)), n_labels - 1] = eos_id
+    weights = (np.arange(dec_len)[None, :] < n_labels[:, None]).astype(np.float32)
+    return {
+        "input_ids": enc,
+        "decoder_input_ids": shift_right(labels, decoder_start_token_id),
+        "labels": labels,
+        "weights": weights,
+    }
+
+
+def corrupt_tokens_jax(
+    input_ids: jax.Array,
+    mask: jax.Array,
+    mask_id: int,
+    *,
+    pad_id: int = 1,
+    decoder_start_token_id: int = 2,
+) -> dict[str, jax.Array]:
+    """Jittable full-sentence example with one <mask> per masked token (same length L): equal to
+    corrupt_np(..., output_format="full_sentence", infill="token", enc_len=dec_len=L)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    real = input_ids != pad_id
+    enc = jnp.where(mask & real, jnp.int32(mask_id), input_ids)
+    start = jnp.full((input_ids.shape[0], 1), decoder_start_token_id, jnp.int32)
+    return {
+        "input_ids": enc,
+        "decoder_input_ids": jnp.concatenate([start, input_ids[:, :-1]], axis=1),
+        "labels": input_ids,
+        "weights": real.astype(jnp.float32),
+    }
+
+
+def corrupt_batch(
+    batch: dict,
+    mask: np.ndarray,
+    cfg: PolicyConfig,
+    *,
+    enc_len: int,
+    dec_len: int,
+    mask_id: int,
+    sentinels: Sequence[int] = (),
+    rng: BatchRng | None = None,
+    random_ids: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """`corrupt_np` on a collated batch with the output format, infill and 80/10/10 of `cfg`."""
+    return corrupt_np(
+        batch["input_ids"],
+        mask,
+        output_format=cfg.output_format,
+        enc_len=enc_len,
+        dec_len=dec_len,
+        mask_id=mask_id,
+        sentinels=sentinels,
+        infill=cfg.infill,
+        replace_80_10_10=cfg.replace_80_10_10,
+        rng=rng,
+        random_ids=random_ids,
+    )

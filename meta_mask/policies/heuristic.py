@@ -1,0 +1,292 @@
+"""Heuristic masking policies, each a scorer (see policies/sampler.py for the contract).
+
+Owns: padding tokenized sentence records into a host batch (`collate`), the scorers
+- `NoMask`          the "no intermediate pre-training" baseline: masks nothing;
+- `RandomTokens`    every maskable token is its own unit (BERT);
+- `RandomSpans`     the sentence is cut into consecutive spans whose lengths (in words or
+                    tokens) follow SpanBERT's clipped geometric or BART's Poisson; spans are units;
+- `WholeWords`      every word is a unit;
+- `SalientSpans`    named entities and dates (the records' "entity_spans") are units (REALM /
+                    T5 closed-book QA); with the budget num_units=1 this is REALM's one salient
+                    span per sentence, with mask_rate the rate-based variant;
+- `PmiNgrams`       the corpus's top PMI n-grams ("pmi_spans", or found with a PmiTable) are
+                    units, every other word is a unit of its own (PMI-Masking);
+and `make_scorer(PolicyConfig)`.
+
+Heuristic scores are all zero (uniform over units; the sampler's Gumbel noise does the drawing)
+except `SalientSpans(fill_with_words=True)`, whose filler words score FILL_SCORE so that every
+entity is taken before any filler word. Unit ids are the position of the unit's first token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from meta_mask.config import PolicyConfig
+from meta_mask.data.pmi import PmiTable, find_ngrams
+from meta_mask.policies.sampler import STREAM_SCORER, BatchRng, Scorer
+
+SPECIAL_IDS = (0, 1, 2)  # <s>, <pad>, </s>: never maskable even if a record's word_ids says so
+FILL_SCORE = -1e4  # far below any Gumbel draw: filler units come strictly after real ones
+
+
+def _spans_array(records: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+    """[B, E, 2] int32 spans padded with -1."""
+    spans = [np.asarray(r.get(key, np.zeros((0, 2))), np.int32).reshape(-1, 2) for r in records]
+    out = np.full((len(records), max([len(s) for s in spans] + [1]), 2), -1, np.int32)
+    for i, s in enumerate(spans):
+        out[i, : len(s)] = s
+    return out
+
+
+def collate(
+    records: Sequence[Mapping[str, Any]],
+    length: int | None = None,
+    *,
+    pad_id: int = 1,
+    special_ids: Sequence[int] = SPECIAL_IDS,
+    example_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Pad tokenized sentence records into a host batch for scorers, the sampler and corrupt.
+
+    Returns {"input_ids" int32 [B,L] (pad_id), "word_ids" int32 [B,L] (-1 on specials/pad),
+    "valid" bool [B,L] (maskable: a word token, not a special id), "entity_spans" int32 [B,E,2]
+    (-1 padding), "entity_labels" list[list[str]], "example_ids" int64 [B]} plus "pmi_spans"
+    [B,P,2] when every record carries them.
+    """
+    lengths = [len(r["input_ids"]) for r in records]
+    length = max(lengths) if length is None else length
+    if max(lengths) > length:
+        raise ValueError(
+            f"collate: a record has {max(lengths)} tokens but length={length}; "
+            "truncate when tokenizing or raise the length"
+        )
+    b = len(records)
+    input_ids = np.full((b, length), pad_id, np.int32)
+    word_ids = np.full((b, length), -1, np.int32)
+    for i, r in enumerate(records):
+        input_ids[i, : lengths[i]] = r["input_ids"]
+        word_ids[i, : lengths[i]] = r["word_ids"]
+    valid = (word_ids >= 0) & ~np.isin(input_ids, np.asarray(special_ids))
+    batch = {
+        "input_ids": input_ids,
+        "word_ids": word_ids,
+        "valid": valid,
+        "entity_spans": _spans_array(records, "entity_spans"),
+        "entity_labels": [list(r.get("entity_labels", [])) for r in records],
+        "example_ids": np.asarray(range(b) if example_ids is None else example_ids, np.int64),
+    }
+    if records and all("pmi_spans" in r for r in records):
+        batch["pmi_spans"] = _spans_array(records, "pmi_spans")
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# unit helpers (all vectorized over [B, L])
+
+
+def _ids_from_starts(starts: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """Unit id = position of the most recent start, on member tokens; -1 elsewhere."""
+    pos = np.arange(starts.shape[1], dtype=np.int32)
+    last = np.maximum.accumulate(np.where(starts, pos, -1), axis=1)
+    return np.where(member, last, -1).astype(np.int32)
+
+
+def word_starts(word_ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """True on the first valid token of each word."""
+    prev_w = np.pad(word_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+    prev_v = np.pad(valid, ((0, 0), (1, 0)), constant_values=False)[:, :-1]
+    return valid & ((word_ids != prev_w) | ~prev_v)
+
+
+def word_units(word_ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Whole-word unit ids [B, L]."""
+    return _ids_from_starts(word_starts(word_ids, valid), valid)
+
+
+def span_units(spans: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Unit ids [B, L] from half-open token spans [B, E, 2] (-1 = no span). Tokens outside every
+    span get -1. Overlapping spans are split where they overlap (the later start wins), so every
+    unit stays contiguous."""
+    pos = np.arange(valid.shape[1])[None, None, :]
+    start, end = spans[..., :1], spans[..., 1:]
+    cover = (pos >= start) & (pos < end) & (start >= 0)
+    ids = np.where(cover, start, -1).max(axis=1, initial=-1)
+    return np.where(valid, ids, -1).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# scorers
+
+
+def _zeros(batch: Mapping[str, Any]) -> np.ndarray:
+    return np.zeros(batch["input_ids"].shape, np.float32)
+
+
+@dataclass(frozen=True)
+class NoMask:
+    """No intermediate pre-training: no units, so the mask is empty (the pipeline skips)."""
+
+    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+        return _zeros(batch), np.full(batch["input_ids"].shape, -1, np.int32)
+
+
+@dataclass(frozen=True)
+class RandomTokens:
+    """BERT: each maskable token is a unit."""
+
+    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+        valid = batch["valid"]
+        pos = np.arange(valid.shape[1], dtype=np.int32)
+        return _zeros(batch), np.where(valid, pos, -1).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class WholeWords:
+    """Whole-word masking: each word (all its tokens) is a unit."""
+
+    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+        return _zeros(batch), word_units(batch["word_ids"], batch["valid"])
+
+
+def span_length_probs(
+    distribution: str, *, p: float = 0.2, max_length: int | None = 10, lam: float = 3.0
+) -> np.ndarray:
+    """P(length = 1..K) as an array [K]. geometric: p(1-p)^(l-1) clipped (renormalized) at
+    max_length (SpanBERT: p=0.2, max 10, mean 3.8). poisson: Poisson(lam) conditioned on >= 1
+    (BART's zero-length insertions are not units) and, when max_length is None, cut where the
+    tail mass is below 1e-12."""
+    if distribution == "geometric":
+        k = np.arange(1, (max_length or 10) + 1)
+        probs = p * (1 - p) ** (k - 1)
+    elif distribution == "poisson":
+        cap = max_length or int(lam + 20 * np.sqrt(lam) + 20)
+        k = np.arange(1, cap + 1)
+        log_fact = np.cumsum(np.log(k))
+        probs = np.exp(k * np.log(lam) - lam - log_fact)
+    else:
+        raise ValueError(f"span distribution={distribution!r}; valid: geometric, poisson")
+    return probs / probs.sum()
+
+
+@dataclass(frozen=True)
+class RandomSpans:
+    """SpanBERT / BART spans: each sentence is cut into consecutive spans of random length
+    (counted in words, or tokens with over="token"); each span is a unit. The first span's
+    length follows the renewal-process residual law, P(r) ~ P(length >= r), so span boundaries
+    do not pile up at the sentence start."""
+
+    probs: tuple[float, ...]  # P(length = 1..K), e.g. from span_length_probs
+    over: str = "word"
+
+    def __post_init__(self) -> None:
+        if self.over not in ("word", "token"):
+            raise ValueError(f"RandomSpans.over={self.over!r}; valid: word, token")
+
+    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+        valid = batch["valid"]
+        b, length = valid.shape
+        atom_start = word_starts(batch["word_ids"], valid) if self.over == "word" else valid
+        atom = np.cumsum(atom_start, axis=1) - 1  # atom index of each token
+        probs = np.asarray(self.probs)
+        cdf = np.cumsum(probs)
+        survival = probs[::-1].cumsum()[::-1]  # P(length >= r)
+        residual_cdf = np.cumsum(survival / survival.sum())
+        u = np.stack([g.random(length) for g in rng.generators(STREAM_SCORER)]).reshape(b, length)
+        # `length` spans per row always cover the <= length atoms of the row.
+        lens = np.searchsorted(cdf, u, side="right") + 1
+        lens[:, 0] = np.searchsorted(residual_cdf, u[:, 0], side="right") + 1
+        lens = np.minimum(lens, len(probs))  # guards u ~ 1 against float rounding in the cdf
+        ends = np.cumsum(lens, axis=1)
+        # One flat searchsorted for the whole batch: offset each row past the previous one.
+        offset = (np.arange(b) * (length * len(probs) + length + 1))[:, None]
+        flat = np.searchsorted((ends + offset).ravel(), (atom + offset).ravel(), side="right")
+        span_id = flat.reshape(b, length) - np.arange(b)[:, None] * length
+        prev = np.pad(span_id, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+        prev_valid = np.pad(valid, ((0, 0), (1, 0)), constant_values=False)[:, :-1]
+        starts = valid & ((span_id != prev) | ~prev_valid)
+        return _zeros(batch), _ids_from_starts(starts, valid)
+
+
+@dataclass(frozen=True)
+class SalientSpans:
+    """Salient span masking: the batch's "entity_spans" (filtered to `labels` when given) are the
+    units. fill_with_words=True adds every other word as a unit scored FILL_SCORE, taken only
+    after all entities."""
+
+    labels: frozenset[str] | None = None
+    fill_with_words: bool = False
+
+    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+        spans = batch["entity_spans"]
+        if self.labels is not None:
+            keep = np.zeros(spans.shape[:2], bool)
+            for i, labs in enumerate(batch["entity_labels"]):
+                keep[i, : len(labs)] = [lab in self.labels for lab in labs]
+            spans = np.where(keep[..., None], spans, -1)
+        valid = batch["valid"]
+        units = span_units(spans, valid)
+        scores = _zeros(batch)
+        if self.fill_with_words:
+            rest = valid & (units < 0)
+            words = _ids_from_starts(word_starts(batch["word_ids"], rest), rest)
+            scores = np.where(rest, FILL_SCORE, 0.0).astype(np.float32)
+            units = np.where(rest, words, units)
+        return scores, units
+
+
+@dataclass(frozen=True)
+class PmiNgrams:
+    """PMI-Masking: the top-PMI n-grams are units masked whole; every other word is a unit.
+    Uses the batch's precomputed "pmi_spans" (data.pmi.annotate_pmi) or, without them, finds
+    the n-grams with `table` (slower: a Python loop per sentence)."""
+
+    table: PmiTable | None = None
+
+    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+        spans = batch.get("pmi_spans")
+        if spans is None:
+            if self.table is None:
+                raise ValueError(
+                    "PmiNgrams: the batch has no 'pmi_spans' and no PmiTable was given; build "
+                    "one with meta_mask.data.pmi.build_pmi_table and annotate_pmi the records"
+                )
+            found = [
+                {"pmi_spans": find_ngrams(ids, wids, self.table)}
+                for ids, wids in zip(batch["input_ids"], batch["word_ids"], strict=True)
+            ]
+            spans = _spans_array(found, "pmi_spans")
+        valid = batch["valid"]
+        units = span_units(spans, valid)
+        rest = valid & (units < 0)
+        words = _ids_from_starts(word_starts(batch["word_ids"], rest), rest)
+        return _zeros(batch), np.where(rest, words, units)
+
+
+def make_scorer(cfg: PolicyConfig, pmi_table: PmiTable | None = None) -> Scorer:
+    """The scorer named by cfg.name (budget: cfg.budget(); output format: policies.corrupt)."""
+    if cfg.name == "none":
+        return NoMask()
+    if cfg.name == "random_tokens":
+        return RandomTokens()
+    if cfg.name == "whole_words":
+        return WholeWords()
+    if cfg.name == "random_spans":
+        probs = span_length_probs(
+            cfg.span_distribution,
+            p=cfg.span_geometric_p,
+            max_length=cfg.span_max_length if cfg.span_distribution == "geometric" else None,
+            lam=cfg.span_poisson_lambda,
+        )
+        return RandomSpans(probs=tuple(float(x) for x in probs), over=cfg.span_over)
+    if cfg.name == "salient_spans":
+        return SalientSpans(
+            labels=frozenset(cfg.salient_labels), fill_with_words=cfg.salient_fill_with_words
+        )
+    if cfg.name == "pmi":
+        return PmiNgrams(table=pmi_table)
+    raise ValueError(f"PolicyConfig.name={cfg.name!r} has no scorer")

@@ -1,0 +1,1 @@
+"""The one shared train step, optimizer, checkpoints and sharding."""

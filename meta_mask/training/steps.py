@@ -1,0 +1,321 @@
+"""The one train step, the eval step, the optimizer and the token losses.
+
+Owns `TrainState`, the AdamW optimizer with its learning-rate schedule and weight-decay mask,
+the per-token cross-entropy every stage and policy trains on, and the factories
+`make_train_step` / `make_eval_step`. Intermediate pre-training (masked-span or full-sentence
+output) and fine-tuning all feed this same step: their batches share one format,
+{"input_ids", "decoder_input_ids", "labels", "weights"}, and differ only in content.
+The functions here are pure; jitting, donation and shardings are applied once by the factories.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, Sharding
+
+from meta_mask.config import MeshConfig, OptimConfig
+from meta_mask.training import sharding as sharding_lib
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# loss_fn(params, batch, dropout_rng) -> (scalar loss, metrics); the hook of make_train_step.
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree, so it jits and checkpoints whole."""
+
+    step: jax.Array  # int32 scalar: number of updates applied so far
+    params: Any
+    opt_state: optax.OptState
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(optim_cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup 0 -> learning_rate over warmup_steps, then constant / linear / cosine.
+
+    The linear and cosine decays reach learning_rate * end_lr_fraction at total_steps and stay
+    there; "constant" ignores end_lr_fraction.
+    """
+    cfg = optim_cfg
+    if cfg.total_steps < 1:
+        raise ValueError(f"OptimConfig.total_steps={cfg.total_steps}; must be >= 1")
+    if not 0 <= cfg.warmup_steps <= cfg.total_steps:
+        raise ValueError(
+            f"OptimConfig.warmup_steps={cfg.warmup_steps}; must be in [0, total_steps="
+            f"{cfg.total_steps}]"
+        )
+    peak = cfg.learning_rate
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(peak, peak * cfg.end_lr_fraction, decay_steps)
+    else:  # cosine; OptimConfig validates the choice
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr_fraction)
+    if cfg.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True where AdamW applies weight decay: not on biases nor on LayerNorm scale/bias.
+
+    Decided by parameter path (as HF/fairseq BART fine-tuning does): a leaf named `bias`,
+    `scale` or `*_bias` (final_logits_bias), or any leaf inside a module whose name contains
+    "norm", is not decayed. Embeddings and Dense kernels are.
+    """
+
+    def decays(path: tuple[Any, ...], _leaf: Any) -> bool:
+        names = [_key_name(k) for k in path]
+        leaf_name = names[-1] if names else ""
+        if leaf_name in ("bias", "scale") or leaf_name.endswith("_bias"):
+            return False
+        return not any("norm" in n.lower() for n in names[:-1])
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim_cfg: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (when clip_norm > 0) then AdamW on the warmup/decay schedule."""
+    cfg = optim_cfg
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask,
+    )
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    return adamw
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0 with fresh optimizer state."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _logits(
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, deterministic: bool
+) -> jax.Array:
+    if not deterministic and rng is None:
+        raise ValueError("deterministic=False needs an rng for dropout")
+    rngs = {"dropout": rng} if rng is not None else {}
+    # Optional explicit masks pass through; by default the model masks <pad> itself.
+    masks = {k: batch[k] for k in ("attention_mask", "decoder_attention_mask") if k in batch}
+    logits = model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["decoder_input_ids"],
+        deterministic=deterministic,
+        rngs=rngs,
+        **masks,
+    )
+    # Loss math in float32 whatever the compute dtype.
+    return logits.astype(jnp.float32)
+
+
+def _cross_entropy(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy [B,T] (float32) and whether the argmax is right [B,T]."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    # Padding labels may carry an out-of-range id (HF's -100); their weight is 0, and clipping
+    # keeps the gather in range so no NaN or garbage leaks in.
+    safe_labels = jnp.clip(labels, 0, logits.shape[-1] - 1)
+    nll = -jnp.take_along_axis(logp, safe_labels[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        # Smoothed target (1-eps)*onehot + eps/V, as fairseq's and optax.smooth_labels.
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    return nll, correct
+
+
+def token_losses(
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    *,
+    rng: jax.Array | None = None,
+    deterministic: bool = True,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """Per-token cross-entropy [B,T] float32 of `labels` under the model (unweighted).
+
+    The meta-learned policy reweights these; `weighted_loss` is the ordinary reduction.
+    """
+    logits = _logits(model, params, batch, rng, deterministic)
+    return _cross_entropy(logits, batch["labels"], label_smoothing)[0]
+
+
+def _reduce(ce: jax.Array, correct: jax.Array, weights: jax.Array) -> tuple[jax.Array, Metrics]:
+    weights = weights.astype(jnp.float32)
+    weight_sum = jnp.sum(weights)
+    loss = jnp.sum(weights * ce) / jnp.maximum(weight_sum, 1.0)
+    counted = weights > 0
+    tokens = jnp.sum(counted, dtype=jnp.int32)
+    accuracy = jnp.sum(correct & counted) / jnp.maximum(tokens, 1)
+    metrics = {"loss": loss, "accuracy": accuracy, "tokens": tokens, "weight_sum": weight_sum}
+    return loss, metrics
+
+
+def weighted_loss(
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    *,
+    rng: jax.Array | None = None,
+    deterministic: bool = True,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """sum(w * ce) / max(sum(w), 1) with w = batch["weights"], and its metrics.
+
+    Metrics: loss, accuracy (argmax == label over tokens with w > 0), tokens (count of w > 0)
+    and weight_sum. Zero weights make padding (or any ignored label) invisible to the loss.
+    """
+    logits = _logits(model, params, batch, rng, deterministic)
+    ce, correct = _cross_entropy(logits, batch["labels"], label_smoothing)
+    return _reduce(ce, correct, batch["weights"])
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _apply_update(
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_fn: LossFn,
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+) -> tuple[TrainState, Metrics]:
+    # fold_in(step): the dropout key depends only on (seed, step), so a run resumed from a
+    # checkpoint draws the same masks as one that never stopped.
+    step_rng = jax.random.fold_in(rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, step_rng
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        **metrics,
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),  # before clipping
+        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),  # used by this update
+    }
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def default_loss_fn(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
+    """The train loss: `weighted_loss` with dropout on."""
+
+    def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        return weighted_loss(
+            model, params, batch, rng=rng, deterministic=False, label_smoothing=label_smoothing
+        )
+
+    return loss_fn
+
+
+def make_train_step(
+    model: nn.Module,
+    optim_cfg: OptimConfig,
+    *,
+    mesh: Mesh | None = None,
+    donate: bool = True,
+    jit: bool = True,
+    loss_fn: LossFn | None = None,
+    state_sharding: Any = None,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """`train_step(state, batch, rng) -> (state, metrics)`: one AdamW update.
+
+    `rng` is the run's base key (the same every step); the dropout key is fold_in(rng, step).
+    `loss_fn(params, batch, dropout_rng) -> (loss, metrics)` replaces the default weighted
+    cross-entropy when a stage needs another loss. Metrics: loss, accuracy, tokens,
+    weight_sum, grad_norm, learning_rate.
+
+    With jit=True the step is jitted once here, with the state donated (its buffers are reused
+    for the new state) and explicit shardings: the state as `state_sharding` (a sharding or a
+    pytree of them; default replicated over `mesh`), the batch split over the mesh's batch axes,
+    rng and metrics replicated. `mesh` defaults to all devices on the data axis. The caller
+    places the initial state with the same sharding (`jax.device_put(state, sharding)`).
+    """
+    tx = make_optimizer(optim_cfg)
+    schedule = learning_rate_schedule(optim_cfg)
+    if loss_fn is None:
+        loss_fn = default_loss_fn(model, optim_cfg.label_smoothing)
+    train_step = functools.partial(_apply_update, tx, schedule, loss_fn)
+    if not jit:
+        return train_step
+    mesh = sharding_lib.make_mesh(MeshConfig()) if mesh is None else mesh
+    repl = sharding_lib.replicated(mesh)
+    state_sharding = repl if state_sharding is None else state_sharding
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh), repl),
+        out_shardings=(state_sharding, repl),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def make_eval_step(
+    model: nn.Module,
+    *,
+    mesh: Mesh | None = None,
+    jit: bool = True,
+    params_sharding: Sharding | Any = None,
+) -> Callable[[Any, Batch], Metrics]:
+    """`eval_step(params, batch) -> sums`: loss_sum (sum w*ce), weight_sum, tokens, correct.
+
+    Sums rather than means, so the caller aggregates any number of batches exactly:
+    loss = sum(loss_sum) / sum(weight_sum), accuracy = sum(correct) / sum(tokens).
+    No dropout and no label smoothing: this is the true cross-entropy.
+    """
+
+    def eval_step(params: Any, batch: Batch) -> Metrics:
+        logits = _logits(model, params, batch, None, True)
+        ce, correct = _cross_entropy(logits, batch["labels"], 0.0)
+        weights = batch["weights"].astype(jnp.float32)
+        counted = weights > 0
+        return {
+            "loss_sum": jnp.sum(weights * ce),
+            "weight_sum": jnp.sum(weights),
+            "tokens": jnp.sum(counted, dtype=jnp.int32),
+            "correct": jnp.sum(correct & counted, dtype=jnp.int32),
+        }
+
+    if not jit:
+        return eval_step
+    mesh = sharding_lib.make_mesh(MeshConfig()) if mesh is None else mesh
+    repl = sharding_lib.replicated(mesh)
+    params_sharding = repl if params_sharding is None else params_sharding
+    return jax.jit(
+        eval_step,
+        in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
+        out_shardings=repl,
+    )

@@ -1,0 +1,275 @@
+"""Tests for meta_mask.data.contexts: answer matching and (context, question, answer) triples."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from meta_mask.config import WorldConfig
+from meta_mask.data.contexts import (
+    AnswerIndex,
+    add_token_spans,
+    context_triples,
+    corpus_triples,
+    find_answer_spans,
+    merge_spans,
+)
+from meta_mask.data.tasks import Example, example_from_dict
+from meta_mask.data.world import build_world, world_task
+
+
+def ex(question: str, *answers: str, contexts=(), id_: str = "q") -> Example:
+    return Example(source=question, targets=list(answers), id=id_, contexts=list(contexts))
+
+
+def spans_of(index: AnswerIndex, text: str) -> list[tuple]:
+    return [(m.key, text[m.start : m.end]) for m in index.find(text)]
+
+
+# ------------------------------------------------------------------------------------------
+# Matching
+
+
+def test_word_boundaries_case_and_multiple_occurrences():
+    index = AnswerIndex([("paris", "Paris")])
+    text = "PARIS is big; the Parisian cafe near paris, and Paris's river, not Parisx."
+    got = index.find(text)
+    assert [text[m.start : m.end] for m in got] == ["PARIS", "paris", "Paris"]
+    assert [m.start for m in got] == [0, 37, 48]
+    assert index.find("Parisian Comparison") == []
+
+
+def test_aliases_multiword_and_surface_form():
+    index = AnswerIndex(
+        [("nyc", "New York City"), ("nyc", "NYC"), ("ny", "New York"), ("att", "AT&T")]
+    )
+    text = "In new  york city (NYC) the New York office of AT&T, not AT & T, opened."
+    got = spans_of(index, text)
+    assert ("nyc", "new  york city") in got  # whitespace runs match a single space
+    assert ("nyc", "NYC") in got
+    assert ("ny", "new  york") in got and ("ny", "New York") in got
+    assert ("att", "AT&T") in got
+    assert not any(s == "AT & T" for _, s in got)  # symbols must be written the same way
+    assert ("nyc", "New York") not in got
+
+
+def test_stopword_and_short_answers_are_not_indexed():
+    index = AnswerIndex([(0, "The"), (1, "a"), (2, "X"), (3, "The Who")], min_chars=2)
+    assert index.num_aliases == 1
+    assert spans_of(index, "The band The Who played a set at X.") == [(3, "The Who")]
+
+
+def test_matches_equal_a_regex_reference_on_random_text():
+    rng = random.Random(0)
+    vocab = ["red", "Red", "fox", "FOX", "run", "runs", "big", "bigger", "sky", "o'neil", "u.s."]
+    aliases = sorted({" ".join(rng.choices(vocab, k=rng.randint(1, 3))) for _ in range(40)})
+    index = AnswerIndex(enumerate(aliases))
+    total = 0
+    for _ in range(200):
+        text = " ".join(rng.choices(vocab, k=rng.randint(1, 12))) + rng.choice([".", "!", ""])
+        got = sorted((m.key, m.start, m.end) for m in index.find(text))
+        ref = []
+        for key, alias in enumerate(aliases):
+            # Lookahead finds overlapping occurrences; (?<!\w)/(?!\w) are word boundaries that
+            # also hold for aliases that end in a symbol ("u.s.").
+            pat = re.compile(rf"(?=(?<!\w)({re.escape(alias)})(?!\w))", re.IGNORECASE)
+            ref += [(key, m.start(1), m.end(1)) for m in pat.finditer(text)]
+        assert got == sorted(ref), text
+        total += len(got)
+    assert total > 100  # the comparison is not vacuous
+
+
+def test_merge_and_find_answer_spans():
+    assert merge_spans([(5, 9), (0, 13), (20, 25), (22, 24), (20, 25)]) == [(0, 13), (20, 25)]
+    text = "New York City is not York."
+    assert find_answer_spans(text, ["York", "New York City"]) == [(0, 13), (21, 25)]
+    assert find_answer_spans(text, ["Boston"]) == []
+
+
+# ------------------------------------------------------------------------------------------
+# Triples from task contexts
+
+
+def test_context_triples_given_spans_searched_spans_and_sentence_cuts():
+    passage = "Alice Moreau was born in Lyon. She later moved to Paris. Lyon is on the Rhone."
+    lyon2 = passage.rindex("Lyon")
+    examples = [
+        ex(
+            "Where was Alice born?",
+            "Lyon",
+            contexts=[{"text": passage, "answer_spans": [(25, 29), (lyon2, lyon2 + 4)]}],
+            id_="a",
+        ),
+        ex(
+            "Where did Alice move?",
+            "paris",
+            contexts=[
+                {"text": passage, "answer_spans": []},
+                {"text": "Nothing here.", "answer_spans": []},
+            ],
+            id_="b",
+        ),
+    ]
+    triples = list(context_triples(examples))
+    assert [(t["example_id"], t["text"]) for t in triples] == [
+        ("a", "Alice Moreau was born in Lyon."),
+        ("a", "Lyon is on the Rhone."),
+        ("b", "She later moved to Paris."),
+    ]
+    for t in triples:
+        assert [t["text"][s:e].casefold() for s, e in t["answer_spans"]] == [t["answer"].casefold()]
+        assert t["origin"] == "context"
+    assert triples[0]["question"] == "Where was Alice born?"
+    whole = list(context_triples(examples[:1], sentence_level=False))
+    assert len(whole) == 1 and whole[0]["text"] == passage
+    assert whole[0]["answer_spans"] == [(25, 29), (lyon2, lyon2 + 4)]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(WorldConfig(num_people=12))
+
+
+def test_world_contexts_and_corpus_search_agree(world):
+    rows = world_task(world, "world_qa")["train"]
+    examples = [example_from_dict(r, f"train-{i}") for i, r in enumerate(rows)]
+    from_contexts = list(context_triples(examples))
+    assert len(from_contexts) == sum(len(e.contexts) for e in examples)
+    for t in from_contexts:
+        assert [t["text"][s:e] for s, e in t["answer_spans"]] == [t["answer"]]
+
+    from_corpus = list(corpus_triples([s["text"] for s in world.sentences], examples))
+    by_question: dict[str, set[str]] = {}
+    for t in from_corpus:
+        assert all(t["text"][s:e] == t["answer"] for s, e in t["answer_spans"])
+        assert world.sentences[t["sentence_index"]]["text"] == t["text"]
+        by_question.setdefault(t["example_id"], set()).add(t["text"])
+    # Every sentence the world says states the answer is found by the corpus search.
+    for e in examples:
+        assert {c["text"] for c in e.contexts} <= by_question[e.id]
+
+
+def test_world_summary_contexts_are_cut_into_sentences(world):
+    rows = world_task(world, "world_summary")["train"][:3]
+    examples = [example_from_dict(r, f"s-{i}") for i, r in enumerate(rows)]
+    triples = list(context_triples(examples))
+    persons = {p.id: p for p in world.people}
+    assert all(len(r["contexts"][0]["answer_spans"]) >= 1 for r in rows)
+    for t in triples:
+        pid = next(
+            r["person_id"] for r, e in zip(rows, examples, strict=True) if e.id == t["example_id"]
+        )
+        values = {persons[pid].attributes[a] for a in world.config.summary_attributes}
+        assert all(t["text"][s:e] in values for s, e in t["answer_spans"])
+        assert t["text"].endswith(".") and t["text"].count(". ") == 0  # one sentence
+    assert len(triples) == sum(len(r["contexts"][0]["answer_spans"]) for r in rows)
+
+
+# ------------------------------------------------------------------------------------------
+# Triples from corpus sentences
+
+
+SENTENCES = [
+    "Paris is the capital of France.",
+    "The Parisian metro is old.",
+    "Victor Hugo lived in PARIS and in Guernsey.",
+    "Marie Curie was born in Warsaw.",
+    "The Eiffel Tower is in Paris, France.",
+]
+
+
+def test_corpus_triples_hand_made():
+    examples = [
+        ex("Capital of France?", "Paris", id_="cap"),
+        ex("Where was Curie born?", "Warsaw", "Warszawa", id_="curie"),
+        ex("Which country is Paris in?", "France", "French Republic", id_="fr"),
+        ex("Unmatched?", "Berlin", id_="none"),
+    ]
+    triples = list(corpus_triples(({"text": s} for s in SENTENCES), examples))
+    got = [
+        (t["sentence_index"], t["example_id"], [t["text"][s:e] for s, e in t["answer_spans"]])
+        for t in triples
+    ]
+    assert got == [
+        (0, "cap", ["Paris"]),
+        (0, "fr", ["France"]),
+        (2, "cap", ["PARIS"]),
+        (3, "curie", ["Warsaw"]),
+        (4, "cap", ["Paris"]),
+        (4, "fr", ["France"]),
+    ]
+    assert triples[3]["answers"] == ["Warsaw", "Warszawa"] and triples[3]["origin"] == "corpus"
+
+    capped = list(corpus_triples(SENTENCES, examples, max_sentences_per_question=1))
+    assert [(t["sentence_index"], t["example_id"]) for t in capped] == [
+        (0, "cap"),
+        (0, "fr"),
+        (3, "curie"),
+    ]
+    one = list(corpus_triples(SENTENCES, examples, max_questions_per_sentence=1))
+    assert [(t["sentence_index"], t["example_id"]) for t in one] == [
+        (0, "cap"),
+        (2, "cap"),
+        (3, "curie"),
+        (4, "cap"),
+    ]
+
+
+def test_shared_answers_give_one_triple_per_question():
+    examples = [ex("q1", "Paris", id_="1"), ex("q2", "paris", id_="2")]
+    triples = list(corpus_triples(["Paris and Paris again."], examples))
+    assert [t["example_id"] for t in triples] == ["1", "2"]
+    assert all(t["answer_spans"] == [(0, 5), (10, 15)] for t in triples)
+
+
+# ------------------------------------------------------------------------------------------
+# Token spans
+
+
+def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=1 << 20,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def test_add_token_spans_marks_answer_tokens():
+    tokenizer = word_tokenizer(SENTENCES)
+    examples = [ex("Where is the tower?", "Paris, France", "Paris", id_="t")]
+    triples = list(corpus_triples(SENTENCES, examples))
+    out = add_token_spans(triples, tokenizer)
+    assert [t["sentence_index"] for t in out] == [0, 2, 4]
+    for t in out:
+        ids = t["input_ids"]
+        assert ids[0] == 0 and ids[-1] == 2
+        for (s, e), (cs, ce) in zip(
+            t["answer_token_spans"].tolist(), t["answer_spans"], strict=True
+        ):
+            assert tokenizer.decode(ids[s:e]).replace(" ,", ",") == t["text"][cs:ce]
+        expected = np.zeros(len(ids), np.int32)
+        for s, e in t["answer_token_spans"]:
+            expected[s:e] = 1
+        np.testing.assert_array_equal(t["answer_labels"], expected)
+    # "Paris, France" (longest) wins over the overlapping "Paris" in the last sentence.
+    assert out[2]["answer_token_spans"].tolist() == [[6, 9]]
+    # An answer past max_length is cut off: the triple has no positives and is dropped.
+    assert [t["sentence_index"] for t in add_token_spans(triples, tokenizer, max_length=4)] == [0]

@@ -1,0 +1,570 @@
+"""Tests for meta_mask.data.corpora: splitting, readers, tokenize-once caching, batch order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from meta_mask.data import corpora
+from meta_mask.data.corpora import (
+    CorpusSource,
+    CorpusStream,
+    SentenceFilter,
+    build_corpus,
+    document_sentences,
+    file_documents,
+    iter_sentences,
+    sentence_spans,
+    split_sentences,
+    task_documents,
+    tokenizer_fingerprint,
+    wikipedia_documents,
+)
+from meta_mask.data.tokenize import tokenize_sentences
+
+# ------------------------------------------------------------------------------------------
+# Helpers
+
+
+def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A tiny word-level fast tokenizer with BART's special ids (<s>=0 <pad>=1 </s>=2 <unk>=3)."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=1 << 20,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+
+
+SENTENCES = [
+    "Alice Moreau was born in Lyon in 1950.",
+    "She worked for the Acme company for ten years.",
+    "Bob Stone lives in Paris with his two cats.",
+    "The river flows north through the old town.",
+    "Carol Diaz studied music at the city school.",
+    "Every summer the family visited the sea coast.",
+    "Dan Brown wrote several long books about art.",
+    "The museum opened its doors in the spring of 1901.",
+    "Eve Adams plays chess on Sunday mornings in the park.",
+    "The bridge was built from stone and iron beams.",
+]
+
+
+def world_like_records() -> list[dict]:
+    """Sentence records in world.py's format, with gold entity spans."""
+    records = []
+    for i, text in enumerate(SENTENCES):
+        words = text.split()
+        name = " ".join(words[:2])
+        ents = [(0, len(name), "PERSON", "name")] if words[0][0].isupper() and i % 2 == 0 else []
+        if "Lyon" in text:
+            s = text.index("Lyon")
+            ents.append((s, s + 4, "GPE", "birth_city"))
+        records.append({"text": text, "doc_id": i // 2, "person_id": i // 2, "entities": ents})
+    return records
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return word_tokenizer(SENTENCES)
+
+
+def counting(fn):
+    """Wrap a tokenize function, counting the sentences it tokenizes."""
+    calls = {"sentences": 0}
+
+    def wrapped(records, tok):
+        calls["sentences"] += len(records)
+        return fn(records, tok)
+
+    return wrapped, calls
+
+
+# ------------------------------------------------------------------------------------------
+# Sentence splitting
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "Dr. Smith went to Washington. He arrived at 3.15 p.m. on Monday.",
+            ["Dr. Smith went to Washington.", "He arrived at 3.15 p.m. on Monday."],
+        ),
+        (
+            "He lived in the U.S. The move was hard. The U.S. Army was there.",
+            ["He lived in the U.S.", "The move was hard.", "The U.S. Army was there."],
+        ),
+        (
+            "He moved to the U.S. in 1990. Later he left.",
+            ["He moved to the U.S. in 1990.", "Later he left."],
+        ),
+        (
+            "J. R. R. Tolkien wrote books. John F. Kennedy was president.",
+            ["J. R. R. Tolkien wrote books.", "John F. Kennedy was president."],
+        ),
+        (
+            'She said "Stop!" Then she left. Really? Yes.',
+            ['She said "Stop!"', "Then she left.", "Really?", "Yes."],
+        ),
+        (
+            "It cost $1.5 million. Pi is 3.14159 roughly.",
+            ["It cost $1.5 million.", "Pi is 3.14159 roughly."],
+        ),
+        (
+            "He founded Acme Inc. The firm grew. Acme Inc. shares rose.",
+            ["He founded Acme Inc.", "The firm grew.", "Acme Inc. shares rose."],
+        ),
+        (
+            "See e.g. Smith et al. for details. It was No. 5 on the chart.",
+            ["See e.g. Smith et al. for details.", "It was No. 5 on the chart."],
+        ),
+        (
+            "Mr. and Mrs. Jones met St. Louis officials in Jan. 1990. They agreed.",
+            ["Mr. and Mrs. Jones met St. Louis officials in Jan. 1990.", "They agreed."],
+        ),
+        (
+            "History\nThe city was founded in 1850. It grew fast.\n\nIn 1900 it had 10,000 people.",
+            [
+                "History",
+                "The city was founded in 1850.",
+                "It grew fast.",
+                "In 1900 it had 10,000 people.",
+            ],
+        ),
+        (
+            "the end. lower case does not start a sentence.",
+            ["the end. lower case does not start a sentence."],
+        ),
+        ("Wait... Then it rose (again.) Done.", ["Wait...", "Then it rose (again.)", "Done."]),
+    ],
+)
+def test_split_sentences_tricky_cases(text, expected):
+    assert split_sentences(text) == expected
+
+
+def test_sentence_spans_index_the_original_text():
+    text = "  First one here.   Second one, Dr. Who.\n\n  Third!  "
+    spans = sentence_spans(text)
+    got = [text[a:b] for a, b in spans]
+    assert got == ["First one here.", "Second one, Dr. Who.", "Third!"]
+    assert all(text[a:b] == text[a:b].strip() for a, b in spans)
+    assert spans == sorted(spans) and all(
+        b <= c for (_, b), (c, _) in zip(spans, spans[1:], strict=False)
+    )
+
+
+def test_document_sentences_shift_entities_and_drop_crossing_ones():
+    text = "Alice Moreau was born in Lyon. She moved to Paris later."
+    paris = text.index("Paris")
+    doc = {
+        "text": text,
+        "doc_id": 7,
+        "entities": [
+            (paris, paris + 5, "GPE", "visited"),
+            (0, 12, "PERSON", "name"),
+            (text.index("Lyon"), text.index("She") + 3, "BAD", ""),  # crosses the boundary
+        ],
+    }
+    counts: dict[str, int] = {}
+    recs = document_sentences(doc, counts)
+    assert [r["text"] for r in recs] == [
+        "Alice Moreau was born in Lyon.",
+        "She moved to Paris later.",
+    ]
+    assert recs[0]["entities"] == [(0, 12, "PERSON", "name")]
+    s = recs[1]["text"].index("Paris")
+    assert recs[1]["entities"] == [(s, s + 5, "GPE", "visited")]
+    assert recs[1]["text"][s : s + 5] == "Paris"
+    assert recs[0]["doc_id"] == "7"
+    assert counts["entities_crossing"] == 1
+
+
+def test_sentence_filter_and_max_sentences():
+    f = SentenceFilter(min_chars=10, max_chars=60, min_words=3, max_words=8)
+    assert f.reject_reason("Too short.") == "too_few_words"
+    assert f.reject_reason("Tiny one") == "too_few_chars"
+    assert f.reject_reason("one two three four five six seven eight nine ten.") == "too_many_words"
+    assert f.reject_reason("x" * 61 + " a b") == "too_many_chars"
+    assert f.reject_reason("This one is fine.") is None
+    docs = [{"text": "Short. " + " ".join(SENTENCES[:4]), "doc_id": 0}]
+    counts: dict[str, int] = {}
+    kept = list(iter_sentences(docs, SentenceFilter(min_words=3), max_sentences=3, counts=counts))
+    assert [r["text"] for r in kept] == SENTENCES[:3]
+    assert counts["too_few_chars"] == 1 and counts["sentences_kept"] == 3
+    with pytest.raises(ValueError, match="min_words"):
+        SentenceFilter(min_words=9, max_words=2)
+
+
+# ------------------------------------------------------------------------------------------
+# Readers
+
+
+def test_txt_line_and_paragraph_modes(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("First doc line one.\nSecond doc.\n\nThird doc starts\nand wraps here.\n")
+    lines = list(file_documents(path))
+    assert [d["text"] for d in lines] == [
+        "First doc line one.",
+        "Second doc.",
+        "Third doc starts",
+        "and wraps here.",
+    ]
+    assert lines[1]["doc_id"] == "c.txt:2"
+    paras = list(file_documents(path, txt_unit="paragraph"))
+    assert [d["text"] for d in paras] == [
+        "First doc line one. Second doc.",
+        "Third doc starts and wraps here.",
+    ]
+    assert [d["doc_id"] for d in paras] == ["c.txt:1", "c.txt:4"]
+    with pytest.raises(ValueError, match="txt_unit"):
+        list(file_documents(path, txt_unit="page"))
+
+
+def test_jsonl_custom_field_entities_and_errors(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [
+        {"body": "Alice Moreau was born in Lyon. She left.", "ents": [[25, 29, "GPE"]], "id": "a"},
+        {"body": "No entities here at all."},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    docs = list(file_documents(path, text_field="body", entities_field="ents"))
+    assert [d["doc_id"] for d in docs] == ["a", "c.jsonl:2"]
+    assert docs[0]["entities"] == [(25, 29, "GPE")]
+    assert docs[1]["entities"] == []
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + '{"body": "unterminated\n')
+    with pytest.raises(ValueError, match=rf"{bad}:2: malformed JSON"):
+        list(file_documents(bad, text_field="body"))
+    with pytest.raises(ValueError, match=rf"{path}:1: .*string field 'text'"):
+        list(file_documents(path))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"text": "Hello there.", "entities": [["a", 3, "X"]]}) + "\n")
+    with pytest.raises(ValueError, match=rf"{wrong}:1: .*integer character offsets"):
+        list(file_documents(wrong))
+    with pytest.raises(ValueError, match=r"valid: \.txt, \.jsonl"):
+        list(file_documents(tmp_path / "x.csv"))
+
+
+def write_wiki_parquet(path, articles: list[str]) -> None:
+    table = pa.table(
+        {
+            "id": [str(100 + i) for i in range(len(articles))],
+            "url": [f"https://en.wikipedia.org/wiki?curid={100 + i}" for i in range(len(articles))],
+            "title": [f"Title {i}" for i in range(len(articles))],
+            "text": articles,
+        }
+    )
+    pq.write_table(table, path)
+
+
+def test_wikipedia_streams_local_parquet(tmp_path, monkeypatch):
+    import datasets
+
+    path = tmp_path / "wiki.parquet"
+    write_wiki_parquet(path, ["Heading\nAlice was here. Bob was there.", "Carol sang."])
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kw):
+        ds = real(*args, **kw)
+        calls.append((args, kw, type(ds)))
+        return ds
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    docs = list(wikipedia_documents(data_files=str(path)))
+    assert [d["doc_id"] for d in docs] == ["100", "101"]
+    assert docs[0]["title"] == "Title 0"
+    assert split_sentences(docs[0]["text"]) == ["Heading", "Alice was here.", "Bob was there."]
+    (args, kw, kind) = calls[0]
+    assert args == ("parquet",) and kw["streaming"] is True
+    assert kind is datasets.IterableDataset
+
+
+def test_wikipedia_hub_offline_error_says_how_to_use_local_files(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="data_files="):
+        next(wikipedia_documents("20231101.en"))
+
+
+def test_task_documents_contexts_summaries_and_qa_without_contexts(tmp_path):
+    from meta_mask.data import tasks
+
+    rows = {
+        "train": [
+            {
+                "source": "Where was Alice born?",
+                "targets": ["Lyon"],
+                "contexts": [
+                    {"text": "Alice was born in Lyon.", "answer_spans": [(18, 22)]},
+                    {"text": "Alice grew up in Lyon.", "answer_spans": [(17, 21)]},
+                ],
+            },
+            {
+                "source": "Which city raised Alice?",
+                "targets": ["Lyon"],
+                "contexts": [{"text": "Alice grew up in Lyon.", "answer_spans": [(17, 21)]}],
+            },
+        ]
+    }
+    tasks.register_task(tasks.synthetic_task("corpora_test_ctx", lambda: rows), replace=True)
+    docs = list(task_documents("corpora_test_ctx", "train"))
+    assert [d["text"] for d in docs] == ["Alice was born in Lyon.", "Alice grew up in Lyon."]
+
+    (tmp_path / "train.jsonl").write_text(
+        "\n".join(
+            json.dumps({"id": str(i), "document": f"Article {i} text. More.", "summary": "S."})
+            for i in range(3)
+        )
+    )
+    docs = list(task_documents("xsum", "train", data_dir=tmp_path))
+    assert [d["text"] for d in docs] == [f"Article {i} text. More." for i in range(3)]
+
+    (tmp_path / "nq").mkdir()
+    (tmp_path / "nq" / "train.jsonl").write_text(
+        json.dumps({"question": "who?", "answer": ["me"]}) + "\n"
+    )
+    with pytest.raises(ValueError, match="no contexts"):
+        list(task_documents("nq", "train", data_dir=tmp_path / "nq"))
+    src = list(task_documents("nq", "train", data_dir=tmp_path / "nq", field="source"))
+    assert [d["text"] for d in src] == ["who?"]
+
+
+def test_corpus_source_specs_and_validation(tmp_path):
+    assert CorpusSource.from_spec("wikipedia").config == "20231101.en"
+    assert CorpusSource.from_spec("wikipedia:20231101.fr").config == "20231101.fr"
+    assert CorpusSource.from_spec("file:/x/y.jsonl").path == "/x/y.jsonl"
+    t = CorpusSource.from_spec("task:nq:validation")
+    assert (t.kind, t.task, t.split) == ("task", "nq", "validation")
+    with pytest.raises(ValueError, match="valid forms"):
+        CorpusSource.from_spec("books:foo")
+    with pytest.raises(ValueError, match="valid"):
+        CorpusSource(kind="web")
+    with pytest.raises(ValueError, match="needs path"):
+        CorpusSource(kind="file")
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenize once, cache on disk
+
+
+def test_build_corpus_matches_tokenize_sentences_and_counts_truncation(tmp_path, tokenizer):
+    records = world_like_records()
+    src = CorpusSource(kind="records", records=records, name="world")
+    corpus = build_corpus(
+        src, tokenizer, tmp_path, sentence_filter=SentenceFilter(min_words=1), max_length=9
+    )
+    ds = corpus.dataset
+    assert len(ds) == len(records)
+    ref = tokenize_sentences(records, tokenizer)
+    n_trunc = 0
+    for row, r, rec in zip(ds, ref, records, strict=True):
+        assert row["text"] == rec["text"] and row["doc_id"] == str(rec["doc_id"])
+        full = list(r["input_ids"])
+        if len(full) > 9:
+            n_trunc += 1
+            assert row["input_ids"] == full[:8] + [tokenizer.eos_token_id]
+            assert row["truncated"]
+        else:
+            assert row["input_ids"] == full
+            assert row["word_ids"] == list(r["word_ids"])
+        assert row["length"] == len(row["input_ids"]) <= 9
+        # Entities survive truncation only when wholly inside the kept tokens.
+        keep = [
+            j for j, (s, e) in enumerate(r["entity_spans"].tolist()) if e <= 8 or len(full) <= 9
+        ]
+        assert row["entity_spans"] == [r["entity_spans"].tolist()[j] for j in keep]
+        assert row["entity_labels"] == [r["entity_labels"][j] for j in keep]
+        assert row["entity_types"] == [r["entity_attributes"][j] for j in keep]
+    assert n_trunc > 0
+    assert corpus.stats["truncated"] == n_trunc == sum(ds["truncated"])
+    assert corpus.stats["tokens"] == sum(len(x) for x in ds["input_ids"])
+    assert corpus.stats["sentences"] == len(records)
+    assert ds._fingerprint == corpus.fingerprint
+    # The Lyon entity keeps its attribute type through tokenization.
+    assert "birth_city" in ds[0]["entity_types"]
+
+
+def test_cache_reloads_without_retokenizing_and_rebuilds_on_changes(
+    tmp_path, tokenizer, monkeypatch, caplog
+):
+    corpus_file = tmp_path / "c.txt"
+    corpus_file.write_text("\n".join(SENTENCES) + "\n")
+    src = CorpusSource(kind="file", path=str(corpus_file))
+    cache = tmp_path / "cache"
+    fn, calls = counting(tokenize_sentences)
+    reads = {"n": 0}
+    real_reader = corpora.file_documents
+
+    def counting_reader(*args, **kw):
+        reads["n"] += 1
+        return real_reader(*args, **kw)
+
+    monkeypatch.setattr(corpora, "file_documents", counting_reader)
+
+    def build(**kw):
+        tok = kw.pop("tok", tokenizer)
+        args = {"sentence_filter": SentenceFilter(), "max_length": 16, "tokenize_fn": fn}
+        return build_corpus(src, tok, cache, **(args | kw))
+
+    with caplog.at_level(logging.INFO, logger="meta_mask.data.corpora"):
+        first = build()
+    assert not first.from_cache and calls["sentences"] == len(SENTENCES)
+    assert f"built {len(SENTENCES)} sentences, {first.stats['tokens']} tokens" in caplog.text
+    again = build()
+    assert again.from_cache and calls["sentences"] == len(SENTENCES)  # nothing re-tokenized
+    assert reads["n"] == 1  # nor re-read
+    assert again.fingerprint == first.fingerprint
+    assert again.dataset["input_ids"] == first.dataset["input_ids"]
+    assert again.stats == first.stats
+
+    # Every setting is part of the key: each change rebuilds (and re-tokenizes).
+    seen = {first.fingerprint}
+    for kw in (
+        {"max_length": 12},
+        {"sentence_filter": SentenceFilter(min_words=8)},
+        {"max_sentences": 4},
+        {"tok": word_tokenizer(SENTENCES + ["extra words make another vocabulary"])},
+    ):
+        before = calls["sentences"]
+        c = build(**kw)
+        assert not c.from_cache and calls["sentences"] > before, kw
+        assert c.fingerprint not in seen
+        seen.add(c.fingerprint)
+    assert len(build(max_sentences=4).dataset) == 4
+    # Sentences are cached apart from tokens: a new max_length or tokenizer re-tokenizes the
+    # cached sentences without reading the source again; a new filter or limit re-reads.
+    assert reads["n"] == 1 + 2
+
+    # A changed source file is a changed source.
+    corpus_file.write_text("\n".join(SENTENCES[:5]) + "\n")
+    os.utime(corpus_file, ns=(1, 1))
+    changed = build()
+    assert not changed.from_cache and len(changed.dataset) == 5
+
+
+def test_tokenizer_fingerprint_depends_on_content_not_object(tokenizer):
+    same = word_tokenizer(SENTENCES)
+    other = word_tokenizer(SENTENCES[:3])
+    assert tokenizer_fingerprint(same) == tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
+
+
+def test_build_from_local_wikipedia_parquet(tmp_path, tokenizer):
+    path = tmp_path / "wiki.parquet"
+    write_wiki_parquet(path, [" ".join(SENTENCES[:5]), "Heading\n" + " ".join(SENTENCES[5:])])
+    src = CorpusSource(kind="wikipedia", data_files=(str(path),))
+    corpus = build_corpus(src, tokenizer, tmp_path / "cache", max_sentences=7, max_length=32)
+    assert corpus.dataset["text"] == SENTENCES[:7]  # "Heading" is filtered out by length
+    assert corpus.dataset["doc_id"] == ["100"] * 5 + ["101"] * 2
+    assert corpus.stats["counts"]["too_few_chars"] == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Deterministic, resumable, multi-host batches
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer):
+    records = world_like_records() * 3  # 30 sentences
+    src = CorpusSource(kind="records", records=records, name="stream")
+    return build_corpus(
+        src,
+        tokenizer,
+        tmp_path_factory.mktemp("stream"),
+        sentence_filter=SentenceFilter(min_words=1),
+        max_length=16,
+    )
+
+
+def test_stream_resume_equals_uninterrupted_pass(corpus):
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3)
+    full = [b for _, b in zip(range(20), stream.iterate(0), strict=False)]
+    resumed_at = 9 * 4  # crosses the epoch boundary (7 batches per epoch)
+    fresh = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3)
+    tail = [b for _, b in zip(range(11), fresh.iterate(resumed_at), strict=False)]
+    for (_, a), (_, b) in zip(full[9:], tail, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    other_seed = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=4)
+    assert not np.array_equal(other_seed.batch_at(0)["indices"], stream.batch_at(0)["indices"])
+
+
+def test_stream_epochs_are_permutations(corpus):
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0)
+    assert stream.batches_per_epoch == 7
+    for epoch in range(2):
+        rows = np.concatenate([stream.indices_at((epoch * 7 + s) * 4) for s in range(7)])
+        assert len(set(rows.tolist())) == 28  # no repeats within an epoch
+        np.testing.assert_array_equal(rows, stream.permutation(epoch)[:28])
+    assert not np.array_equal(stream.permutation(0), stream.permutation(1))
+
+
+def test_stream_batches_are_padded_rows_of_the_corpus(corpus, tokenizer):
+    ds = corpus.dataset
+    stream = CorpusStream(ds, batch_size=6, max_length=16, seed=1, max_entities=1)
+    batch = stream.batch_at(12)
+    assert batch["input_ids"].shape == (6, 16) and batch["input_ids"].dtype == np.int32
+    assert batch["entity_spans"].shape == (6, 1, 2)
+    for i, r in enumerate(batch["indices"]):
+        row = ds[int(r)]
+        n = len(row["input_ids"])
+        assert batch["lengths"][i] == n
+        assert batch["input_ids"][i, :n].tolist() == row["input_ids"]
+        assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
+        assert batch["word_ids"][i, :n].tolist() == row["word_ids"]
+        assert (batch["word_ids"][i, n:] == -1).all()
+        e = min(len(row["entity_spans"]), 1)
+        assert batch["num_entities"][i] == e
+        assert batch["entity_spans"][i, :e].tolist() == row["entity_spans"][:e]
+
+
+def test_stream_hosts_get_disjoint_shards_of_each_global_batch(corpus):
+    glob = CorpusStream(corpus.dataset, batch_size=6, max_length=16, seed=5)
+    hosts = [
+        CorpusStream(
+            corpus.dataset, batch_size=6, max_length=16, seed=5, process_index=i, process_count=3
+        )
+        for i in range(3)
+    ]
+    for pos in (0, 6, 24, 30):
+        parts = [h.batch_at(pos) for h in hosts]
+        assert all(p["input_ids"].shape == (2, 16) for p in parts)
+        joined = np.concatenate([p["indices"] for p in parts])
+        assert len(set(joined.tolist())) == 6
+        np.testing.assert_array_equal(joined, glob.batch_at(pos)["indices"])
+
+
+def test_stream_errors(corpus):
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0)
+    with pytest.raises(ValueError, match="multiple of the global batch_size=4"):
+        stream.batch_at(6)
+    with pytest.raises(ValueError, match="max_length=5 is shorter"):
+        CorpusStream(corpus.dataset, batch_size=4, max_length=5, seed=0)
+    with pytest.raises(ValueError, match="not divisible by process_count=3"):
+        CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0, process_count=3)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        CorpusStream(corpus.dataset, batch_size=64, max_length=16, seed=0)

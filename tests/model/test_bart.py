@@ -1,0 +1,248 @@
+"""Flax BART vs PyTorch BART (transformers): logits parity, decode cache, dtype, remat, dropout."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from meta_mask.config import tiny_model_config
+from meta_mask.model.bart import (
+    Bart,
+    decode_step,
+    init_cache,
+    init_params,
+    reorder_cache,
+    shift_right,
+)
+from tests.model.hf_fixtures import make_torch_bart, padded_batch, save_and_load, torch_logits
+
+
+@functools.cache
+def _forward(config):
+    """Jitted teacher-forced logits for `config` (jit: op-by-op dispatch is slow on a busy CPU)."""
+    model = Bart(config)
+    return jax.jit(
+        lambda p, ids, dec, mask=None, dec_mask=None: model.apply(
+            {"params": p}, ids, dec, mask, dec_mask
+        )
+    )
+
+
+PARITY_CONFIGS = {
+    "base_like_gelu": dict(),
+    "scale_embedding": dict(scale_embedding=True),
+    "relu_unequal": dict(
+        activation_function="relu",
+        encoder_layers=3,
+        decoder_layers=1,
+        encoder_attention_heads=8,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=80,
+    ),
+    "gelu_new": dict(activation_function="gelu_new"),
+    "silu_scaled": dict(activation_function="silu", scale_embedding=True),
+}
+
+
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_logits_match_torch_with_padding(name, tmp_path):
+    torch_model = make_torch_bart(seed=len(name), **PARITY_CONFIGS[name])
+    config, params = save_and_load(torch_model, tmp_path)
+    vocab = config.vocab_size
+    ids, mask = padded_batch([12, 7, 3], vocab, seed=1)
+    dec, dec_mask = padded_batch([9, 4, 6], vocab, seed=2)
+    dec_mask[1, :2] = 0  # left padding in one row: tests that our decoder mask means what HF's does
+
+    ref = torch_logits(torch_model, ids, dec, mask, dec_mask)
+    ours = _forward(config)(params, ids, dec, mask, dec_mask)
+    assert ours.dtype == jnp.float32 and ours.shape == ref.shape
+    keep = dec_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[keep], ref[keep], atol=1e-4, rtol=0)
+    # The logits must actually depend on the masks (else the comparison above proves little).
+    unmasked = _forward(config)(params, ids, dec, np.ones_like(mask))
+    assert np.abs(np.asarray(unmasked)[1, 2:4] - ref[1, 2:4]).max() > 1e-3
+
+
+def test_default_attention_mask_is_non_pad(tmp_path):
+    config = tiny_model_config()
+    params = init_params(config, jax.random.PRNGKey(0))
+    ids, mask = padded_batch([10, 5], config.vocab_size, seed=3)
+    dec, _ = padded_batch([6, 6], config.vocab_size, seed=4)
+    a = _forward(config)(params, ids, dec)
+    b = _forward(config)(params, ids, dec, mask)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _full_and_incremental(config, params, ids, mask, dec):
+    model = Bart(config)
+    full = _forward(config)(params, ids, dec, mask)
+    enc = jax.jit(lambda p: model.apply({"params": p}, ids, mask, method=Bart.encode))(params)
+    cache = init_cache(model, params, enc, mask, max_decode_len=dec.shape[1])
+    step = jax.jit(lambda c, tok: decode_step(model, params, c, tok, mask))
+    steps = []
+    for t in range(dec.shape[1]):
+        logits, cache = step(cache, dec[:, t : t + 1])
+        assert logits.shape == (dec.shape[0], 1, config.vocab_size)
+        steps.append(logits[:, 0])
+    return np.asarray(full), np.stack(steps, axis=1), cache
+
+
+def test_incremental_decoding_matches_full_pass(tmp_path):
+    torch_model = make_torch_bart(seed=5, scale_embedding=True, decoder_layers=3)
+    config, params = save_and_load(torch_model, tmp_path)
+    ids, mask = padded_batch([11, 6], config.vocab_size, seed=5)
+    dec, _ = padded_batch([8, 8], config.vocab_size, seed=6)
+    full, incremental, cache = _full_and_incremental(config, params, ids, mask, dec)
+    np.testing.assert_allclose(incremental, full, atol=1e-5, rtol=0)
+    # And against the torch reference (every decoder position is real here).
+    np.testing.assert_allclose(incremental, torch_logits(torch_model, ids, dec, mask), atol=1e-4)
+    assert int(cache["decoder"]["position_index"]) == dec.shape[1]
+    assert int(cache["decoder"]["layers_0"]["self_attn"]["cache_index"]) == dec.shape[1]
+
+
+def test_cache_layout_and_reorder():
+    config = tiny_model_config()
+    params = init_params(config, jax.random.PRNGKey(1))
+    model = Bart(config)
+    ids, mask = padded_batch([9, 5, 7], config.vocab_size, seed=7)
+    enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
+    cache = init_cache(model, params, enc, mask, max_decode_len=4)
+    heads, head_dim = config.decoder_attention_heads, config.d_model // 4
+    layer = cache["decoder"]["layers_1"]
+    assert layer["self_attn"]["cached_key"].shape == (3, 4, heads, head_dim)
+    assert layer["encoder_attn"]["cross_key"].shape == (3, ids.shape[1], heads, head_dim)
+    # Reordering the batch of the cache == decoding a reordered batch.
+    order = jnp.array([2, 0, 0])
+    tok = jnp.full((3, 1), config.decoder_start_token_id, jnp.int32)
+    _, c1 = decode_step(model, params, cache, tok, mask)
+    logits_a, _ = decode_step(model, params, reorder_cache(c1, order), tok[order], mask[order])
+    enc_b = model.apply({"params": params}, ids[order], mask[order], method=Bart.encode)
+    c2 = init_cache(model, params, enc_b, mask[order], max_decode_len=4)
+    _, c2 = decode_step(model, params, c2, tok, mask[order])
+    logits_b, _ = decode_step(model, params, c2, tok, mask[order])
+    np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), atol=1e-6)
+
+
+def test_decode_rejects_decoder_mask_and_multi_token_steps():
+    config = tiny_model_config()
+    params = init_params(config, jax.random.PRNGKey(2))
+    model = Bart(config)
+    ids, mask = padded_batch([6], config.vocab_size, seed=8)
+    enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
+    cache = init_cache(model, params, enc, mask, max_decode_len=4)
+    with pytest.raises(ValueError, match="one token per step"):
+        decode_step(model, params, cache, jnp.zeros((1, 2), jnp.int32), mask)
+    with pytest.raises(ValueError, match="decoder_attention_mask"):
+        model.apply(
+            {"params": params, "cache": cache},
+            jnp.zeros((1, 1), jnp.int32),
+            None,
+            mask,
+            jnp.ones((1, 1), bool),
+            decode=True,
+            method=Bart.decode,
+            mutable=["cache"],
+        )
+
+
+def test_bfloat16_compute_close_to_float32():
+    config = tiny_model_config()
+    params = init_params(config, jax.random.PRNGKey(3))
+    ids, mask = padded_batch([12, 8], config.vocab_size, seed=9)
+    dec, dec_mask = padded_batch([7, 5], config.vocab_size, seed=10)
+    f32 = _forward(config)(params, ids, dec, mask, dec_mask)
+    bf16 = _forward(config.replace(dtype="bfloat16"))(params, ids, dec, mask, dec_mask)
+    assert bf16.dtype == jnp.float32
+    assert np.isfinite(np.asarray(bf16)).all()
+    keep = dec_mask.astype(bool)
+    diff = np.abs(np.asarray(bf16) - np.asarray(f32))[keep].max()
+    assert 0 < diff < 0.05 * np.abs(np.asarray(f32)[keep]).max() + 0.02
+    # The compute really is bf16: encoder output carries the compute dtype.
+    enc = Bart(config.replace(dtype="bfloat16")).apply(
+        {"params": params}, ids, mask, method=Bart.encode
+    )
+    assert enc.dtype == jnp.bfloat16
+
+
+def test_remat_gives_identical_logits_and_gradients():
+    config = tiny_model_config(dropout=0.1)
+    params = init_params(config, jax.random.PRNGKey(4))
+    ids, mask = padded_batch([10, 6], config.vocab_size, seed=11)
+    labels, weights = padded_batch([8, 5], config.vocab_size, seed=12)
+    dec = shift_right(labels, config.decoder_start_token_id, config.pad_token_id)
+
+    def loss_fn(p, cfg):
+        logits = Bart(cfg).apply(
+            {"params": p},
+            ids,
+            dec,
+            mask,
+            deterministic=False,
+            rngs={"dropout": jax.random.PRNGKey(0)},
+        )
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+        return (nll * weights).sum() / weights.sum(), logits
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=1)
+    (l0, lg0), g0 = grad_fn(params, config)
+    (l1, lg1), g1 = grad_fn(params, config.replace(remat=True))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lg1), np.asarray(lg0), atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5)
+    assert float(jnp.abs(g0["final_logits_bias"]).max()) == 0.0  # a buffer in HF: never trained
+    assert float(jnp.abs(g0["decoder"]["layers_0"]["fc1"]["kernel"]).max()) > 0
+
+
+def test_dropout_only_when_not_deterministic():
+    config = tiny_model_config(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
+    params = init_params(config, jax.random.PRNGKey(5))
+    ids, mask = padded_batch([10, 6], config.vocab_size, seed=13)
+    dec, _ = padded_batch([6, 6], config.vocab_size, seed=14)
+    model = Bart(config)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def apply(det, key):
+        return model.apply(
+            {"params": params}, ids, dec, mask, deterministic=det, rngs={"dropout": key}
+        )
+
+    def run(det, seed):
+        return np.asarray(apply(det, jax.random.PRNGKey(seed)))
+
+    np.testing.assert_array_equal(run(True, 0), run(True, 1))
+    np.testing.assert_array_equal(run(False, 0), run(False, 0))
+    assert np.abs(run(False, 0) - run(False, 1)).max() > 1e-4
+    assert np.abs(run(False, 0) - run(True, 0)).max() > 1e-4
+
+
+def test_shift_right_matches_hf():
+    labels = np.array([[5, 6, 7, 2], [8, 2, -100, -100]])
+    ours = shift_right(labels, decoder_start_token_id=2, pad_token_id=1)
+    ref = transformers.models.bart.modeling_bart.shift_tokens_right(
+        torch.tensor(labels), pad_token_id=1, decoder_start_token_id=2
+    )
+    np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
+
+
+def test_init_params_follow_hf_init():
+    config = tiny_model_config(vocab_size=512, d_model=64, init_std=0.05)
+    params = init_params(config, jax.random.PRNGKey(6))
+    emb = np.asarray(params["shared"]["embedding"])
+    assert np.all(emb[config.pad_token_id] == 0)  # HF zeroes the padding_idx row
+    assert abs(emb.std() - 0.05) < 0.005
+    layer = params["encoder"]["layers_0"]
+    assert abs(float(layer["fc1"]["kernel"].std()) - 0.05) < 0.005
+    assert np.all(np.asarray(layer["fc1"]["bias"]) == 0)
+    assert np.all(np.asarray(layer["final_layer_norm"]["scale"]) == 1)
+    assert np.all(np.asarray(params["final_logits_bias"]) == 0)
+    assert params["encoder"]["embed_positions"]["embedding"].shape == (66, 64)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))

@@ -1,0 +1,384 @@
+"""Tests for meta_mask.training.steps: losses, optimizer, schedule, train and eval steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from meta_mask.config import MeshConfig, OptimConfig, tiny_model_config
+from meta_mask.model.bart import Bart, init_params
+from meta_mask.training import sharding, steps
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+PAD, EOS, START = 1, 2, 2
+
+
+def make_batch(seed: int, batch: int = 4, src_len: int = 16, tgt_len: int = 16, vocab: int = 128):
+    """A random batch in the train-step format, with ragged lengths padded by <pad>."""
+    rng = np.random.default_rng(seed)
+    input_ids = np.full((batch, src_len), PAD, np.int32)
+    labels = np.full((batch, tgt_len), PAD, np.int32)
+    for b in range(batch):
+        n_src = rng.integers(src_len // 2, src_len + 1)
+        input_ids[b, : n_src - 1] = rng.integers(4, vocab, n_src - 1)
+        input_ids[b, n_src - 1] = EOS
+        n_tgt = rng.integers(tgt_len // 2, tgt_len + 1)
+        labels[b, : n_tgt - 1] = rng.integers(4, vocab, n_tgt - 1)
+        labels[b, n_tgt - 1] = EOS
+    decoder_input_ids = np.concatenate([np.full((batch, 1), START, np.int32), labels[:, :-1]], 1)
+    weights = (labels != PAD).astype(np.float32)
+    return {
+        "input_ids": input_ids,
+        "decoder_input_ids": decoder_input_ids,
+        "labels": labels,
+        "weights": weights,
+    }
+
+
+def tiny_setup(dropout: float = 0.0, optim: OptimConfig | None = None, seed: int = 0):
+    # One layer per side: the step machinery is what is under test, and compiles stay short.
+    cfg = tiny_model_config(dropout=dropout, encoder_layers=1, decoder_layers=1)
+    model = Bart(cfg)
+    optim = optim or OptimConfig(learning_rate=1e-3, total_steps=100, warmup_steps=0)
+    params = init_params(cfg, jax.random.key(seed))
+    state = steps.create_train_state(params, steps.make_optimizer(optim))
+    # Placed as the jitted step's outputs are, so the step's first call is not a retrace.
+    return model, optim, place(state)
+
+
+def place(tree):
+    """A fresh copy of `tree` replicated over the default (all-device) mesh."""
+    mesh = sharding.make_mesh(MeshConfig())
+    return jax.device_put(jax.tree.map(np.asarray, tree), sharding.replicated(mesh))
+
+
+def assert_trees_close(a, b, **kw):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_token_losses_match_numpy_cross_entropy():
+    model, _, state = tiny_setup()
+    batch = make_batch(1)
+    ce = np.asarray(steps.token_losses(model, state.params, batch))
+    logits = np.asarray(
+        model.apply({"params": state.params}, batch["input_ids"], batch["decoder_input_ids"]),
+        np.float64,
+    )
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, batch["labels"][..., None], -1)[..., 0]
+    assert ce.shape == batch["labels"].shape and ce.dtype == np.float32
+    np.testing.assert_allclose(ce, lse - picked, rtol=1e-5, atol=1e-5)
+
+
+def test_label_smoothing_matches_optax_smooth_labels():
+    model, _, state = tiny_setup()
+    batch = make_batch(2)
+    eps = 0.1
+    ce = steps.token_losses(model, state.params, batch, label_smoothing=eps)
+    logits = model.apply({"params": state.params}, batch["input_ids"], batch["decoder_input_ids"])
+    onehot = jax.nn.one_hot(batch["labels"], logits.shape[-1])
+    ref = optax.softmax_cross_entropy(logits, optax.smooth_labels(onehot, eps))
+    np.testing.assert_allclose(ce, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_loss_is_weighted_mean_of_token_losses():
+    model, _, state = tiny_setup()
+    batch = make_batch(3)
+    rng = np.random.default_rng(0)
+    batch["weights"] = batch["weights"] * rng.uniform(0.2, 1.0, batch["weights"].shape).astype(
+        np.float32
+    )
+    ce = np.asarray(steps.token_losses(model, state.params, batch), np.float64)
+    loss, metrics = steps.weighted_loss(model, state.params, batch)
+    w = batch["weights"].astype(np.float64)
+    np.testing.assert_allclose(loss, (w * ce).sum() / w.sum(), rtol=1e-5)
+    assert int(metrics["tokens"]) == int((batch["labels"] != PAD).sum())
+    # Weights summing below 1 are not blown up: the denominator is max(sum(w), 1).
+    batch["weights"] = np.zeros_like(batch["weights"])
+    batch["weights"][0, 0] = 0.25
+    loss, _ = steps.weighted_loss(model, state.params, batch)
+    np.testing.assert_allclose(loss, 0.25 * ce[0, 0], rtol=1e-5)
+
+
+def test_padding_with_zero_weight_changes_neither_loss_nor_update():
+    model, optim, state = tiny_setup()
+    short = make_batch(4, src_len=16, tgt_len=16)
+    # The same examples with 8 more <pad> on both sides and junk labels under zero weight.
+    long = {k: np.pad(v, ((0, 0), (0, 8)), constant_values=PAD) for k, v in short.items()}
+    long["weights"] = np.pad(short["weights"], ((0, 0), (0, 8)))
+    pad_pos = long["weights"] == 0
+    long["labels"] = np.where(pad_pos, 77, long["labels"]).astype(np.int32)
+    loss_s, m_s = steps.weighted_loss(model, state.params, short)
+    loss_l, m_l = steps.weighted_loss(model, state.params, long)
+    np.testing.assert_allclose(loss_s, loss_l, rtol=1e-6)
+    assert int(m_s["tokens"]) == int(m_l["tokens"])
+    train_step = steps.make_train_step(model, optim, donate=False)
+    rng = jax.random.key(0)
+    new_s, m_s = train_step(state, short, rng)
+    new_l, m_l = train_step(state, long, rng)
+    np.testing.assert_allclose(m_s["grad_norm"], m_l["grad_norm"], rtol=1e-5)
+    # Adam's first step is ~lr * sign(grad) (lr = 1e-3), so compare to a fraction of a step.
+    assert_trees_close(new_s.params, new_l.params, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_schedule_values_at_chosen_steps():
+    base = dict(learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_fraction=0.1)
+    lin = steps.learning_rate_schedule(OptimConfig(schedule="linear", **base))
+    cos = steps.learning_rate_schedule(OptimConfig(schedule="cosine", **base))
+    const = steps.learning_rate_schedule(OptimConfig(schedule="constant", **base))
+    for sched in (lin, cos, const):
+        np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.5, 1.0], atol=1e-6)
+    # Linear: 1.0 at step 10 -> 0.1 at step 110.
+    np.testing.assert_allclose([lin(60), lin(110), lin(500)], [0.55, 0.1, 0.1], atol=1e-6)
+    # Cosine: 0.1 + 0.9 * (1 + cos(pi * t / 100)) / 2.
+    want = [0.1 + 0.45 * (1 + np.cos(np.pi * t / 100)) for t in (25, 50, 100)]
+    np.testing.assert_allclose([cos(35), cos(60), cos(110)], want, atol=1e-6)
+    np.testing.assert_allclose([const(60), const(110)], [1.0, 1.0], atol=1e-6)
+    no_warmup = steps.learning_rate_schedule(
+        OptimConfig(learning_rate=2.0, warmup_steps=0, total_steps=4, schedule="linear")
+    )
+    np.testing.assert_allclose([no_warmup(0), no_warmup(2), no_warmup(4)], [2, 1, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="warmup_steps=20"):
+        steps.learning_rate_schedule(OptimConfig(warmup_steps=20, total_steps=10))
+
+
+def test_weight_decay_mask_excludes_biases_and_layer_norms():
+    _, _, state = tiny_setup()
+    mask = steps.weight_decay_mask(state.params)
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+    }
+    assert flat["shared/embedding"] and flat["encoder/embed_positions/embedding"]
+    assert flat["encoder/layers_0/self_attn/q_proj/kernel"]
+    assert flat["decoder/layers_0/encoder_attn/out_proj/kernel"]
+    assert flat["decoder/layers_0/fc2/kernel"]
+    assert not flat["final_logits_bias"]
+    for side in ("encoder", "decoder"):
+        assert not flat[f"{side}/layernorm_embedding/scale"]
+        assert not flat[f"{side}/layernorm_embedding/bias"]
+        assert not flat[f"{side}/layers_0/final_layer_norm/scale"]
+        assert not flat[f"{side}/layers_0/self_attn_layer_norm/bias"]
+        assert not flat[f"{side}/layers_0/fc1/bias"]
+    # Exactly the >= 2-D leaves (kernels and embeddings) decay in BART.
+    params = {
+        "/".join(str(getattr(k, "key", k)) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
+    }
+    assert {k for k, v in flat.items() if v} == {k for k, p in params.items() if p.ndim >= 2}
+
+
+def test_optimizer_decays_only_masked_params():
+    # With zero gradients Adam's step is 0, so the update is exactly -lr * wd * param.
+    optim = OptimConfig(learning_rate=0.5, weight_decay=0.1, warmup_steps=0, schedule="constant")
+    _, _, state = tiny_setup(optim=optim)
+    tx = steps.make_optimizer(optim)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    updates, _ = tx.update(zeros, tx.init(state.params), state.params)
+    mask = steps.weight_decay_mask(state.params)
+    for u, p, m in zip(
+        jax.tree.leaves(updates), jax.tree.leaves(state.params), jax.tree.leaves(mask), strict=True
+    ):
+        np.testing.assert_allclose(u, -0.05 * p if m else np.zeros_like(p), rtol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_update():
+    # With clip_norm tiny, Adam still normalises; so check clipping on the clipped gradient
+    # that reaches Adam's first moment: mu = (1 - b1) * clipped_grad after one step.
+    optim = OptimConfig(learning_rate=1e-3, clip_norm=1e-3, warmup_steps=0, weight_decay=0.0)
+    model, _, state = tiny_setup(optim=optim)
+    batch = make_batch(5)
+    train_step = steps.make_train_step(model, optim, jit=False)
+    new_state, metrics = train_step(state, batch, jax.random.key(0))
+    grads = jax.grad(lambda p: steps.weighted_loss(model, p, batch)[0])(state.params)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(grads), rtol=1e-5)
+    assert float(metrics["grad_norm"]) > 1e-2  # so clipping to 1e-3 is active
+    mu = new_state.opt_state[1][0].mu
+    np.testing.assert_allclose(optax.global_norm(mu), (1 - optim.b1) * 1e-3, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def test_overfits_one_batch():
+    optim = OptimConfig(
+        learning_rate=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0, total_steps=200
+    )
+    model, _, state = tiny_setup(optim=optim)
+    batch = make_batch(6)
+    train_step = steps.make_train_step(model, optim)
+    rng = jax.random.key(0)
+    losses = []
+    for _ in range(200):
+        state, metrics = train_step(state, batch, rng)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+    assert float(metrics["accuracy"]) > 0.95
+    assert int(state.step) == 200
+    assert int(metrics["tokens"]) == int(batch["weights"].sum())
+
+
+def test_train_step_traces_once_for_a_fixed_shape():
+    model, optim, state = tiny_setup(dropout=0.1)
+    traces = []
+    base = steps.default_loss_fn(model)
+
+    def counting_loss(params, batch, rng):
+        traces.append(1)  # runs only while tracing
+        return base(params, batch, rng)
+
+    train_step = steps.make_train_step(model, optim, loss_fn=counting_loss)
+    for i in range(4):
+        state, _ = train_step(state, make_batch(10 + i), jax.random.key(1))
+    assert len(traces) == 1
+    assert train_step._cache_size() == 1
+
+
+def test_jit_equals_no_jit_with_dropout():
+    model, optim, state = tiny_setup(dropout=0.1)
+    jitted = steps.make_train_step(model, optim, donate=False)
+    eager = steps.make_train_step(model, optim, jit=False)
+    rng = jax.random.key(3)
+    s_jit, s_eager = state, state
+    for i in range(2):
+        batch = make_batch(20 + i)
+        s_jit, m_jit = jitted(s_jit, batch, rng)
+        s_eager, m_eager = eager(s_eager, batch, rng)
+        np.testing.assert_allclose(m_jit["loss"], m_eager["loss"], rtol=1e-5)
+    assert int(s_jit.step) == int(s_eager.step) == 2
+    assert_trees_close(s_jit.params, s_eager.params, rtol=1e-4, atol=1e-6)
+    assert_trees_close(s_jit.opt_state, s_eager.opt_state, rtol=1e-4, atol=1e-7)
+    # Dropout really is on: a different base rng gives a different update.
+    other, _ = jitted(state, make_batch(20), jax.random.key(4))
+    first, _ = jitted(state, make_batch(20), rng)
+    assert not np.allclose(other.params["shared"]["embedding"], first.params["shared"]["embedding"])
+
+
+def test_metrics_report_schedule_and_step():
+    optim = OptimConfig(learning_rate=1.0, warmup_steps=4, total_steps=8, schedule="linear")
+    model, _, state = tiny_setup(optim=optim)
+    train_step = steps.make_train_step(model, optim, donate=False)
+    lrs = []
+    for i in range(3):
+        state, metrics = train_step(state, make_batch(30 + i), jax.random.key(0))
+        lrs.append(float(metrics["learning_rate"]))
+        assert set(metrics) >= {"loss", "accuracy", "tokens", "grad_norm", "learning_rate"}
+    np.testing.assert_allclose(lrs, [0.0, 0.25, 0.5], atol=1e-6)
+    assert int(state.step) == 3
+
+
+def test_donated_state_buffers_are_deleted():
+    model, optim, state = tiny_setup()
+    batch = make_batch(7)
+    keep = steps.make_train_step(model, optim, donate=False)
+    donate = steps.make_train_step(model, optim)
+    state = place(state)
+    after_keep, _ = keep(state, batch, jax.random.key(0))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
+    new_state, _ = donate(state, batch, jax.random.key(0))
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.params))
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.opt_state))
+    assert_trees_close(new_state.params, after_keep.params, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- eval step
+
+
+def test_eval_step_sums_aggregate_exactly_across_batches():
+    model, _, state = tiny_setup()
+    batch = make_batch(8, batch=4)
+    eval_step = steps.make_eval_step(model)
+    whole = eval_step(state.params, batch)
+    halves = [eval_step(state.params, {k: v[s] for k, v in batch.items()}) for s in
+              (slice(0, 2), slice(2, 4))]
+    for key in ("loss_sum", "weight_sum"):
+        np.testing.assert_allclose(whole[key], sum(h[key] for h in halves), rtol=1e-5)
+    for key in ("tokens", "correct"):
+        assert int(whole[key]) == sum(int(h[key]) for h in halves)
+    loss, metrics = steps.weighted_loss(model, state.params, batch)
+    np.testing.assert_allclose(whole["loss_sum"] / whole["weight_sum"], loss, rtol=1e-5)
+    np.testing.assert_allclose(whole["correct"] / whole["tokens"], metrics["accuracy"], rtol=1e-6)
+    assert int(whole["tokens"]) == int((batch["labels"] != PAD).sum())
+
+
+# ----------------------------------------------------------------------------- multi-device
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from meta_mask.config import MeshConfig
+    from meta_mask.training import sharding, steps
+    from tests.training.test_steps import make_batch, tiny_setup
+
+    assert jax.device_count() == 4, jax.devices()
+    out, facts = {}, {}
+    for name, mesh_cfg in (("data4", MeshConfig(data=4, fsdp=1)),
+                           ("data2_fsdp2", MeshConfig(data=2, fsdp=2))):
+        model, optim, state = tiny_setup(dropout=0.1)
+        mesh = sharding.make_mesh(mesh_cfg)
+        state_sharding = sharding.param_shardings(state, mesh, min_size=1024)
+        state = jax.device_put(state, state_sharding)
+        step = steps.make_train_step(model, optim, mesh=mesh, state_sharding=state_sharding)
+        for i in range(3):
+            batch = sharding.shard_batch(make_batch(40 + i, batch=8), mesh)
+            state, metrics = step(state, batch, jax.random.key(5))
+        emb = state.params["shared"]["embedding"]
+        facts[name] = {"emb_spec": list(emb.sharding.spec),
+                       "batch_shards": len(batch["labels"].addressable_shards)}
+        out[name + "/loss"] = np.asarray(metrics["loss"])
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+            out[name + "/" + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    np.savez(sys.argv[1] + ".npz", **out)
+    json.dump(facts, open(sys.argv[1] + ".json", "w"))
+    """
+)
+
+
+def test_multi_device_mesh_step_equals_single_device(tmp_path):
+    model, optim, state = tiny_setup(dropout=0.1)
+    train_step = steps.make_train_step(model, optim)
+    for i in range(3):
+        state, metrics = train_step(state, make_batch(40 + i, batch=8), jax.random.key(5))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    result = tmp_path / "multi"
+    proc = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(result)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    facts = json.loads(result.with_suffix(".json").read_text())
+    # The batch really was split over 4 devices and, with fsdp=2, the embedding over "fsdp".
+    assert facts["data4"] == {"emb_spec": [], "batch_shards": 4}
+    assert facts["data2_fsdp2"] == {"emb_spec": ["fsdp", None], "batch_shards": 4}
+    with np.load(result.with_suffix(".npz")) as multi:
+        for name in ("data4", "data2_fsdp2"):
+            np.testing.assert_allclose(multi[name + "/loss"], metrics["loss"], rtol=1e-5)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+                np.testing.assert_allclose(
+                    multi[name + "/" + jax.tree_util.keystr(path)], leaf, rtol=1e-4, atol=1e-6,
+                    err_msg=f"{name} {jax.tree_util.keystr(path)}",
+                )
