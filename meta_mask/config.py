@@ -135,6 +135,7 @@ class PolicyConfig:
     name: str = "random_tokens"  # one of POLICIES
     mask_rate: float = 0.15
     spans_per_sentence: int = 0  # > 0 overrides mask_rate (REALM salient spans: 1)
+    truncate_last_unit: bool = False  # rate budget: cut the last unit to hit the rate exactly
     # random_spans: span lengths in words (or tokens) drawn as in SpanBERT (geometric p, clipped
     # at span_max_length) or BART (Poisson with mean span_poisson_lambda, lengths >= 1).
     span_distribution: str = "geometric"  # geometric | poisson
@@ -184,10 +185,10 @@ class PolicyConfig:
             )
 
     def budget(self) -> dict:
-        """Keyword arguments for the sampler: {"num_units": k} or {"mask_rate": r}."""
+        """Keyword arguments for the sampler: {"num_units": k} or {"mask_rate": r, ...}."""
         if self.spans_per_sentence > 0:
             return {"num_units": self.spans_per_sentence}
-        return {"mask_rate": self.mask_rate}
+        return {"mask_rate": self.mask_rate, "truncate_last_unit": self.truncate_last_unit}
 
 
 @dataclass(frozen=True)
@@ -340,3 +341,76 @@ def from_dict(cls, values: dict, *, where: str = ""):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+META_ESTIMATORS = ("second_order", "first_order")
+INNER_OPTIMIZERS = ("sgd", "adam")
+POLICY_UNITS = ("token", "word")
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """The meta-learned masking policy: its scorer network (policies/net.py) and the
+    meta-learning of its parameters phi against a downstream loss (policies/meta.py).
+
+    Inner loop: `inner_steps` (K) differentiable updates of the LM on policy-masked MLM batches
+    with `inner_optimizer` at `inner_learning_rate` (then `downstream_steps` = 1 adds an MLM
+    step on the downstream example's context and a step on its question/answer). Outer: the
+    downstream loss of the updated LM; the policy's Adam at `learning_rate` descends its
+    `estimator` gradient (second_order: exact, through the unroll; first_order: the alignment of
+    the MLM gradient with the downstream gradient, for models too large to unroll).
+    """
+
+    inner_steps: int = 1  # K
+    inner_learning_rate: float = 1e-2
+    inner_optimizer: str = "sgd"  # one of INNER_OPTIMIZERS
+    estimator: str = "second_order"  # one of META_ESTIMATORS
+    learning_rate: float = 1e-3  # the policy's own (outer) Adam
+    clip_norm: float = 1.0  # policy gradient global-norm clip; <= 0 disables
+    entropy_weight: float = 0.01  # reward for the entropy of the policy's per-sentence softmax
+    budget_weight: float = 1.0  # penalty (mean clipped probability - target rate)^2
+    mask_rate: float = 0.15  # the budget: the sampler's mask_rate during meta-training
+    meta_steps: int = 1000
+    inner_batch_size: int = 8  # sentences per inner MLM step
+    outer_batch_size: int = 8  # downstream examples per outer loss
+    remat: bool = True  # jax.checkpoint each inner step (memory ~ one step, not K)
+    downstream_steps: int = 0  # 0 | 1: after the MLM steps, MLM on the context then QA step
+    # The LM theta the inner loop starts from is the caller's: fixed for all meta steps, or
+    # refreshed every `theta_refresh_every` meta steps (0 = never) by whoever drives the loop.
+    theta_refresh_every: int = 0
+    # The policy network (PolicyNet): a small transformer encoder -> one logit per token.
+    policy_layers: int = 2
+    policy_d_model: int = 128
+    policy_heads: int = 4
+    policy_ffn_dim: int = 512
+    policy_max_length: int = 1024
+    policy_units: str = "token"  # token | word (logits mean-pooled over each word)
+    use_lm_embeddings: bool = True  # initialize the token table from the LM's shared embedding
+    freeze_embeddings: bool = True  # ... and keep it fixed (no gradient)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "estimator": META_ESTIMATORS,
+            "inner_optimizer": INNER_OPTIMIZERS,
+            "policy_units": POLICY_UNITS,
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"MetaConfig.{name}={getattr(self, name)!r}; valid: {valid}")
+        for name in ("inner_steps", "meta_steps", "inner_batch_size", "outer_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MetaConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.downstream_steps not in (0, 1):
+            raise ValueError(f"MetaConfig.downstream_steps={self.downstream_steps}; valid: 0, 1")
+        if not 0.0 < self.mask_rate <= 1.0:
+            raise ValueError(f"MetaConfig.mask_rate={self.mask_rate!r} must lie in (0, 1]")
+        if self.policy_d_model % self.policy_heads:
+            raise ValueError(
+                f"MetaConfig.policy_d_model={self.policy_d_model} is not divisible by "
+                f"policy_heads={self.policy_heads}"
+            )
+        if self.freeze_embeddings and not self.use_lm_embeddings:
+            raise ValueError(
+                "MetaConfig.freeze_embeddings=True needs use_lm_embeddings=True (a frozen "
+                "random table would never learn)"
+            )

@@ -12,6 +12,7 @@ one after another here, or prints one command per run for a cluster (`--sweep.pr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 
 from absl import app, flags
@@ -97,6 +98,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (the folder for this run's outputs)")
     cfg = config_from_flags()
+    _quiet_libraries()
     # Imported here so that `--help` and flag errors stay fast (no jax import).
     from meta_mask import sweep
 
@@ -117,6 +119,20 @@ def main(argv: list[str]) -> None:
         aggregate_only=FLAGS["sweep.aggregate_only"].value,
     )
     sys.exit(code)
+
+
+def _quiet_libraries() -> None:
+    """Our progress messages at INFO; orbax's and absl's chatter only from WARNING up
+    (raise it with --verbosity=1)."""
+    if not FLAGS["verbosity"].present:
+        logging.getLogger("absl").setLevel(logging.WARNING)
+    ours = logging.getLogger("meta_mask")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
 
 
 def run_main() -> None:

@@ -276,3 +276,30 @@ def add_token_spans(
     if dropped:
         logger.info("add_token_spans: dropped %d triples whose answers were truncated", dropped)
     return out
+
+
+def policy_triples(
+    examples: Sequence[Any],
+    *,
+    corpus_sentences: Iterable[str | dict] | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    sentence_level: bool = True,
+    **corpus_kw: Any,
+) -> list[dict[str, Any]]:
+    """All triples for a task's examples: from their contexts, then from corpus sentences.
+
+    A corpus triple with the same example and text as a context triple is dropped (the
+    world's contexts are its corpus sentences). `corpus_kw` goes to `corpus_triples`; with a
+    `tokenizer`, `add_token_spans` adds token ids, spans and labels.
+    """
+    triples = list(context_triples(examples, sentence_level=sentence_level))
+    if corpus_sentences is not None:
+        seen = {(t["example_id"], t["text"]) for t in triples}
+        for t in corpus_triples(corpus_sentences, examples, **corpus_kw):
+            if (t["example_id"], t["text"]) not in seen:
+                seen.add((t["example_id"], t["text"]))
+                triples.append(t)
+    if tokenizer is not None:
+        triples = add_token_spans(triples, tokenizer, max_length=max_length)
+    return triples

@@ -28,6 +28,7 @@ This module owns the unlabeled text side of intermediate pre-training:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -280,6 +281,11 @@ def wikipedia_documents(
                 dataset, config, split=split, streaming=True, revision=revision
             )
         for row in stream:
+            if not isinstance(row.get("text"), str) or row.get("id") is None:
+                raise ValueError(
+                    f"Wikipedia rows from {data_files or dataset} need columns id, url, title, "
+                    f"text (text a string); got columns {sorted(row)}"
+                )
             yield {"text": row["text"], "doc_id": str(row["id"]), "title": row.get("title", "")}
     except (ConnectionError, OSError) as err:
         if data_files is not None:
@@ -431,6 +437,11 @@ def _file_identity(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _jsonable(obj: Any) -> Any:
+    """A JSON-serializable form of numpy values and other sequences in in-memory records."""
+    return obj.tolist() if hasattr(obj, "tolist") else list(obj)
+
+
 @dataclass(frozen=True)
 class CorpusSource:
     """Where corpus text comes from. `kind` is one of SOURCE_KINDS:
@@ -474,21 +485,33 @@ class CorpusSource:
 
     @classmethod
     def from_spec(cls, spec: str, **kw: Any) -> CorpusSource:
-        """Parse a CLI spec: "wikipedia[:CONFIG]", "file:PATH", "task:NAME[:SPLIT]".
+        """Parse a CLI corpus spec (`DataConfig.corpus`). Valid forms:
 
-        A "wikipedia" spec with `data_files` in `kw` reads local parquet files.
+        - "wikipedia" or "wikipedia:CONFIG": streamed from the hub;
+        - a path (or glob) ending in ".parquet": local files in Wikipedia's schema;
+        - "file:PATH" or a path ending in ".txt" / ".jsonl";
+        - "task:NAME[:SPLIT]", or "task" with task=NAME in `kw` (the run's own task).
+
+        Other CorpusSource fields (text_field, data_dir, ...) come from `kw`. The synthetic
+        world is not a spec: pass its sentences as CorpusSource(kind="records", ...).
         """
         kind, _, rest = spec.partition(":")
         if kind == "wikipedia":
             return cls(kind=kind, config=rest or WIKIPEDIA_CONFIG, **kw)
+        if spec.endswith(".parquet"):
+            return cls(kind="wikipedia", data_files=(spec,), **kw)
         if kind == "file":
             return cls(kind=kind, path=rest, **kw)
+        if spec.endswith((".txt", ".jsonl")):
+            return cls(kind="file", path=spec, **kw)
         if kind == "task":
             name, _, split = rest.partition(":")
-            return cls(kind=kind, task=name, split=split or "train", **kw)
+            fields = {"task": name, "split": split or "train"} if name else {}
+            return cls(kind=kind, **(kw | fields))
         raise ValueError(
-            f"corpus spec {spec!r}; valid forms: 'wikipedia[:CONFIG]', 'file:PATH', "
-            "'task:NAME[:SPLIT]' (in-memory records are passed as CorpusSource(kind='records'))"
+            f"corpus spec {spec!r}; valid forms: 'wikipedia[:CONFIG]', '<files>.parquet', "
+            "'file:PATH', '<path>.txt', '<path>.jsonl', 'task[:NAME[:SPLIT]]' (in-memory "
+            "records, e.g. the synthetic world, are passed as CorpusSource(kind='records'))"
         )
 
     @property
@@ -506,7 +529,15 @@ class CorpusSource:
         """Everything that determines the documents this source yields (for cache keys)."""
         if self.kind == "wikipedia":
             if self.data_files:
-                return {"kind": "wikipedia", "files": [_file_identity(f) for f in self.data_files]}
+                files = []
+                for pattern in self.data_files:
+                    matches = sorted(glob.glob(os.path.expanduser(pattern)))
+                    if not matches:
+                        raise FileNotFoundError(
+                            f"corpus data_files pattern {pattern!r} matches no file"
+                        )
+                    files += [_file_identity(f) for f in matches]
+                return {"kind": "wikipedia", "files": files}
             return {"kind": "wikipedia", "dataset": self.dataset, "config": self.config}
         if self.kind == "file":
             return {
@@ -531,7 +562,7 @@ class CorpusSource:
         # In-memory records: their content is their identity.
         from datasets.fingerprint import Hasher
 
-        blob = json.dumps(list(self.records), sort_keys=True, default=list).encode()
+        blob = json.dumps(list(self.records), sort_keys=True, default=_jsonable).encode()
         return {"kind": "records", "name": self.name, "content": Hasher.hash_bytes(blob)}
 
     def documents(self) -> Iterator[dict[str, Any]]:
@@ -593,7 +624,7 @@ class Corpus:
     dataset: Any
     fingerprint: str
     stats: dict[str, Any]
-    path: pathlib.Path
+    files: list[pathlib.Path]  # the cached Arrow file(s); one per process with num_proc > 1
     from_cache: bool
 
     def __len__(self) -> int:
@@ -753,6 +784,7 @@ def build_corpus(
     `meta_mask.data.tokenize.tokenize_sentences`.
     """
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     if max_length < 3:
         raise ValueError(f"max_length={max_length}: must leave room for <s>, a token and </s>")
@@ -787,28 +819,36 @@ def build_corpus(
             stats["sentences"],
             stats["tokens"],
             stats["truncated"],
-            arrow_path,
+            cache_dir / stats["files"][0],
             time.perf_counter() - t0,
         )
-        return Corpus(ds, fp, stats, arrow_path, from_cache=True)
+        return Corpus(ds, fp, stats, [cache_dir / f for f in stats["files"]], from_cache=True)
 
     t0 = time.perf_counter()
     tokenize_fn = tokenize_fn or _default_tokenize_fn()
     counts_path = cache_dir / f"{source.label}-{sentence_fp}.counts.json"
     # `from_generator` caches the sentences under their own fingerprint (no tokenizer in it),
     # so a new tokenizer or max_length re-tokenizes without reading the source again.
-    sentences = datasets.Dataset.from_generator(
-        _sentence_rows,
-        features=_sentence_features(),
-        cache_dir=str(cache_dir / "sentences"),
-        gen_kwargs={
-            "source": source,
-            "sentence_filter": sentence_filter,
-            "max_sentences": max_sentences,
-            "counts_path": str(counts_path),
-        },
-        fingerprint=sentence_fp,
-    )
+    try:
+        sentences = datasets.Dataset.from_generator(
+            _sentence_rows,
+            features=_sentence_features(),
+            cache_dir=str(cache_dir / "sentences"),
+            gen_kwargs={
+                "source": source,
+                "sentence_filter": sentence_filter,
+                "max_sentences": max_sentences,
+                "counts_path": str(counts_path),
+            },
+            fingerprint=sentence_fp,
+        )
+    except DatasetGenerationError as err:
+        # `datasets` wraps whatever the reader raised; the reader's own error (bad JSONL line,
+        # no network, ...) is the one that tells the user what to fix.
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, OSError, KeyError)):
+            raise cause.with_traceback(cause.__traceback__) from None
+        raise
     t_read = time.perf_counter() - t0
     tokenized = sentences.map(
         _tokenize_batch,
@@ -851,9 +891,10 @@ def build_corpus(
         build_s,
         stats["sentences_per_second"],
         t_read,
-        arrow_path,
+        cache_dir / stats["files"][0],
     )
-    return Corpus(tokenized, fp, stats, arrow_path, from_cache=False)
+    files = [cache_dir / f for f in stats["files"]]
+    return Corpus(tokenized, fp, stats, files, from_cache=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,13 +926,13 @@ class CorpusStream:
 
     Each batch is a dict of numpy arrays: input_ids int32 [b, L] (padded with `pad_id`),
     word_ids int32 [b, L] (-1 on padding), lengths int32 [b], entity_spans int32 [b, E, 2]
-    (padded with empty [0, 0) spans), num_entities int32 [b] and indices int64 [b] (dataset
-    rows, for looking up text or labels).
+    (padded with empty [0, 0) spans; at most `max_entities` per sentence), num_entities
+    int32 [b] and indices int64 [b] (dataset rows; `entity_labels(indices)` gives the labels).
     """
 
     def __init__(
         self,
-        dataset: Any,
+        dataset: Any,  # a tokenized corpus `datasets.Dataset` (or a `Corpus`)
         *,
         batch_size: int,
         max_length: int,
@@ -909,6 +950,11 @@ class CorpusStream:
             raise ValueError(
                 f"global batch_size={batch_size} is not divisible by process_count={process_count}"
             )
+        if isinstance(dataset, Corpus):
+            dataset = dataset.dataset
+        if dataset._indices is not None:
+            # After select/shuffle the Arrow table still holds every row; materialize the view.
+            dataset = dataset.flatten_indices()
         n = len(dataset)
         if n < batch_size:
             raise ValueError(f"corpus has {n} sentences, fewer than batch_size={batch_size}")
@@ -916,7 +962,7 @@ class CorpusStream:
         self._ids, self._offsets = _ragged(table.column("input_ids"))
         self._word_ids, _ = _ragged(table.column("word_ids"))
         spans_outer = table.column("entity_spans").combine_chunks()
-        span_pairs, span_offsets = _ragged(spans_outer.flatten())
+        span_pairs, _ = _ragged(spans_outer.flatten())
         self._spans = span_pairs.reshape(-1, 2).astype(np.int32)
         ent_off = spans_outer.offsets.to_numpy().astype(np.int64)
         self._ent_offsets = ent_off - ent_off[0]
@@ -936,11 +982,17 @@ class CorpusStream:
         self.process_index = process_index
         self.pad_id = pad_id
         self.batches_per_epoch = n // batch_size
+        # Memo of the last epoch's permutation (a pure function of seed and epoch), so a step
+        # does not redraw a permutation of the whole corpus.
+        self._perm: tuple[int, np.ndarray] | None = None
+        self._entity_columns = dataset.select_columns(["entity_labels", "entity_types"])
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The row order of `epoch` (the same on every host)."""
-        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-        return rng.permutation(self.num_examples)
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._perm = (epoch, rng.permutation(self.num_examples))
+        return self._perm[1]
 
     def indices_at(self, position: int) -> np.ndarray:
         """This host's dataset rows of the global batch starting at `position`."""
@@ -982,6 +1034,14 @@ class CorpusStream:
             "num_entities": num_entities,
             "indices": rows,
         }
+
+    def entity_labels(self, rows: np.ndarray) -> list[list[str]]:
+        """The entity labels of dataset `rows` (e.g. a batch's "indices"), in span order."""
+        return self._entity_columns[[int(r) for r in rows]]["entity_labels"]
+
+    def entity_types(self, rows: np.ndarray) -> list[list[str]]:
+        """The entity types (world attribute types; "" if none) of dataset `rows`."""
+        return self._entity_columns[[int(r) for r in rows]]["entity_types"]
 
     def iterate(self, position: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Endless (position, batch) pairs from `position` on; save `position + batch_size`."""

@@ -355,7 +355,7 @@ def load_hf(
         raise FileNotFoundError(f"{config_file} not found ({flag}={path_or_id!r})")
     try:
         config = config_from_hf(json.loads(config_file.read_text()), **config_overrides)
-    except CheckpointError as err:
+    except ValueError as err:  # CheckpointError or ModelConfig's own field validation
         raise CheckpointError(f"{config_file}: {err}") from None
     try:
         params = hf_state_to_params(read_safetensors(folder), config)

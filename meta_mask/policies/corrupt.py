@@ -70,6 +70,25 @@ def _scatter_rows(values, keep, width, pad_id, name) -> np.ndarray:
     return out
 
 
+def _runs(mask: np.ndarray, infill: str) -> tuple[np.ndarray, np.ndarray]:
+    """Where each masked run starts (a maximal span, or every token with infill="token") and
+    each token's run index (-1 before the first run)."""
+    prev = np.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+    run_start = mask & ~prev if infill == "span" else mask
+    return run_start, np.cumsum(run_start, axis=1) - 1
+
+
+def _fit_target(mask, run_start, run_idx, dec_len) -> np.ndarray:
+    """Unmask the trailing runs whose masked_spans target would not fit in dec_len (with </s>)."""
+    end = np.cumsum(mask.astype(np.int64) + run_start, axis=1)  # target slots used so far
+    next_continues = np.pad(mask & ~run_start, ((0, 0), (0, 1)))[:, 1:]
+    last = mask & ~next_continues  # the last token of each run
+    fits = np.zeros((mask.shape[0], mask.shape[1] + 1), bool)
+    rows, cols = np.nonzero(last)
+    fits[rows, run_idx[rows, cols]] = end[rows, cols] <= dec_len - 1
+    return mask & np.take_along_axis(fits, np.maximum(run_idx, 0), axis=1)
+
+
 def _replacement_actions(rng, random_ids, shape):
     """An 80/10/10 action and a random id drawn at every position (used at run starts)."""
     length = shape[1]
@@ -98,6 +117,7 @@ def corrupt_np(
     pad_id: int = 1,
     eos_id: int = 2,
     decoder_start_token_id: int = 2,
+    overflow: str = "drop_spans",
 ) -> dict[str, np.ndarray]:
     """One training example per row of `input_ids` [B, L] (with <s> .. </s>, pad_id padding at
     the end) masked by `mask` [B, L] (bool); see the module docstring for the formats.
@@ -105,6 +125,11 @@ def corrupt_np(
     replace_80_10_10 (full_sentence only) needs `rng` (draws use the STREAM_CORRUPT stream of
     each example) and `random_ids`, the ids a random replacement draws from uniformly (e.g.
     every non-special token id).
+
+    overflow: a masked_spans target longer than dec_len raises with overflow="error"; with
+    "drop_spans" (default: a rare long draw must not stop a training run) the trailing masked
+    spans that do not fit are left unmasked, whole. The encoder always fits when enc_len >= L,
+    the full-sentence target when dec_len >= L; otherwise both raise, naming the parameter.
     """
     if output_format not in ("masked_spans", "full_sentence"):
         raise ValueError(f"output_format={output_format!r}; valid: masked_spans, full_sentence")
@@ -113,11 +138,14 @@ def corrupt_np(
     input_ids = np.asarray(input_ids, np.int32)
     if np.shape(mask) != input_ids.shape:
         raise ValueError(f"mask shape {np.shape(mask)} != input_ids shape {input_ids.shape}")
+    if overflow not in ("drop_spans", "error"):
+        raise ValueError(f"overflow={overflow!r}; valid: drop_spans, error")
     real = input_ids != pad_id
     mask = np.asarray(mask, bool) & real
-    prev = np.pad(mask, ((0, 0), (1, 0)))[:, :-1]
-    run_start = mask & ~prev if infill == "span" else mask
-    run_idx = np.cumsum(run_start, axis=1) - 1
+    run_start, run_idx = _runs(mask, infill)
+    if output_format == "masked_spans" and overflow == "drop_spans":
+        mask = _fit_target(mask, run_start, run_idx, dec_len)
+        run_start, run_idx = _runs(mask, infill)
 
     action = np.full(input_ids.shape, _MASK, np.int8)
     enc_values = input_ids.copy()

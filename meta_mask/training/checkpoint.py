@@ -129,8 +129,9 @@ def abstract_tree(tree: Any) -> Any:
         sharding = getattr(x, "sharding", None)
         if not isinstance(sharding, jax.sharding.Sharding):
             sharding = default
-        return jax.ShapeDtypeStruct(np.shape(x) if not hasattr(x, "shape") else x.shape,
-                                    x.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(
+            np.shape(x) if not hasattr(x, "shape") else x.shape, x.dtype, sharding=sharding
+        )
 
     return jax.tree.map(one, tree)
 
@@ -235,9 +236,7 @@ class CheckpointManager:
         step = self._step_or_latest(step)
         where = os.path.join(self.directory, str(step))
         if expected_metadata is not None:
-            check_metadata_matches(
-                self.metadata(step), expected_metadata, compare_sections, where
-            )
+            check_metadata_matches(self.metadata(step), expected_metadata, compare_sections, where)
         stored = self._manager.item_metadata(step)[STATE_ITEM]
         check_tree_matches(getattr(stored, "tree", stored), target_state, where)
         restored = self._manager.restore(

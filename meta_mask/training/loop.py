@@ -68,7 +68,9 @@ class LoopOptions:
 def _check_finite(step: int, metrics: Mapping[str, Any], last_good: int | None, where: str):
     loss = float(np.asarray(metrics["loss"]))
     if not math.isfinite(loss):
-        good = f"step {last_good} in {where}" if last_good is not None else "none (no checkpoint yet)"
+        good = (
+            f"step {last_good} in {where}" if last_good is not None else "none (no checkpoint yet)"
+        )
         raise NonFiniteLoss(
             f"loss is {loss} at step {step}; stopping. Last good checkpoint: {good}. "
             "Lower the learning rate or check the data, then rerun to resume from it."

@@ -131,6 +131,4 @@ def param_shardings(tree: Any, mesh: Mesh, *, min_size: int = MIN_FSDP_SIZE) -> 
     as their parameters when this is applied to a whole TrainState.
     """
     fsdp = mesh.shape[FSDP_AXIS]
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, _fsdp_spec(_shape(x), fsdp, min_size)), tree
-    )
+    return jax.tree.map(lambda x: NamedSharding(mesh, _fsdp_spec(_shape(x), fsdp, min_size)), tree)

@@ -18,6 +18,7 @@ from meta_mask.data.contexts import (
     corpus_triples,
     find_answer_spans,
     merge_spans,
+    policy_triples,
 )
 from meta_mask.data.tasks import Example, example_from_dict
 from meta_mask.data.world import build_world, world_task
@@ -273,3 +274,23 @@ def test_add_token_spans_marks_answer_tokens():
     assert out[2]["answer_token_spans"].tolist() == [[6, 9]]
     # An answer past max_length is cut off: the triple has no positives and is dropped.
     assert [t["sentence_index"] for t in add_token_spans(triples, tokenizer, max_length=4)] == [0]
+
+
+def test_policy_triples_merge_contexts_and_corpus_without_duplicates():
+    tokenizer = word_tokenizer(SENTENCES + ["Curie left Warsaw in 1891."])
+    examples = [
+        ex(
+            "Where was Curie born?",
+            "Warsaw",
+            contexts=[{"text": "Curie left Warsaw in 1891.", "answer_spans": [(11, 17)]}],
+            id_="curie",
+        )
+    ]
+    corpus = SENTENCES + ["Curie left Warsaw in 1891."]
+    triples = policy_triples(examples, corpus_sentences=corpus, tokenizer=tokenizer)
+    assert [(t["origin"], t["text"]) for t in triples] == [
+        ("context", "Curie left Warsaw in 1891."),
+        ("corpus", "Marie Curie was born in Warsaw."),
+    ]
+    assert all(t["answer_labels"].sum() == 1 for t in triples)
+    assert len(policy_triples(examples)) == 1

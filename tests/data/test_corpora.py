@@ -301,6 +301,10 @@ def test_wikipedia_streams_local_parquet(tmp_path, monkeypatch):
     (args, kw, kind) = calls[0]
     assert args == ("parquet",) and kw["streaming"] is True
     assert kind is datasets.IterableDataset
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"id": ["1"], "body": ["Some text."]}), wrong)
+    with pytest.raises(ValueError, match=r"need columns id, url, title, text.*\['body', 'id'\]"):
+        list(wikipedia_documents(data_files=str(wrong)))
 
 
 def test_wikipedia_hub_offline_error_says_how_to_use_local_files(monkeypatch):
@@ -359,6 +363,14 @@ def test_corpus_source_specs_and_validation(tmp_path):
     assert CorpusSource.from_spec("file:/x/y.jsonl").path == "/x/y.jsonl"
     t = CorpusSource.from_spec("task:nq:validation")
     assert (t.kind, t.task, t.split) == ("task", "nq", "validation")
+    assert CorpusSource.from_spec("/d/c.jsonl", text_field="body").text_field == "body"
+    assert CorpusSource.from_spec("/d/c.txt").kind == "file"
+    w = CorpusSource.from_spec("/d/wiki-*.parquet")
+    assert (w.kind, w.data_files) == ("wikipedia", ("/d/wiki-*.parquet",))
+    own = CorpusSource.from_spec("task", task="tqa", data_dir="/d")
+    assert (own.task, own.split, own.data_dir) == ("tqa", "train", "/d")
+    with pytest.raises(ValueError, match="needs task"):
+        CorpusSource.from_spec("task")
     with pytest.raises(ValueError, match="valid forms"):
         CorpusSource.from_spec("books:foo")
     with pytest.raises(ValueError, match="valid"):
@@ -476,11 +488,13 @@ def test_tokenizer_fingerprint_depends_on_content_not_object(tokenizer):
 def test_build_from_local_wikipedia_parquet(tmp_path, tokenizer):
     path = tmp_path / "wiki.parquet"
     write_wiki_parquet(path, [" ".join(SENTENCES[:5]), "Heading\n" + " ".join(SENTENCES[5:])])
-    src = CorpusSource(kind="wikipedia", data_files=(str(path),))
+    src = CorpusSource.from_spec(str(tmp_path / "wik*.parquet"))
     corpus = build_corpus(src, tokenizer, tmp_path / "cache", max_sentences=7, max_length=32)
     assert corpus.dataset["text"] == SENTENCES[:7]  # "Heading" is filtered out by length
     assert corpus.dataset["doc_id"] == ["100"] * 5 + ["101"] * 2
     assert corpus.stats["counts"]["too_few_chars"] == 1
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        build_corpus(CorpusSource.from_spec(str(tmp_path / "none-*.parquet")), tokenizer, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -540,6 +554,12 @@ def test_stream_batches_are_padded_rows_of_the_corpus(corpus, tokenizer):
         e = min(len(row["entity_spans"]), 1)
         assert batch["num_entities"][i] == e
         assert batch["entity_spans"][i, :e].tolist() == row["entity_spans"][:e]
+    assert stream.entity_labels(batch["indices"]) == [
+        ds[int(r)]["entity_labels"] for r in batch["indices"]
+    ]
+    assert stream.entity_types(batch["indices"]) == [
+        ds[int(r)]["entity_types"] for r in batch["indices"]
+    ]
 
 
 def test_stream_hosts_get_disjoint_shards_of_each_global_batch(corpus):
@@ -568,3 +588,63 @@ def test_stream_errors(corpus):
         CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0, process_count=3)
     with pytest.raises(ValueError, match="fewer than batch_size"):
         CorpusStream(corpus.dataset, batch_size=64, max_length=16, seed=0)
+
+
+def test_stream_accepts_a_corpus_and_a_selected_view(corpus):
+    from_corpus = CorpusStream(corpus, batch_size=4, max_length=16, seed=2)
+    from_dataset = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=2)
+    np.testing.assert_array_equal(
+        from_corpus.batch_at(8)["input_ids"], from_dataset.batch_at(8)["input_ids"]
+    )
+    rows = [3, 7, 11, 12, 20, 25]
+    view = corpus.dataset.select(rows)
+    stream = CorpusStream(view, batch_size=6, max_length=16, seed=0)
+    batch = stream.batch_at(0)
+    for i, r in enumerate(batch["indices"]):
+        n = batch["lengths"][i]
+        assert batch["input_ids"][i, :n].tolist() == corpus.dataset[rows[int(r)]]["input_ids"]
+
+
+def test_multiprocess_build_reloads_from_its_shards(tmp_path, tokenizer):
+    src = CorpusSource(kind="records", records=world_like_records(), name="mp")
+    kw = {"sentence_filter": SentenceFilter(min_words=1), "max_length": 16, "num_proc": 2}
+    built = build_corpus(src, tokenizer, tmp_path, **kw)
+    assert len(built.files) == 2 and all(f.exists() for f in built.files)
+    fn, calls = counting(tokenize_sentences)
+    again = build_corpus(src, tokenizer, tmp_path, tokenize_fn=fn, **kw)
+    assert again.from_cache and calls["sentences"] == 0
+    assert again.dataset["input_ids"] == built.dataset["input_ids"]
+    single = build_corpus(src, tokenizer, tmp_path / "one", **(kw | {"num_proc": None}))
+    assert single.dataset["input_ids"] == built.dataset["input_ids"]
+    assert single.fingerprint == built.fingerprint  # num_proc changes how, not what
+
+
+def test_build_corpus_surfaces_the_readers_own_errors(tmp_path, tokenizer, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "A fine first sentence here."}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=rf"{bad}:2: malformed JSON"):
+        build_corpus(CorpusSource.from_spec(str(bad)), tokenizer, tmp_path / "cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="data_files="):
+        build_corpus(CorpusSource.from_spec("wikipedia"), tokenizer, tmp_path / "cache")
+    # A failed build leaves no cache entry behind: after fixing the file it builds.
+    bad.write_text(json.dumps({"text": "A fine first sentence here."}) + "\n")
+    fixed = build_corpus(CorpusSource.from_spec(str(bad)), tokenizer, tmp_path / "cache")
+    assert fixed.dataset["text"] == ["A fine first sentence here."]
+
+
+def test_world_sentences_as_a_records_corpus(tmp_path):
+    from meta_mask.config import WorldConfig
+    from meta_mask.data.world import build_world
+    from meta_mask.data.world_tokenizer import world_tokenizer
+
+    world = build_world(WorldConfig(num_people=6))
+    tok = world_tokenizer(world)
+    src = CorpusSource(kind="records", records=world.sentences, name="world")
+    corpus = build_corpus(src, tok, tmp_path, sentence_filter=SentenceFilter(min_words=1))
+    assert len(corpus) == len(world.sentences) and corpus.stats["truncated"] == 0
+    for row, rec in zip(corpus.dataset, world.sentences, strict=True):
+        types = [t for *_, t in rec["entities"]]
+        assert row["entity_types"] == types  # the attribute of each gold span survives
+        for (s, e), (cs, ce, *_) in zip(row["entity_spans"], rec["entities"], strict=True):
+            assert tok.decode(row["input_ids"][s:e]) == rec["text"][cs:ce]

@@ -358,5 +358,15 @@ def test_char_to_token_span_by_hand():
     assert char_to_token_span(offsets, special, 5, 6) is None  # the space between words
 
 
-def test_every_task_is_listed():
+def test_every_task_is_listed_and_registered(world):
+    from meta_mask.data import tasks
+
     assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK}
+    assert set(TASKS) <= set(tasks.task_names())
+    assert tasks.get_task(SUMMARY_TASK).metric == "rouge"
+    data = tasks.read_task("world_qa", "test")
+    want = world_task(world, "world_qa")["test"]
+    assert [(e.source, e.targets) for e in data.examples] == [
+        (r["source"], r["targets"]) for r in want
+    ]
+    assert data.examples[0].meta["person_id"] == want[0]["person_id"]

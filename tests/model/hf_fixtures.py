@@ -4,19 +4,23 @@
 mode whose every weight (layer norms and final_logits_bias included) is perturbed away from its
 default init, so a swapped scale/bias or a dropped bias shows up in the logits.
 `save_and_load(model, tmp_path)` writes it with save_pretrained(safe_serialization=True) and reads
-it back through our loader: (ModelConfig, params). `torch_logits(...)` runs the reference.
+it back through our loader: (ModelConfig, params). `torch_logits(...)` runs the reference and
+`jax_logits(config, params, ...)` ours (jitted once per config: op-by-op dispatch is slow).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import torch
 import transformers
 
 from meta_mask.config import ModelConfig
+from meta_mask.model.bart import Bart
 from meta_mask.model.hf import load_hf
 
 TINY = dict(
@@ -107,3 +111,26 @@ def padded_batch(
         ids[i, :n] = rng.integers(4, vocab_size, n)
         ids[i, 0], ids[i, n - 1] = 0, 2
     return ids, (ids != pad_token_id).astype(np.int32)
+
+
+@functools.cache
+def _jitted_forward(config: ModelConfig):
+    model = Bart(config)
+    return jax.jit(
+        lambda p, ids, dec, mask, dec_mask: model.apply({"params": p}, ids, dec, mask, dec_mask)
+    )
+
+
+def jax_logits(
+    config: ModelConfig,
+    params: Any,
+    input_ids: np.ndarray,
+    decoder_input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    decoder_attention_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Our teacher-forced logits [B,T,V] float32, jitted per config."""
+    fn = _jitted_forward(config)
+    return np.asarray(
+        fn(params, input_ids, decoder_input_ids, attention_mask, decoder_attention_mask)
+    )

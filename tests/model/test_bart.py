@@ -20,18 +20,27 @@ from meta_mask.model.bart import (
     reorder_cache,
     shift_right,
 )
-from tests.model.hf_fixtures import make_torch_bart, padded_batch, save_and_load, torch_logits
+from tests.model.hf_fixtures import (
+    jax_logits,
+    make_torch_bart,
+    padded_batch,
+    save_and_load,
+    torch_logits,
+)
+
+
+def _forward(config):
+    return functools.partial(jax_logits, config)
 
 
 @functools.cache
-def _forward(config):
-    """Jitted teacher-forced logits for `config` (jit: op-by-op dispatch is slow on a busy CPU)."""
+def _cache_fns(config, max_decode_len):
+    """Jitted (encode, init_cache, decode_step) for `config`."""
     model = Bart(config)
-    return jax.jit(
-        lambda p, ids, dec, mask=None, dec_mask=None: model.apply(
-            {"params": p}, ids, dec, mask, dec_mask
-        )
-    )
+    encode = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, method=Bart.encode))
+    init = jax.jit(lambda p, enc, mask: init_cache(model, p, enc, mask, max_decode_len))
+    step = jax.jit(lambda p, c, tok, mask: decode_step(model, p, c, tok, mask))
+    return encode, init, step
 
 
 PARITY_CONFIGS = {
@@ -81,17 +90,14 @@ def test_default_attention_mask_is_non_pad(tmp_path):
 
 
 def _full_and_incremental(config, params, ids, mask, dec):
-    model = Bart(config)
-    full = _forward(config)(params, ids, dec, mask)
-    enc = jax.jit(lambda p: model.apply({"params": p}, ids, mask, method=Bart.encode))(params)
-    cache = init_cache(model, params, enc, mask, max_decode_len=dec.shape[1])
-    step = jax.jit(lambda c, tok: decode_step(model, params, c, tok, mask))
+    encode, init, step = _cache_fns(config, dec.shape[1])
+    cache = init(params, encode(params, ids, mask), mask)
     steps = []
     for t in range(dec.shape[1]):
-        logits, cache = step(cache, dec[:, t : t + 1])
+        logits, cache = step(params, cache, dec[:, t : t + 1], mask)
         assert logits.shape == (dec.shape[0], 1, config.vocab_size)
         steps.append(logits[:, 0])
-    return np.asarray(full), np.stack(steps, axis=1), cache
+    return np.asarray(_forward(config)(params, ids, dec, mask)), np.stack(steps, axis=1), cache
 
 
 def test_incremental_decoding_matches_full_pass(tmp_path):
@@ -110,10 +116,9 @@ def test_incremental_decoding_matches_full_pass(tmp_path):
 def test_cache_layout_and_reorder():
     config = tiny_model_config()
     params = init_params(config, jax.random.PRNGKey(1))
-    model = Bart(config)
+    encode, init, step = _cache_fns(config, 4)
     ids, mask = padded_batch([9, 5, 7], config.vocab_size, seed=7)
-    enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
-    cache = init_cache(model, params, enc, mask, max_decode_len=4)
+    cache = init(params, encode(params, ids, mask), mask)
     heads, head_dim = config.decoder_attention_heads, config.d_model // 4
     layer = cache["decoder"]["layers_1"]
     assert layer["self_attn"]["cached_key"].shape == (3, 4, heads, head_dim)
@@ -121,27 +126,29 @@ def test_cache_layout_and_reorder():
     # Reordering the batch of the cache == decoding a reordered batch.
     order = jnp.array([2, 0, 0])
     tok = jnp.full((3, 1), config.decoder_start_token_id, jnp.int32)
-    _, c1 = decode_step(model, params, cache, tok, mask)
-    logits_a, _ = decode_step(model, params, reorder_cache(c1, order), tok[order], mask[order])
-    enc_b = model.apply({"params": params}, ids[order], mask[order], method=Bart.encode)
-    c2 = init_cache(model, params, enc_b, mask[order], max_decode_len=4)
-    _, c2 = decode_step(model, params, c2, tok, mask[order])
-    logits_b, _ = decode_step(model, params, c2, tok, mask[order])
+    _, c1 = step(params, cache, tok, mask)
+    logits_a, _ = step(params, reorder_cache(c1, order), tok[order], mask[order])
+    c2 = init(params, encode(params, ids[order], mask[order]), mask[order])
+    _, c2 = step(params, c2, tok, mask[order])
+    logits_b, _ = step(params, c2, tok, mask[order])
     np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), atol=1e-6)
 
 
 def test_decode_rejects_decoder_mask_and_multi_token_steps():
+    # Shape-only evaluation: the checks fire while tracing, so nothing needs compiling.
     config = tiny_model_config()
-    params = init_params(config, jax.random.PRNGKey(2))
     model = Bart(config)
-    ids, mask = padded_batch([6], config.vocab_size, seed=8)
-    enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
-    cache = init_cache(model, params, enc, mask, max_decode_len=4)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(2)))
+    enc = jax.ShapeDtypeStruct((1, 6, config.d_model), jnp.float32)
+    mask = jnp.ones((1, 6), bool)
+    cache = jax.eval_shape(lambda p, e: init_cache(model, p, e, mask, 4), params, enc)
+    tokens2 = jax.ShapeDtypeStruct((1, 2), jnp.int32)
     with pytest.raises(ValueError, match="one token per step"):
-        decode_step(model, params, cache, jnp.zeros((1, 2), jnp.int32), mask)
-    with pytest.raises(ValueError, match="decoder_attention_mask"):
-        model.apply(
-            {"params": params, "cache": cache},
+        jax.eval_shape(lambda p, c, t: decode_step(model, p, c, t, mask), params, cache, tokens2)
+
+    def step_with_decoder_mask(p, c):
+        return model.apply(
+            {"params": p, "cache": c},
             jnp.zeros((1, 1), jnp.int32),
             None,
             mask,
@@ -150,6 +157,9 @@ def test_decode_rejects_decoder_mask_and_multi_token_steps():
             method=Bart.decode,
             mutable=["cache"],
         )
+
+    with pytest.raises(ValueError, match="decoder_attention_mask"):
+        jax.eval_shape(step_with_decoder_mask, params, cache)
 
 
 def test_bfloat16_compute_close_to_float32():
@@ -165,9 +175,7 @@ def test_bfloat16_compute_close_to_float32():
     diff = np.abs(np.asarray(bf16) - np.asarray(f32))[keep].max()
     assert 0 < diff < 0.05 * np.abs(np.asarray(f32)[keep]).max() + 0.02
     # The compute really is bf16: encoder output carries the compute dtype.
-    enc = Bart(config.replace(dtype="bfloat16")).apply(
-        {"params": params}, ids, mask, method=Bart.encode
-    )
+    enc = _cache_fns(config.replace(dtype="bfloat16"), 1)[0](params, ids, mask)
     assert enc.dtype == jnp.bfloat16
 
 

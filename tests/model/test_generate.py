@@ -298,3 +298,141 @@ def test_loop_stops_as_soon_as_every_sequence_is_done(num_beams):
     jax.block_until_ready(out)
     assert len(calls) == (1 if num_beams == 1 else 2)
     np.testing.assert_array_equal(np.asarray(out)[:, :2], [[START, EOS]] * len(INIT_STATES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: the model-level generate against PyTorch BART's generate.
+
+HF_MAX_LEN = 14
+HF_LENGTHS = [7, 12, 5, 9, 16, 3, 10, 14]  # source lengths, right-padded to 16
+
+
+def _spread_torch_bart(eos_bias: float):
+    """A tiny random torch BART whose greedy/beam outputs vary with the input and the step.
+
+    With the fixtures' default perturbation the tied embeddings make a random BART repeat one
+    token forever; large decoder positions make each step pick a different token, a stronger
+    cross-attention makes the choice depend on the source, and `eos_bias` on EOS's logit makes
+    some sequences stop early (first step, mid-way) while others run to max_length.
+    """
+    import torch
+    import transformers
+
+    from tests.model import hf_fixtures
+
+    model = hf_fixtures.make_torch_bart(seed=0, noise=0.1)
+    with torch.no_grad():
+        model.model.decoder.embed_positions.weight.mul_(10.0)
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.out_proj.weight.mul_(5.0)
+        model.final_logits_bias[0, EOS] += eos_bias
+    # Only the special tokens: every generation option is passed to generate() explicitly.
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD, decoder_start_token_id=START
+    )
+    return model
+
+
+@pytest.fixture(scope="module", params=[0.3, 1.2], ids=["eos_bias0.3", "eos_bias1.2"])
+def hf_bart(request, tmp_path_factory):
+    """(torch model, our ModelConfig, our params) for the same checkpoint."""
+    from meta_mask.model.bart import Bart
+    from tests.model import hf_fixtures
+
+    torch_model = _spread_torch_bart(request.param)
+    config, params = hf_fixtures.save_and_load(torch_model, tmp_path_factory.mktemp("bart"))
+    ids, mask = hf_fixtures.padded_batch(HF_LENGTHS, config.vocab_size, seed=0)
+    return torch_model, Bart(config), config, params, ids, mask
+
+
+@functools.cache
+def _generate_fn(model, config, **options):
+    # Both fixture models share one ModelConfig, so each option set compiles once.
+    return gen.make_generate_fn(model, config=config, max_length=HF_MAX_LEN, **options)
+
+
+def _hf_generate(torch_model, ids, mask, **options) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = torch_model.generate(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            max_length=HF_MAX_LEN,
+            do_sample=False,
+            no_repeat_ngram_size=0,
+            **options,
+        ).numpy()
+    # HF crops to the longest row; ours is padded to max_length.
+    padded = np.full((len(ids), HF_MAX_LEN), PAD, out.dtype)
+    padded[:, : out.shape[1]] = out
+    return padded
+
+
+GENERATE_CASES = [
+    # num_beams, length_penalty, early_stopping, min_length, forced_bos, forced_eos
+    (1, 1.0, False, 0, None, EOS),
+    (1, 1.0, False, 0, None, None),
+    (1, 1.0, False, 6, 0, EOS),
+    (4, 1.0, False, 0, None, EOS),
+    (4, 1.0, True, 0, None, EOS),
+    (4, 2.0, False, 0, None, None),
+    (4, 0.5, True, 0, None, None),
+    (4, 2.0, "never", 4, 0, EOS),
+]
+
+
+@pytest.mark.parametrize("num_beams,length_penalty,early_stopping,min_len,bos,eos", GENERATE_CASES)
+def test_generate_matches_torch_bart(
+    hf_bart, num_beams, length_penalty, early_stopping, min_len, bos, eos
+):
+    torch_model, model, config, params, ids, mask = hf_bart
+    config = config.replace(forced_bos_token_id=bos, forced_eos_token_id=eos)
+    options = dict(
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        min_length=min_len,
+    )
+    ours = np.asarray(_generate_fn(model, config, **options)(params, ids, mask))
+    forced = {
+        k: v
+        for k, v in (("forced_bos_token_id", bos), ("forced_eos_token_id", eos))
+        if v is not None
+    }
+    want = _hf_generate(torch_model, ids, mask, **options, **forced)
+    np.testing.assert_array_equal(ours, want)
+
+
+def test_torch_cases_stop_on_eos_and_at_max_length(hf_bart):
+    """The parity cases are not degenerate: rows differ, and across the two fixture models some
+    rows end with EOS before max_length while others run to it (checked on HF's own outputs)."""
+    torch_model, *_, ids, mask = hf_bart
+    for num_beams in (1, 4):
+        out = _hf_generate(torch_model, ids, mask, num_beams=num_beams)
+        assert len({tuple(row) for row in out}) >= 4
+        ended = (out[:, 1:] == EOS).any(-1)
+        assert (~ended).any()  # some run to max_length
+        if torch_model.final_logits_bias[0, EOS] > 1.0:
+            assert ended.any()  # and (with the larger EOS bias) some stop early
+
+
+def test_make_generate_fn_compiles_once_per_shape(hf_bart, monkeypatch):
+    _, model, config, params, ids, mask = hf_bart
+    traces = []
+    real_generate = gen.generate
+
+    def counting_generate(*args, **kwargs):
+        traces.append(1)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", counting_generate)
+    fn = gen.make_generate_fn(model, config=config, max_length=6, num_beams=2)
+    first = fn(params, ids, mask)
+    shifted = np.where(mask == 1, np.maximum(ids, 4) + 1, ids).astype(np.int32)
+    fn(params, shifted, mask)
+    fn(jax.tree.map(lambda p: p * 1.01, params), ids, mask)
+    assert len(traces) == 1
+    fn(params, ids[:3], mask[:3])  # a new batch shape traces again
+    assert len(traces) == 2
+    np.testing.assert_array_equal(np.asarray(fn(params, ids, mask)), np.asarray(first))

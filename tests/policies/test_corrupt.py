@@ -100,6 +100,33 @@ def test_golden_full_sentence_per_token():
     )
 
 
+def test_overflowing_target_drops_trailing_spans_whole():
+    # Row 0 needs 6 target slots (S0 A S1 C D </s>); with 4, only "S0 A" + </s> fits.
+    check(
+        run("masked_spans", dec_len=4),
+        enc=[[0, S0, 11, 12, 13, 2, 1, 1], [0, 20, S0, 2, 1, 1, 1, 1]],
+        labels=[[S0, 10, 2, 1], [S0, 21, 2, 1]],
+        dec_in=[[2, S0, 10, 2], [2, S0, 21, 2]],
+        n_labels=[3, 3],
+    )
+    # Random masks: every target fits, whole runs are kept or dropped, a prefix of them kept.
+    rng = np.random.default_rng(5)
+    ids, mask = random_batch(rng)
+    sentinels = list(range(200, 180, -1))
+    kw = dict(output_format="masked_spans", enc_len=20, mask_id=MASK, sentinels=sentinels)
+    full = corrupt_np(ids, mask, dec_len=40, **kw)
+    short = corrupt_np(ids, mask, dec_len=8, **kw)
+    for i in range(len(ids)):
+        n = int(short["weights"][i].sum())
+        assert short["labels"][i][n - 1] == 2
+        ref = full["labels"][i][: int(full["weights"][i].sum()) - 1].tolist()
+        got = short["labels"][i][: n - 1].tolist()
+        # The kept target is the full target cut just before a sentinel.
+        assert got == ref[: len(got)] and (len(got) == len(ref) or ref[len(got)] in sentinels)
+        enc = short["input_ids"][i][short["input_ids"][i] != 1].tolist()
+        assert fill_in(enc, got, sentinels) == ids[i][ids[i] != 1].tolist()
+
+
 def test_jax_same_length_variant_equals_numpy():
     ref = run("full_sentence", infill="token", enc_len=6, dec_len=6)
     out = corrupt_tokens_jax(IDS, MASKED, MASK)
@@ -215,7 +242,11 @@ def test_errors_name_the_parameter():
     with pytest.raises(ValueError, match="enc_len"):
         run("masked_spans", enc_len=3)
     with pytest.raises(ValueError, match="dec_len"):
-        run("masked_spans", dec_len=4)
+        run("masked_spans", dec_len=4, overflow="error")
+    with pytest.raises(ValueError, match="dec_len"):
+        run("full_sentence", dec_len=5)
+    with pytest.raises(ValueError, match="overflow"):
+        run("masked_spans", overflow="truncate")
     with pytest.raises(ValueError, match="sentinels"):
         run("masked_spans", sentinels=(S0,))
     with pytest.raises(ValueError, match="output_format"):

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from meta_mask.config import POLICIES, PolicyConfig
 from meta_mask.data.pmi import annotate_pmi, build_pmi_table
+from meta_mask.policies.corrupt import corrupt_batch, sentinel_ids
 from meta_mask.policies.heuristic import (
     FILL_SCORE,
     NoMask,
@@ -111,6 +112,18 @@ def test_rate_budget(batch, scorer):
         # Multi-token units overshoot the target by part of the last unit: spans of ~3.8 words
         # (~7.6 tokens here) on ~20-token sentences overshoot most.
         assert 0.15 <= rate < (0.25 if isinstance(scorer, WholeWords) else 0.4)
+
+
+def test_truncate_last_unit_gives_the_exact_rate_for_spans(batch):
+    cfg = PolicyConfig(name="random_spans", mask_rate=0.15, truncate_last_unit=True)
+    mask = mask_batch_np(make_scorer(cfg), batch, rng_for(batch), **cfg.budget())
+    check_common(batch, mask)
+    n = batch["valid"].sum(1)
+    np.testing.assert_array_equal(
+        mask.sum(1), np.minimum(n, np.maximum(np.floor(0.15 * n + 0.5), n > 0))
+    )
+    for i in range(len(mask)):
+        assert len(runs(mask[i])) >= 1 if n[i] else not mask[i].any()
 
 
 def test_no_mask_masks_nothing(batch):
@@ -265,21 +278,26 @@ def test_pmi_without_spans_or_table_says_what_to_do():
         PmiNgrams()(bt, rng_for(bt))
 
 
-def test_real_text_salient_spans_with_a_fast_tokenizer():
-    """Gold char spans -> token spans via offsets (as data/tokenize.py does), then REALM masking."""
-    texts = [
-        "Barack Obama was born in Honolulu , Hawaii on August 4 , 1961 .",
-        "Marie Curie won the Nobel Prize in 1903 .",
-    ]
-    ents = [["Barack Obama", "Honolulu", "Hawaii", "August 4 , 1961"], ["Marie Curie", "1903"]]
-    words = sorted({w for t in texts for w in t.split()})
+TEXTS = [
+    "Barack Obama was born in Honolulu , Hawaii on August 4 , 1961 .",
+    "Marie Curie won the Nobel Prize in 1903 .",
+]
+ENTS = [["Barack Obama", "Honolulu", "Hawaii", "August 4 , 1961"], ["Marie Curie", "1903"]]
+
+
+def real_text_records():
+    """A WordLevel fast tokenizer with sentinels; gold char spans -> token spans via offsets
+    (as data/tokenize.py does)."""
+    words = sorted({w for t in TEXTS for w in t.split()})
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
     vocab.update({w: 5 + i for i, w in enumerate(words)})
+    for i in range(4):
+        vocab[f"<extra_id_{i}>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
     records = []
-    for text, names in zip(texts, ents, strict=True):
+    for text, names in zip(TEXTS, ENTS, strict=True):
         enc = fast(text, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
         spans = []
@@ -296,15 +314,38 @@ def test_real_text_salient_spans_with_a_fast_tokenizer():
                 "entity_labels": ["PERSON", "GPE", "GPE", "DATE"][: len(spans)],
             }
         )
+    return fast, records
+
+
+def test_real_text_salient_spans_with_a_fast_tokenizer():
+    fast, records = real_text_records()
     batch = collate(records)
     found = set()
     for step in range(40):
         mask = mask_batch_np(SalientSpans(), batch, rng_for(batch, step), num_units=1)
         for i in range(2):
             text = " ".join(fast.convert_ids_to_tokens(batch["input_ids"][i][mask[i]].tolist()))
-            assert text in ents[i]
+            assert text in ENTS[i]
             found.add(text)
-    assert found == {e for es in ents for e in es}
+    assert found == {e for es in ENTS for e in es}
+
+
+def test_real_text_end_to_end_masked_spans_example():
+    """Scorer -> sampler -> corrupt, decoded back to text: the sentinel replaces the entity."""
+    fast, records = real_text_records()
+    batch = collate(records, length=20)
+    cfg = PolicyConfig(name="salient_spans", spans_per_sentence=1)
+    mask = mask_batch_np(make_scorer(cfg), batch, rng_for(batch, 3), **cfg.budget())
+    out = corrupt_batch(
+        batch, mask, cfg, enc_len=20, dec_len=12, mask_id=4, sentinels=sentinel_ids(fast)
+    )
+    for i, text in enumerate(TEXTS):
+        enc = fast.decode(out["input_ids"][i], skip_special_tokens=False).replace("<pad>", "")
+        target = fast.decode(out["labels"][i][out["weights"][i] > 0], skip_special_tokens=False)
+        assert target.startswith("<extra_id_0> ") and target.endswith(" </s>")
+        entity = target[len("<extra_id_0> ") : -len(" </s>")]
+        assert entity in ENTS[i]
+        assert enc.split() == ["<s>", *text.replace(entity, "<extra_id_0>").split(), "</s>"]
 
 
 def test_make_scorer_covers_every_policy(batch):

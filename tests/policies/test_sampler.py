@@ -34,7 +34,9 @@ def random_problem(rng, b=64, length=24, max_unit=4, unit_prob=0.9):
     return scores, unit_ids, valid
 
 
-def reference_mask(scores, unit_ids, valid, noise, mask_rate=None, num_units=None):
+def reference_mask(
+    scores, unit_ids, valid, noise, mask_rate=None, num_units=None, truncate_last_unit=False
+):
     """The documented rule, one example at a time in plain Python."""
     b, length = scores.shape
     out = np.zeros((b, length), bool)
@@ -56,6 +58,9 @@ def reference_mask(scores, unit_ids, valid, noise, mask_rate=None, num_units=Non
                     break
                 chosen.append(u)
                 total += len(units[u])
+            if truncate_last_unit and chosen:
+                cut = total - target  # drop this many tokens from the end of the last unit
+                units[chosen[-1]] = units[chosen[-1]][: len(units[chosen[-1]]) - cut]
         for u in chosen:
             out[i, units[u]] = True
     return out
@@ -63,6 +68,11 @@ def reference_mask(scores, unit_ids, valid, noise, mask_rate=None, num_units=Non
 
 BUDGETS = [dict(mask_rate=0.15), dict(mask_rate=0.5), dict(mask_rate=1.0), dict(num_units=1)]
 BUDGETS += [dict(num_units=3), dict(mask_rate=0.0), dict(num_units=0)]
+BUDGETS += [
+    dict(mask_rate=0.15, truncate_last_unit=True),
+    dict(mask_rate=0.4, truncate_last_unit=True),
+]
+BUDGETS += [dict(num_units=2, truncate_last_unit=True)]  # no effect with a unit budget
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=str)
@@ -99,6 +109,22 @@ def test_rate_budget_properties_over_many_sentences():
         assert count[i] - max(lens, default=0) < max(target[i], 1)
     # Overall rate close to the budget (units of <= 5 tokens overshoot a little).
     assert 0.15 <= count.sum() / n.sum() < 0.25
+
+
+def test_truncate_last_unit_hits_the_rate_exactly():
+    rng = np.random.default_rng(4)
+    scores, unit_ids, valid = random_problem(rng, b=500, length=40, max_unit=5, unit_prob=1.0)
+    noise = gumbel_noise_np(0, 0, np.arange(500), 40)
+    mask = sample_mask_np(scores, unit_ids, valid, noise, mask_rate=0.15, truncate_last_unit=True)
+    n = valid.sum(1)
+    target = np.minimum(n, np.maximum(np.floor(0.15 * n + 0.5), (n > 0)))
+    np.testing.assert_array_equal(mask.sum(1), target)
+    for i in range(500):  # at most one unit is partial, and it keeps its leading tokens
+        partial = [u for u in set(unit_ids[i][mask[i]]) if not mask[i][unit_ids[i] == u].all()]
+        assert len(partial) <= 1
+        for u in partial:
+            m = mask[i][valid[i] & (unit_ids[i] == u)]
+            assert m[0] and (np.diff(m.astype(int)) <= 0).all()
 
 
 def test_num_units_budget_takes_exactly_k_units():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -76,9 +77,11 @@ def assert_trees_close(a, b, **kw):
 def test_token_losses_match_numpy_cross_entropy():
     model, _, state = tiny_setup()
     batch = make_batch(1)
-    ce = np.asarray(steps.token_losses(model, state.params, batch))
+    ce = np.asarray(jax.jit(functools.partial(steps.token_losses, model))(state.params, batch))
     logits = np.asarray(
-        model.apply({"params": state.params}, batch["input_ids"], batch["decoder_input_ids"]),
+        jax.jit(model.apply)(
+            {"params": state.params}, batch["input_ids"], batch["decoder_input_ids"]
+        ),
         np.float64,
     )
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -91,8 +94,12 @@ def test_label_smoothing_matches_optax_smooth_labels():
     model, _, state = tiny_setup()
     batch = make_batch(2)
     eps = 0.1
-    ce = steps.token_losses(model, state.params, batch, label_smoothing=eps)
-    logits = model.apply({"params": state.params}, batch["input_ids"], batch["decoder_input_ids"])
+    ce = jax.jit(functools.partial(steps.token_losses, model, label_smoothing=eps))(
+        state.params, batch
+    )
+    logits = jax.jit(model.apply)(
+        {"params": state.params}, batch["input_ids"], batch["decoder_input_ids"]
+    )
     onehot = jax.nn.one_hot(batch["labels"], logits.shape[-1])
     ref = optax.softmax_cross_entropy(logits, optax.smooth_labels(onehot, eps))
     np.testing.assert_allclose(ce, ref, rtol=1e-5, atol=1e-6)
@@ -105,15 +112,16 @@ def test_weighted_loss_is_weighted_mean_of_token_losses():
     batch["weights"] = batch["weights"] * rng.uniform(0.2, 1.0, batch["weights"].shape).astype(
         np.float32
     )
-    ce = np.asarray(steps.token_losses(model, state.params, batch), np.float64)
-    loss, metrics = steps.weighted_loss(model, state.params, batch)
+    ce = np.asarray(jax.jit(functools.partial(steps.token_losses, model))(state.params, batch))
+    weighted_loss = jax.jit(functools.partial(steps.weighted_loss, model))
+    loss, metrics = weighted_loss(state.params, batch)
     w = batch["weights"].astype(np.float64)
-    np.testing.assert_allclose(loss, (w * ce).sum() / w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(loss, (w * ce.astype(np.float64)).sum() / w.sum(), rtol=1e-5)
     assert int(metrics["tokens"]) == int((batch["labels"] != PAD).sum())
     # Weights summing below 1 are not blown up: the denominator is max(sum(w), 1).
     batch["weights"] = np.zeros_like(batch["weights"])
     batch["weights"][0, 0] = 0.25
-    loss, _ = steps.weighted_loss(model, state.params, batch)
+    loss, _ = weighted_loss(state.params, batch)
     np.testing.assert_allclose(loss, 0.25 * ce[0, 0], rtol=1e-5)
 
 
@@ -125,8 +133,9 @@ def test_padding_with_zero_weight_changes_neither_loss_nor_update():
     long["weights"] = np.pad(short["weights"], ((0, 0), (0, 8)))
     pad_pos = long["weights"] == 0
     long["labels"] = np.where(pad_pos, 77, long["labels"]).astype(np.int32)
-    loss_s, m_s = steps.weighted_loss(model, state.params, short)
-    loss_l, m_l = steps.weighted_loss(model, state.params, long)
+    weighted_loss = jax.jit(functools.partial(steps.weighted_loss, model))
+    loss_s, m_s = weighted_loss(state.params, short)
+    loss_l, m_l = weighted_loss(state.params, long)
     np.testing.assert_allclose(loss_s, loss_l, rtol=1e-6)
     assert int(m_s["tokens"]) == int(m_l["tokens"])
     train_step = steps.make_train_step(model, optim, donate=False)
@@ -194,7 +203,7 @@ def test_optimizer_decays_only_masked_params():
     _, _, state = tiny_setup(optim=optim)
     tx = steps.make_optimizer(optim)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    updates, _ = tx.update(zeros, tx.init(state.params), state.params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(state.params), state.params)
     mask = steps.weight_decay_mask(state.params)
     for u, p, m in zip(
         jax.tree.leaves(updates), jax.tree.leaves(state.params), jax.tree.leaves(mask), strict=True
@@ -208,9 +217,9 @@ def test_gradient_clipping_bounds_the_update():
     optim = OptimConfig(learning_rate=1e-3, clip_norm=1e-3, warmup_steps=0, weight_decay=0.0)
     model, _, state = tiny_setup(optim=optim)
     batch = make_batch(5)
-    train_step = steps.make_train_step(model, optim, jit=False)
+    train_step = steps.make_train_step(model, optim, donate=False)
     new_state, metrics = train_step(state, batch, jax.random.key(0))
-    grads = jax.grad(lambda p: steps.weighted_loss(model, p, batch)[0])(state.params)
+    grads = jax.jit(jax.grad(lambda p: steps.weighted_loss(model, p, batch)[0]))(state.params)
     np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(grads), rtol=1e-5)
     assert float(metrics["grad_norm"]) > 1e-2  # so clipping to 1e-3 is active
     mu = new_state.opt_state[1][0].mu
@@ -309,13 +318,15 @@ def test_eval_step_sums_aggregate_exactly_across_batches():
     batch = make_batch(8, batch=4)
     eval_step = steps.make_eval_step(model)
     whole = eval_step(state.params, batch)
-    halves = [eval_step(state.params, {k: v[s] for k, v in batch.items()}) for s in
-              (slice(0, 2), slice(2, 4))]
+    halves = [
+        eval_step(state.params, {k: v[s] for k, v in batch.items()})
+        for s in (slice(0, 2), slice(2, 4))
+    ]
     for key in ("loss_sum", "weight_sum"):
         np.testing.assert_allclose(whole[key], sum(h[key] for h in halves), rtol=1e-5)
     for key in ("tokens", "correct"):
         assert int(whole[key]) == sum(int(h[key]) for h in halves)
-    loss, metrics = steps.weighted_loss(model, state.params, batch)
+    loss, metrics = jax.jit(functools.partial(steps.weighted_loss, model))(state.params, batch)
     np.testing.assert_allclose(whole["loss_sum"] / whole["weight_sum"], loss, rtol=1e-5)
     np.testing.assert_allclose(whole["correct"] / whole["tokens"], metrics["accuracy"], rtol=1e-6)
     assert int(whole["tokens"]) == int((batch["labels"] != PAD).sum())
@@ -367,7 +378,11 @@ def test_multi_device_mesh_step_equals_single_device(tmp_path):
     result = tmp_path / "multi"
     proc = subprocess.run(
         [sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(result)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     facts = json.loads(result.with_suffix(".json").read_text())
@@ -379,6 +394,9 @@ def test_multi_device_mesh_step_equals_single_device(tmp_path):
             np.testing.assert_allclose(multi[name + "/loss"], metrics["loss"], rtol=1e-5)
             for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
                 np.testing.assert_allclose(
-                    multi[name + "/" + jax.tree_util.keystr(path)], leaf, rtol=1e-4, atol=1e-6,
+                    multi[name + "/" + jax.tree_util.keystr(path)],
+                    leaf,
+                    rtol=1e-4,
+                    atol=1e-6,
                     err_msg=f"{name} {jax.tree_util.keystr(path)}",
                 )

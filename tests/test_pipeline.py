@@ -1,0 +1,201 @@
+"""End-to-end tests of the pipeline on a tiny synthetic world: outputs, skip, refusal to
+overwrite, kill -9 resume (bit for bit), SIGTERM and NaN handling, flagfiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+TINY = [
+    "--data.task=world_qa",
+    "--data.corpus=world",
+    "--world.num_people=40",
+    "--world.num_bios=2",
+    "--data.mlm_length=24",
+    "--data.mlm_target_length=12",
+    "--data.source_length=16",
+    "--data.target_length=8",
+    "--model.d_model=32",
+    "--model.encoder_layers=1",
+    "--model.decoder_layers=1",
+    "--model.encoder_attention_heads=4",
+    "--model.decoder_attention_heads=4",
+    "--model.encoder_ffn_dim=64",
+    "--model.decoder_ffn_dim=64",
+    "--model.max_position_embeddings=32",
+    "--model.vocab_size=0",
+    "--model.dropout=0.1",  # dropout on: resume must reproduce its randomness too
+    "--policy.name=salient_spans",
+    "--policy.spans_per_sentence=1",
+    "--intermediate.batch_size=8",
+    "--intermediate.optim.learning_rate=1e-3",
+    "--finetune.batch_size=8",
+    "--finetune.steps=4",
+    "--finetune.checkpoint_every=2",
+    "--eval.max_examples=16",
+    "--eval.batch_size=8",
+]
+
+
+def _env(tmp_path: pathlib.Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def _cli(args: list[str], tmp_path: pathlib.Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meta_mask.train", *args],
+        cwd=REPO,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def _config(args: list[str]):
+    from absl import flags
+
+    from meta_mask import train
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["prog", *args])
+    try:
+        return train.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def _final_params(stage_dir: pathlib.Path):
+    from meta_mask.training.checkpoint import load_params
+
+    return load_params(stage_dir / "final")
+
+
+def _assert_trees_equal(a, b):
+    import jax
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_every_flagfile_parses():
+    files = sorted((REPO / "experiments").glob("*.flags"))
+    assert files, "experiments/ has no flagfiles"
+    for path in files:
+        cfg = _config([f"--flagfile={path}"])
+        assert cfg.data.task
+
+
+def test_misspelled_flag_fails_at_parse_time(tmp_path):
+    proc = _cli(["--workdir", str(tmp_path), "--policy.nmae=x"], tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "policy.nmae" in out and "policy.name" in out
+
+
+def test_pipeline_end_to_end_outputs_skip_and_conflict(tmp_path):
+    from meta_mask import pipeline
+
+    cfg = _config([*TINY, "--intermediate.steps=6", "--intermediate.checkpoint_every=3"])
+    workdir = tmp_path / "run"
+    results = pipeline.run(cfg, workdir, argv=["test"])
+    assert set(results["metrics"]) >= {"em", "f1", "n"}
+    assert results["metrics"]["n"] == 16
+    for name in ("config.json", "results.json", "results.md", "curves.png", "git_commit.txt"):
+        assert (workdir / name).exists(), name
+    for stage in ("intermediate", "finetune"):
+        rows = [json.loads(x) for x in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows and all(np.isfinite(r["loss"]) for r in rows)
+        assert list((workdir / stage / "tb").glob("events.*"))
+    preds = (workdir / "evaluate" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 16
+    # A finished run is returned as stored, without touching its stages.
+    stamp = (workdir / "intermediate" / "done.json").stat().st_mtime_ns
+    assert pipeline.run(cfg, workdir) == results
+    assert (workdir / "intermediate" / "done.json").stat().st_mtime_ns == stamp
+    # Another config in the same folder is refused, naming the difference; nothing changes.
+    other = _config([*TINY, "--intermediate.steps=7", "--intermediate.checkpoint_every=3"])
+    with pytest.raises(pipeline.RunConflict, match="intermediate.steps: 6 .* 7"):
+        pipeline.run(other, workdir)
+    assert json.loads((workdir / "results.json").read_text()) == results
+
+
+def _wait_for(path_glob: pathlib.Path, pattern: str, proc: subprocess.Popen, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [p for p in path_glob.glob(pattern) if p.name.isdigit()]
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before a checkpoint appeared: {proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_kill9_resume_equals_uninterrupted_run(tmp_path):
+    args = [*TINY, "--stages=intermediate", "--intermediate.steps=150",
+            "--intermediate.checkpoint_every=5"]  # fmt: skip
+    ref = _cli([*args, f"--workdir={tmp_path / 'ref'}"], tmp_path)
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+
+    victim = _cli([*args, f"--workdir={tmp_path / 'killed'}"], tmp_path)
+    ckpts = tmp_path / "killed" / "intermediate" / "checkpoints"
+    _wait_for(ckpts, "*", victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 150, "the run finished before it was killed"
+
+    again = _cli([*args, f"--workdir={tmp_path / 'killed'}"], tmp_path)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    _assert_trees_equal(
+        _final_params(tmp_path / "ref" / "intermediate"),
+        _final_params(tmp_path / "killed" / "intermediate"),
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    args = [*TINY, "--stages=intermediate", "--intermediate.steps=100000",
+            "--intermediate.checkpoint_every=100000", f"--workdir={tmp_path}"]  # fmt: skip
+    proc = _cli(args, tmp_path)
+    metrics = tmp_path / "intermediate" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.stat().st_size > 0):  # training has started
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "SIGTERM" in out and "Traceback" not in out
+    steps = [int(p.name) for p in (tmp_path / "intermediate" / "checkpoints").iterdir()
+             if p.name.isdigit()]  # fmt: skip
+    assert steps and 0 < max(steps) < 100000
+
+
+def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
+    args = [*TINY, "--stages=intermediate", "--intermediate.steps=50",
+            "--intermediate.checkpoint_every=1", "--intermediate.optim.clip_norm=0",
+            "--intermediate.optim.learning_rate=1e30", f"--workdir={tmp_path}"]  # fmt: skip
+    proc = _cli(args, tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "loss is nan at step" in out or "loss is inf at step" in out, out
+    assert "Last good checkpoint: step" in out
