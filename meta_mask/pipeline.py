@@ -306,6 +306,10 @@ def intermediate_stage(ctx: RunContext, params: Any) -> Any:
         ctx.cache_dir / "corpora",
         max_sentences=cfg.data.max_corpus_sentences or None,
         max_length=cfg.data.mlm_length,
+        # Real text has no gold entities: salient spans come from spaCy NER (the world's are gold).
+        ner_labels=cfg.policy.salient_labels
+        if cfg.policy.name == "salient_spans" and cfg.data.corpus != WORLD_CORPUS
+        else None,
     )
     stream = corpora.CorpusStream(
         corpus.dataset,

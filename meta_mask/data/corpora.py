@@ -28,6 +28,7 @@ This module owns the unlabeled text side of intermediate pre-training:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -724,8 +725,12 @@ def _tokenize_batch(
     tokenizer: Any,
     max_length: int,
     tokenize_fn: Callable[[list[dict], Any], list[dict]],
+    ner_labels: Sequence[str] | None = None,
 ) -> dict[str, list]:
-    """`Dataset.map` function: sentence rows -> tokenized, truncated rows."""
+    """`Dataset.map` function: sentence rows -> tokenized, truncated rows.
+
+    With `ner_labels`, sentences that carry no entity spans of their own (real text, unlike
+    the synthetic world's gold spans) are annotated with spaCy NER + dates first."""
     records = []
     for text, doc_id, spans, labels, types in zip(
         batch["text"],
@@ -737,6 +742,8 @@ def _tokenize_batch(
     ):
         ents = [(s[0], s[1], lab, typ) for s, lab, typ in zip(spans, labels, types, strict=True)]
         records.append({"text": text, "doc_id": doc_id, "entities": ents})
+    if ner_labels is not None:
+        _annotate_missing(records, ner_labels)
     tokenized = tokenize_fn(records, tokenizer)
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
     out: dict[str, list] = {k: [] for k in _token_features()}
@@ -758,6 +765,25 @@ def _tokenize_batch(
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _spacy_nlp():
+    from meta_mask.data import ner
+
+    return ner.load_spacy()
+
+
+def _annotate_missing(records: list[dict], labels: Sequence[str]) -> None:
+    """Add NER "entities" (char spans, label, type "ner") to records that have none."""
+    from meta_mask.data import ner
+
+    todo = [r for r in records if not r["entities"]]
+    if not todo:
+        return
+    result = ner.annotate_texts([r["text"] for r in todo], nlp=_spacy_nlp(), labels=labels)
+    for record, spans in zip(todo, result.spans, strict=True):
+        record["entities"] = [(s, e, label, "ner") for s, e, label in spans]
+
+
 def _default_tokenize_fn() -> Callable[[list[dict], Any], list[dict]]:
     from meta_mask.data.tokenize import tokenize_sentences  # another helper's module
 
@@ -774,6 +800,7 @@ def build_corpus(
     max_length: int = 128,
     num_proc: int | None = None,
     tokenize_fn: Callable[[list[dict], Any], list[dict]] | None = None,
+    ner_labels: Sequence[str] | None = None,
 ) -> Corpus:
     """Read, split, filter and tokenize `source` once; later calls reload from `cache_dir`.
 
@@ -781,7 +808,9 @@ def build_corpus(
     max_sentences, max_length, tokenizer content). The tokenized Arrow file is written by
     `Dataset.map(new_fingerprint=...)`; a JSON file with the build statistics is written last
     and marks the build complete. `tokenize_fn` defaults to
-    `meta_mask.data.tokenize.tokenize_sentences`.
+    `meta_mask.data.tokenize.tokenize_sentences`. With `ner_labels` (salient span masking on
+    real text), sentences without entity spans get spaCy's entities with those labels plus
+    dates, cached with the corpus (the labels are part of the fingerprint).
     """
     import datasets
     from datasets.exceptions import DatasetGenerationError
@@ -802,6 +831,8 @@ def build_corpus(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
     }
+    if ner_labels is not None:
+        token_key["ner_labels"] = sorted(ner_labels)
     fp = _hash_json(token_key)
     arrow_path = cache_dir / f"{source.label}-{fp}.arrow"
     stats_path = cache_dir / f"{source.label}-{fp}.json"
@@ -854,7 +885,12 @@ def build_corpus(
         _tokenize_batch,
         batched=True,
         batch_size=1000,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "tokenize_fn": tokenize_fn},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_length": max_length,
+            "tokenize_fn": tokenize_fn,
+            "ner_labels": None if ner_labels is None else tuple(ner_labels),
+        },
         remove_columns=sentences.column_names,
         features=_token_features(),
         cache_file_name=str(arrow_path),

@@ -44,16 +44,22 @@ class PmiTable:
 
 def record_words(input_ids: Sequence[int], word_ids: Sequence[int]) -> list[tuple[Word, int, int]]:
     """The words of one sentence as (token ids, token start, token end), special tokens skipped."""
-    ids = np.asarray(input_ids)
-    wids = np.asarray(word_ids)
-    valid = wids >= 0
-    starts = np.flatnonzero(valid & np.r_[True, wids[1:] != wids[:-1]])
+    # Plain lists: this runs once per sentence in the host pipeline, where numpy's per-call
+    # overhead would dominate.
+    ids = input_ids.tolist() if isinstance(input_ids, np.ndarray) else list(input_ids)
+    wids = word_ids.tolist() if isinstance(word_ids, np.ndarray) else list(word_ids)
     words = []
-    for s in starts:
-        e = s + 1
-        while e < len(wids) and wids[e] == wids[s]:
-            e += 1
-        words.append((tuple(int(t) for t in ids[s:e]), int(s), int(e)))
+    i, n = 0, len(wids)
+    while i < n:
+        w = wids[i]
+        if w < 0:
+            i += 1
+            continue
+        j = i + 1
+        while j < n and wids[j] == w:
+            j += 1
+        words.append((tuple(ids[i:j]), i, j))
+        i = j
     return words
 
 
@@ -139,9 +145,7 @@ def find_ngrams(input_ids: Sequence[int], word_ids: Sequence[int], table: PmiTab
     spans = []
     for n in range(min(table.max_n, len(ints)), 1, -1):
         for i in range(len(ints) - n + 1):
-            if any(used[i : i + n]):
-                continue
-            if tuple(ints[i : i + n]) in table.ngrams:
+            if tuple(ints[i : i + n]) in table.ngrams and not any(used[i : i + n]):
                 used[i : i + n] = [True] * n
                 spans.append((words[i][1], words[i + n - 1][2]))
     spans.sort()

@@ -162,9 +162,13 @@ class CheckpointManager:
         registry.add(STATE_ITEM, ocp.args.StandardRestore)
         registry.add(METADATA_ITEM, ocp.args.JsonSave)
         registry.add(METADATA_ITEM, ocp.args.JsonRestore)
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps={save_interval_steps}; must be >= 1")
+        # Our own rule (step % interval == 0) decides saves: orbax's policy also saves the
+        # first step it sees, whatever its number.
+        self.save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
             create=True,
             # Leftovers of a save that was killed before its final rename.
             cleanup_tmp_directories=True,
@@ -175,7 +179,12 @@ class CheckpointManager:
         )
 
     def save(self, step: int, state: Any, metadata: Any, *, force: bool = False) -> bool:
-        """Write `state` and `metadata` (a dict or dataclass config) as `step`; True if saved."""
+        """Write `state` and `metadata` (a dict or dataclass config) as `step`; True if saved.
+
+        Saves when step % save_interval_steps == 0, or always with force=True.
+        """
+        if not force and step % self.save_interval_steps:
+            return False
         return self._manager.save(
             int(step),
             args=ocp.args.Composite(
@@ -184,7 +193,7 @@ class CheckpointManager:
                     METADATA_ITEM: ocp.args.JsonSave(to_jsonable(metadata)),
                 }
             ),
-            force=force,
+            force=True,
         )
 
     def wait_until_finished(self) -> None:

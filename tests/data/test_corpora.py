@@ -648,3 +648,33 @@ def test_world_sentences_as_a_records_corpus(tmp_path):
         assert row["entity_types"] == types  # the attribute of each gold span survives
         for (s, e), (cs, ce, *_) in zip(row["entity_spans"], rec["entities"], strict=True):
             assert tok.decode(row["input_ids"][s:e]) == rec["text"][cs:ce]
+
+
+def test_ner_annotation_of_real_text_is_cached_with_the_corpus(tmp_path):
+    """Salient spans on real text: spaCy's real pipeline annotates sentences without gold spans."""
+    path = tmp_path / "bios.txt"
+    text = (
+        "Barack Obama was born in Hawaii on August 4, 1961.\n"
+        "Marie Curie worked in Paris for many years of her life.\n"
+    )
+    path.write_text(text)
+    tok = word_tokenizer(text.split("\n"))
+    source = corpora.CorpusSource(kind="file", path=str(path))
+    plain = corpora.build_corpus(source, tok, tmp_path / "cache", max_length=32)
+    assert all(len(s) == 0 for s in plain.dataset["entity_spans"])
+    ner = corpora.build_corpus(
+        source, tok, tmp_path / "cache", max_length=32, ner_labels=("PERSON", "GPE", "DATE")
+    )
+    assert ner.fingerprint != plain.fingerprint and not ner.from_cache
+    found = {}
+    for row in ner.dataset:
+        for (a, b), label in zip(row["entity_spans"], row["entity_labels"], strict=True):
+            found[tok.decode(row["input_ids"][a:b]).strip()] = label
+    assert found.get("Barack Obama") == "PERSON"
+    assert found.get("Hawaii") == "GPE"
+    assert found.get("Paris") == "GPE"
+    assert any(label == "DATE" and "1961" in t for t, label in found.items())
+    again = corpora.build_corpus(
+        source, tok, tmp_path / "cache", max_length=32, ner_labels=("PERSON", "GPE", "DATE")
+    )
+    assert again.from_cache and again.fingerprint == ner.fingerprint

@@ -1,0 +1,558 @@
+r"""Meta-learning the masking policy: inner MLM updates, the unroll, the meta loss, the meta step.
+
+Pure functions only (no I/O, no jax.config); `make_meta_step` jits once. phi = the policy's
+parameters, theta = the language model's.
+
+The objective
+-------------
+A policy gives each maskable token x_i of a sentence a logit l_i = f_phi(x)_i. Its distribution
+over the sentence is the softmax over the sentence's maskable tokens, scaled to the budget:
+
+    q_i = softmax(l)_i,    p_i = T * q_i   (the expected-count probability; clipped at 1 when read
+                                           as a probability),    T = the sampler's target count.
+
+Why a softmax and not a sigmoid: the shared sampler (policies/sampler.py) draws the mask by
+Gumbel-top-k on the same logits, i.e. T draws without replacement from q. The first draw takes
+token i with probability exactly q_i, and T draws include it with probability ~ T q_i (exact for
+uniform q). Both q and the sampler are invariant to adding a constant to a sentence's logits and
+the budget holds by construction (sum_i p_i = T). A per-token sigmoid would have one direction
+(the common offset) that moves p but never the masks, pinned only by a penalty.
+
+A mask m (boolean) is drawn from the logits with FIXED Gumbel noise (an input), through the
+stop-gradient of the logits: m is a discrete sample, nothing differentiates through it.
+
+Inner loop. The corrupted batch is `corrupt_tokens_jax` (full-sentence target, <mask> per masked
+token); the MLM loss is the cross-entropy on the masked positions, each weighted by
+
+    w_i = p_i / stop_gradient(p_i) = exp(log q_i - stop_gradient(log q_i)),
+
+    L_mlm(theta, phi) = (1/N) sum_{i: m_i} w_i ce_i(theta),    N = number of masked tokens.
+
+Why this weight (and not w = p normalized): its VALUE is 1, so the forward inner step is exactly
+the ordinary MLM step on the sampled mask (the training this policy will actually cause, with the
+inner learning rate meaning what it means in the intermediate stage), while its GRADIENT is
+grad_phi log q_i, the likelihood-ratio direction: upweighting token i's loss by (1 + d) to first
+order is what masking it (1 + d) times as often does in expectation (the weight is the importance
+ratio of a perturbed policy to the sampling one). With w = p, the step size would shrink with
+p ~ T/n and the forward would no longer be the MLM step the policy causes.
+
+K inner steps with an optax optimizer (sgd or adam, pure init/update; state in the scan carry;
+each step under jax.checkpoint when cfg.remat):
+
+    theta_{k+1} = theta_k + update_k(grad_theta L_mlm(theta_k, phi; batch_k)),
+
+optionally followed (downstream_steps = 1) by an MLM step on the downstream examples' contexts
+(masked by the same policy) and a step on their question -> answer pairs, as in the papers'
+figure. Outer loss: the teacher-forced answer cross-entropy of theta_K on a held-out batch.
+
+    meta_loss(phi) = L_down(theta_K(phi)) - entropy_weight * H(q) + budget_weight * B(p)
+
+H = mean over sentences of the entropy of q normalized by log(n); B = (mean_i min(1, p_i) -
+sum T / sum n)^2, zero until probability mass concentrates beyond what the budget can spend
+(collapse onto a few tokens). Both keep the policy from collapsing.
+
+Meta-gradients
+--------------
+second_order: jax.grad of meta_loss w.r.t. phi through the whole unroll (Hessian-vector
+products of the LM, through the optimizer's update). For K = 1 and SGD at rate a:
+
+    theta_1 = theta_0 - (a/N) sum_{i: m_i} w_i grad ce_i(theta_0),
+    d L_down / d phi = -(a/N) sum_{i: m_i} <grad L_down(theta_1), grad ce_i(theta_0)> grad log q_i:
+
+a masked token's probability rises when training on it moves theta along the downstream loss's
+descent direction. first_order replaces theta_1 by theta_0 inside grad L_down (error O(a^2)):
+
+    g_FO = -a * d/dphi <grad_theta L_mlm(theta_0, phi), stop_gradient(grad_theta L_down(theta_0))>
+         = -(a/N) sum_k sum_{i: m_i} w_i * stop_gradient(c_i)   differentiated w.r.t. phi,
+
+with c_i = <grad ce_i(theta_0), grad L_down(theta_0)> for every token at once by ONE forward-mode
+product (jax.jvp of the per-token losses along grad L_down): no second-order pass through the LM,
+memory ~ a forward pass. It sums the K inner batches' alignments at theta_0 and ignores the
+inner optimizer's preconditioning (for adam it is the SGD direction) and the downstream steps.
+
+Correctness (tests/policies/test_meta.py): with the denominator of w taken at a fixed reference
+phi_ref (`reference_phi`), w = p_phi / p_phi_ref and S(phi) = meta_loss is an ordinary function
+whose derivative at phi = phi_ref equals the meta-gradient; central finite differences of S in
+float64 match jax.grad, for K = 1 and 3, sgd and adam, with and without remat.
+
+theta: the unroll starts from the caller's LM parameters. They are an input of every meta step,
+never updated here: the caller keeps them fixed for all meta steps or refreshes them (e.g. every
+MetaConfig.theta_refresh_every steps, to the intermediate-stage model); dropout is off inside.
+Units: by default every maskable token is a unit; inner batches may carry "unit_ids" (e.g. whole
+words), passed to the policy (mean-pooled logits) and the sampler; q is still per token.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from meta_mask.config import MetaConfig
+from meta_mask.policies.corrupt import corrupt_tokens_jax
+from meta_mask.policies.sampler import gumbel_noise_jax, sample_mask_jax
+from meta_mask.training.steps import token_losses
+
+Array = jax.Array
+PyTree = Any
+Batch = Mapping[str, Array]
+Metrics = dict[str, Array]
+# (phi, input_ids [B,L], valid [B,L], unit_ids [B,L] | None) -> logits [B,L] (-inf off valid)
+PolicyFn = Callable[[PyTree, Array, Array, Array | None], Array]
+# (theta, batch) -> per-token cross-entropy [B,T] of batch["labels"]
+LmLoss = Callable[[PyTree, Batch], Array]
+
+# optax.adam's eps_root: sqrt(nu + eps_root) keeps the derivative of the Adam update finite
+# where nu = 0 (parameters with zero gradient); with 0 the second-order meta-gradient is NaN.
+ADAM_EPS_ROOT = 1e-12
+_NEG = -1e30  # a finite "minus infinity" for masked log-sum-exp (no NaN gradients)
+_RATE_SCALE = 1_000_000
+
+
+def bart_lm_loss(model: Any) -> LmLoss:
+    """The LmLoss of a Bart module: `token_losses` without dropout."""
+    return lambda theta, batch: token_losses(model, theta, batch)
+
+
+def policy_fn_from_net(net: Any) -> PolicyFn:
+    """The PolicyFn of a PolicyNet (linen module)."""
+    return lambda phi, ids, valid, unit_ids=None: net.apply({"params": phi}, ids, valid, unit_ids)
+
+
+@dataclass(frozen=True)
+class MetaSetup:
+    """The static parts of a meta problem: config, policy, LM loss and special token ids."""
+
+    cfg: MetaConfig
+    policy_fn: PolicyFn
+    lm_loss: LmLoss
+    mask_id: int
+    pad_id: int = 1
+    decoder_start_token_id: int = 2
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def policy_distribution(logits: Array, valid: Array) -> tuple[Array, Array]:
+    """(log q, q) [..., L]: the softmax over each sentence's valid tokens; 0 off `valid`."""
+    z = jnp.where(valid, logits, _NEG)  # where() also blocks gradients into the -inf entries
+    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    log_q = jnp.where(valid, z - lse, 0.0)
+    return log_q, jnp.where(valid, jnp.exp(log_q), 0.0)
+
+
+def target_counts(n_valid: Array, mask_rate: float) -> Array:
+    """Tokens the sampler masks per sentence (policies/sampler.py, rule 4, same integers)."""
+    n = n_valid.astype(jnp.int32)
+    target = (n * int(round(mask_rate * _RATE_SCALE)) + _RATE_SCALE // 2) // _RATE_SCALE
+    return jnp.minimum(jnp.maximum(target, (n > 0).astype(jnp.int32)), n)
+
+
+def policy_probabilities(logits: Array, valid: Array, mask_rate: float) -> Array:
+    """p_i = min(1, T q_i): each token's (approximate) inclusion probability under the budget."""
+    _, q = policy_distribution(logits, valid)
+    t = target_counts(valid.sum(-1), mask_rate).astype(q.dtype)
+    return jnp.minimum(1.0, t[..., None] * q)
+
+
+def policy_regularizers(
+    logits: Array, valid: Array, cfg: MetaConfig
+) -> tuple[Array, Metrics]:
+    """-entropy_weight * H + budget_weight * B (module docstring), and their metrics."""
+    log_q, q = policy_distribution(logits, valid)
+    n = valid.sum(-1)
+    entropy = -jnp.sum(q * log_q, axis=-1) / jnp.log(jnp.maximum(n, 2).astype(q.dtype))
+    rows = (n > 0).astype(q.dtype)
+    entropy = jnp.sum(entropy * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+    p = policy_probabilities(logits, valid, cfg.mask_rate)
+    mean_p = jnp.sum(p) / jnp.maximum(jnp.sum(valid), 1)
+    target = jnp.sum(target_counts(n, cfg.mask_rate)) / jnp.maximum(jnp.sum(n), 1)
+    budget = (mean_p - target) ** 2
+    loss = -cfg.entropy_weight * entropy + cfg.budget_weight * budget
+    return loss, {"entropy": entropy, "mean_p": mean_p, "budget_penalty": budget}
+
+
+def _units(valid: Array, unit_ids: Array | None) -> Array:
+    pos = jnp.broadcast_to(jnp.arange(valid.shape[-1], dtype=jnp.int32), valid.shape)
+    return jnp.where(valid, pos if unit_ids is None else unit_ids, -1)
+
+
+def sample_masks(
+    logits: Array, valid: Array, noise: Array, mask_rate: float, unit_ids: Array | None = None
+) -> Array:
+    """The sampler's mask [B, L] from the policy's logits (no gradient) and fixed noise."""
+    return sample_mask_jax(
+        jax.lax.stop_gradient(logits),
+        _units(valid, unit_ids),
+        valid,
+        noise,
+        mask_rate=mask_rate,
+    )
+
+
+def mask_weights(log_q: Array, mask: Array, log_q_ref: Array | None = None) -> Array:
+    """w_i = q_i / q_ref_i on masked tokens (0 elsewhere); q_ref = stop_gradient(q) by default,
+    so w = 1 in value with gradient grad log q."""
+    ref = jax.lax.stop_gradient(log_q) if log_q_ref is None else log_q_ref
+    return jnp.where(mask, jnp.exp(log_q - ref), 0.0)
+
+
+# ----------------------------------------------------------------------------- inner loop
+
+
+def make_inner_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
+    """The inner loop's optimizer: plain SGD or Adam (eps_root > 0, see ADAM_EPS_ROOT)."""
+    if cfg.inner_optimizer == "sgd":
+        return optax.sgd(cfg.inner_learning_rate)
+    return optax.adam(cfg.inner_learning_rate, eps_root=ADAM_EPS_ROOT)
+
+
+def _corrupt(input_ids: Array, mask: Array, setup: MetaSetup) -> dict:
+    return corrupt_tokens_jax(
+        input_ids,
+        mask,
+        setup.mask_id,
+        pad_id=setup.pad_id,
+        decoder_start_token_id=setup.decoder_start_token_id,
+    )
+
+
+def mlm_examples(input_ids: Array, mask: Array, weights: Array, setup: MetaSetup) -> dict:
+    """Full-sentence MLM batch [B, L] whose "weights" are mask * w / N (loss = sum w * ce)."""
+    ex = _corrupt(input_ids, mask, setup)
+    count = jnp.maximum(jnp.sum(mask), 1).astype(weights.dtype)  # a constant: no gradient
+    return {**ex, "weights": weights / count}
+
+
+def normalized(batch: Batch) -> dict:
+    """A supervised batch with weights w / max(sum w, 1), so sum(w * ce) is its mean loss."""
+    w = jnp.asarray(batch["weights"])
+    return {**batch, "weights": w / jnp.maximum(jnp.sum(w), 1.0)}
+
+
+def summed_loss(lm_loss: LmLoss, theta: PyTree, batch: Batch) -> Array:
+    """sum(weights * ce): the loss of a batch whose weights are already normalized."""
+    ce = lm_loss(theta, batch)
+    return jnp.sum(batch["weights"].astype(ce.dtype) * ce)
+
+
+def outer_loss(lm_loss: LmLoss, theta: PyTree, batch: Batch) -> Array:
+    """Downstream teacher-forced cross-entropy: sum(w * ce) / max(sum w, 1)."""
+    return summed_loss(lm_loss, theta, normalized(batch))
+
+
+def inner_step(
+    lm_loss: LmLoss, tx: optax.GradientTransformation, carry: tuple, batch: Batch
+) -> tuple[PyTree, optax.OptState]:
+    """One differentiable update: (theta, opt_state) -> (theta', opt_state')."""
+    theta, opt_state = carry
+    grads = jax.grad(functools.partial(summed_loss, lm_loss))(theta, batch)
+    updates, opt_state = tx.update(grads, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state
+
+
+def unroll(setup: MetaSetup, theta: PyTree, examples: Batch, extra: tuple = ()) -> PyTree:
+    """theta_K after a lax.scan of inner steps over `examples` (leading axis K), then one step
+    on each batch of `extra` in order (the downstream steps). Fresh optimizer state."""
+    tx = make_inner_optimizer(setup.cfg)
+    step = functools.partial(inner_step, setup.lm_loss, tx)
+    if setup.cfg.remat:
+        step = jax.checkpoint(step)
+    carry, _ = jax.lax.scan(lambda c, b: (step(c, b), None), (theta, tx.init(theta)), examples)
+    for batch in extra:
+        carry = step(carry, batch)
+    return carry[0]
+
+
+def _flat(x: Array) -> Array:
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _policy_logits(setup: MetaSetup, phi: PyTree, batch: Batch, leading: int) -> Array:
+    """Policy logits for a [leading..., B, L] batch (flattened into one call)."""
+    unit_ids = batch.get("unit_ids")
+    ids, valid = batch["input_ids"], batch["valid"]
+    if leading:
+        ids, valid = _flat(ids), _flat(valid)
+        unit_ids = None if unit_ids is None else _flat(unit_ids)
+    logits = setup.policy_fn(phi, ids, valid, unit_ids)
+    return logits.reshape(batch["input_ids"].shape)
+
+
+def _check_inner(setup: MetaSetup, inner_batches: Batch, noise: Array) -> None:
+    shape = tuple(inner_batches["input_ids"].shape)
+    if len(shape) != 3 or shape[0] != setup.cfg.inner_steps:
+        raise ValueError(
+            f"inner_batches['input_ids'] must be [K, B, L] with K = MetaConfig.inner_steps="
+            f"{setup.cfg.inner_steps}; got shape {shape}"
+        )
+    for name, arr in (("inner_batches['valid']", inner_batches["valid"]), ("noise", noise)):
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(arr.shape)}; expected {shape}")
+
+
+def policy_masks(
+    phi: PyTree,
+    batch: Batch,
+    noise: Array,
+    setup: MetaSetup,
+    *,
+    masks: Array | None = None,
+    reference_phi: PyTree | None = None,
+    leading: int = 0,
+) -> tuple[Array, Array, Array]:
+    """(logits, masks, weights) for a policy-masked batch: masks from fixed noise unless given;
+    weights relative to `reference_phi` when given (else stop_gradient)."""
+    logits = _policy_logits(setup, phi, batch, leading)
+    valid = batch["valid"]
+    log_q, _ = policy_distribution(logits, valid)
+    if masks is None:
+        flat = (lambda x: x) if not leading else _flat
+        units = batch.get("unit_ids")
+        masks = sample_masks(
+            flat(logits),
+            flat(valid),
+            flat(noise),
+            setup.cfg.mask_rate,
+            None if units is None else flat(units),
+        ).reshape(valid.shape)
+    log_q_ref = None
+    if reference_phi is not None:
+        ref_logits = _policy_logits(setup, reference_phi, batch, leading)
+        log_q_ref = policy_distribution(ref_logits, valid)[0]
+    return logits, masks, mask_weights(log_q, masks, log_q_ref)
+
+
+def inner_loop(
+    phi: PyTree,
+    theta: PyTree,
+    inner_batches: Batch,
+    noise: Array,
+    setup: MetaSetup,
+    *,
+    masks: Array | None = None,
+    reference_phi: PyTree | None = None,
+    downstream: Mapping[str, Any] | None = None,
+) -> tuple[PyTree, Array, Metrics]:
+    """theta_K(phi), the policy's regularizer loss and metrics.
+
+    inner_batches: {"input_ids" int32 [K,B,L], "valid" bool [K,B,L] (maskable tokens),
+    optional "unit_ids" [K,B,L]}; noise: Gumbel [K,B,L]; masks: optional fixed masks [K,B,L].
+    downstream (needed iff cfg.downstream_steps = 1): {"context": {"input_ids", "valid"} [B,L],
+    "context_noise" [B,L], optional "context_mask", "qa": a supervised batch}.
+    """
+    cfg = setup.cfg
+    _check_inner(setup, inner_batches, noise)
+    logits, masks, weights = policy_masks(
+        phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
+    )
+    examples = jax.vmap(lambda i, m, w: mlm_examples(i, m, w, setup))(
+        inner_batches["input_ids"], masks, weights
+    )
+    extra: tuple = ()
+    if cfg.downstream_steps:
+        if downstream is None:
+            raise ValueError(
+                "MetaConfig.downstream_steps=1 needs `downstream` batches (context + qa)"
+            )
+        context = downstream["context"]
+        _, c_mask, c_weights = policy_masks(
+            phi,
+            context,
+            downstream["context_noise"],
+            setup,
+            masks=downstream.get("context_mask"),
+            reference_phi=reference_phi,
+        )
+        extra = (
+            mlm_examples(context["input_ids"], c_mask, c_weights, setup),
+            normalized(downstream["qa"]),
+        )
+    theta_k = unroll(setup, theta, examples, extra)
+    reg, metrics = policy_regularizers(logits, inner_batches["valid"], cfg)
+    metrics["mask_rate"] = jnp.sum(masks) / jnp.maximum(jnp.sum(inner_batches["valid"]), 1)
+    return theta_k, reg, metrics
+
+
+def meta_loss(
+    phi: PyTree,
+    theta: PyTree,
+    inner_batches: Batch,
+    outer_batch: Batch,
+    noise: Array,
+    setup: MetaSetup,
+    *,
+    masks: Array | None = None,
+    reference_phi: PyTree | None = None,
+    downstream: Mapping[str, Any] | None = None,
+) -> tuple[Array, Metrics]:
+    """L_down(theta_K(phi)) + regularizers, and metrics (outer_loss, entropy, mean_p, ...)."""
+    theta_k, reg, metrics = inner_loop(
+        phi,
+        theta,
+        inner_batches,
+        noise,
+        setup,
+        masks=masks,
+        reference_phi=reference_phi,
+        downstream=downstream,
+    )
+    out = outer_loss(setup.lm_loss, theta_k, outer_batch)
+    return out + reg, {**metrics, "outer_loss": out}
+
+
+def first_order_loss(
+    phi: PyTree,
+    theta: PyTree,
+    inner_batches: Batch,
+    outer_batch: Batch,
+    noise: Array,
+    setup: MetaSetup,
+    *,
+    masks: Array | None = None,
+    reference_phi: PyTree | None = None,
+) -> tuple[Array, Metrics]:
+    """The first-order surrogate -a <grad L_mlm(theta, phi), sg(grad L_down(theta))> + regs;
+    its phi-gradient is the first-order meta-gradient (module docstring). Metrics carry
+    outer_loss = L_down(theta) and the alignment <grad L_mlm, grad L_down>."""
+    cfg = setup.cfg
+    _check_inner(setup, inner_batches, noise)
+    lm_loss = setup.lm_loss
+    down, down_grad = jax.value_and_grad(functools.partial(outer_loss, lm_loss))(
+        theta, outer_batch
+    )
+    down_grad = jax.lax.stop_gradient(down_grad)
+    logits, masks, weights = policy_masks(
+        phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
+    )
+    examples = jax.vmap(lambda i, m: _corrupt(i, m, setup))(inner_batches["input_ids"], masks)
+
+    def per_token_alignment(ex: Batch) -> Array:
+        # c_i = <grad ce_i(theta), grad L_down(theta)> for every token: one jvp.
+        return jax.jvp(lambda th: lm_loss(th, ex), (theta,), (down_grad,))[1]
+
+    align_tokens = jax.lax.stop_gradient(jax.lax.map(per_token_alignment, examples))
+    counts = jnp.maximum(jnp.sum(masks, axis=(1, 2)), 1).astype(weights.dtype)
+    alignment = jnp.sum(weights * align_tokens / counts[:, None, None])
+    reg, metrics = policy_regularizers(logits, inner_batches["valid"], cfg)
+    metrics["mask_rate"] = jnp.sum(masks) / jnp.maximum(jnp.sum(inner_batches["valid"]), 1)
+    surrogate = -cfg.inner_learning_rate * alignment
+    return surrogate + reg, {**metrics, "outer_loss": down, "alignment": alignment}
+
+
+def meta_gradient(
+    phi: PyTree,
+    theta: PyTree,
+    inner_batches: Batch,
+    outer_batch: Batch,
+    noise: Array,
+    setup: MetaSetup,
+    *,
+    downstream: Mapping[str, Any] | None = None,
+) -> tuple[PyTree, Array, Metrics]:
+    """(d objective / d phi, objective, metrics) with the estimator of setup.cfg.estimator."""
+    if setup.cfg.estimator == "second_order":
+        fn = functools.partial(meta_loss, setup=setup, downstream=downstream)
+    else:
+        fn = functools.partial(first_order_loss, setup=setup)
+    (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(
+        phi, theta, inner_batches, outer_batch, noise
+    )
+    return grads, loss, metrics
+
+
+# ----------------------------------------------------------------------------- meta step
+
+
+@flax.struct.dataclass
+class MetaState:
+    """The policy's training state (a pytree): step, phi, the policy optimizer's state."""
+
+    step: jax.Array
+    params: PyTree
+    opt_state: optax.OptState
+
+
+def make_policy_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
+    """Adam at cfg.learning_rate after global-norm clipping (clip_norm > 0). A frozen token
+    table gets exactly zero gradient, hence exactly zero Adam update."""
+    adam = optax.adam(cfg.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam) if cfg.clip_norm > 0 else adam
+
+
+def create_meta_state(phi: PyTree, cfg: MetaConfig) -> MetaState:
+    """Step 0 with fresh policy-optimizer state."""
+    return MetaState(
+        step=jnp.zeros((), jnp.int32), params=phi, opt_state=make_policy_optimizer(cfg).init(phi)
+    )
+
+
+def batch_noise(rng: Array, step: Array, batches: Mapping[str, Any], k: int) -> Array:
+    """Gumbel noise [K, B, L] for the inner batches: batch k uses the sampler's per-example
+    stream gumbel_noise_jax(fold_in(rng, k), step, example_ids[k], L); example_ids default to
+    0..B-1. The context (downstream) uses index K."""
+    inner = batches["inner"]
+    kk, b, length = inner["input_ids"].shape
+    ids = inner.get("example_ids", jnp.broadcast_to(jnp.arange(b), (kk, b)))
+    return jax.vmap(lambda i, e: gumbel_noise_jax(jax.random.fold_in(rng, i), step, e, length))(
+        jnp.arange(kk), ids
+    )
+
+
+def make_meta_step(
+    setup: MetaSetup, *, jit: bool = True, donate: bool = True
+) -> Callable[[MetaState, PyTree, Mapping[str, Any], Array], tuple[MetaState, Metrics]]:
+    """`meta_step(meta_state, theta, batches, rng) -> (meta_state, metrics)`: one policy update.
+
+    batches: {"inner": {"input_ids", "valid" [K,B,L], optional "unit_ids", "example_ids" [K,B]},
+    "outer": a supervised batch, and with downstream_steps = 1 "context": {"input_ids", "valid"
+    [B,L]} and "qa": a supervised batch}. `rng` is the run's base key (the same every step);
+    the masks' noise is derived from (rng, step) as in the sampler. theta is read, never
+    updated. Metrics: loss, outer_loss, entropy, mean_p, budget_penalty, mask_rate, grad_norm
+    (and alignment for first_order).
+    """
+    cfg = setup.cfg
+    tx = make_policy_optimizer(cfg)
+
+    def meta_step(
+        state: MetaState, theta: PyTree, batches: Mapping[str, Any], rng: Array
+    ) -> tuple[MetaState, Metrics]:
+        inner = batches["inner"]
+        noise = batch_noise(rng, state.step, batches, cfg.inner_steps)
+        downstream = None
+        if cfg.downstream_steps:
+            if "context" not in batches or "qa" not in batches:
+                raise ValueError(
+                    "MetaConfig.downstream_steps=1: batches need 'context' and 'qa' entries"
+                )
+            context = batches["context"]
+            b, length = context["input_ids"].shape
+            c_ids = context.get("example_ids", jnp.arange(b))
+            c_noise = gumbel_noise_jax(
+                jax.random.fold_in(rng, cfg.inner_steps), state.step, c_ids, length
+            )
+            downstream = {"context": context, "context_noise": c_noise, "qa": batches["qa"]}
+        grads, loss, metrics = meta_gradient(
+            state.params,
+            theta,
+            {k: v for k, v in inner.items() if k != "example_ids"},
+            batches["outer"],
+            noise,
+            setup,
+            downstream=downstream,
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return MetaState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    if not jit:
+        return meta_step
+    return jax.jit(meta_step, donate_argnums=(0,) if donate else ())
