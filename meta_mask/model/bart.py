@@ -37,8 +37,12 @@ Cache contents (a plain pytree, safe to pass through `jax.jit` / `lax.while_loop
       so steps never recompute them (and need no encoder output: pass None).
 Every array leaf with ndim > 0 has the batch on axis 0 and every scalar leaf is a step counter
 shared by the whole batch, so beam search can expand / reorder beams with
-`jax.tree.map(lambda x: x[idx] if x.ndim else x, cache)` (see `reorder_cache`). Decoding more than
-T tokens, or past `max_position_embeddings`, is not checked inside jit: callers must stop at T.
+`jax.tree.map(lambda x: x[idx] if x.ndim else x, cache)` (see `reorder_cache`); to start B*K
+beams, either encode the repeated inputs or `reorder_cache(init_cache(...), jnp.repeat(
+jnp.arange(B), K))`. All beams of a batch advance together (one shared step counter).
+Decoding more than T tokens is not checked inside jit (extra tokens overwrite the last cache
+slot): callers must stop at T. T and the encoder length must be <= `max_position_embeddings`
+(checked while tracing: ValueError).
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ class Attention(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
     ) -> Array:
+        """x [B,Lq,D] -> [B,Lq,D]; `kv` is the encoder output for cross-attention, else None."""
         cfg = self.config
         dtype = compute_dtype(cfg)
         d = cfg.d_model
@@ -149,12 +154,13 @@ class Attention(nn.Module):
                     self.put_variable("cache", "cross_key", k)
                     self.put_variable("cache", "cross_value", v)
         else:
-            src = x if kv is None else kv
-            k, v = split(k_proj(src)), split(v_proj(src))
+            k, v = split(k_proj(x)), split(v_proj(x))
             if decode:
                 k, v, mask = self._update_cache(k, v, mask)
 
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+        # Scores accumulate in float32 even for bf16 inputs; softmax runs in float32.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (head_dim**-0.5)  # HF BartAttention.scaling
         if mask is not None:
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
@@ -170,7 +176,7 @@ class Attention(nn.Module):
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not initialized:
             return k, v, mask  # init pass: a normal causal pass whose output is discarded
-        batch, step_len, heads, head_dim = k.shape
+        step_len = k.shape[1]
         max_len = cached_key.value.shape[1]
         if step_len != 1:
             raise ValueError(f"decode=True takes one token per step, got length {step_len}")
@@ -243,6 +249,16 @@ def _positions(config: ModelConfig, name: str) -> nn.Embed:
     )
 
 
+def _check_length(config: ModelConfig, length: int, what: str) -> None:
+    # Shapes are static, so this costs nothing under jit; an out-of-range learned position would
+    # otherwise silently read NaN.
+    if length > config.max_position_embeddings:
+        raise ValueError(
+            f"{what} length {length} exceeds max_position_embeddings="
+            f"{config.max_position_embeddings}; truncate the inputs or lower max_decode_len"
+        )
+
+
 class Encoder(nn.Module):
     """Positions + layernorm_embedding + encoder layers, on already-embedded tokens."""
 
@@ -252,6 +268,7 @@ class Encoder(nn.Module):
     def __call__(self, embeds: Array, mask: Array, deterministic: bool = True) -> Array:
         cfg = self.config
         dtype = compute_dtype(cfg)
+        _check_length(cfg, embeds.shape[1], "input_ids")
         positions = jnp.arange(embeds.shape[1]) + POSITION_OFFSET
         x = embeds + _positions(cfg, "embed_positions")(positions)[None]
         x = _apply_ln(_layer_norm(cfg, "layernorm_embedding"), x, dtype)
@@ -288,6 +305,10 @@ class Decoder(nn.Module):
             if initialized:  # a real step: learned position = tokens decoded so far
                 start = index.value
                 index.value = start + length
+            else:
+                _check_length(cfg, length, "max_decode_len")
+        else:
+            _check_length(cfg, length, "decoder_input_ids")
         positions = start + jnp.arange(length) + POSITION_OFFSET
         x = embeds + _positions(cfg, "embed_positions")(positions)[None]
         x = _apply_ln(_layer_norm(cfg, "layernorm_embedding"), x, dtype)

@@ -41,7 +41,8 @@ from meta_mask.config import ModelConfig
 from meta_mask.model.bart import Bart, decode_step, init_cache
 
 # HF adds this to a candidate's score to rule it out (a soft mask, not -inf, so arithmetic on
-# masked scores stays finite). We add it in the same places and order so scores match bit for bit.
+# masked scores stays finite). We add it in the same places and order, so that rounding (and
+# hence the order of near-equal masked candidates) follows HF's float32 arithmetic.
 _MASK = -1.0e9
 
 Cache = Any
@@ -196,11 +197,11 @@ def beam_search(
     scored sum_logprobs / generated_len ** length_penalty; the finished set keeps its best
     num_beams. `early_stopping`: True stops an example once it has num_beams finished hypotheses;
     False (HF's default) stops it when the best running beam, normalized by the current length,
-    can no longer beat the worst finished one; "never" uses max_length instead of the current
-    length in that test when length_penalty > 0 (the exact bound).
+    can no longer beat the worst finished one; "never" makes that test exact by using max_length
+    instead of the current length when length_penalty > 0.
     """
     _check_lengths(max_length, min_length)
-    if early_stopping not in (True, False, "never"):
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping={early_stopping!r}; valid: True, False, 'never'")
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams} must be >= 1")
@@ -270,7 +271,7 @@ def beam_search(
         scores = gather(merged_scores, keep)
         finished = gather(jnp.concatenate([s["finished"], just_finished], axis=1), keep)
 
-        cache = reorder_cache(cache, source_row.reshape(b * k))
+        pass
         cur_len = cur_len + 1
         best_running = running_scores[:, :1] / penalties[best_len(cur_len)]
         worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _MASK)

@@ -17,7 +17,10 @@ The rule (identical in both implementations):
    units without replacement with probabilities softmax(scores): equal scores = uniform order.
 4. Budget, exactly one of:
    - `num_units=k`: the top-k units (all of them when a sentence has fewer).
-   - `mask_rate=r`: target T = round_half_up(r * n) tokens, n = eligible tokens of the sentence,
+   - `mask_rate=r`: target T = round_half_up(r * n) tokens, n = VALID tokens of the sentence
+     (all maskable tokens, whatever the policy's units cover: so every policy masks the same
+     number of tokens of a sentence, the basis of a fair comparison; a policy whose units run
+     out, e.g. salient spans on a sentence with one short entity, masks fewer),
      computed in integers as (n * round(r * 1e6) + 500000) // 1000000 so both implementations
      agree exactly; T is at least 1 when r > 0 and n > 0. Units are taken in rank order while
      the running total is still below T: the smallest prefix of the ranking that covers T.
@@ -172,7 +175,7 @@ def sample_mask_np(
     if num_units is not None:
         take = np.arange(length)[None, :] < num_units
     else:
-        target = target_counts_np(eligible.sum(1), mask_rate)
+        target = target_counts_np(np.asarray(valid, bool).sum(1), mask_rate)
         before = np.cumsum(sorted_len, axis=1) - sorted_len
         take = before < target[:, None]
     take = take & sorted_exists
@@ -226,7 +229,7 @@ def _sample_one_jax(scores, unit_ids, valid, noise, mask_rate, num_units, trunca
     if num_units is not None:
         take = jnp.arange(length) < num_units
     else:
-        n = eligible.sum().astype(jnp.int32)
+        n = valid.sum().astype(jnp.int32)
         # int32 is exact here: n <= L and ppm <= 1e6 keep n * ppm far below 2**31 for L < 2000.
         target = (n * _rate_ppm(mask_rate) + _RATE_SCALE // 2) // _RATE_SCALE
         if mask_rate > 0:

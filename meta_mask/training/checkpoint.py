@@ -129,9 +129,7 @@ def abstract_tree(tree: Any) -> Any:
         sharding = getattr(x, "sharding", None)
         if not isinstance(sharding, jax.sharding.Sharding):
             sharding = default
-        return jax.ShapeDtypeStruct(
-            np.shape(x) if not hasattr(x, "shape") else x.shape, x.dtype, sharding=sharding
-        )
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(one, tree)
 

@@ -224,7 +224,7 @@ def _apply_update(
     metrics = {
         **metrics,
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),  # before clipping
+        "grad_norm": optax.tree.norm(grads),  # before clipping
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),  # used by this update
     }
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
@@ -262,8 +262,12 @@ def make_train_step(
     With jit=True the step is jitted once here, with the state donated (its buffers are reused
     for the new state) and explicit shardings: the state as `state_sharding` (a sharding or a
     pytree of them; default replicated over `mesh`), the batch split over the mesh's batch axes,
-    rng and metrics replicated. `mesh` defaults to all devices on the data axis. The caller
-    places the initial state with the same sharding (`jax.device_put(state, sharding)`).
+    rng and metrics replicated. `mesh` defaults to all devices on the data axis.
+
+    Fixed shapes never re-trace, but jax keys its trace cache on where inputs live too: place
+    the initial state as the step's outputs are (`jax.device_put(state, state_sharding)`, e.g.
+    `sharding.replicated(mesh)`), and feed batches one way throughout (always
+    `sharding.shard_batch`, or always host numpy).
     """
     tx = make_optimizer(optim_cfg)
     schedule = learning_rate_schedule(optim_cfg)

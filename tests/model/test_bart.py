@@ -114,7 +114,7 @@ def test_incremental_decoding_matches_full_pass(tmp_path):
 
 
 def test_cache_layout_and_reorder():
-    config = tiny_model_config()
+    config = tiny_model_config(remat=True)  # decoding also works with rematerialized layers
     params = init_params(config, jax.random.PRNGKey(1))
     encode, init, step = _cache_fns(config, 4)
     ids, mask = padded_batch([9, 5, 7], config.vocab_size, seed=7)
@@ -126,7 +126,9 @@ def test_cache_layout_and_reorder():
     # Reordering the batch of the cache == decoding a reordered batch.
     order = jnp.array([2, 0, 0])
     tok = jnp.full((3, 1), config.decoder_start_token_id, jnp.int32)
-    _, c1 = step(params, cache, tok, mask)
+    first, c1 = step(params, cache, tok, mask)
+    full = jax_logits(config.replace(remat=False), params, ids, tok, mask)
+    np.testing.assert_allclose(np.asarray(first), full, atol=1e-5)
     logits_a, _ = step(params, reorder_cache(c1, order), tok[order], mask[order])
     c2 = init(params, encode(params, ids[order], mask[order]), mask[order])
     _, c2 = step(params, c2, tok, mask[order])
@@ -160,6 +162,12 @@ def test_decode_rejects_decoder_mask_and_multi_token_steps():
 
     with pytest.raises(ValueError, match="decoder_attention_mask"):
         jax.eval_shape(step_with_decoder_mask, params, cache)
+    too_long = config.max_position_embeddings + 1
+    with pytest.raises(ValueError, match="max_decode_len length 65 exceeds"):
+        jax.eval_shape(lambda p, e: init_cache(model, p, e, mask, too_long), params, enc)
+    ids = jax.ShapeDtypeStruct((1, too_long), jnp.int32)
+    with pytest.raises(ValueError, match="input_ids length 65 exceeds max_position_embeddings"):
+        jax.eval_shape(lambda p, i: model.apply({"params": p}, i, method=Bart.encode), params, ids)
 
 
 def test_bfloat16_compute_close_to_float32():

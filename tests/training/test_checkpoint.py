@@ -181,9 +181,8 @@ def test_resumed_training_is_bitwise_identical(tmp_path):
         for i in range(n):
             half, _ = first(half, make_batch(100 + i), rng)
         manager.save(n, half, cfg)
-        # The async save must already own a host copy: donate the state right away.
+        # As the loop does: hand the state to the (donating) step while the save is in flight.
         _, _ = first(half, make_batch(999), rng)
-        assert jax.tree.leaves(half.params)[0].is_deleted()
 
     second = steps.make_train_step(model, cfg.intermediate.optim)
     with checkpoint.CheckpointManager(tmp_path) as manager:

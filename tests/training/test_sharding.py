@@ -1,0 +1,125 @@
+"""Tests for meta_mask.training.sharding: mesh shapes, batch placement, FSDP rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec
+
+from meta_mask.config import MeshConfig
+from meta_mask.training import sharding
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_mesh_shape_resolves_and_validates():
+    assert sharding.mesh_shape(MeshConfig(), 4) == (4, 1)
+    assert sharding.mesh_shape(MeshConfig(fsdp=2), 8) == (4, 2)
+    assert sharding.mesh_shape(MeshConfig(data=2, fsdp=2), 4) == (2, 2)
+    with pytest.raises(ValueError, match=r"data=3 x fsdp=1 = 3 devices, but 4"):
+        sharding.mesh_shape(MeshConfig(data=3), 4)
+    with pytest.raises(ValueError, match="fsdp=3 does not divide the 4 devices"):
+        sharding.mesh_shape(MeshConfig(fsdp=3), 4)
+    with pytest.raises(ValueError, match="fsdp=0"):
+        sharding.mesh_shape(MeshConfig(fsdp=0), 4)
+
+
+def test_single_device_mesh_is_a_mesh_of_one_with_auto_axes():
+    mesh = sharding.make_mesh(MeshConfig())
+    assert mesh.axis_names == ("data", "fsdp")
+    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1}
+    assert tuple(mesh.axis_types) == (AxisType.Auto, AxisType.Auto)
+    assert sharding.batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"))
+    assert sharding.replicated(mesh).spec == PartitionSpec()
+
+
+def test_shard_batch_places_values_unchanged():
+    mesh = sharding.make_mesh(MeshConfig())
+    batch = {"input_ids": np.arange(24, dtype=np.int32).reshape(4, 6), "w": np.ones((4, 6))}
+    placed = sharding.shard_batch(batch, mesh)
+    for key, value in batch.items():
+        assert placed[key].sharding == sharding.batch_sharding(mesh)
+        np.testing.assert_array_equal(np.asarray(placed[key]), value)
+    with pytest.raises(ValueError, match=r"batch\['step'\] is a scalar"):
+        sharding.shard_batch({"step": np.int32(3)}, mesh)
+
+
+def test_param_shardings_replicate_everything_without_fsdp():
+    mesh = sharding.make_mesh(MeshConfig())
+    tree = {"big": np.zeros((256, 512), np.float32), "bias": np.zeros(512, np.float32)}
+    specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(tree, mesh))
+    assert specs == {"big": PartitionSpec(), "bias": PartitionSpec()}
+
+
+_FOUR_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from meta_mask.config import MeshConfig
+    from meta_mask.training import sharding
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2))
+    tree = {
+        "wide": jax.ShapeDtypeStruct((64, 512), np.float32),
+        "tall": np.zeros((512, 64), np.float32),
+        "odd_rows": np.zeros((33, 1000), np.float32),
+        "indivisible": np.zeros((33, 999), np.float32),
+        "small": np.zeros((4, 4), np.float32),
+        "vector": np.zeros((100000,), np.float32),
+    }
+    specs = jax.tree.map(lambda s: list(s.spec), sharding.param_shardings(tree, mesh))
+    placed = sharding.shard_batch({"x": np.arange(16).reshape(8, 2)}, mesh)
+    shards = sorted(
+        (int(s.device.id), np.asarray(s.data).tolist()) for s in placed["x"].addressable_shards
+    )
+    try:
+        sharding.shard_batch({"x": np.zeros((6, 2))}, mesh)
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    two = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:2])
+    json.dump({"mesh": dict(mesh.shape), "specs": specs, "shards": shards, "error": error,
+               "two": dict(two.shape)}, open(sys.argv[1], "w"))
+    """
+)
+
+
+def test_four_device_mesh_batch_and_fsdp_rules(tmp_path):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    out = tmp_path / "facts.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FOUR_DEVICE_SCRIPT, str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    facts = json.loads(out.read_text())
+    assert facts["mesh"] == {"data": 2, "fsdp": 2}
+    assert facts["two"] == {"data": 2, "fsdp": 1}
+    assert facts["specs"] == {
+        "wide": [None, "fsdp"],  # the largest dim
+        "tall": ["fsdp", None],
+        "odd_rows": [None, "fsdp"],
+        "indivisible": [],  # no dim divisible by 2: replicated
+        "small": [],  # below min_size
+        "vector": [],  # 1-D (biases, layer norms) stay replicated
+    }
+    # 8 rows over 4 devices: 2 consecutive rows each, every row exactly once.
+    rows = [row for _, data in facts["shards"] for row in data]
+    assert sorted(map(tuple, rows)) == [(2 * i, 2 * i + 1) for i in range(8)]
+    assert all(len(data) == 2 for _, data in facts["shards"])
+    assert "batch size 6, not a multiple of the 4 devices" in facts["error"]
