@@ -52,7 +52,9 @@ class ModelConfig:
         for side in ("encoder", "decoder"):
             heads = getattr(self, f"{side}_attention_heads")
             if self.d_model % heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by {side}_attention_heads={heads}")
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by {side}_attention_heads={heads}"
+                )
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -332,9 +334,11 @@ def from_dict(cls, values: dict, *, where: str = ""):
         )
     kwargs = {}
     for name, value in values.items():
-        default = fields[name].default_factory() if callable(
-            fields[name].default_factory
-        ) else fields[name].default
+        default = (
+            fields[name].default_factory()
+            if callable(fields[name].default_factory)
+            else fields[name].default
+        )
         if dataclasses.is_dataclass(default):
             value = from_dict(type(default), value, where=f"{where}{name}.")
         elif isinstance(default, tuple) and isinstance(value, list):

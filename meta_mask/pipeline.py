@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import numpy as np
 
 from meta_mask import config as config_lib
 from meta_mask.config import Config
@@ -173,7 +172,10 @@ def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -
             model_cfg = model_cfg.replace(vocab_size=len(tokenizer))
         params = bart.init_params(model_cfg, jax.random.key(cfg.seed))
     for name in ("pad", "eos", "bos"):
-        ours, theirs = getattr(model_cfg, f"{name}_token_id"), getattr(tokenizer, f"{name}_token_id")
+        ours, theirs = (
+            getattr(model_cfg, f"{name}_token_id"),
+            getattr(tokenizer, f"{name}_token_id"),
+        )
         if ours != theirs:
             raise ValueError(
                 f"the tokenizer's {name} id is {theirs} but the model's {name}_token_id is {ours}"
@@ -328,7 +330,6 @@ def intermediate_stage(ctx: RunContext, params: Any) -> Any:
         pmi_table = pmi.build_pmi_table(
             corpus.dataset, cfg.policy.pmi_max_n, cfg.policy.pmi_min_count, cfg.policy.pmi_top_k
         )
-    special = set(ctx.tokenizer.all_special_ids)
     batches = mlm_batches.MlmBatches(
         stream=stream,
         scorer=heuristic.make_scorer(cfg.policy, pmi_table),
@@ -338,7 +339,7 @@ def intermediate_stage(ctx: RunContext, params: Any) -> Any:
         mask_id=ctx.tokenizer.mask_token_id,
         sentinels=corrupt.sentinel_ids(ctx.tokenizer),
         labels_of=lambda rows: labels_column.take(rows).to_pylist(),
-        random_ids=np.asarray([i for i in range(len(ctx.tokenizer)) if i not in special]),
+        random_ids=corrupt.non_special_ids(ctx.tokenizer),
         pad_id=ctx.tokenizer.pad_token_id,
         eos_id=ctx.tokenizer.eos_token_id,
         decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,

@@ -98,7 +98,7 @@ def evaluate(
             f.write(json.dumps(row) + "\n")
     samples = [
         f"- `{ex.source}` -> **{pred}** (gold: {ex.targets[0]})"
-        for ex, pred in list(zip(examples, predictions))[: eval_cfg.num_samples]
+        for ex, pred in list(zip(examples, predictions, strict=True))[: eval_cfg.num_samples]
     ]
     (out_dir / "samples.md").write_text("\n".join(samples) + "\n", encoding="utf-8")
     return result

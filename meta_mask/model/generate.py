@@ -271,7 +271,7 @@ def beam_search(
         scores = gather(merged_scores, keep)
         finished = gather(jnp.concatenate([s["finished"], just_finished], axis=1), keep)
 
-        pass
+        cache = reorder_cache(cache, source_row.reshape(b * k))
         cur_len = cur_len + 1
         best_running = running_scores[:, :1] / penalties[best_len(cur_len)]
         worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _MASK)

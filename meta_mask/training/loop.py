@@ -40,7 +40,7 @@ class Preempted(RuntimeError):
 
 @contextlib.contextmanager
 def sigterm_flag() -> Iterator[dict]:
-    """Turn SIGTERM into a flag the loop polls between steps (signal handlers only in main thread)."""
+    """Turn SIGTERM into a flag the loop polls between steps (main thread only)."""
     flag = {"stop": False}
 
     def handler(signum, frame):
