@@ -418,3 +418,60 @@ class MetaConfig:
                 "MetaConfig.freeze_embeddings=True needs use_lm_embeddings=True (a frozen "
                 "random table would never learn)"
             )
+
+
+SUPERVISED_OBJECTIVES = ("token", "span")
+
+
+@dataclass(frozen=True)
+class SupervisedConfig:
+    """The supervised masking policy (policies/supervised.py): a PolicyNet trained to score the
+    answer tokens of (context sentence, answer) triples highest.
+
+    objective: "token" = per-token binary cross-entropy on maskable tokens, answers weighted by
+    `pos_weight` (<= 0: n_negative / n_positive of the training triples); "span" = softmax over
+    the sentence's maskable tokens with the answer tokens as the (uniform) target, the
+    distribution the shared sampler draws from. Dev span-F1 is measured every `eval_every` steps
+    under the eval budget (`eval_spans_per_sentence` > 0, else `eval_mask_rate`: set them to the
+    intermediate stage's PolicyConfig budget); training stops after `patience` evaluations
+    without improvement and the best-dev parameters are kept.
+    """
+
+    steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    clip_norm: float = 1.0  # global-norm gradient clip; <= 0 disables
+    max_length: int = 64  # tokens per sentence (the fixed batch length; longer ones are cut)
+    objective: str = "token"  # one of SUPERVISED_OBJECTIVES
+    pos_weight: float = 0.0  # token objective: weight of answer tokens; <= 0 = auto-balance
+    units: str = "token"  # token | word (logits mean-pooled over each word, as LearnedScorer)
+    eval_every: int = 100
+    eval_batch_size: int = 256
+    patience: int = 5  # evaluations without a dev span-F1 gain before stopping; 0 = never stop
+    eval_mask_rate: float = 0.15
+    eval_spans_per_sentence: int = 0
+    max_triples: int = 0  # cap on training triples (a seeded subset); 0 = all
+    max_dev_triples: int = 2000  # cap on dev triples; 0 = all
+
+    def __post_init__(self) -> None:
+        choices = {"objective": SUPERVISED_OBJECTIVES, "units": ("token", "word")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)!r}; valid: {valid}")
+        for name in ("steps", "batch_size", "max_length", "eval_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("patience", "max_triples", "max_dev_triples", "eval_spans_per_sentence"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 < self.eval_mask_rate <= 1.0:
+            raise ValueError(
+                f"SupervisedConfig.eval_mask_rate={self.eval_mask_rate!r} must lie in (0, 1]"
+            )
+
+    def eval_budget(self) -> dict:
+        """Sampler keyword arguments for the dev evaluation: {"num_units": k} or
+        {"mask_rate": r}."""
+        if self.eval_spans_per_sentence > 0:
+            return {"num_units": self.eval_spans_per_sentence}
+        return {"mask_rate": self.eval_mask_rate}

@@ -25,7 +25,8 @@ length penalty divides a finished hypothesis' summed log-probability by
 
 Not implemented (pass them disabled to HF when comparing): sampling, no_repeat_ngram_size,
 repetition/bad-words processors, multiple EOS ids, num_return_sequences (beam search returns all
-`num_beams` finished hypotheses, best first; `generate` keeps the best).
+`num_beams` finished hypotheses, best first; `generate` keeps the best). One HF quirk is not
+copied: HF's beam search pads with EOS instead when pad_token_id == 0 (never the case for BART).
 """
 
 from __future__ import annotations

@@ -162,9 +162,7 @@ def policy_probabilities(logits: Array, valid: Array, mask_rate: float) -> Array
     return jnp.minimum(1.0, t[..., None] * q)
 
 
-def policy_regularizers(
-    logits: Array, valid: Array, cfg: MetaConfig
-) -> tuple[Array, Metrics]:
+def policy_regularizers(logits: Array, valid: Array, cfg: MetaConfig) -> tuple[Array, Metrics]:
     """-entropy_weight * H + budget_weight * B (module docstring), and their metrics."""
     log_q, q = policy_distribution(logits, valid)
     n = valid.sum(-1)
@@ -425,9 +423,7 @@ def first_order_loss(
     cfg = setup.cfg
     _check_inner(setup, inner_batches, noise)
     lm_loss = setup.lm_loss
-    down, down_grad = jax.value_and_grad(functools.partial(outer_loss, lm_loss))(
-        theta, outer_batch
-    )
+    down, down_grad = jax.value_and_grad(functools.partial(outer_loss, lm_loss))(theta, outer_batch)
     down_grad = jax.lax.stop_gradient(down_grad)
     logits, masks, weights = policy_masks(
         phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
@@ -484,7 +480,9 @@ def make_policy_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
     """Adam at cfg.learning_rate after global-norm clipping (clip_norm > 0). A frozen token
     table gets exactly zero gradient, hence exactly zero Adam update."""
     adam = optax.adam(cfg.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam) if cfg.clip_norm > 0 else adam
+    return (
+        optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam) if cfg.clip_norm > 0 else adam
+    )
 
 
 def create_meta_state(phi: PyTree, cfg: MetaConfig) -> MetaState:

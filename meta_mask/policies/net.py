@@ -22,11 +22,13 @@ Span-level scoring: with `unit_ids` (int32 [B, L], -1 = no unit; e.g. whole word
 heuristic.word_units), each token's logit is replaced by the mean of its unit's token logits, so
 a unit is scored once; the sampler's unit score (the max over the unit) then equals this mean.
 
-Size at BART-base scale (LM 139.4M parameters, vocabulary 50265, d_model 768), for the default
-MetaConfig (2 layers, d_model 128, 4 heads, ffn 512, 1024 positions): with the LM's table
-frozen, 0.62M trainable parameters (0.45% of the LM) next to the 38.6M-entry frozen table copy;
-an own 128-wide table would be 7.1M trainable (5.1%), and an own 64-wide table with d_model 64
-3.4M (2.5%). `count_params` computes these; tests/policies/test_net.py checks them.
+Size at BART-base scale (LM 139,470,681 parameters, vocabulary 50265, d_model 768), for the
+default MetaConfig (2 layers, d_model 128, 4 heads, ffn 512, 1024 positions):
+  - LM table copied and frozen (default): 625,152 trainable (0.45% of the LM) next to the
+    38.6M-entry frozen copy of the table;
+  - LM table copied, trainable: 39.2M (28%: the table dominates; not recommended at scale);
+  - own 128-wide table: 6.96M (4.99%); own table with d_model 64, ffn 256: 3.38M (2.4%).
+`count_params` computes these (shapes only); tests/policies/test_net.py checks them.
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ def init_policy_params(
     """Fresh policy parameters; with `lm_embedding` ([V, D], the LM's `shared/embedding`) the
     token table starts as a copy of it (its shape must match the net's table)."""
     ids = jnp.full((1, length), net.pad_id, jnp.int32)
-    params = net.init(rng, ids, jnp.zeros((1, length), bool))["params"]
+    valid = jnp.zeros((1, length), bool)
+    params = jax.jit(lambda r: net.init(r, ids, valid)["params"])(rng)
     if lm_embedding is not None:
         want = params["embed"].shape
         if tuple(lm_embedding.shape) != tuple(want):

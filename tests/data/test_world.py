@@ -1,6 +1,12 @@
 """Tests of the synthetic knowledge world, its tokenizer and the span-aware tokenizer."""
 
 import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,6 +27,7 @@ from meta_mask.data.world import (
 )
 from meta_mask.data.world_tokenizer import NUM_SENTINELS, sentinel_token, world_tokenizer
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = WorldConfig(num_people=40, num_bios=3)
 
 
@@ -47,6 +54,31 @@ def test_same_seed_same_world_other_seed_other_world():
     assert [p.name for p in c.people] != [p.name for p in a.people]
     assert [s["text"] for s in c.sentences] != [s["text"] for s in a.sentences]
     assert c.splits != a.splits
+
+
+def test_world_is_the_same_in_another_process_with_another_hash_seed():
+    # Sets and dicts must never decide the world: a fresh interpreter with a different
+    # PYTHONHASHSEED builds the identical corpus.
+    code = (
+        "import hashlib, json; from meta_mask.config import WorldConfig; "
+        "from meta_mask.data.world import build_world; "
+        "w = build_world(WorldConfig(num_people=40, num_bios=3)); "
+        "print(hashlib.sha256(json.dumps([w.sentences, w.splits]).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    w = build_world(SMALL)
+    here = hashlib.sha256(json.dumps([w.sentences, w.splits]).encode()).hexdigest()
+    assert digests == {here}
 
 
 def test_names_unique_and_distinct_from_other_person_values(world):

@@ -167,17 +167,15 @@ def _assert_covers_eos_and_max_length(sequences: np.ndarray) -> None:
 )
 def test_greedy_matches_argmax_loop(proc):
     table = _toy_table(0, eos_bias=1.5)
-    kw = dict(max_length=TOY_MAX_LEN, decoder_start_token_id=START, eos_token_id=EOS)
     search = jax.jit(
         functools.partial(
             gen.greedy_search,
             _toy_step(table),
             batch_size=len(INIT_STATES),
-            pad_token_id=PAD,
             min_length=proc.get("min_length", 0),
             forced_bos_token_id=proc.get("forced_bos"),
             forced_eos_token_id=proc.get("forced_eos"),
-            **kw,
+            **SEARCH_TOKENS,
         )
     )
     got = np.asarray(search(_toy_cache(INIT_STATES)))
@@ -313,7 +311,7 @@ def _spread_torch_bart(eos_bias: float):
     With the fixtures' default perturbation the tied embeddings make a random BART repeat one
     token forever; large decoder positions make each step pick a different token, a stronger
     cross-attention makes the choice depend on the source, and `eos_bias` on EOS's logit makes
-    some sequences stop early (first step, mid-way) while others run to max_length.
+    some sequences stop early (at the first step or mid-way) while others run to max_length.
     """
     import torch
     import transformers
@@ -333,21 +331,19 @@ def _spread_torch_bart(eos_bias: float):
     return model
 
 
-@pytest.fixture(scope="module", params=[0.3, 1.2], ids=["eos_bias0.3", "eos_bias1.2"])
-def hf_bart(request, tmp_path_factory):
-    """(torch model, our ModelConfig, our params) for the same checkpoint."""
+@pytest.fixture(scope="module")
+def hf_bart(tmp_path_factory):
+    """The same checkpoint as a torch model and as ours, plus a padded source batch."""
     from meta_mask.model.bart import Bart
     from tests.model import hf_fixtures
 
-    torch_model = _spread_torch_bart(request.param)
+    torch_model = _spread_torch_bart(eos_bias=1.2)
     config, params = hf_fixtures.save_and_load(torch_model, tmp_path_factory.mktemp("bart"))
     ids, mask = hf_fixtures.padded_batch(HF_LENGTHS, config.vocab_size, seed=0)
     return torch_model, Bart(config), config, params, ids, mask
 
 
-@functools.cache
 def _generate_fn(model, config, **options):
-    # Both fixture models share one ModelConfig, so each option set compiles once.
     return gen.make_generate_fn(model, config=config, max_length=HF_MAX_LEN, **options)
 
 
@@ -371,13 +367,11 @@ def _hf_generate(torch_model, ids, mask, **options) -> np.ndarray:
 
 GENERATE_CASES = [
     # num_beams, length_penalty, early_stopping, min_length, forced_bos, forced_eos
-    (1, 1.0, False, 0, None, EOS),
-    (1, 1.0, False, 0, None, None),
-    (1, 1.0, False, 6, 0, EOS),
+    (1, 1.0, False, 0, None, EOS),  # BART's defaults
+    (1, 1.0, False, 6, 0, None),
     (4, 1.0, False, 0, None, EOS),
     (4, 1.0, True, 0, None, EOS),
     (4, 2.0, False, 0, None, None),
-    (4, 0.5, True, 0, None, None),
     (4, 2.0, "never", 4, 0, EOS),
 ]
 
@@ -402,19 +396,11 @@ def test_generate_matches_torch_bart(
     }
     want = _hf_generate(torch_model, ids, mask, **options, **forced)
     np.testing.assert_array_equal(ours, want)
-
-
-def test_torch_cases_stop_on_eos_and_at_max_length(hf_bart):
-    """The parity cases are not degenerate: rows differ, and across the two fixture models some
-    rows end with EOS before max_length while others run to it (checked on HF's own outputs)."""
-    torch_model, *_, ids, mask = hf_bart
-    for num_beams in (1, 4):
-        out = _hf_generate(torch_model, ids, mask, num_beams=num_beams)
-        assert len({tuple(row) for row in out}) >= 4
-        ended = (out[:, 1:] == EOS).any(-1)
-        assert (~ended).any()  # some run to max_length
-        if torch_model.final_logits_bias[0, EOS] > 1.0:
-            assert ended.any()  # and (with the larger EOS bias) some stop early
+    if min_len == 0 and bos is None and eos is not None:
+        # Not degenerate: rows differ, some stop on EOS before max_length and some run to it.
+        assert len({tuple(row) for row in want}) >= 4, want
+        ended_early = (want[:, 1:-1] == EOS).any(-1)
+        assert ended_early.any() and (~ended_early).any(), want
 
 
 def test_make_generate_fn_compiles_once_per_shape(hf_bart, monkeypatch):
@@ -427,7 +413,8 @@ def test_make_generate_fn_compiles_once_per_shape(hf_bart, monkeypatch):
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(gen, "generate", counting_generate)
-    fn = gen.make_generate_fn(model, config=config, max_length=6, num_beams=2)
+    # The options of the first parity case: a fresh jit, but XLA's persistent cache can serve it.
+    fn = gen.make_generate_fn(model, config=config, max_length=HF_MAX_LEN)
     first = fn(params, ids, mask)
     shifted = np.where(mask == 1, np.maximum(ids, 4) + 1, ids).astype(np.int32)
     fn(params, shifted, mask)

@@ -56,6 +56,25 @@ def test_config_round_trip_through_bart_config():
     with_bos = config.replace(forced_bos_token_id=0)
     assert config_from_hf(config_to_hf(with_bos)) == with_bos
     assert config_from_hf(config_to_hf(config), dtype="bfloat16").dtype == "bfloat16"
+    # Fields of the real facebook/bart-base config.json (legacy flags at supported values).
+    hub_style = {
+        **config_to_hf(config),
+        "architectures": ["BartModel"],
+        "add_bias_logits": False,
+        "add_final_layer_norm": False,
+        "normalize_before": False,
+        "normalize_embedding": True,
+        "static_position_embeddings": False,
+        "extra_pos_embeddings": 2,
+        "classif_dropout": 0.1,
+        "gradient_checkpointing": False,
+        "num_hidden_layers": 3,
+        "no_repeat_ngram_size": 3,
+        "num_beams": 4,
+        "torch_dtype": "float32",
+        "task_specific_params": {"summarization": {"num_beams": 4}},
+    }
+    assert config_from_hf(hub_style) == config
 
 
 def test_export_loads_in_torch_with_same_logits(tmp_path):
@@ -146,6 +165,35 @@ def test_loader_accepts_the_torch_checkpoint_and_tied_aliases(torch_checkpoint, 
     with_aliases = {**state, "lm_head.weight": shared, "model.encoder.embed_tokens.weight": shared}
     _, params2 = load_hf(_write(tmp_path, folder, with_aliases))
     np.testing.assert_array_equal(params2["shared"]["embedding"], params["shared"]["embedding"])
+
+
+def test_loader_reads_bartmodel_prefix_and_sharded_fp16(torch_checkpoint, tmp_path):
+    folder, state = torch_checkpoint
+    _, params = load_hf(str(folder))
+    # A checkpoint saved from BartModel has no "model." prefix and no final_logits_bias.
+    bare = {k.removeprefix("model."): v for k, v in state.items() if k != "final_logits_bias"}
+    (tmp_path / "bare").mkdir()
+    _, loaded = load_hf(_write(tmp_path / "bare", folder, bare))
+    np.testing.assert_array_equal(loaded["final_logits_bias"], 0)
+    np.testing.assert_array_equal(
+        loaded["encoder"]["layers_1"]["fc1"]["kernel"],
+        params["encoder"]["layers_1"]["fc1"]["kernel"],
+    )
+    # Sharded float16 checkpoint with an index file.
+    shard_dir = tmp_path / "sharded"
+    shard_dir.mkdir()
+    (shard_dir / "config.json").write_text((folder / "config.json").read_text())
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k].astype(np.float16) for k in part}, str(shard_dir / name))
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (shard_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    _, loaded = load_hf(str(shard_dir))
+    want = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, want)
 
 
 def test_loader_rejects_extra_key(torch_checkpoint, tmp_path):

@@ -1,0 +1,464 @@
+"""The supervised masking policy: a PolicyNet trained to score a task's answer tokens highest.
+
+Owns the training data layout (fixed-shape batches from token-level (context, answer) triples,
+see data/contexts.py), the two objectives, the dev metric (span-F1 under the masking budget),
+the training loop with early stopping, and a small driver from task examples to trained
+parameters. The trained network is used through `net.LearnedScorer`, so at intermediate
+pre-training time it masks under the same sampler and budget as every other policy.
+
+Objectives (SupervisedConfig.objective), both over the maskable (`valid`) tokens only:
+- "token": per-token binary cross-entropy of sigmoid(logit) against the answer labels, answer
+  tokens weighted by `pos_weight` (answers are rare: auto = n_negative / n_positive), averaged
+  over the valid tokens of the batch.
+- "span": per sentence, the cross-entropy between the uniform distribution over its answer
+  tokens and q = softmax of the logits over its valid tokens, averaged over sentences. q is the
+  distribution the sampler's Gumbel-top-k draws from (and the meta-learned policy's), so this
+  trains exactly the quantity that decides the masks. With word units a k-token word appears k
+  times in the softmax (its mass counts k-fold); the ranking of units is what matters.
+
+Dev metric, `span_f1`: for each dev sentence the policy's mask is the shared sampler's output
+(`sample_mask_np`) on the scorer's scores and units under the eval budget (mask_rate r: the
+round(r * n_valid) top tokens, whole units; or num_units k: the top-k units) with ZERO noise,
+i.e. the deterministic top of the ranking (ties go to the lower unit id); with `draws` > 0 it
+is instead averaged over that many Gumbel draws of the sampler (what pre-training actually
+masks; use it for flat-scored heuristics, whose zero-noise ties are positional). Per sentence,
+token-level F1 = 2 |M & G| / (|M| + |G|) between the masked tokens M and the gold answer
+tokens G (1 when both are empty); span-F1 is its mean over sentences (SQuAD-style macro F1).
+`answer_precision` = answer tokens masked / tokens masked over the whole set (micro).
+
+Batch order: step s takes positions [s*B, (s+1)*B) of an endless sequence of epoch
+permutations, epoch e permuted by np.random.default_rng([seed, e]): a pure function of
+(seed, step), so a run is reproducible and any step's batch can be rebuilt without replay.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from meta_mask.config import SupervisedConfig
+from meta_mask.data.contexts import policy_triples
+from meta_mask.policies.heuristic import collate, word_units
+from meta_mask.policies.net import LearnedScorer, PolicyNet
+from meta_mask.policies.sampler import BatchRng, Scorer, sample_mask_np
+
+logger = logging.getLogger(__name__)
+
+PyTree = Any
+LogFn = Callable[[int, dict[str, float]], None]
+
+_NEG = -1e9  # stands in for the net's -inf on invalid tokens inside the losses (no inf - inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def prepare_triples(
+    triples: Sequence[Mapping[str, Any]], *, max_triples: int = 0, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Token-level triples without duplicates (the same sentence with the same answer tokens,
+    e.g. one context shared by two question templates), capped at `max_triples` (a seeded
+    subset, kept in input order; 0 = all)."""
+    seen: set[tuple[bytes, bytes]] = set()
+    out: list[dict[str, Any]] = []
+    for t in triples:
+        if "answer_labels" not in t:
+            raise ValueError(
+                "supervised policy triples need token labels: build them with "
+                "data.contexts.policy_triples(..., tokenizer=...) or add_token_spans"
+            )
+        key = (
+            np.asarray(t["input_ids"], np.int32).tobytes(),
+            np.asarray(t["answer_labels"], np.int32).tobytes(),
+        )
+        if key not in seen:
+            seen.add(key)
+            out.append(dict(t))
+    if max_triples and len(out) > max_triples:
+        keep = np.sort(np.random.default_rng([seed, 0]).permutation(len(out))[:max_triples])
+        out = [out[i] for i in keep]
+    return out
+
+
+def collate_triples(
+    triples: Sequence[Mapping[str, Any]],
+    length: int,
+    *,
+    pad_id: int = 1,
+    example_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """`heuristic.collate` of the triples plus "labels" int32 [B, L]: 1 on answer tokens that
+    are maskable (valid), 0 elsewhere."""
+    batch = collate(triples, length, pad_id=pad_id, example_ids=example_ids)
+    labels = np.zeros(batch["input_ids"].shape, np.int32)
+    for i, t in enumerate(triples):
+        lab = np.asarray(t["answer_labels"], np.int32)
+        labels[i, : len(lab)] = lab
+    batch["labels"] = (labels > 0) & batch["valid"]
+    batch["labels"] = batch["labels"].astype(np.int32)
+    return batch
+
+
+def step_indices(n: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
+    """Indices of the triples in batch `step`: positions [step*B, (step+1)*B) of the endless
+    concatenation of epoch permutations default_rng([seed, epoch]).permutation(n)."""
+    if n < 1:
+        raise ValueError("no training triples: the task's contexts hold none of its answers")
+    pos = step * batch_size + np.arange(batch_size)
+    epochs, offsets = np.divmod(pos, n)
+    out = np.empty(batch_size, np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n)
+        out[epochs == e] = perm[offsets[epochs == e]]
+    return out
+
+
+def make_policy_batches(
+    triples: Sequence[Mapping[str, Any]],
+    length: int,
+    batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    units: str = "token",
+    pad_id: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape training batches for steps start_step, start_step + 1, ...:
+    {"input_ids" int32 [B, L], "valid" bool [B, L], "labels" float32 [B, L]} plus "unit_ids"
+    int32 [B, L] (whole words) when units == "word". Order: `step_indices`."""
+    step = start_step
+    while num_steps is None or step < start_step + num_steps:
+        idx = step_indices(len(triples), batch_size, seed=seed, step=step)
+        host = collate_triples([triples[i] for i in idx], length, pad_id=pad_id)
+        batch = {
+            "input_ids": host["input_ids"],
+            "valid": host["valid"],
+            "labels": host["labels"].astype(np.float32),
+        }
+        if units == "word":
+            batch["unit_ids"] = word_units(host["word_ids"], host["valid"])
+        yield batch
+        step += 1
+
+
+def auto_pos_weight(triples: Iterable[Mapping[str, Any]], length: int, pad_id: int = 1) -> float:
+    """n_negative / n_positive over the maskable tokens of the triples (1.0 without positives)."""
+    triples = list(triples)
+    labels = collate_triples(triples, length, pad_id=pad_id)
+    valid = labels["valid"]
+    pos = int(labels["labels"].sum())
+    return float((int(valid.sum()) - pos) / pos) if pos else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# losses (pure JAX)
+
+
+def _token_bce_terms(logits, labels, valid, pos_weight):
+    x = jnp.where(valid, logits, 0.0)
+    y = labels.astype(x.dtype)
+    per_token = -(pos_weight * y * jax.nn.log_sigmoid(x) + (1.0 - y) * jax.nn.log_sigmoid(-x))
+    w = valid.astype(x.dtype)
+    return jnp.sum(per_token * w), jnp.sum(w)
+
+
+def _span_terms(logits, labels, valid):
+    x = jnp.where(valid, logits, _NEG)
+    logq = jax.nn.log_softmax(x, axis=-1)
+    y = (labels * valid).astype(x.dtype)
+    count = jnp.sum(y, axis=-1)
+    per_sentence = -jnp.sum(jnp.where(y > 0, y * logq, 0.0), axis=-1) / jnp.maximum(count, 1.0)
+    has = (count > 0).astype(x.dtype)
+    return jnp.sum(per_sentence * has), jnp.sum(has)
+
+
+def token_bce_loss(
+    logits: jax.Array, labels: jax.Array, valid: jax.Array, pos_weight: float
+) -> jax.Array:
+    """Mean over valid tokens of -(w y log s + (1 - y) log(1 - s)), s = sigmoid(logit), w =
+    pos_weight. logits float [B, L] (may be -inf off valid), labels {0,1} [B, L], valid bool."""
+    total, count = _token_bce_terms(logits, labels, valid, pos_weight)
+    return total / jnp.maximum(count, 1.0)
+
+
+def span_softmax_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean over sentences with an answer of -sum_i (y_i / |y|) log softmax(logits)_i, the
+    softmax taken over the sentence's valid tokens."""
+    total, count = _span_terms(logits, labels, valid)
+    return total / jnp.maximum(count, 1.0)
+
+
+def policy_loss_terms(
+    net: PolicyNet,
+    params: PyTree,
+    batch: Mapping[str, jax.Array],
+    *,
+    objective: str,
+    pos_weight: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of the objective's terms, their count) on a batch: tokens for "token", sentences
+    with an answer for "span"; sums over batches give the exact mean over a whole set."""
+    logits = net.apply(
+        {"params": params}, batch["input_ids"], batch["valid"], batch.get("unit_ids")
+    )
+    if objective == "token":
+        return _token_bce_terms(logits, batch["labels"], batch["valid"], pos_weight)
+    if objective == "span":
+        return _span_terms(logits, batch["labels"], batch["valid"])
+    raise ValueError(f"SupervisedConfig.objective={objective!r}; valid: token, span")
+
+
+def policy_loss(
+    net: PolicyNet,
+    params: PyTree,
+    batch: Mapping[str, jax.Array],
+    *,
+    objective: str,
+    pos_weight: float = 1.0,
+) -> jax.Array:
+    """The supervised objective of `params` on a training batch (make_policy_batches)."""
+    total, count = policy_loss_terms(net, params, batch, objective=objective, pos_weight=pos_weight)
+    return total / jnp.maximum(count, 1.0)
+
+
+def make_optimizer(cfg: SupervisedConfig) -> optax.GradientTransformation:
+    """Adam at cfg.learning_rate after global-norm clipping (cfg.clip_norm > 0)."""
+    adam = optax.adam(cfg.learning_rate)
+    return (
+        optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam) if cfg.clip_norm > 0 else adam
+    )
+
+
+def make_supervised_step(
+    net: PolicyNet, optimizer: optax.GradientTransformation, *, objective: str, pos_weight: float
+) -> Callable[[PyTree, PyTree, Mapping[str, jax.Array]], tuple[PyTree, PyTree, jax.Array]]:
+    """Pure `step(params, opt_state, batch) -> (params, opt_state, loss)` (jit it)."""
+
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(
+            lambda p: policy_loss(net, p, batch, objective=objective, pos_weight=pos_weight)
+        )(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation (host side, through the shared sampler)
+
+
+def mask_f1(mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-sentence token F1 [B] between boolean masks and gold labels [B, L]
+    (2 |M & G| / (|M| + |G|); 1.0 where both are empty)."""
+    m, g = np.asarray(mask, bool), np.asarray(labels) > 0
+    tp = (m & g).sum(1)
+    total = m.sum(1) + g.sum(1)
+    return np.where(total > 0, 2.0 * tp / np.maximum(total, 1), 1.0)
+
+
+def eval_batches(
+    triples: Sequence[Mapping[str, Any]], length: int, batch_size: int, *, pad_id: int = 1
+) -> list[dict[str, Any]]:
+    """Host batches of `batch_size` rows (the last padded with empty rows, "rows" = real rows)
+    so a jitted scorer sees one shape; example ids are the triples' positions."""
+    out = []
+    for lo in range(0, len(triples), batch_size):
+        chunk = list(triples[lo : lo + batch_size])
+        rows = len(chunk)
+        # Empty filler rows: only specials, so nothing in them is maskable or gold.
+        filler = {"input_ids": [0, 2], "word_ids": [-1, -1], "answer_labels": [0, 0]}
+        chunk += [filler] * (batch_size - rows)
+        ids = range(lo, lo + batch_size)
+        batch = collate_triples(chunk, length, pad_id=pad_id, example_ids=ids)
+        batch["rows"] = rows
+        out.append(batch)
+    return out
+
+
+def evaluate_scorer(
+    scorer: Scorer,
+    batches: Sequence[Mapping[str, Any]],
+    budget: Mapping[str, Any],
+    *,
+    draws: int = 0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Dev metrics of a scorer's masks under `budget` (sampler kwargs): span_f1 (mean
+    per-sentence token F1), answer_precision (micro), answer_recall (micro), mask_rate (masked /
+    maskable). draws = 0: zero noise (deterministic top of the ranking); draws > 0: the mean
+    over Gumbel draws d = 0..draws-1 (BatchRng(seed, d, example ids))."""
+    f1_sum, n, tp, masked, gold, valid = 0.0, 0, 0, 0, 0, 0
+    for batch in batches:
+        rows = int(batch.get("rows", len(batch["input_ids"])))
+        for d in range(max(draws, 1)):
+            rng = BatchRng(seed, d, np.asarray(batch["example_ids"]))
+            scores, unit_ids = scorer(batch, rng)
+            noise = rng.noise(scores.shape[1]) if draws else np.zeros_like(scores)
+            mask = sample_mask_np(scores, unit_ids, batch["valid"], noise, **budget)[:rows]
+            labels = np.asarray(batch["labels"])[:rows] > 0
+            f1_sum += float(mask_f1(mask, labels).sum())
+            n += rows
+            tp += int((mask & labels).sum())
+            masked += int(mask.sum())
+            gold += int(labels.sum())
+            valid += int(np.asarray(batch["valid"])[:rows].sum())
+    return {
+        "span_f1": f1_sum / max(n, 1),
+        "answer_precision": tp / max(masked, 1),
+        "answer_recall": tp / max(gold, 1),
+        "mask_rate": masked / max(valid, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _host_copy(tree: PyTree) -> PyTree:
+    # A host copy survives the donation of the device buffers to the next step.
+    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+def train_supervised_policy(
+    net: PolicyNet,
+    params: PyTree,
+    train_triples: Sequence[Mapping[str, Any]],
+    dev_triples: Sequence[Mapping[str, Any]],
+    cfg: SupervisedConfig,
+    *,
+    seed: int,
+    log_fn: LogFn | None = None,
+) -> tuple[PyTree, dict[str, Any]]:
+    """Train `params` (from net.init_policy_params) on token-level triples; keep the best dev.
+
+    Evaluates dev span-F1 (module docstring; zero noise, cfg.eval_budget()) before training
+    (step 0), every cfg.eval_every steps and at the last step; stops after cfg.patience
+    evaluations without a strict gain (0 = never). Returns (best params, history) with history
+    {"evals": [{"step", "train_loss", "span_f1", ...}], "best_step", "best_span_f1",
+    "last_step", "stopped_early", "pos_weight", "num_train", "num_dev"}.
+    """
+    train = prepare_triples(train_triples, max_triples=cfg.max_triples, seed=seed)
+    dev = prepare_triples(dev_triples, max_triples=cfg.max_dev_triples, seed=seed + 1)
+    if not dev:
+        raise ValueError("no dev triples: span-F1 early stopping needs the dev split's contexts")
+    if cfg.max_length > net.max_length:
+        raise ValueError(
+            f"SupervisedConfig.max_length={cfg.max_length} > the PolicyNet's max_length="
+            f"{net.max_length} (MetaConfig.policy_max_length)"
+        )
+    pad_id = net.pad_id
+    pos_weight = cfg.pos_weight if cfg.pos_weight > 0 else auto_pos_weight(train, cfg.max_length)
+    optimizer = make_optimizer(cfg)
+    step_fn = jax.jit(
+        make_supervised_step(net, optimizer, objective=cfg.objective, pos_weight=pos_weight),
+        donate_argnums=(0, 1),
+    )
+    params = jax.tree.map(jnp.array, params)  # our own buffers: the caller's are not donated
+    opt_state = optimizer.init(params)
+    dev_batches = eval_batches(dev, cfg.max_length, cfg.eval_batch_size, pad_id=pad_id)
+    scorer = LearnedScorer(net, params, units=cfg.units)
+    budget = cfg.eval_budget()
+
+    def evaluate(p: PyTree) -> dict[str, float]:
+        scorer.params = p
+        return evaluate_scorer(scorer, dev_batches, budget)
+
+    history: dict[str, Any] = {
+        "evals": [],
+        "pos_weight": pos_weight,
+        "num_train": len(train),
+        "num_dev": len(dev),
+    }
+    first = {"step": 0, "train_loss": float("nan"), **evaluate(params)}
+    history["evals"].append(first)
+    best, best_step, best_f1, since_best = _host_copy(params), 0, first["span_f1"], 0
+    stopped_early, losses, step = False, [], 0
+    batches = make_policy_batches(
+        train, cfg.max_length, cfg.batch_size, seed=seed, units=cfg.units, pad_id=pad_id
+    )
+    bar = tqdm(range(1, cfg.steps + 1), desc="supervised policy", disable=None)
+    for step in bar:
+        params, opt_state, loss = step_fn(params, opt_state, next(batches))
+        losses.append(loss)
+        if step % cfg.eval_every and step != cfg.steps:
+            continue
+        record = {"step": step, "train_loss": float(np.mean(jax.device_get(losses)))}
+        record.update(evaluate(params))
+        losses = []
+        history["evals"].append(record)
+        if log_fn is not None:
+            log_fn(step, record)
+        bar.set_postfix(loss=f"{record['train_loss']:.4f}", dev_f1=f"{record['span_f1']:.4f}")
+        if record["span_f1"] > best_f1:
+            best, best_step, best_f1, since_best = _host_copy(params), step, record["span_f1"], 0
+        else:
+            since_best += 1
+            if cfg.patience and since_best >= cfg.patience:
+                stopped_early = True
+                break
+    bar.close()
+    history.update(
+        best_step=best_step, best_span_f1=best_f1, last_step=step, stopped_early=stopped_early
+    )
+    logger.info(
+        "supervised policy: best dev span-F1 %.4f at step %d of %d (%d train / %d dev triples)",
+        best_f1,
+        best_step,
+        step,
+        len(train),
+        len(dev),
+    )
+    return jax.tree.map(jnp.asarray, best), history
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def supervised_triples(
+    examples: Sequence[Any],
+    tokenizer: Any,
+    cfg: SupervisedConfig,
+    *,
+    corpus_sentences: Iterable[str | dict] | None = None,
+    **corpus_kw: Any,
+) -> list[dict[str, Any]]:
+    """Token-level triples of a split's examples (their contexts, plus corpus sentences that
+    mention an answer when `corpus_sentences` is given), tokenized to cfg.max_length."""
+    return policy_triples(
+        examples,
+        corpus_sentences=corpus_sentences,
+        tokenizer=tokenizer,
+        max_length=cfg.max_length,
+        **corpus_kw,
+    )
+
+
+def learn_supervised_policy(
+    net: PolicyNet,
+    params: PyTree,
+    train_examples: Sequence[Any],
+    dev_examples: Sequence[Any],
+    tokenizer: Any,
+    cfg: SupervisedConfig,
+    *,
+    seed: int,
+    corpus_sentences: Sequence[str | dict] | None = None,
+    log_fn: LogFn | None = None,
+) -> tuple[PyTree, dict[str, Any]]:
+    """Task examples (data.tasks.Example with contexts) -> trained policy params and history:
+    train triples from the train split, dev triples from the dev split, then
+    `train_supervised_policy`. Use the result as LearnedScorer(net, params, units=cfg.units)."""
+    train = supervised_triples(train_examples, tokenizer, cfg, corpus_sentences=corpus_sentences)
+    dev = supervised_triples(dev_examples, tokenizer, cfg, corpus_sentences=corpus_sentences)
+    return train_supervised_policy(net, params, train, dev, cfg, seed=seed, log_fn=log_fn)

@@ -1,0 +1,532 @@
+"""The meta-learning core: the meta-gradient against central finite differences (float64), the
+scan unroll against a hand-written loop, gradient flow (every policy parameter; never through a
+heuristic's fixed scores or the sampled mask), the first-order estimator against its definition
+and the exact meta-gradient, a toy where meta steps learn to mask the rewarded token ids, and
+the real Bart through the whole path.
+
+Finite differences need float64 end to end. Bart (model/bart.py) and training.steps compute
+layer norms, attention and logits in float32 whatever the dtype, so the float64 checks use a
+small float64 seq2seq LM written here (embeddings, encoder self-attention, cross-attention,
+tied output; the same batch format and LmLoss contract as `bart_lm_loss`); Bart itself is run
+through meta_gradient / meta_step in float32 below.
+"""
+
+import contextlib
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from meta_mask.config import MetaConfig, tiny_model_config
+from meta_mask.model.bart import Bart, init_params
+from meta_mask.policies import meta
+from meta_mask.policies import net as netlib
+from meta_mask.policies.corrupt import corrupt_tokens_jax
+
+V, L, B, D = 48, 12, 3, 16
+PAD, MASK_ID = 1, V - 1
+KEY_IDS = (10, 11, 12, 13, 14)  # the toy's rewarded ids
+
+
+@contextlib.contextmanager
+def x64():
+    """float64 inside the block only (restored after, so other tests keep float32)."""
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", prev)
+
+
+# ----------------------------------------------------------------------------- a float64 LM
+
+
+def init_tiny_lm(seed, d=D, vocab=V, length=L):
+    rng = np.random.default_rng(seed)
+    n = lambda shape, s=0.5: jnp.asarray(s * rng.normal(size=shape), jnp.float32)
+    return {
+        "emb": n((vocab, d)),
+        "pos": n((length, d)),
+        "wq": n((d, d), 0.3),
+        "wk": n((d, d), 0.3),
+        "wv": n((d, d), 0.3),
+        "w1": n((d, d), 0.3),
+        "bias": jnp.zeros((vocab,), jnp.float32),
+    }
+
+
+def tiny_lm_loss(theta, batch):
+    """Per-token CE [B, T] of a one-layer encoder + cross-attending decoder (any float dtype)."""
+    ids, dec = batch["input_ids"], batch["decoder_input_ids"]
+    d = theta["emb"].shape[1]
+    x = theta["emb"][ids] + theta["pos"][: ids.shape[1]]
+    real = ids != PAD
+    s = jnp.einsum("bqd,bkd->bqk", x @ theta["wq"], x @ theta["wk"]) / math.sqrt(d)
+    a = jax.nn.softmax(jnp.where(real[:, None, :], s, -1e9), axis=-1)
+    h = jnp.tanh(a @ (x @ theta["wv"]) + x)
+    y = theta["emb"][dec] + theta["pos"][: dec.shape[1]]
+    c = jax.nn.softmax(jnp.where(real[:, None, :], y @ h.transpose(0, 2, 1) / math.sqrt(d), -1e9))
+    z = jnp.tanh((y + c @ h) @ theta["w1"])
+    logp = jax.nn.log_softmax(z @ theta["emb"].T + theta["bias"], axis=-1)
+    return -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def sentences(rng, shape, length=L, keys_per_sentence=2):
+    """<s> filler... </s> pad: ids [.., length] with some KEY_IDS placed at random, valid mask."""
+    ids = rng.integers(20, V - 1, size=shape + (length,)).astype(np.int32)
+    ids[..., 0] = 0
+    n_real = length - 2  # leave room for </s> and one pad
+    ids[..., n_real + 1] = 2
+    ids[..., n_real + 2 :] = PAD
+    flat = ids.reshape(-1, length)
+    for row in flat:
+        pos = rng.choice(np.arange(1, n_real + 1), keys_per_sentence, replace=False)
+        row[pos] = rng.choice(KEY_IDS, keys_per_sentence)
+    ids = flat.reshape(ids.shape)
+    valid = (ids > 3) & (ids != MASK_ID)
+    return ids, valid
+
+
+def qa_batch(rng, b):
+    """The toy downstream task: recover the key tokens of a sentence where they are masked
+    (corrupt_tokens_jax's format, built in numpy)."""
+    ids, _ = sentences(rng, (b,))
+    key = np.isin(ids, KEY_IDS)
+    dec = np.concatenate([np.full((b, 1), 2, np.int32), ids[:, :-1]], axis=1)
+    return {
+        "input_ids": np.where(key, MASK_ID, ids).astype(np.int32),
+        "decoder_input_ids": dec,
+        "labels": ids,
+        "weights": key.astype(np.float32),
+    }
+
+
+def policy_net(**kw):
+    base = dict(vocab_size=V, d_model=16, num_layers=1, num_heads=2, ffn_dim=32, max_length=L)
+    return netlib.PolicyNet(**{**base, **kw})
+
+
+def make_problem(cfg, seed=0, lm="tiny", dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    k = cfg.inner_steps
+    ids, valid = sentences(rng, (k, B))
+    inner = {"input_ids": jnp.asarray(ids), "valid": jnp.asarray(valid)}
+    outer = {k_: jnp.asarray(v) for k_, v in qa_batch(rng, B).items()}
+    noise = jnp.asarray(rng.gumbel(size=(k, B, L)), jnp.float32)
+    pnet = policy_net()
+    phi = netlib.init_policy_params(pnet, jax.random.key(seed + 1), length=L)
+    if lm == "tiny":
+        theta, lm_loss = init_tiny_lm(seed + 2), tiny_lm_loss
+    else:
+        mcfg = tiny_model_config(vocab_size=V, encoder_layers=1, decoder_layers=1)
+        model = Bart(mcfg)
+        theta, lm_loss = init_params(mcfg, jax.random.key(seed + 2)), meta.bart_lm_loss(model)
+    cast = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t))
+    phi, theta, noise = cast(phi), cast(theta), noise.astype(dtype)
+    outer["weights"] = outer["weights"].astype(dtype)
+    setup = meta.MetaSetup(cfg, meta.policy_fn_from_net(pnet), lm_loss, mask_id=MASK_ID)
+    downstream = None
+    if cfg.downstream_steps:
+        c_ids, c_valid = sentences(rng, (B,))
+        downstream = {
+            "context": {"input_ids": jnp.asarray(c_ids), "valid": jnp.asarray(c_valid)},
+            "context_noise": jnp.asarray(rng.gumbel(size=(B, L)), dtype),
+            "qa": {k_: jnp.asarray(v) for k_, v in qa_batch(rng, B).items()},
+        }
+        downstream["qa"]["weights"] = downstream["qa"]["weights"].astype(dtype)
+    return setup, phi, theta, inner, outer, noise, downstream
+
+
+def fixed_masks(setup, phi, inner, noise, downstream):
+    """The masks the policy samples at phi, to hold fixed while phi is perturbed."""
+
+    @jax.jit
+    def masks_of(phi, inner, noise, downstream):
+        _, masks, _ = meta.policy_masks(phi, inner, noise, setup, leading=1)
+        if downstream is None:
+            return masks, None
+        ctx, c_noise = downstream["context"], downstream["context_noise"]
+        return masks, meta.policy_masks(phi, ctx, c_noise, setup)[1]
+
+    masks, c_mask = masks_of(phi, inner, noise, downstream)
+    if downstream is not None:
+        downstream = {**downstream, "context_mask": c_mask}
+    return masks, downstream
+
+
+def tree_dot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def tree_norm(a):
+    return float(jnp.sqrt(tree_dot(a, a)))
+
+
+def cosine(a, b):
+    return float(tree_dot(a, b)) / (tree_norm(a) * tree_norm(b))
+
+
+# ----------------------------------------------------------------------------- finite differences
+
+
+FD_CASES = [
+    # (K, inner optimizer, inner lr, remat, downstream steps, entropy / budget weights)
+    (1, "sgd", 0.5, False, 0, 0.0),
+    (3, "sgd", 0.5, True, 0, 0.0),
+    (1, "adam", 0.05, True, 0, 0.0),
+    (3, "adam", 0.05, False, 0, 0.0),
+    (2, "sgd", 0.5, True, 1, 0.5),  # downstream steps and the regularizers
+]
+
+
+@pytest.mark.parametrize("k,opt,lr,remat,downstream_steps,reg", FD_CASES)
+def test_meta_gradient_matches_central_finite_differences(k, opt, lr, remat, downstream_steps, reg):
+    with x64():
+        cfg = MetaConfig(
+            inner_steps=k,
+            inner_optimizer=opt,
+            inner_learning_rate=lr,
+            remat=remat,
+            downstream_steps=downstream_steps,
+            entropy_weight=reg,
+            budget_weight=reg,
+            mask_rate=0.3,
+        )
+        setup, phi, theta, inner, outer, noise, down = make_problem(cfg, dtype=jnp.float64)
+        masks, down = fixed_masks(setup, phi, inner, noise, down)
+
+        def objective(p):
+            loss, _ = meta.meta_loss(
+                p,
+                theta,
+                inner,
+                outer,
+                noise,
+                setup,
+                masks=masks,
+                reference_phi=phi,
+                downstream=down,
+            )
+            return loss
+
+        # The gradient meta_step uses (stop_gradient weights, masks from the noise) ...
+        grads, loss, _ = jax.jit(
+            lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup, downstream=down)
+        )(phi)
+        # ... is the derivative of the reference-weighted objective at phi_ref = phi.
+        f = jax.jit(objective)
+        assert float(f(phi)) == pytest.approx(float(loss), rel=1e-12)
+        gnorm = tree_norm(grads)
+        assert gnorm > 1e-4, "meta-gradient too small for a meaningful check"
+
+        leaves, treedef = jax.tree.flatten(grads)
+        dir_rng = np.random.default_rng(k)
+        directions = [jax.tree.map(lambda g: g / gnorm, grads)]
+        for _ in range(2):
+            v = [dir_rng.normal(size=x.shape) for x in leaves]
+            vn = math.sqrt(sum(float(np.sum(x * x)) for x in v))
+            directions.append(jax.tree.unflatten(treedef, [jnp.asarray(x / vn) for x in v]))
+        # One individual parameter: the largest-gradient entry of the head.
+        one = jax.tree.map(jnp.zeros_like, grads)
+        head = grads["head"]["kernel"]
+        idx = np.unravel_index(int(jnp.argmax(jnp.abs(head))), head.shape)
+        one["head"]["kernel"] = one["head"]["kernel"].at[idx].set(1.0)
+        directions.append(one)
+
+        # Adam's first steps are nearly sign(g): curvature is high, so a smaller step (the error
+        # falls as eps^2: 7e-4, 7e-6, 4e-7 relative at eps 1e-5, 1e-6, 1e-7).
+        eps, rtol = (1e-5, 1e-6) if opt == "sgd" else (1e-7, 5e-6)
+        for v in directions:
+            plus = f(jax.tree.map(lambda p, d: p + eps * d, phi, v))
+            minus = f(jax.tree.map(lambda p, d: p - eps * d, phi, v))
+            fd = float(plus - minus) / (2 * eps)
+            exact = float(tree_dot(grads, v))
+            # Relative to the gradient's norm (random directions can cancel to ~0).
+            assert abs(fd - exact) <= rtol * gnorm + 1e-10, (fd, exact, gnorm)
+
+
+def test_outer_loss_depends_on_phi_only_through_the_weights():
+    """Without the reference, the weights are 1 in value: the meta loss equals the plain MLM
+    unroll's outer loss at any phi (the forward is exactly the training the policy causes)."""
+    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, entropy_weight=0.0, budget_weight=0.0)
+    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg)
+    masks, _ = fixed_masks(setup, phi, inner, noise, None)
+    other = jax.tree.map(lambda x: x * 1.7 + 0.1, phi)
+    loss = jax.jit(lambda p: meta.meta_loss(p, theta, inner, outer, noise, setup, masks=masks)[0])
+    a, b = loss(phi), loss(other)
+
+    @jax.jit
+    def plain_mlm_unroll(th):
+        """The plain MLM unroll by hand: SGD on the mean CE of the masked tokens."""
+        for kk in range(2):
+            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
+            m = masks[kk].astype(jnp.float32)
+            mean_ce = lambda t, ex=ex, m=m: jnp.sum(m * tiny_lm_loss(t, ex)) / jnp.sum(m)
+            th = jax.tree.map(lambda t, gg: t - 0.5 * gg, th, jax.grad(mean_ce)(th))
+        return meta.outer_loss(tiny_lm_loss, th, outer)
+
+    ref = plain_mlm_unroll(theta)
+    np.testing.assert_allclose(float(a), float(ref), rtol=1e-6)
+    np.testing.assert_allclose(float(b), float(ref), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- scan == loop
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_scan_unroll_equals_python_loop(opt):
+    cfg = MetaConfig(
+        inner_steps=3,
+        inner_optimizer=opt,
+        inner_learning_rate=0.3 if opt == "sgd" else 0.03,
+        remat=True,
+        entropy_weight=0.05,
+        budget_weight=1.0,
+        mask_rate=0.3,
+    )
+    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=3)
+
+    def loop_loss(p):
+        """The same K steps written out by hand: optax's pure functions in a Python loop."""
+        logits = meta.policy_fn_from_net(policy_net())(
+            p, inner["input_ids"].reshape(-1, L), inner["valid"].reshape(-1, L)
+        ).reshape(inner["input_ids"].shape)
+        masks = meta.sample_masks(
+            logits.reshape(-1, L), inner["valid"].reshape(-1, L), noise.reshape(-1, L), 0.3
+        ).reshape(logits.shape)
+        tx = optax.sgd(0.3) if opt == "sgd" else optax.adam(0.03, eps_root=meta.ADAM_EPS_ROOT)
+        th, state = theta, tx.init(theta)
+        for kk in range(3):
+            log_q, _ = meta.policy_distribution(logits[kk], inner["valid"][kk])
+            w = jnp.where(masks[kk], jnp.exp(log_q - jax.lax.stop_gradient(log_q)), 0.0)
+            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
+            n = jnp.sum(masks[kk])
+            g = jax.grad(lambda t, ex=ex, w=w, n=n: jnp.sum(w * tiny_lm_loss(t, ex)) / n)(th)
+            upd, state = tx.update(g, state, th)
+            th = optax.apply_updates(th, upd)
+        reg, _ = meta.policy_regularizers(logits, inner["valid"], cfg)
+        return meta.outer_loss(tiny_lm_loss, th, outer) + reg, th
+
+    theta_scan, _, _ = jax.jit(lambda p: meta.inner_loop(p, theta, inner, noise, setup))(phi)
+    (loss_loop, theta_loop), g_loop = jax.jit(jax.value_and_grad(loop_loss, has_aux=True))(phi)
+    g_scan, loss_scan, _ = jax.jit(
+        lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup)
+    )(phi)
+    for a, b in zip(jax.tree.leaves(theta_scan), jax.tree.leaves(theta_loop), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(loss_scan), float(loss_loop), rtol=1e-6)
+    assert tree_norm(g_loop) > 0
+    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * tree_norm(g_loop))
+
+
+# ----------------------------------------------------------------------------- gradient flow
+
+
+def _leaf_norms(tree):
+    return {
+        jax.tree_util.keystr(path): float(jnp.linalg.norm(x))
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def test_every_policy_parameter_gets_meta_gradient_through_bart():
+    """The real Bart (float32): every leaf of phi receives a finite, non-zero meta-gradient."""
+    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, remat=True)
+    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, lm="bart")
+    grads, loss, metrics = jax.jit(
+        lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup)
+    )(phi)
+    norms = _leaf_norms(grads)
+    assert all(np.isfinite(v) for v in norms.values()), norms
+    assert all(v > 0 for v in norms.values()), {k: v for k, v in norms.items() if v == 0}
+    assert np.isfinite(float(loss)) and float(metrics["mask_rate"]) > 0
+
+
+def test_heuristic_scores_receive_no_meta_gradient():
+    """The meta-gradient flows only through the policy's probabilities, never through the sampled
+    mask: a tabular policy (phi = the scores themselves) gets a non-zero gradient, while the same
+    fixed scores used as a heuristic (no dependence on phi) give the same masks and the same meta
+    loss with exactly zero gradient, whatever the noise."""
+    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, entropy_weight=0.0, budget_weight=0.0)
+    setup, _, theta, inner, outer, noise, _ = make_problem(cfg, seed=4)
+    scores = jax.random.normal(jax.random.key(11), (2 * B, L))
+    tabular = lambda phi, ids, valid, u=None: jnp.where(valid, phi["scores"], -jnp.inf)
+    heuristic = lambda phi, ids, valid, u=None: jnp.where(valid, scores, -jnp.inf)
+    phi = {"scores": scores}
+    results = {}
+    for name, fn in (("tabular", tabular), ("heuristic", heuristic)):
+        s = meta.MetaSetup(cfg, fn, tiny_lm_loss, mask_id=MASK_ID)
+        grad_fn = jax.jit(lambda p, nz, s=s: meta.meta_gradient(p, theta, inner, outer, nz, s))
+        for n_i, nz in enumerate((noise, noise[:, ::-1])):
+            grads, loss, metrics = grad_fn(phi, nz)
+            results[name, n_i] = (float(loss), float(jnp.abs(grads["scores"]).max()))
+    assert results["tabular", 0][0] == pytest.approx(results["heuristic", 0][0], rel=1e-6)
+    assert results["tabular", 0][0] != pytest.approx(results["heuristic", 1][0], rel=1e-4)
+    assert results["tabular", 0][1] > 1e-6
+    assert results["heuristic", 0][1] == 0.0 and results["heuristic", 1][1] == 0.0
+
+
+# ----------------------------------------------------------------------------- first order
+
+
+def test_first_order_estimator_matches_definition_and_aligns_with_exact():
+    with x64():
+        lr = 1e-3
+        cfg = MetaConfig(
+            inner_steps=1,
+            inner_learning_rate=lr,
+            estimator="first_order",
+            entropy_weight=0.0,
+            budget_weight=0.0,
+            mask_rate=0.3,
+        )
+        setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=5, dtype=jnp.float64)
+        masks, _ = fixed_masks(setup, phi, inner, noise, None)
+        exact_setup = meta.MetaSetup(
+            dataclasses.replace(cfg, estimator="second_order"),
+            setup.policy_fn,
+            tiny_lm_loss,
+            mask_id=MASK_ID,
+        )
+
+        def mlm_loss(t, p):
+            _, _, w = meta.policy_masks(p, inner, noise, setup, masks=masks, leading=1)
+            total = 0.0
+            for kk in range(cfg.inner_steps):
+                ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
+                total += jnp.sum(w[kk] * tiny_lm_loss(t, ex)) / jnp.sum(masks[kk])
+            return total
+
+        @jax.jit
+        def everything(p):
+            g_fo, _, metrics = meta.meta_gradient(p, theta, inner, outer, noise, setup)
+            # The definition, literally: -lr d/dphi <grad_theta L_mlm(theta, phi),
+            # sg(grad L_down(theta))> by a double backward pass (the estimator uses one jvp).
+            down_grad = jax.grad(lambda t: meta.outer_loss(tiny_lm_loss, t, outer))(theta)
+            align = lambda p: tree_dot(jax.grad(mlm_loss)(theta, p), down_grad)
+            definition = jax.grad(lambda p: -lr * align(p))(p)
+            g_exact, _, _ = meta.meta_gradient(p, theta, inner, outer, noise, exact_setup)
+            return g_fo, metrics["alignment"], definition, align(p), g_exact
+
+        g_fo, alignment, definition, alignment_def, g_exact = everything(phi)
+        for a, b in zip(jax.tree.leaves(g_fo), jax.tree.leaves(definition), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * tree_norm(definition))
+        np.testing.assert_allclose(float(alignment), float(alignment_def), rtol=1e-10)
+        # Aligned with the exact K=1 (SGD) meta-gradient at a small inner learning rate ...
+        cos = cosine(g_fo, g_exact)
+        assert cos > 0.99, cos
+        # ... as a first-order approximation: off by O(lr) relatively.
+        rel = tree_norm(jax.tree.map(jnp.subtract, g_fo, g_exact)) / tree_norm(g_exact)
+        assert rel < 0.05, rel
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def _key_mass(setup, phi, ids, valid):
+    """Mean probability mass q puts on the key ids per sentence."""
+
+    @jax.jit
+    def mass(phi):
+        _, q = meta.policy_distribution(setup.policy_fn(phi, ids, valid, None), valid)
+        return jnp.mean(jnp.sum(jnp.where(jnp.isin(ids, jnp.asarray(KEY_IDS)), q, 0.0), -1))
+
+    return float(mass(phi))
+
+
+@pytest.mark.parametrize("estimator", ["second_order", "first_order"])
+def test_meta_steps_learn_to_mask_the_rewarded_tokens(estimator):
+    """Downstream = recover masked key tokens; MLM on key tokens helps it, MLM on filler hurts
+    it. A few meta steps raise the policy's probability mass on the key ids."""
+    cfg = MetaConfig(
+        inner_steps=1,
+        inner_learning_rate=0.5,
+        estimator=estimator,
+        learning_rate=3e-2,
+        entropy_weight=0.0,
+        budget_weight=0.0,
+        mask_rate=0.2,
+    )
+    setup, phi, theta, _, _, _, _ = make_problem(cfg, seed=6)
+    rng = np.random.default_rng(6)
+    step = meta.make_meta_step(setup)
+    state = meta.create_meta_state(phi, cfg)
+    probe_ids, probe_valid = sentences(np.random.default_rng(1), (16,))
+    before = _key_mass(setup, phi, probe_ids, probe_valid)
+    for _ in range(25):
+        ids, valid = sentences(rng, (1, 8))
+        batches = {
+            "inner": {"input_ids": ids, "valid": valid},
+            "outer": qa_batch(rng, 8),
+        }
+        state, metrics = step(state, theta, batches, jax.random.key(0))
+        assert np.isfinite(float(metrics["loss"]))
+    after = _key_mass(setup, state.params, probe_ids, probe_valid)
+    # Two key tokens of ~9 maskable ones: ~0.22 at the start.
+    assert after > before + 0.15, (before, after)
+    assert int(state.step) == 25
+
+
+@pytest.mark.slow
+def test_meta_step_with_bart_runs_and_lowers_meta_loss():
+    """The jitted meta step end to end on the real Bart (float32, K=2, adam inner)."""
+    cfg = MetaConfig(
+        inner_steps=2,
+        inner_optimizer="adam",
+        inner_learning_rate=0.01,
+        learning_rate=1e-2,
+    )
+    setup, phi, theta, inner, outer, _, _ = make_problem(cfg, lm="bart", seed=8)
+    step = meta.make_meta_step(setup, donate=False)
+    state = meta.create_meta_state(phi, cfg)
+    batches = {"inner": inner, "outer": outer}
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, theta, batches, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert min(losses[1:]) < losses[0]
+
+
+# ----------------------------------------------------------------------------- contracts
+
+
+def test_policy_probabilities_respect_the_budget():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, L)))
+    valid = jnp.asarray(np.arange(L)[None, :] < np.array([[3], [6], [9], [0]])) & (
+        jnp.arange(L) > 0
+    )
+    p = meta.policy_probabilities(logits, valid, 0.3)
+    t = meta.target_counts(valid.sum(-1), 0.3)
+    # The sampler's own count (rule 4) on each sentence.
+    np.testing.assert_array_equal(t, [1, 2, 2, 0])
+    assert float(jnp.max(jnp.where(valid, 0.0, p))) == 0.0
+    assert np.all(np.asarray(jnp.sum(p, -1)) <= np.asarray(t) + 1e-6)
+    _, q = meta.policy_distribution(logits, valid)
+    np.testing.assert_allclose(jnp.sum(q, -1), [1, 1, 1, 0], atol=1e-6)
+    # Shift invariance: adding a constant to a sentence's logits changes nothing.
+    np.testing.assert_allclose(meta.policy_probabilities(logits + 3.0, valid, 0.3), p, atol=1e-6)
+
+
+def test_errors_name_the_field():
+    cfg = MetaConfig(inner_steps=2)
+    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg)
+    bad = {k: v[:1] for k, v in inner.items()}
+    with pytest.raises(ValueError, match="inner_steps=2"):
+        meta.meta_loss(phi, theta, bad, outer, noise[:1], setup)
+    with pytest.raises(ValueError, match="downstream"):
+        s = meta.MetaSetup(
+            MetaConfig(inner_steps=2, downstream_steps=1), setup.policy_fn, tiny_lm_loss, MASK_ID
+        )
+        meta.meta_loss(phi, theta, inner, outer, noise, s)
+    with pytest.raises(ValueError, match="estimator"):
+        MetaConfig(estimator="third_order")
