@@ -85,7 +85,7 @@ class OptimConfig:
     learning_rate: float = 1e-4
     warmup_steps: int = 0
     schedule: str = "linear"  # constant | linear | cosine
-    total_steps: int = 1000
+    total_steps: int = 0  # where the decay ends; 0 = the stage's number of steps
     end_lr_fraction: float = 0.0  # decay ends at learning_rate * end_lr_fraction
     weight_decay: float = 0.01
     b1: float = 0.9
@@ -203,7 +203,10 @@ class WorldConfig:
     """
 
     seed: int = 0
-    num_people: int = 300
+    # 200 people with 1 distractor per bio: salient-span masking stores the facts in ~2-3k
+    # steps of a d_model-128 BART (held-out world_qa EM ~0.4; none: 0). 300 people with 2
+    # distractors took far longer (EM 0 after 1.5k steps).
+    num_people: int = 200
     num_bios: int = 4  # paraphrased biographies per person
     templates_per_attribute: int = 3  # bio sentence templates used per attribute (max 4)
     question_templates: int = 2  # question templates used per asked attribute (max 3)
@@ -216,7 +219,7 @@ class WorldConfig:
         "hobby",
     )
     distractors: tuple[str, ...] = ("friend", "visited_city", "club", "move_date")
-    distractors_per_bio: int = 2
+    distractors_per_bio: int = 1
     summary_attributes: tuple[str, ...] = ("birth_city", "employer")
     # True: every value of an attribute belongs to one person only, so no test answer is
     # ever a train answer (closed-book QA cannot be solved from the answer prior).
@@ -450,6 +453,7 @@ class SupervisedConfig:
     patience: int = 5  # evaluations without a dev span-F1 gain before stopping; 0 = never stop
     eval_mask_rate: float = 0.15
     eval_spans_per_sentence: int = 0
+    sentence_level: bool = True  # contexts cut into answer sentences; False: whole passages
     max_triples: int = 0  # cap on training triples (a seeded subset); 0 = all
     max_dev_triples: int = 2000  # cap on dev triples; 0 = all
 

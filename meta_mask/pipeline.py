@@ -16,6 +16,7 @@ This is the only module that knows every part; the parts know nothing of each ot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -249,6 +250,10 @@ def train_stage(
     from meta_mask.training import checkpoint, loop, steps
 
     stage_dir = ctx.workdir / name
+    if stage_cfg.optim.total_steps == 0:  # decay over exactly the stage's steps
+        stage_cfg = dataclasses.replace(
+            stage_cfg, optim=dataclasses.replace(stage_cfg.optim, total_steps=stage_cfg.steps)
+        )
     if _stage_done(stage_dir) is not None:
         log.info("stage %s already done; loading its final params", name)
         return _final_params(stage_dir, params)

@@ -26,7 +26,7 @@ token); the MLM loss is the cross-entropy on the masked positions, each weighted
 
     w_i = p_i / stop_gradient(p_i) = exp(log q_i - stop_gradient(log q_i)),
 
-    L_mlm(theta, phi) = (1/N) sum_{i: m_i} w_i ce_i(theta),    N = number of masked tokens.
+    L_mlm(theta, phi) = (1/N) sum_{i: m_i} w_i ce_i(theta),    N = number of masked tokens
 
 Why this weight (and not w = p normalized): its VALUE is 1, so the forward inner step is exactly
 the ordinary MLM step on the sampled mask (the training this policy will actually cause, with the
@@ -35,6 +35,16 @@ grad_phi log q_i, the likelihood-ratio direction: upweighting token i's loss by 
 order is what masking it (1 + d) times as often does in expectation (the weight is the importance
 ratio of a perturbed policy to the sampling one). With w = p, the step size would shrink with
 p ~ T/n and the forward would no longer be the MLM step the policy causes.
+
+Baseline. Every MLM step tends to lower the downstream loss a little, so without a baseline every
+sampled token would be reinforced and only the sampling frequency would decide what wins (high
+variance). The implemented weight is centred over the batch's N masked tokens:
+
+    w_i = exp(d_i - mean_{j: m_j} d_j),    d_i = log q_i - stop_gradient(log q_i),
+
+still 1 in value, with gradient grad log q_i - mean_j grad log q_j: a token is reinforced when its
+effect on the outer loss beats the batch average (the usual control variate; the correction's
+expectation sum_i pi_i grad log q_i ~ T sum_i grad q_i = 0 to the order of pi ~ T q).
 
 K inner steps with an optax optimizer (sgd or adam, pure init/update; state in the scan carry;
 each step under jax.checkpoint when cfg.remat):
@@ -57,10 +67,11 @@ second_order: jax.grad of meta_loss w.r.t. phi through the whole unroll (Hessian
 products of the LM, through the optimizer's update). For K = 1 and SGD at rate a:
 
     theta_1 = theta_0 - (a/N) sum_{i: m_i} w_i grad ce_i(theta_0),
-    d L_down / d phi = -(a/N) sum_{i: m_i} <grad L_down(theta_1), grad ce_i(theta_0)> grad log q_i:
+    d L_down / d phi = -(a/N) sum_{i: m_i} (c_i - mean_{j: m_j} c_j) grad log q_i,
+    c_i = <grad L_down(theta_1), grad ce_i(theta_0)>:
 
 a masked token's probability rises when training on it moves theta along the downstream loss's
-descent direction. first_order replaces theta_1 by theta_0 inside grad L_down (error O(a^2)):
+descent direction more than the batch's average masked token does. first_order replaces theta_1 by theta_0 inside grad L_down (error O(a^2)):
 
     g_FO = -a * d/dphi <grad_theta L_mlm(theta_0, phi), stop_gradient(grad_theta L_down(theta_0))>
          = -(a/N) sum_k sum_{i: m_i} w_i * stop_gradient(c_i)   differentiated w.r.t. phi,
@@ -70,8 +81,8 @@ product (jax.jvp of the per-token losses along grad L_down): no second-order pas
 memory ~ a forward pass. It sums the K inner batches' alignments at theta_0 and ignores the
 inner optimizer's preconditioning (for adam it is the SGD direction) and the downstream steps.
 
-Correctness (tests/policies/test_meta.py): with the denominator of w taken at a fixed reference
-phi_ref (`reference_phi`), w = p_phi / p_phi_ref and S(phi) = meta_loss is an ordinary function
+Correctness (tests/policies/test_meta.py): with d taken against a fixed reference phi_ref
+(`reference_phi`: d = log q_phi - log q_phi_ref), S(phi) = meta_loss is an ordinary function
 whose derivative at phi = phi_ref equals the meta-gradient; central finite differences of S in
 float64 match jax.grad, for K = 1 and 3, sgd and adam, with and without remat.
 
@@ -196,10 +207,14 @@ def sample_masks(
 
 
 def mask_weights(log_q: Array, mask: Array, log_q_ref: Array | None = None) -> Array:
-    """w_i = q_i / q_ref_i on masked tokens (0 elsewhere); q_ref = stop_gradient(q) by default,
-    so w = 1 in value with gradient grad log q."""
+    """w_i = exp(d_i - mean_{j masked} d_j) on masked tokens (0 elsewhere), d = log q - log q_ref,
+    the mean over each batch's masked tokens (last two axes). q_ref = stop_gradient(q) by
+    default: then w = 1 in value, with gradient grad log q_i - mean_j grad log q_j."""
     ref = jax.lax.stop_gradient(log_q) if log_q_ref is None else log_q_ref
-    return jnp.where(mask, jnp.exp(log_q - ref), 0.0)
+    delta = jnp.where(mask, log_q - ref, 0.0)
+    count = jnp.maximum(jnp.sum(mask, axis=(-2, -1), keepdims=True), 1).astype(delta.dtype)
+    center = jnp.sum(delta, axis=(-2, -1), keepdims=True) / count
+    return jnp.where(mask, jnp.exp(delta - center), 0.0)
 
 
 # ----------------------------------------------------------------------------- inner loop

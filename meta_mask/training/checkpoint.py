@@ -117,21 +117,27 @@ def check_metadata_matches(
         )
 
 
-def abstract_tree(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) to restore into, from arrays or ShapeDtypeStructs.
+def abstract_tree(tree: Any, sharding: Any = None) -> Any:
+    """ShapeDtypeStructs with shardings to restore into, from arrays or ShapeDtypeStructs.
 
-    Leaves without a sharding (numpy arrays, bare ShapeDtypeStructs) are restored onto the
-    first local device.
+    `sharding` (one Sharding for every leaf, or a pytree of them like `tree`) overrides the
+    leaves' own shardings. Leaves with neither (numpy arrays, ShapeDtypeStructs from
+    jax.eval_shape) go to the first local device.
     """
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def one(x: Any) -> jax.ShapeDtypeStruct:
-        sharding = getattr(x, "sharding", None)
-        if not isinstance(sharding, jax.sharding.Sharding):
-            sharding = default
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    def one(x: Any, s: Any = None) -> jax.ShapeDtypeStruct:
+        if s is None:
+            s = getattr(x, "sharding", None)
+        if not isinstance(s, jax.sharding.Sharding):
+            s = default
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
-    return jax.tree.map(one, tree)
+    if sharding is None:
+        return jax.tree.map(one, tree)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, sharding), tree)
+    return jax.tree.map(one, tree, sharding)
 
 
 # ----------------------------------------------------------------------------- manager
@@ -232,10 +238,13 @@ class CheckpointManager:
         step: int | None = None,
         expected_metadata: Any = None,
         compare_sections: Iterable[str] = ("model",),
+        sharding: Any = None,
     ) -> Any:
         """Read `step` (default: latest) into the structure, shapes and shardings of `target_state`.
 
-        `target_state` may hold arrays or jax.ShapeDtypeStructs. Before reading, every leaf's
+        `target_state` may hold arrays or jax.ShapeDtypeStructs; `sharding` (one, or a pytree)
+        places the result where the train step expects it, e.g. `sharding.replicated(mesh)`
+        for a target from jax.eval_shape, which carries none. Before reading, every leaf's
         shape and dtype is checked against the checkpoint, and when `expected_metadata` is
         given, each field of its `compare_sections` (default: the model config) must equal the
         stored one; both raise CheckpointMismatchError naming what differs.
@@ -249,7 +258,7 @@ class CheckpointManager:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardRestore(abstract_tree(target_state))}
+                **{STATE_ITEM: ocp.args.StandardRestore(abstract_tree(target_state, sharding))}
             ),
         )
         return restored[STATE_ITEM]
@@ -275,12 +284,12 @@ def save_params(path: str | os.PathLike, params: Any, *, overwrite: bool = False
         checkpointer.wait_until_finished()
 
 
-def load_params(path: str | os.PathLike, target: Any = None) -> Any:
+def load_params(path: str | os.PathLike, target: Any = None, sharding: Any = None) -> Any:
     """Read a tree written by `save_params`.
 
     With `target` (arrays or ShapeDtypeStructs), shapes and dtypes are checked first
-    (CheckpointMismatchError names the path) and arrays land with the target's shardings;
-    without it, the stored tree is returned as saved.
+    (CheckpointMismatchError names the path) and arrays land with `sharding` or else the
+    target's own shardings; without it, the stored tree is returned as saved.
     """
     path = os.path.abspath(os.fspath(path))
     with ocp.StandardCheckpointer() as checkpointer:
@@ -289,4 +298,4 @@ def load_params(path: str | os.PathLike, target: Any = None) -> Any:
         stored = checkpointer.metadata(path)
         stored = getattr(stored, "item_metadata", stored)
         check_tree_matches(getattr(stored, "tree", stored), target, path)
-        return checkpointer.restore(path, abstract_tree(target))
+        return checkpointer.restore(path, abstract_tree(target, sharding))

@@ -50,7 +50,10 @@ def learning_rate_schedule(optim_cfg: OptimConfig) -> optax.Schedule:
     """
     cfg = optim_cfg
     if cfg.total_steps < 1:
-        raise ValueError(f"OptimConfig.total_steps={cfg.total_steps}; must be >= 1")
+        raise ValueError(
+            f"OptimConfig.total_steps={cfg.total_steps}; must be >= 1 (the pipeline sets 0 to "
+            "the stage's steps)"
+        )
     if not 0 <= cfg.warmup_steps <= cfg.total_steps:
         raise ValueError(
             f"OptimConfig.warmup_steps={cfg.warmup_steps}; must be in [0, total_steps="
@@ -135,8 +138,9 @@ def _logits(
         rngs=rngs,
         **masks,
     )
-    # Loss math in float32 whatever the compute dtype.
-    return logits.astype(jnp.float32)
+    # Loss math in at least float32 whatever the compute dtype (float64 stays float64, so
+    # finite-difference checks can run the loss in double precision).
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def _cross_entropy(
@@ -164,7 +168,7 @@ def token_losses(
     deterministic: bool = True,
     label_smoothing: float = 0.0,
 ) -> jax.Array:
-    """Per-token cross-entropy [B,T] float32 of `labels` under the model (unweighted).
+    """Per-token cross-entropy [B,T] (float32; float64 for a float64 model) of `labels`.
 
     The meta-learned policy reweights these; `weighted_loss` is the ordinary reduction.
     """
@@ -264,10 +268,10 @@ def make_train_step(
     pytree of them; default replicated over `mesh`), the batch split over the mesh's batch axes,
     rng and metrics replicated. `mesh` defaults to all devices on the data axis.
 
-    Fixed shapes never re-trace, but jax keys its trace cache on where inputs live too: place
-    the initial state as the step's outputs are (`jax.device_put(state, state_sharding)`, e.g.
-    `sharding.replicated(mesh)`), and feed batches one way throughout (always
-    `sharding.shard_batch`, or always host numpy).
+    Fixed shapes never re-trace: a state that is not yet where the step puts its outputs (fresh
+    from init or a restore) is moved there first (see `_placing`). Feed batches one way
+    throughout (always `sharding.shard_batch`, or always host numpy), as jax also keys its
+    trace cache on where they live. The jitted function itself is `train_step.jitted`.
     """
     tx = make_optimizer(optim_cfg)
     schedule = learning_rate_schedule(optim_cfg)
@@ -279,12 +283,13 @@ def make_train_step(
     mesh = sharding_lib.make_mesh(MeshConfig()) if mesh is None else mesh
     repl = sharding_lib.replicated(mesh)
     state_sharding = repl if state_sharding is None else state_sharding
-    return jax.jit(
+    jitted = jax.jit(
         train_step,
         in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh), repl),
         out_shardings=(state_sharding, repl),
         donate_argnums=(0,) if donate else (),
     )
+    return _placing(jitted, state_sharding)
 
 
 def make_eval_step(
@@ -298,7 +303,8 @@ def make_eval_step(
 
     Sums rather than means, so the caller aggregates any number of batches exactly:
     loss = sum(loss_sum) / sum(weight_sum), accuracy = sum(correct) / sum(tokens).
-    No dropout and no label smoothing: this is the true cross-entropy.
+    No dropout and no label smoothing: this is the true cross-entropy. With jit=True, params
+    are moved to `params_sharding` (default replicated over `mesh`) when they are elsewhere.
     """
 
     def eval_step(params: Any, batch: Batch) -> Metrics:
@@ -318,8 +324,30 @@ def make_eval_step(
     mesh = sharding_lib.make_mesh(MeshConfig()) if mesh is None else mesh
     repl = sharding_lib.replicated(mesh)
     params_sharding = repl if params_sharding is None else params_sharding
-    return jax.jit(
+    jitted = jax.jit(
         eval_step,
         in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
         out_shardings=repl,
     )
+    return _placing(jitted, params_sharding)
+
+
+def _placing(jitted: Callable, sharding: Any) -> Callable:
+    """`jitted`, moving its first argument to `sharding` (one, or a pytree) when it is elsewhere.
+
+    jax keys its trace cache on where inputs live (the mesh is part of an array's type): a
+    state fresh from init (one device, no mesh) and the step's own output (on the mesh) would
+    each trace and compile the step, doubling compile time. Checking the first leaf per call
+    costs a comparison; the move happens once.
+    """
+    first = sharding if isinstance(sharding, Sharding) else jax.tree.leaves(sharding)[0]
+
+    def call(arg: Any, *rest: Any) -> Any:
+        leaf = jax.tree.leaves(arg)[0]
+        if not isinstance(leaf, jax.core.Tracer) and getattr(leaf, "sharding", None) != first:
+            arg = jax.device_put(arg, sharding)
+        return jitted(arg, *rest)
+
+    call.jitted = jitted
+    call.__doc__ = jitted.__doc__
+    return call

@@ -177,13 +177,14 @@ def cosine(a, b):
 # ----------------------------------------------------------------------------- finite differences
 
 
+slow = pytest.mark.slow
 FD_CASES = [
     # (K, inner optimizer, inner lr, remat, downstream steps, entropy / budget weights)
     (1, "sgd", 0.5, False, 0, 0.0),
-    (3, "sgd", 0.5, True, 0, 0.0),
-    (1, "adam", 0.05, True, 0, 0.0),
-    (3, "adam", 0.05, False, 0, 0.0),
-    (2, "sgd", 0.5, True, 1, 0.5),  # downstream steps and the regularizers
+    (3, "adam", 0.05, True, 0, 0.0),
+    pytest.param(3, "sgd", 0.5, True, 0, 0.0, marks=slow),
+    pytest.param(1, "adam", 0.05, False, 0, 0.0, marks=slow),
+    pytest.param(2, "sgd", 0.5, True, 1, 0.5, marks=slow),  # downstream steps + regularizers
 ]
 
 
@@ -281,8 +282,14 @@ def test_outer_loss_depends_on_phi_only_through_the_weights():
 # ----------------------------------------------------------------------------- scan == loop
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("opt", ["adam", pytest.param("sgd", marks=slow)])
 def test_scan_unroll_equals_python_loop(opt):
+    """float64, so the comparison is tight even through Adam's near-sign first updates."""
+    with x64():
+        _scan_unroll_equals_python_loop(opt)
+
+
+def _scan_unroll_equals_python_loop(opt):
     cfg = MetaConfig(
         inner_steps=3,
         inner_optimizer=opt,
@@ -292,7 +299,7 @@ def test_scan_unroll_equals_python_loop(opt):
         budget_weight=1.0,
         mask_rate=0.3,
     )
-    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=3)
+    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=3, dtype=jnp.float64)
 
     def loop_loss(p):
         """The same K steps written out by hand: optax's pure functions in a Python loop."""
@@ -306,7 +313,8 @@ def test_scan_unroll_equals_python_loop(opt):
         th, state = theta, tx.init(theta)
         for kk in range(3):
             log_q, _ = meta.policy_distribution(logits[kk], inner["valid"][kk])
-            w = jnp.where(masks[kk], jnp.exp(log_q - jax.lax.stop_gradient(log_q)), 0.0)
+            d = jnp.where(masks[kk], log_q - jax.lax.stop_gradient(log_q), 0.0)
+            w = jnp.where(masks[kk], jnp.exp(d - jnp.sum(d) / jnp.sum(masks[kk])), 0.0)
             ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
             n = jnp.sum(masks[kk])
             g = jax.grad(lambda t, ex=ex, w=w, n=n: jnp.sum(w * tiny_lm_loss(t, ex)) / n)(th)
@@ -321,11 +329,11 @@ def test_scan_unroll_equals_python_loop(opt):
         lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup)
     )(phi)
     for a, b in zip(jax.tree.leaves(theta_scan), jax.tree.leaves(theta_loop), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(float(loss_scan), float(loss_loop), rtol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(float(loss_scan), float(loss_loop), rtol=1e-12)
     assert tree_norm(g_loop) > 0
     for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * tree_norm(g_loop))
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11 * tree_norm(g_loop))
 
 
 # ----------------------------------------------------------------------------- gradient flow
@@ -338,10 +346,12 @@ def _leaf_norms(tree):
     }
 
 
-def test_every_policy_parameter_gets_meta_gradient_through_bart():
-    """The real Bart (float32): every leaf of phi receives a finite, non-zero meta-gradient."""
+@pytest.mark.parametrize("lm", ["tiny", pytest.param("bart", marks=slow)])
+def test_every_policy_parameter_gets_meta_gradient(lm):
+    """Every leaf of phi receives a finite, non-zero meta-gradient (also through the real Bart,
+    float32)."""
     cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, remat=True)
-    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, lm="bart")
+    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, lm=lm)
     grads, loss, metrics = jax.jit(
         lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup)
     )(phi)
@@ -449,7 +459,7 @@ def test_meta_steps_learn_to_mask_the_rewarded_tokens(estimator):
     it. A few meta steps raise the policy's probability mass on the key ids."""
     cfg = MetaConfig(
         inner_steps=1,
-        inner_learning_rate=0.5,
+        inner_learning_rate=0.05,
         estimator=estimator,
         learning_rate=3e-2,
         entropy_weight=0.0,
@@ -462,7 +472,7 @@ def test_meta_steps_learn_to_mask_the_rewarded_tokens(estimator):
     state = meta.create_meta_state(phi, cfg)
     probe_ids, probe_valid = sentences(np.random.default_rng(1), (16,))
     before = _key_mass(setup, phi, probe_ids, probe_valid)
-    for _ in range(25):
+    for _ in range(40):
         ids, valid = sentences(rng, (1, 8))
         batches = {
             "inner": {"input_ids": ids, "valid": valid},
@@ -471,9 +481,9 @@ def test_meta_steps_learn_to_mask_the_rewarded_tokens(estimator):
         state, metrics = step(state, theta, batches, jax.random.key(0))
         assert np.isfinite(float(metrics["loss"]))
     after = _key_mass(setup, state.params, probe_ids, probe_valid)
-    # Two key tokens of ~9 maskable ones: ~0.22 at the start.
+    # Two key tokens of ~9 maskable ones: ~0.2 at the start (0.5-0.75 after 40 steps).
     assert after > before + 0.15, (before, after)
-    assert int(state.step) == 25
+    assert int(state.step) == 40
 
 
 @pytest.mark.slow

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -14,6 +18,7 @@ from meta_mask.config import Config, MeshConfig, OptimConfig, StageConfig, tiny_
 from meta_mask.model.bart import Bart, init_params
 from meta_mask.training import checkpoint, sharding, steps
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PAD, EOS, START = 1, 2, 2
 
 
@@ -146,6 +151,41 @@ def test_partial_checkpoint_dir_is_ignored_and_cleaned(tmp_path, trained):
     assert not partial.exists()
 
 
+_KILLED_MID_SAVE = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    from meta_mask.training import checkpoint
+
+    manager = checkpoint.CheckpointManager(sys.argv[1])
+    manager.save(1, {"w": np.full((4, 4), 1.0, np.float32)}, {"model": {"d_model": 4}})
+    manager.wait_until_finished()
+    big = np.random.default_rng(0).standard_normal((2000, 2000)).astype(np.float32)
+    manager.save(2, {"w": big}, {"model": {"d_model": 4}})  # async: returns mid-write
+    os._exit(0)  # the kill: no wait, no close, no atexit
+    """
+)
+
+
+def test_process_killed_mid_save_leaves_only_complete_steps(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_SAVE, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert any(p.name.startswith("2.orbax-checkpoint-tmp") for p in tmp_path.iterdir())
+    target = {"w": jax.ShapeDtypeStruct((4, 4), np.float32)}
+    with checkpoint.CheckpointManager(tmp_path) as manager:
+        assert manager.all_steps() == [1]
+        restored = manager.restore(target, expected_metadata={"model": {"d_model": 4}})
+    np.testing.assert_array_equal(restored["w"], np.ones((4, 4), np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
 def test_interval_and_max_to_keep(tmp_path, trained):
     cfg, _, state = trained
     with checkpoint.CheckpointManager(tmp_path, max_to_keep=2, save_interval_steps=2) as m:
@@ -185,12 +225,15 @@ def test_resumed_training_is_bitwise_identical(tmp_path):
         _, _ = first(half, make_batch(999), rng)
 
     second = steps.make_train_step(model, cfg.intermediate.optim)
+    replicated = sharding.replicated(sharding.make_mesh(MeshConfig()))
     with checkpoint.CheckpointManager(tmp_path) as manager:
-        resumed = manager.restore(abstract_state(cfg), expected_metadata=cfg)
-    resumed = jax.device_put(resumed, sharding.replicated(sharding.make_mesh(MeshConfig())))
+        # eval_shape targets carry no sharding: place the result as the step's outputs are.
+        resumed = manager.restore(abstract_state(cfg), expected_metadata=cfg, sharding=replicated)
+    assert all(x.sharding == replicated for x in jax.tree.leaves(resumed))
     for i in range(int(resumed.step), 2 * n):
         resumed, _ = second(resumed, make_batch(100 + i), rng)
     assert int(resumed.step) == 2 * n
+    assert second.jitted._cache_size() == 1  # the restored state did not force a re-trace
     assert_bitwise_equal(resumed, state)
 
 
