@@ -292,6 +292,7 @@ class EvalConfig:
     split: str = "test"
     num_beams: int = 1
     length_penalty: float = 1.0
+    min_length: int = 0  # generated tokens before EOS is allowed (counting the start token)
     batch_size: int = 128
     max_examples: int = 0  # 0 = all
     num_samples: int = 20  # sample predictions written to the workdir

@@ -43,6 +43,7 @@ def predict(
         max_length=max_length + 1,
         num_beams=eval_cfg.num_beams,
         length_penalty=eval_cfg.length_penalty,
+        min_length=eval_cfg.min_length,
     )
     batch_size = min(eval_cfg.batch_size, len(examples))
     out: list[str] = []

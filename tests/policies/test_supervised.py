@@ -330,3 +330,66 @@ def test_policy_params_save_load_round_trip(world_data, trained, tmp_path):
     np.testing.assert_array_equal(
         LearnedScorer(net, loaded)(batch, rng)[0], LearnedScorer(net, params)(batch, rng)[0]
     )
+
+
+def test_passage_policy_prefers_asked_values_over_names_and_other_values():
+    # Whole biographies (world_summary contexts: the answers are the birth city and employer
+    # values): every sentence holds the name and most hold another entity value, so only a
+    # policy that learned *which* values are asked for can beat salient spans here.
+    world = build_world(
+        dataclasses.replace(
+            WORLD,
+            attributes=("birth_city", "employer", "school", "birth_date"),
+            distractors=("friend", "visited_city", "club"),
+            distractors_per_bio=1,
+        )
+    )
+    tok = world_tokenizer(world)
+    task = world_task(world, "world_summary")
+    length = 64
+    cfg = dataclasses.replace(
+        CFG, steps=100, max_length=length, eval_mask_rate=0.1, sentence_level=False
+    )
+    examples = {
+        s: [example_from_dict(r, f"{s}-{i}") for i, r in enumerate(rows)]
+        for s, rows in task.items()
+    }
+    train = sup.supervised_triples(examples["train"], tok, cfg)
+    dev = sup.prepare_triples(sup.supervised_triples(examples["dev"], tok, cfg))
+    assert all(len(t["answer_token_spans"]) == 2 for t in dev)  # birth city and employer
+    net = PolicyNet(
+        vocab_size=len(tok), d_model=32, num_layers=1, num_heads=4, ffn_dim=64, max_length=length
+    )
+    params, _ = sup.train_supervised_policy(
+        net, init_policy_params(net, jax.random.key(0)), train, dev, cfg, seed=0
+    )
+    docs = {d["text"]: d["entities"] for d in world.documents}
+    gold = tokenize_sentences(
+        [{"text": t["text"], "entities": docs[t["text"]]} for t in dev], tok, max_length=length
+    )
+    dev = [
+        t | {"entity_spans": g["entity_spans"], "entity_labels": g["entity_labels"]}
+        for t, g in zip(dev, gold, strict=True)
+    ]
+    batch = sup.eval_batches(dev, length, len(dev))[0]
+    entity = np.zeros_like(batch["valid"])
+    for i, spans in enumerate(batch["entity_spans"]):
+        for s, e in spans[spans[:, 0] >= 0]:
+            entity[i, s:e] = True
+    answer = batch["labels"] > 0
+    share = {}
+    for name, sc in scorers(net, params).items():
+        masks = [
+            mask_batch_np(sc, batch, BatchRng(2, d, batch["example_ids"]), mask_rate=0.1)
+            for d in range(4)
+        ]
+        masked = sum(int(m.sum()) for m in masks)
+        share[name] = {
+            "answer": sum(int((m & answer).sum()) for m in masks) / masked,
+            "other_entity": sum(int((m & entity & ~answer).sum()) for m in masks) / masked,
+        }
+    # Salient spans spread the budget over every entity (names, dates, schools, clubs, ...).
+    assert share["salient"]["answer"] < 0.3 and share["salient"]["other_entity"] > 0.6
+    assert share["supervised"]["answer"] > 0.55
+    assert share["supervised"]["answer"] > share["salient"]["answer"] + 0.3
+    assert share["supervised"]["other_entity"] < share["salient"]["other_entity"] - 0.3
