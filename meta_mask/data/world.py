@@ -329,14 +329,15 @@ def _value_space(kind: str, pools: Mapping[str, list[str]]) -> list[str]:
 
 
 def _sample_values(
-    rng: random.Random, space: list[str], n: int, unique: bool, what: str, knob: str
+    rng: random.Random, space: list[str], n: int, unique: bool, what: str, knob: str | None
 ) -> list[str]:
     if not unique:
         return [rng.choice(space) for _ in range(n)]
     if n > len(space):
         raise ValueError(
             f"WorldConfig: {what} needs {n} distinct values but only {len(space)} exist; "
-            f"raise {knob}, lower num_people, or set unique_values=False"
+            + (f"raise {knob}, " if knob else "")
+            + "lower num_people, or set unique_values=False"
         )
     return rng.sample(space, n)
 
@@ -390,7 +391,7 @@ def _make_people(cfg: WorldConfig, rng: random.Random) -> list[Person]:
         knob = {
             "person": name_knob,
             "city": "place_words",
-            "date": "num_people",
+            "date": None,  # a fixed calendar: 1200 month-year dates
             "hobby": "common_words",
         }.get(kind, "org_words")
         values[a] = _sample_values(rng, space, n, cfg.unique_values, f"attribute {a!r}", knob)
@@ -400,7 +401,9 @@ def _make_people(cfg: WorldConfig, rng: random.Random) -> list[Person]:
     return [Person(i, names[i], {a: values[a][i] for a in all_attrs}) for i in range(n)]
 
 
-def _make_bios(cfg: WorldConfig, people: list[Person], rng: random.Random):
+def _make_bios(
+    cfg: WorldConfig, people: list[Person], rng: random.Random
+) -> tuple[list[dict], list[dict]]:
     documents: list[dict] = []
     sentences: list[dict] = []
     n_t = cfg.templates_per_attribute

@@ -102,8 +102,7 @@ def collate_triples(
     for i, t in enumerate(triples):
         lab = np.asarray(t["answer_labels"], np.int32)
         labels[i, : len(lab)] = lab
-    batch["labels"] = (labels > 0) & batch["valid"]
-    batch["labels"] = batch["labels"].astype(np.int32)
+    batch["labels"] = ((labels > 0) & batch["valid"]).astype(np.int32)
     return batch
 
 
@@ -153,9 +152,9 @@ def make_policy_batches(
 def auto_pos_weight(triples: Iterable[Mapping[str, Any]], length: int, pad_id: int = 1) -> float:
     """n_negative / n_positive over the maskable tokens of the triples (1.0 without positives)."""
     triples = list(triples)
-    labels = collate_triples(triples, length, pad_id=pad_id)
-    valid = labels["valid"]
-    pos = int(labels["labels"].sum())
+    batch = collate_triples(triples, length, pad_id=pad_id)
+    valid = batch["valid"]
+    pos = int(batch["labels"].sum())
     return float((int(valid.sum()) - pos) / pos) if pos else 1.0
 
 

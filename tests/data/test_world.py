@@ -221,6 +221,8 @@ def test_config_errors_name_the_field():
         build_world(WorldConfig(attributes=("birth_town",)))
     with pytest.raises(ValueError, match="place_words"):
         build_world(WorldConfig(num_people=500, place_words=10))
+    with pytest.raises(ValueError, match="'birth_date' needs 1300 distinct values"):
+        build_world(WorldConfig(num_people=1300, first_names=200, place_words=200, org_words=400))
     with pytest.raises(ValueError, match="first_names"):
         build_world(WorldConfig(first_names=10**6))
     with pytest.raises(ValueError, match="distractors_per_bio"):

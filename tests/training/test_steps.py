@@ -184,6 +184,8 @@ def test_schedule_values_at_chosen_steps():
     np.testing.assert_allclose([no_warmup(0), no_warmup(2), no_warmup(4)], [2, 1, 0], atol=1e-6)
     with pytest.raises(ValueError, match="warmup_steps=20"):
         steps.learning_rate_schedule(OptimConfig(warmup_steps=20, total_steps=10))
+    with pytest.raises(ValueError, match="total_steps=0"):
+        steps.learning_rate_schedule(OptimConfig(total_steps=0))
 
 
 def test_weight_decay_mask_excludes_biases_and_layer_norms():
@@ -214,7 +216,9 @@ def test_weight_decay_mask_excludes_biases_and_layer_norms():
 
 def test_optimizer_decays_only_masked_params():
     # With zero gradients Adam's step is 0, so the update is exactly -lr * wd * param.
-    optim = OptimConfig(learning_rate=0.5, weight_decay=0.1, warmup_steps=0, schedule="constant")
+    optim = OptimConfig(
+        learning_rate=0.5, weight_decay=0.1, warmup_steps=0, schedule="constant", total_steps=10
+    )
     _, _, state = tiny_setup(optim=optim)
     tx = steps.make_optimizer(optim)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -316,7 +320,7 @@ def test_metrics_report_schedule_step_and_clipped_gradients(common):
 
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():
-    optim = OptimConfig(learning_rate=1e-3, warmup_steps=0)
+    optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
     cfg = tiny_model_config(encoder_layers=1, decoder_layers=1, dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     state = place(steps.create_train_state(params, steps.make_optimizer(optim)))
