@@ -122,7 +122,9 @@ SALIENT_LABELS = (
     "DATE",
     "TIME",
 )
-POLICIES = ("none", "random_tokens", "random_spans", "whole_words", "salient_spans", "pmi")
+HEURISTIC_POLICIES = ("none", "random_tokens", "random_spans", "whole_words", "salient_spans", "pmi")
+LEARNED_POLICIES = ("supervised", "meta")
+POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES
 OUTPUT_FORMATS = ("masked_spans", "full_sentence")
 
 
@@ -159,6 +161,9 @@ class PolicyConfig:
     output_format: str = "masked_spans"
     infill: str = "span"
     replace_80_10_10: bool = False  # BERT: masked units 80% <mask> / 10% random / 10% unchanged
+    # Learned policies: a policy learned by another run (its learn_policy/ folder) to use
+    # instead of learning one here, e.g. a policy learned on task A for task B (transfer).
+    checkpoint: str = ""
 
     def __post_init__(self) -> None:
         choices = {
@@ -298,64 +303,6 @@ class EvalConfig:
     num_samples: int = 20  # sample predictions written to the workdir
 
 
-STAGES = ("intermediate", "finetune", "evaluate")
-
-
-@dataclass(frozen=True)
-class Config:
-    """Everything one run needs; the CLI builds it from flags, every module reads only its part."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    intermediate: StageConfig = field(default_factory=StageConfig)
-    finetune: StageConfig = field(default_factory=StageConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    init: str = ""  # a Hugging Face BART (local dir or hub id); "" = random init from `model`
-    stages: tuple[str, ...] = STAGES
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad:
-            raise ValueError(f"Config.stages has {bad}; valid: {STAGES}")
-
-
-def to_dict(cfg) -> dict:
-    """A nested plain dict of a config (for JSON)."""
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls, values: dict, *, where: str = ""):
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys by name."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {[where + k for k in unknown]}; valid: {sorted(fields)}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        default = (
-            fields[name].default_factory()
-            if callable(fields[name].default_factory)
-            else fields[name].default
-        )
-        if dataclasses.is_dataclass(default):
-            value = from_dict(type(default), value, where=f"{where}{name}.")
-        elif isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-META_ESTIMATORS = ("second_order", "first_order")
-INNER_OPTIMIZERS = ("sgd", "adam")
-POLICY_UNITS = ("token", "word")
-
-
 @dataclass(frozen=True)
 class MetaConfig:
     """The meta-learned masking policy: its scorer network (policies/net.py) and the
@@ -480,3 +427,63 @@ class SupervisedConfig:
         if self.eval_spans_per_sentence > 0:
             return {"num_units": self.eval_spans_per_sentence}
         return {"mask_rate": self.eval_mask_rate}
+
+
+STAGES = ("learn_policy", "intermediate", "finetune", "evaluate")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs; the CLI builds it from flags, every module reads only its part."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    intermediate: StageConfig = field(default_factory=StageConfig)
+    finetune: StageConfig = field(default_factory=StageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    init: str = ""  # a Hugging Face BART (local dir or hub id); "" = random init from `model`
+    stages: tuple[str, ...] = STAGES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"Config.stages has {bad}; valid: {STAGES}")
+
+
+def to_dict(cfg) -> dict:
+    """A nested plain dict of a config (for JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, values: dict, *, where: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {[where + k for k in unknown]}; valid: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        default = (
+            fields[name].default_factory()
+            if callable(fields[name].default_factory)
+            else fields[name].default
+        )
+        if dataclasses.is_dataclass(default):
+            value = from_dict(type(default), value, where=f"{where}{name}.")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+META_ESTIMATORS = ("second_order", "first_order")
+INNER_OPTIMIZERS = ("sgd", "adam")
+POLICY_UNITS = ("token", "word")

@@ -111,11 +111,12 @@ def claim_workdir(cfg: Config, workdir: pathlib.Path, argv: list[str] | None) ->
         results = workdir / "results.json"
         if results.exists():
             return json.loads(results.read_text())
-    else:
+    elif jax.process_index() == 0:  # one writer in a multi-host run
         write_json_atomic(stored_path, resolved)
-    if argv is not None:
-        write_text_atomic(workdir / "command.txt", " ".join(argv) + "\n")
-    write_text_atomic(workdir / "git_commit.txt", git_commit() + "\n")
+    if jax.process_index() == 0:
+        if argv is not None:
+            write_text_atomic(workdir / "command.txt", " ".join(argv) + "\n")
+        write_text_atomic(workdir / "git_commit.txt", git_commit() + "\n")
     return None
 
 
@@ -162,6 +163,7 @@ def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -
     else:
         raise ValueError("no tokenizer: set --data.tokenizer or --init (a Hugging Face BART)")
 
+    mesh = sharding.make_mesh(cfg.mesh)
     if cfg.init:
         model_cfg, params = hf.load_hf(
             cfg.init, flag="--init", dtype=cfg.model.dtype, remat=cfg.model.remat
@@ -171,7 +173,8 @@ def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -
         if len(tokenizer) > model_cfg.vocab_size or model_cfg.vocab_size == 0:
             # The world's vocabulary is only known once its tokenizer is trained.
             model_cfg = model_cfg.replace(vocab_size=len(tokenizer))
-        params = bart.init_params(model_cfg, jax.random.key(cfg.seed))
+        # Created in place in their FSDP layout: never whole on one device.
+        params = sharding.init_sharded_params(model_cfg, jax.random.key(cfg.seed), mesh)
     for name in ("pad", "eos", "bos"):
         ours, theirs = (
             getattr(model_cfg, f"{name}_token_id"),
@@ -181,7 +184,7 @@ def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -
             raise ValueError(
                 f"the tokenizer's {name} id is {theirs} but the model's {name}_token_id is {ours}"
             )
-    mesh = sharding.make_mesh(cfg.mesh)
+    params = sharding.place(params, sharding.param_shardings(params, mesh))
     return RunContext(
         cfg=cfg,
         workdir=workdir,
@@ -247,7 +250,7 @@ def train_stage(
 ) -> Any:
     """Train `params` for the stage's steps (resuming its checkpoints); returns final params."""
     from meta_mask.evaluation.writers import MetricWriter
-    from meta_mask.training import checkpoint, loop, steps
+    from meta_mask.training import checkpoint, loop, sharding, steps
 
     stage_dir = ctx.workdir / name
     if stage_cfg.optim.total_steps == 0:  # decay over exactly the stage's steps
@@ -258,14 +261,19 @@ def train_stage(
         log.info("stage %s already done; loading its final params", name)
         return _final_params(stage_dir, params)
     tx = steps.make_optimizer(stage_cfg.optim)
-    state = steps.create_train_state(params, tx)
+    # Params and Adam moments in the FSDP layout over the mesh (optimizer state is created there).
+    params = sharding.place(params, sharding.param_shardings(params, ctx.mesh))
+    state = sharding.sharded_call(lambda p: steps.create_train_state(p, tx), params, mesh=ctx.mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
     metadata = {
         "stage": name,
         "model": config_lib.to_dict(ctx.model_cfg),
         "stage_config": config_lib.to_dict(stage_cfg),
         "seed": ctx.cfg.seed,
     }
-    train_step = steps.make_train_step(ctx.model, stage_cfg.optim, mesh=ctx.mesh)
+    train_step = steps.make_train_step(
+        ctx.model, stage_cfg.optim, mesh=ctx.mesh, state_sharding=state_sharding
+    )
     rng = jax.random.fold_in(jax.random.key(ctx.cfg.seed), rng_salt)
     with (
         checkpoint.CheckpointManager(stage_dir / "checkpoints", max_to_keep=2) as ckpt,
@@ -274,14 +282,15 @@ def train_stage(
         if ckpt.latest_step() is not None:
             state = ckpt.restore(
                 jax.eval_shape(lambda: state), expected_metadata=metadata,
-                compare_sections=("model", "stage_config"),
+                compare_sections=("model", "stage_config"), sharding=state_sharding,
             )  # fmt: skip
             log.info("stage %s: resumed from step %d", name, int(state.step))
         start = time.time()
         state = loop.run_loop(
             state,
             train_step=train_step,
-            batch_for_step=batch_for_step,
+            # This host's rows -> one global array over the mesh.
+            batch_for_step=lambda s: sharding.shard_batch(batch_for_step(s), ctx.mesh),
             rng=rng,
             options=loop.LoopOptions(
                 num_steps=stage_cfg.steps,
@@ -293,22 +302,21 @@ def train_stage(
             writer=writer,
             metadata=metadata,
         )
-    checkpoint.save_params(stage_dir / "final", state.params, overwrite=True)
-    write_json_atomic(
-        stage_dir / "done.json", {"steps": stage_cfg.steps, "seconds": time.time() - start}
-    )
+    checkpoint.save_params(stage_dir / "final", state.params, overwrite=True)  # every host
+    if jax.process_index() == 0:
+        write_json_atomic(
+            stage_dir / "done.json", {"steps": stage_cfg.steps, "seconds": time.time() - start}
+        )
     return state.params
 
 
-def intermediate_stage(ctx: RunContext, params: Any) -> Any:
-    """MLM on the corpus under the run's masking policy, in the chosen output format."""
+def build_corpus(ctx: RunContext):
+    """The run's tokenized intermediate corpus (built once, cached by fingerprint)."""
     from meta_mask.data import corpora
-    from meta_mask.policies import corrupt, heuristic, mlm_batches
 
     cfg = ctx.cfg
-    source = corpus_source(ctx)
-    corpus = corpora.build_corpus(
-        source,
+    return corpora.build_corpus(
+        corpus_source(ctx),
         ctx.tokenizer,
         ctx.cache_dir / "corpora",
         max_sentences=cfg.data.max_corpus_sentences or None,
@@ -318,9 +326,29 @@ def intermediate_stage(ctx: RunContext, params: Any) -> Any:
         if cfg.policy.name == "salient_spans" and cfg.data.corpus != WORLD_CORPUS
         else None,
     )
+
+
+def heuristic_scorer(ctx: RunContext, corpus):
+    from meta_mask.policies import heuristic
+
+    pmi_table = None
+    if ctx.cfg.policy.name == "pmi":
+        from meta_mask.data import pmi
+
+        p = ctx.cfg.policy
+        pmi_table = pmi.build_pmi_table(corpus.dataset, p.pmi_max_n, p.pmi_min_count, p.pmi_top_k)
+    return heuristic.make_scorer(ctx.cfg.policy, pmi_table)
+
+
+def mlm_batches_for(ctx: RunContext, corpus, scorer, *, batch_size: int):
+    """Step -> intermediate-stage batch under `scorer` (the shared sampler and formats)."""
+    from meta_mask.data import corpora
+    from meta_mask.policies import corrupt, mlm_batches
+
+    cfg = ctx.cfg
     stream = corpora.CorpusStream(
         corpus.dataset,
-        batch_size=cfg.intermediate.batch_size,
+        batch_size=batch_size,
         max_length=cfg.data.mlm_length,
         seed=cfg.seed,
         process_index=jax.process_index(),
@@ -328,16 +356,9 @@ def intermediate_stage(ctx: RunContext, params: Any) -> Any:
         pad_id=ctx.tokenizer.pad_token_id,
     )
     labels_column = corpus.dataset.data.column("entity_labels")
-    pmi_table = None
-    if cfg.policy.name == "pmi":
-        from meta_mask.data import pmi
-
-        pmi_table = pmi.build_pmi_table(
-            corpus.dataset, cfg.policy.pmi_max_n, cfg.policy.pmi_min_count, cfg.policy.pmi_top_k
-        )
-    batches = mlm_batches.MlmBatches(
+    return mlm_batches.MlmBatches(
         stream=stream,
-        scorer=heuristic.make_scorer(cfg.policy, pmi_table),
+        scorer=scorer,
         policy=cfg.policy,
         data=cfg.data,
         seed=cfg.seed,
@@ -349,7 +370,114 @@ def intermediate_stage(ctx: RunContext, params: Any) -> Any:
         eos_id=ctx.tokenizer.eos_token_id,
         decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
     )
-    return train_stage(ctx, "intermediate", params, cfg.intermediate, batches, rng_salt=1)
+
+
+def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
+    """MLM on the corpus under the run's masking policy, in the chosen output format."""
+    batches = mlm_batches_for(ctx, corpus, scorer, batch_size=ctx.cfg.intermediate.batch_size)
+    write_mask_examples(ctx, batches)
+    return train_stage(ctx, "intermediate", params, ctx.cfg.intermediate, batches, rng_salt=1)
+
+
+def write_mask_examples(ctx: RunContext, batches, num: int = 8) -> None:
+    """What the policy masks: a heatmap of per-token mask probabilities (estimated over many
+    sampler draws, so heuristic and learned policies are shown alike) for a few sentences."""
+    from meta_mask.evaluation import report
+
+    out = ctx.workdir / "intermediate" / "masks.html"
+    if out.exists() or jax.process_index() != 0:
+        return
+    batch, _ = batches.masked(0)
+    rows = {k: v[:num] if hasattr(v, "__getitem__") else v for k, v in batch.items()}
+    probs = report.mask_probabilities(batches.scorer, rows, ctx.cfg.policy.budget())
+    tokens = [ctx.tokenizer.convert_ids_to_tokens(ids) for ids in rows["input_ids"]]
+    report.write_mask_heatmap(out, tokens, probs, rows["valid"], title=ctx.cfg.policy.name)
+
+
+POLICY_NET_FIELDS = (
+    "vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "max_length", "embed_dim",
+    "freeze_embeddings", "pad_id",
+)  # fmt: skip
+
+
+def learned_scorer(ctx: RunContext, corpus):
+    """The run's learned policy as a scorer: learned here (learn_policy stage, skipped once
+    done) or read from another run's learn_policy/ folder (--policy.checkpoint: transfer)."""
+    from meta_mask.policies import net as net_lib
+    from meta_mask.training import checkpoint
+
+    cfg = ctx.cfg
+    folder = pathlib.Path(cfg.policy.checkpoint or ctx.workdir / "learn_policy")
+    if not (folder / "done.json").exists():
+        if cfg.policy.checkpoint:
+            raise FileNotFoundError(
+                f"--policy.checkpoint={cfg.policy.checkpoint}: no finished learned policy there "
+                "(expected the learn_policy/ folder of a run, with done.json and policy.json)"
+            )
+        learn_policy_stage(ctx, corpus, folder)
+    spec = json.loads((folder / "policy.json").read_text())
+    net = net_lib.PolicyNet(**spec["net"])
+    if net.vocab_size != ctx.model_cfg.vocab_size:
+        raise ValueError(
+            f"the policy in {folder} was learned for a vocabulary of {net.vocab_size} tokens, but "
+            f"this run's model has {ctx.model_cfg.vocab_size}: transfer needs the same tokenizer"
+        )
+    params = checkpoint.load_params(folder / "policy")
+    return net_lib.LearnedScorer(net, params, units=spec["units"])
+
+
+def _dev_split(ctx: RunContext) -> str:
+    return "dev" if _is_world_task(ctx.cfg.data.task) else "validation"
+
+
+def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:
+    """Learn the masking policy (supervised on the task's answers, or meta-learned against the
+    task's dev loss) and save it with its network's shape in `folder`."""
+    from meta_mask.policies import net as net_lib
+    from meta_mask.training import checkpoint
+
+    cfg = ctx.cfg
+    net = net_lib.policy_net_from_config(
+        cfg.meta, ctx.model_cfg.vocab_size, ctx.model_cfg.d_model, ctx.tokenizer.pad_token_id
+    )
+    emb = ctx.init_params["shared"]["embedding"] if cfg.meta.use_lm_embeddings else None
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 3)
+    params = net_lib.init_policy_params(net, key, lm_embedding=emb)
+    train = task_examples(ctx, "train", cfg.data.max_train_examples)
+    dev = task_examples(ctx, _dev_split(ctx), cfg.supervised.max_dev_triples)
+    if cfg.policy.name == "supervised":
+        from meta_mask.policies import supervised
+
+        budget = cfg.policy.budget()
+        scfg = dataclasses.replace(
+            cfg.supervised,
+            eval_mask_rate=budget.get("mask_rate", cfg.supervised.eval_mask_rate),
+            eval_spans_per_sentence=budget.get("num_units", 0),
+        )
+        # Answer sentences come from the examples' own contexts; without them, from the corpus.
+        sentences = None
+        if not all(ex.contexts for ex in train):
+            sentences = corpus.dataset.select(range(min(len(corpus), 200_000)))["text"]
+        params, history = supervised.learn_supervised_policy(
+            net, params, train, dev, ctx.tokenizer, scfg, seed=cfg.seed, corpus_sentences=sentences
+        )
+        units = scfg.units
+    else:
+        from meta_mask.policies import meta_train
+
+        params, history = meta_train.learn_meta_policy(ctx, net, params, corpus, train, dev)
+        units = cfg.meta.policy_units
+    checkpoint.save_params(folder / "policy", params, overwrite=True)
+    spec = {
+        "policy": cfg.policy.name,
+        "task": cfg.data.task,
+        "units": units,
+        "net": {f: getattr(net, f) for f in POLICY_NET_FIELDS},
+        "parameters": net_lib.count_params(net),
+    }
+    write_json_atomic(folder / "policy.json", spec)
+    write_json_atomic(folder / "history.json", history)
+    write_json_atomic(folder / "done.json", {"policy": cfg.policy.name})
 
 
 def corpus_source(ctx: RunContext):
@@ -386,6 +514,7 @@ def finetune_stage(ctx: RunContext, params: Any) -> Any:
 
     def batch_for_step(step: int):
         rows = seq2seq.batch_rows(len(data), batch_size, cfg.seed, step)
+        rows = seq2seq.local_rows(rows, jax.process_index(), jax.process_count())
         return seq2seq.train_batch(data, rows, pad_id=pad, decoder_start_token_id=start)
 
     return train_stage(ctx, "finetune", params, cfg.finetune, batch_for_step, rng_salt=2)
@@ -403,6 +532,15 @@ def evaluate_stage(ctx: RunContext, params: Any) -> dict:
     examples = task_examples(ctx, cfg.eval.split, cfg.eval.max_examples)
     metric = task_metric(cfg.data.task)
     closed_book = metric == "em_f1"
+    out_dir = stage_dir
+    if jax.process_count() > 1:
+        # Generation is not sharded: every host decodes all examples from a whole copy of the
+        # params (the same result everywhere), and only process 0 writes into the workdir.
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() != 0:
+            out_dir = pathlib.Path(tempfile.mkdtemp(prefix="meta_mask_eval_"))
     result = predict.evaluate(
         ctx.model,
         params,
@@ -413,12 +551,13 @@ def evaluate_stage(ctx: RunContext, params: Any) -> dict:
         source_length=cfg.data.source_length,
         max_length=cfg.data.target_length,
         eval_cfg=cfg.eval,
-        out_dir=stage_dir,
+        out_dir=out_dir,
         train_examples=task_examples(ctx, "train", cfg.data.max_train_examples)
         if closed_book
         else None,
     )
-    write_json_atomic(stage_dir / "done.json", result)
+    if jax.process_index() == 0:
+        write_json_atomic(stage_dir / "done.json", result)
     return result
 
 
@@ -445,9 +584,18 @@ def run(
     ctx = build_context(cfg, workdir, cache)
     params = ctx.init_params
     timings: dict[str, float] = {}
-    if "intermediate" in cfg.stages and cfg.policy.name != "none":
+    learned = cfg.policy.name in config_lib.LEARNED_POLICIES
+    pretrain = "intermediate" in cfg.stages and cfg.policy.name != "none"
+    corpus = build_corpus(ctx) if pretrain or (learned and "learn_policy" in cfg.stages) else None
+    scorer = None
+    if learned and (pretrain or "learn_policy" in cfg.stages):
         t = time.time()
-        params = intermediate_stage(ctx, params)
+        scorer = learned_scorer(ctx, corpus)
+        timings["learn_policy"] = time.time() - t
+    if pretrain:
+        t = time.time()
+        scorer = scorer or heuristic_scorer(ctx, corpus)
+        params = intermediate_stage(ctx, params, corpus, scorer)
         timings["intermediate"] = time.time() - t
     if "finetune" in cfg.stages:
         t = time.time()
@@ -466,7 +614,7 @@ def run(
         "metrics": metrics,
         "seconds": timings,
     }
-    if "evaluate" in cfg.stages:  # only a complete run has results
+    if "evaluate" in cfg.stages and jax.process_index() == 0:  # only a complete run has results
         report.write_run_report(workdir, results)
         write_json_atomic(workdir / "results.json", results)
     return results

@@ -31,6 +31,19 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "sweep.aggregate_only", False, "Only aggregate the finished sub-runs into one table."
 )
+flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Join a multi-process jax run (jax.distributed.initialize) before anything else: auto = "
+    "when SLURM (>1 task), a TPU pod or --coordinator_address says so; on = always (values not "
+    "given are detected by jax); off = never.",
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (default: detected by jax)."
+)
+flags.DEFINE_integer("num_processes", None, "Processes in the run (default: detected by jax).")
+flags.DEFINE_integer("process_id", None, "This process's index (default: detected by jax).")
 
 
 def _define(prefix: str, cls) -> list[str]:
@@ -99,6 +112,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required (the folder for this run's outputs)")
     cfg = config_from_flags()
     _quiet_libraries()
+    _join_cluster()
     # Imported here so that `--help` and flag errors stay fast (no jax import).
     from meta_mask import sweep
 
@@ -119,6 +133,21 @@ def main(argv: list[str]) -> None:
         aggregate_only=FLAGS["sweep.aggregate_only"].value,
     )
     sys.exit(code)
+
+
+def _join_cluster() -> None:
+    """jax.distributed.initialize when --distributed asks for it (before any jax computation)."""
+    from meta_mask.training import distributed
+
+    args = distributed.DistributedArgs(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    try:
+        distributed.initialize(FLAGS.distributed, args)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
 
 
 def _quiet_libraries() -> None:

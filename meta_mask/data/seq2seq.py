@@ -80,6 +80,25 @@ def batch_rows(num_examples: int, batch_size: int, seed: int, step: int) -> np.n
     return np.concatenate(perms)[:batch_size]
 
 
+def local_rows(rows: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This host's slice of a global batch's rows, as CorpusStream takes it.
+
+    Every host draws the same global rows (a function of seed and step) and keeps the
+    contiguous block [i * b, (i + 1) * b), b = global / process_count, which is the block
+    `jax.make_array_from_process_local_data` expects from process i.
+    """
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} must lie in [0, process_count={process_count})"
+        )
+    if len(rows) % process_count:
+        raise ValueError(
+            f"global batch size {len(rows)} is not divisible by the {process_count} processes"
+        )
+    b = len(rows) // process_count
+    return rows[process_index * b : (process_index + 1) * b]
+
+
 def train_batch(
     data: EncodedExamples,
     rows: np.ndarray,

@@ -102,3 +102,72 @@ def collect_results(root: str | pathlib.Path) -> list[dict]:
             continue  # the sweep's own aggregate
         out.append(json.loads(path.read_text()))
     return out
+
+
+def mask_probabilities(scorer, batch: dict, budget: dict, *, draws: int = 200, seed: int = 0):
+    """Each token's probability of being masked by `scorer` under `budget`, estimated over
+    `draws` sampler draws (float [B, L]). Works for every policy, heuristic or learned."""
+    from meta_mask.policies.sampler import BatchRng, mask_batch_np
+
+    total = np.zeros(np.shape(batch["input_ids"]), np.float64)
+    for d in range(draws):
+        total += mask_batch_np(scorer, batch, BatchRng(seed, d, batch["example_ids"]), **budget)
+    return total / draws
+
+
+def _cell(token: str, p: float) -> str:
+    import html
+
+    shade = int(255 * (1 - p))
+    text = html.escape(token.replace("Ġ", " ").replace("▁", " "))
+    return (
+        f'<span title="{p:.2f}" style="background: rgb(255,{shade},{shade}); '
+        f'padding: 1px 2px; margin: 1px; border-radius: 3px">{text}</span>'
+    )
+
+
+def write_mask_heatmap(
+    path: str | pathlib.Path,
+    tokens: Sequence[Sequence[str]],
+    probs: np.ndarray,
+    valid: np.ndarray,
+    *,
+    title: str = "",
+) -> None:
+    """An HTML page and a PNG beside it: each sentence's tokens shaded by mask probability."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for toks, p, v in zip(tokens, probs, valid, strict=True):
+        cells = [_cell(t, float(q)) for t, q, ok in zip(toks, p, v, strict=False) if ok]
+        rows.append("<p style='font-family: monospace'>" + " ".join(cells) + "</p>")
+    path.write_text(
+        f"<html><body><h3>mask probability per token: {title}</h3>\n" + "\n".join(rows)
+        + "\n</body></html>\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(tokens) + 0.6))
+    ax.set_axis_off()
+    cmap = plt.get_cmap("Reds")
+    for r, (toks, p, v) in enumerate(zip(tokens, probs, valid, strict=True)):
+        x = 0.0
+        for t, q, ok in zip(toks, p, v, strict=False):
+            if not ok:
+                continue
+            label = t.replace("Ġ", "").replace("▁", "")
+            ax.text(
+                x, -r, label, fontsize=9, family="monospace", va="center",
+                bbox=dict(boxstyle="round,pad=0.2", fc=cmap(0.85 * float(q)), ec="none"),
+            )  # fmt: skip
+            x += 0.012 * (len(label) + 2)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-len(tokens) + 0.5, 0.5)
+    ax.set_title(f"mask probability per token: {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)

@@ -71,7 +71,8 @@ products of the LM, through the optimizer's update). For K = 1 and SGD at rate a
     c_i = <grad L_down(theta_1), grad ce_i(theta_0)>:
 
 a masked token's probability rises when training on it moves theta along the downstream loss's
-descent direction more than the batch's average masked token does. first_order replaces theta_1 by theta_0 inside grad L_down (error O(a^2)):
+descent direction more than the batch's average masked token does. first_order replaces
+theta_1 by theta_0 inside grad L_down (error O(a^2)):
 
     g_FO = -a * d/dphi <grad_theta L_mlm(theta_0, phi), stop_gradient(grad_theta L_down(theta_0))>
          = -(a/N) sum_k sum_{i: m_i} w_i * stop_gradient(c_i)   differentiated w.r.t. phi,
@@ -363,6 +364,8 @@ def inner_loop(
     """
     cfg = setup.cfg
     _check_inner(setup, inner_batches, noise)
+    if cfg.downstream_steps and downstream is None:
+        raise ValueError("MetaConfig.downstream_steps=1 needs `downstream` batches (context + qa)")
     logits, masks, weights = policy_masks(
         phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
     )
@@ -371,10 +374,6 @@ def inner_loop(
     )
     extra: tuple = ()
     if cfg.downstream_steps:
-        if downstream is None:
-            raise ValueError(
-                "MetaConfig.downstream_steps=1 needs `downstream` batches (context + qa)"
-            )
         context = downstream["context"]
         _, c_mask, c_weights = policy_masks(
             phi,
@@ -507,7 +506,7 @@ def create_meta_state(phi: PyTree, cfg: MetaConfig) -> MetaState:
     )
 
 
-def batch_noise(rng: Array, step: Array, batches: Mapping[str, Any], k: int) -> Array:
+def batch_noise(rng: Array, step: Array, batches: Mapping[str, Any]) -> Array:
     """Gumbel noise [K, B, L] for the inner batches: batch k uses the sampler's per-example
     stream gumbel_noise_jax(fold_in(rng, k), step, example_ids[k], L); example_ids default to
     0..B-1. The context (downstream) uses index K."""
@@ -538,7 +537,7 @@ def make_meta_step(
         state: MetaState, theta: PyTree, batches: Mapping[str, Any], rng: Array
     ) -> tuple[MetaState, Metrics]:
         inner = batches["inner"]
-        noise = batch_noise(rng, state.step, batches, cfg.inner_steps)
+        noise = batch_noise(rng, state.step, batches)
         downstream = None
         if cfg.downstream_steps:
             if "context" not in batches or "qa" not in batches:
@@ -563,7 +562,7 @@ def make_meta_step(
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return MetaState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     if not jit:

@@ -1,0 +1,91 @@
+"""The benchmark harness (meta_mask/bench.py) in --quick mode: it runs end to end and writes a
+complete JSON whose every measurement is finite and positive. No timing thresholds: speed is
+what the benchmark reports, not what a test on a shared machine can assert."""
+
+import json
+import math
+
+import pytest
+
+from meta_mask import bench
+from meta_mask.config import ModelConfig
+
+
+def _numbers(tree, path=""):
+    """Every (path, number) leaf of a JSON tree."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numbers(v, f"{path}/{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _numbers(v, f"{path}/{i}")
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        yield path, tree
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert bench.main(["--quick", f"--out={out}"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_run_writes_every_section(results):
+    torch = results["train_vs_torch"]
+    for key in ("ours_s", "ours_tokens_per_s", "tokens_per_step"):
+        assert key in torch
+    if bench.torch_available():
+        assert {"torch_s", "torch_tokens_per_s", "ratio", "torch_mfu"} <= set(torch)
+    mfu = results["mfu"]
+    assert {"mfu", "peak_flops_per_s", "model_flops_per_s", "xla_flops_per_step"} <= set(mfu)
+    meta = results["meta"]
+    assert meta["timed_k"] == [1, 2]
+    assert set(meta["memory_bytes"]) == {"1", "2"}
+    for mem in meta["memory_bytes"].values():
+        assert mem["peak"] == mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
+    policies = results["masking"]["policies"]
+    assert set(policies) == {"random_tokens", "random_spans", "whole_words", "salient_spans", "pmi"}
+    assert set(results["generation"]["searches"]) == {"greedy", "beam2"}
+    sizes = results["sizes"]
+    for times in (torch["times"], meta["times"], results["generation"]["times"]):
+        assert all(len(t) == sizes["repeats"] for t in times.values())
+    assert "| (b) MFU |" in results["table"]
+
+
+def test_every_measurement_is_finite_and_positive(results):
+    skip = ("/sizes/", "/machine/", "/memory_bytes/")  # config echo, load average, alias may be 0
+    numbers = [(p, x) for p, x in _numbers(results) if not p.startswith(skip)]
+    assert len(numbers) > 40
+    for path, x in numbers:
+        assert math.isfinite(x) and x > 0, (path, x)
+    for k, mem in results["meta"]["memory_bytes"].items():
+        assert mem["peak"] > 0 and mem["temp"] >= 0 and mem["alias"] >= 0, k
+
+
+def test_flop_formula_matches_hand_count():
+    # One layer each side, D = 4, F = 8, V = 10, B = 1, S = 2, T = 3, by hand:
+    # encoder tokens: 2 * (4*16 + 2*4*8) = 256, cross k,v: 2 * 2*16 = 64
+    # decoder tokens: 3 * (6*16 + 2*4*8 + 4*10) = 3 * 200 = 600
+    # attention: 4*4*1*(2*2 + 3*3 + 3*2) = 16 * 19 = 304
+    cfg = ModelConfig(
+        vocab_size=10,
+        d_model=4,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=1,
+        decoder_attention_heads=1,
+        encoder_ffn_dim=8,
+        decoder_ffn_dim=8,
+    )
+    assert bench.forward_flops(cfg, 1, 2, 3) == 2 * (256 + 64 + 600) + 304
+    assert bench.train_flops(cfg, 1, 2, 3) == 3 * bench.forward_flops(cfg, 1, 2, 3)
+    assert bench.matmul_params(cfg) == (4 * 16 + 64) + (8 * 16 + 64) + 40
+
+
+def test_flags_are_validated():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats=2"])  # full mode needs >= 5 repeats
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections=train,bogus"])
+    sz, args = bench.parse_args(["--quick", "--meta_k=1,3", "--d_model=64"])
+    assert sz.meta_k == (1, 3) and sz.d_model == 64 and args.quick

@@ -1,0 +1,220 @@
+"""Multi-host training: when the CLI joins a cluster, and a real two-process jax.distributed run
+on localhost (gloo CPU collectives) that trains through pipeline.train_stage on host-local batch
+shards and must match one process, with orbax checkpoints saved and restored by both hosts and
+logs written by process 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from meta_mask import pipeline
+from meta_mask.config import Config, MeshConfig, StageConfig, tiny_model_config
+from meta_mask.data import seq2seq
+from meta_mask.model import bart
+from meta_mask.training import distributed, sharding
+from tests.training.test_steps import COMMON_OPTIM, host_params, make_batch
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+DA = distributed.DistributedArgs
+
+
+# ----------------------------------------------------------------------------- when to join
+
+
+def test_auto_joins_only_when_the_environment_shows_a_cluster():
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "1"}
+    assert distributed.cluster_in_environment(slurm) == "slurm"
+    assert distributed.cluster_in_environment({**slurm, "SLURM_NTASKS": "1"}) is None
+    assert distributed.cluster_in_environment({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == "tpu"
+    assert distributed.cluster_in_environment({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert distributed.cluster_in_environment({}) is None
+    assert distributed.should_initialize("auto", DA(), slurm)
+    assert not distributed.should_initialize("auto", DA(), {})
+    assert distributed.should_initialize("auto", DA(coordinator_address="h:1"), {})
+    assert distributed.should_initialize("auto", DA(), {"JAX_COORDINATOR_ADDRESS": "h:1"})
+    assert distributed.should_initialize("on", DA(), {})
+    assert not distributed.should_initialize("off", DA(), slurm)
+
+
+def test_bad_distributed_arguments_name_the_flag():
+    with pytest.raises(ValueError, match=r"--distributed='maybe'; valid"):
+        distributed.should_initialize("maybe", DA(), {})
+    with pytest.raises(ValueError, match="with --distributed=off"):
+        distributed.should_initialize("off", DA(num_processes=2, process_id=0), {})
+    with pytest.raises(ValueError, match="--num_processes and --process_id go together"):
+        distributed.initialize("on", DA(coordinator_address="127.0.0.1:1", num_processes=2), {})
+    with pytest.raises(ValueError, match=r"--process_id=2 must lie in \[0, --num_processes=2\)"):
+        distributed.initialize("on", DA("127.0.0.1:1", num_processes=2, process_id=2), {})
+    # Nothing to join: jax is left untouched and the run is single-process.
+    assert distributed.initialize("auto", DA(), {}) is False
+    assert distributed.initialize("off", DA(), {}) is False
+
+
+def test_local_rows_split_a_global_batch_into_contiguous_host_blocks():
+    rows = np.arange(8) * 10
+    parts = [seq2seq.local_rows(rows, i, 4) for i in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), rows)
+    assert all(len(p) == 2 for p in parts)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        seq2seq.local_rows(rows, 0, 3)
+
+
+# ----------------------------------------------------------------------------- two processes
+
+STEPS = 3
+GLOBAL_BATCH = 8
+STAGE = StageConfig(
+    steps=STEPS, batch_size=GLOBAL_BATCH, optim=COMMON_OPTIM, checkpoint_every=2, log_every=1
+)
+
+
+# Vocabulary 512 x d_model 32 = sharding.MIN_FSDP_SIZE: the pipeline's own rules split the
+# embedding (and its Adam moments) over "fsdp", across the two processes.
+CFG = tiny_model_config(vocab_size=512, encoder_layers=1, decoder_layers=1)
+
+
+def stage_context(workdir: pathlib.Path, mesh) -> pipeline.RunContext:
+    """The parts of a RunContext that train_stage reads (tiny model, dropout on)."""
+    return pipeline.RunContext(
+        cfg=Config(seed=3),
+        workdir=workdir,
+        cache_dir=workdir / "cache",
+        tokenizer=None,
+        model_cfg=CFG,
+        model=bart.Bart(CFG.replace(dropout=0.1)),
+        init_params=None,
+        mesh=mesh,
+    )
+
+
+def host_batch(step: int, process_index: int, process_count: int) -> dict:
+    """This host's rows of the global batch of `step` (the same global batch on every host)."""
+    rows = seq2seq.local_rows(np.arange(GLOBAL_BATCH), process_index, process_count)
+    return {k: v[rows] for k, v in make_batch(40 + step, batch=GLOBAL_BATCH).items()}
+
+
+_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, pathlib, sys
+    out, address, pid = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    from meta_mask.training import distributed
+    assert distributed.initialize(
+        "on", distributed.DistributedArgs(address, num_processes=2, process_id=pid))
+    import jax, numpy as np
+    from jax.experimental import multihost_utils
+    from meta_mask import pipeline
+    from meta_mask.config import MeshConfig
+    from meta_mask.training import checkpoint, sharding, steps
+    from tests.training.test_distributed import CFG, STAGE, host_batch, stage_context
+    from tests.training.test_steps import host_params
+
+    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2))
+    ctx = stage_context(out / "work", mesh)
+    params = pipeline.train_stage(
+        ctx, "finetune", host_params(CFG, 0), STAGE,
+        lambda s: host_batch(s, jax.process_index(), jax.process_count()), rng_salt=2)
+    emb = params["shared"]["embedding"]
+    assert not emb.is_fully_addressable and list(emb.sharding.spec) == ["fsdp", None]
+    whole = multihost_utils.process_allgather(params, tiled=True)
+    # Both hosts restore the last checkpoint into the sharded layout the step uses.
+    tx = steps.make_optimizer(STAGE.optim)
+    target = sharding.sharded_call(lambda p: steps.create_train_state(p, tx), params, mesh=mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, target)
+    with checkpoint.CheckpointManager(out / "work" / "finetune" / "checkpoints") as ckpt:
+        steps_saved = ckpt.all_steps()
+        restored = ckpt.restore(jax.eval_shape(lambda: target), sharding=state_sharding)
+    restored_emb = restored.params["shared"]["embedding"]
+    assert restored_emb.sharding == emb.sharding
+    restored_diff = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(
+            jax.tree.leaves(multihost_utils.process_allgather(restored.params, tiled=True)),
+            jax.tree.leaves(whole), strict=True))
+    np.savez(out / f"params{pid}.npz", **{
+        jax.tree_util.keystr(p): np.asarray(x)
+        for p, x in jax.tree_util.tree_flatten_with_path(whole)[0]})
+    json.dump({"steps_saved": steps_saved, "restored_step": int(restored.step),
+               "restored_diff": restored_diff}, open(out / f"facts{pid}.json", "w"))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_training_matches_one_process(tmp_path):
+    # The reference: the same stage in this (single-device) process on the whole global batch.
+    mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    reference = pipeline.train_stage(
+        stage_context(tmp_path / "single", mesh),
+        "finetune",
+        host_params(CFG, 0),
+        STAGE,
+        lambda s: host_batch(s, 0, 1),
+        rng_salt=2,
+    )
+    single_rows = [json.loads(x) for x in (tmp_path / "single/finetune/metrics.jsonl").open()]
+
+    out = tmp_path / "multi"
+    out.mkdir()
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROCESS_SCRIPT, str(out), address, str(pid)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for pid, proc in enumerate(procs):
+        assert proc.returncode == 0, f"process {pid}:\n{logs[pid][-4000:]}"
+
+    for pid in range(2):
+        facts = json.loads((out / f"facts{pid}.json").read_text())
+        assert facts["steps_saved"] == [2, 3]
+        assert facts["restored_step"] == STEPS and facts["restored_diff"] == 0.0
+        with np.load(out / f"params{pid}.npz") as multi:
+            for path, leaf in jax.tree_util.tree_flatten_with_path(reference)[0]:
+                np.testing.assert_allclose(
+                    multi[jax.tree_util.keystr(path)],
+                    np.asarray(leaf),
+                    rtol=1e-4,
+                    atol=1e-6,
+                    err_msg=f"process {pid} {jax.tree_util.keystr(path)}",
+                )
+    # Process 0 alone wrote the logs: one row per step (two writers would duplicate them),
+    # with the single process's losses.
+    rows = [json.loads(x) for x in (out / "work/finetune/metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(
+        [r["loss"] for r in rows], [r["loss"] for r in single_rows], rtol=1e-5
+    )
+    assert (out / "work/finetune/done.json").exists()
