@@ -122,7 +122,14 @@ SALIENT_LABELS = (
     "DATE",
     "TIME",
 )
-HEURISTIC_POLICIES = ("none", "random_tokens", "random_spans", "whole_words", "salient_spans", "pmi")
+HEURISTIC_POLICIES = (
+    "none",
+    "random_tokens",
+    "random_spans",
+    "whole_words",
+    "salient_spans",
+    "pmi",
+)
 LEARNED_POLICIES = ("supervised", "meta")
 POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES
 OUTPUT_FORMATS = ("masked_spans", "full_sentence")
