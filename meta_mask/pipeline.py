@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 
 from meta_mask import config as config_lib
 from meta_mask.config import Config
@@ -440,7 +441,8 @@ def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:
     net = net_lib.policy_net_from_config(
         cfg.meta, ctx.model_cfg.vocab_size, ctx.model_cfg.d_model, ctx.tokenizer.pad_token_id
     )
-    emb = ctx.init_params["shared"]["embedding"] if cfg.meta.use_lm_embeddings else None
+    # A host copy: the policy's (donated) state must not share a buffer with the LM's params.
+    emb = np.array(ctx.init_params["shared"]["embedding"]) if cfg.meta.use_lm_embeddings else None
     key = jax.random.fold_in(jax.random.key(cfg.seed), 3)
     params = net_lib.init_policy_params(net, key, lm_embedding=emb)
     train = task_examples(ctx, "train", cfg.data.max_train_examples)
@@ -463,9 +465,35 @@ def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:
         )
         units = scfg.units
     else:
-        from meta_mask.policies import meta_train
+        from meta_mask.evaluation.writers import MetricWriter
+        from meta_mask.policies import meta_train, supervised
 
-        params, history = meta_train.learn_meta_policy(ctx, net, params, corpus, train, dev)
+        # Token-level (context sentence, question, answer) triples of the task.
+        scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length)
+        train_triples = supervised.prepare_triples(
+            supervised.supervised_triples(train, ctx.tokenizer, scfg), seed=cfg.seed
+        )
+        dev_triples = supervised.prepare_triples(
+            supervised.supervised_triples(dev, ctx.tokenizer, scfg),
+            max_triples=cfg.supervised.max_dev_triples, seed=cfg.seed,
+        )  # fmt: skip
+        with MetricWriter(folder, enabled=jax.process_index() == 0) as writer:
+            params, history = meta_train.learn_meta_policy(
+                ctx.model,
+                ctx.init_params,
+                net,
+                params,
+                train_triples,
+                dev_triples,
+                tokenizer=ctx.tokenizer,
+                cfg=dataclasses.replace(cfg.meta, mask_rate=cfg.policy.mask_rate),
+                seed=cfg.seed,
+                length=cfg.data.mlm_length,
+                source_length=cfg.data.source_length,
+                target_length=cfg.data.target_length,
+                decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
+                log_fn=writer.write,
+            )
         units = cfg.meta.policy_units
     checkpoint.save_params(folder / "policy", params, overwrite=True)
     spec = {
@@ -475,9 +503,10 @@ def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:
         "net": {f: getattr(net, f) for f in POLICY_NET_FIELDS},
         "parameters": net_lib.count_params(net),
     }
-    write_json_atomic(folder / "policy.json", spec)
-    write_json_atomic(folder / "history.json", history)
-    write_json_atomic(folder / "done.json", {"policy": cfg.policy.name})
+    if jax.process_index() == 0:  # one writer in a multi-host run
+        write_json_atomic(folder / "policy.json", spec)
+        write_json_atomic(folder / "history.json", history)
+        write_json_atomic(folder / "done.json", {"policy": cfg.policy.name})
 
 
 def corpus_source(ctx: RunContext):

@@ -146,16 +146,30 @@ def _logits(
 def _cross_entropy(
     logits: jax.Array, labels: jax.Array, label_smoothing: float
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy [B,T] (float32) and whether the argmax is right [B,T]."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    """Per-token cross-entropy [B,T] (float32) and whether the argmax is right [B,T].
+
+    Written as one pass over the [B,T,V] logits, the largest array of the step: the label's
+    logit is picked with a one-hot select (take_along_axis's gradient is a scatter into a zeroed
+    [B,T,V] buffer) and "argmax == label" is "label logit == max logit", reusing the log-sum-exp's
+    max (argmax is a variadic reduce, slow on CPU). On an exact tie for the max, a label among
+    the tied tokens counts as correct (argmax would pick the first).
+    """
+    vocab = logits.shape[-1]
     # Padding labels may carry an out-of-range id (HF's -100); their weight is 0, and clipping
-    # keeps the gather in range so no NaN or garbage leaks in.
-    safe_labels = jnp.clip(labels, 0, logits.shape[-1] - 1)
-    nll = -jnp.take_along_axis(logp, safe_labels[..., None], axis=-1)[..., 0]
+    # keeps the pick in range so no NaN or garbage leaks in.
+    safe_labels = jnp.clip(labels, 0, vocab - 1)
+    # The max cancels exactly in lse - picked, so stopping its gradient changes no derivative.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    shifted = logits - top
+    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    one_hot = safe_labels[..., None] == jnp.arange(vocab, dtype=safe_labels.dtype)
+    picked = jnp.sum(jnp.where(one_hot, shifted, 0.0), axis=-1)
+    nll = lse - picked
     if label_smoothing:
-        # Smoothed target (1-eps)*onehot + eps/V, as fairseq's and optax.smooth_labels.
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
-    correct = jnp.argmax(logits, axis=-1) == labels
+        # Smoothed target (1-eps)*onehot + eps/V, as fairseq's and optax.smooth_labels:
+        # -mean(log p) = lse - mean(shifted).
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - jnp.mean(shifted, axis=-1))
+    correct = (picked >= 0.0) & (labels == safe_labels)
     return nll, correct
 
 

@@ -60,6 +60,19 @@ def test_bad_distributed_arguments_name_the_flag():
     assert distributed.initialize("off", DA(), {}) is False
 
 
+def test_cli_rejects_contradictory_distributed_flags(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "meta_mask.train", f"--workdir={tmp_path}", "--distributed=off",
+         "--num_processes=2", "--process_id=0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "with --distributed=off" in proc.stderr
+    assert not (tmp_path / "config.json").exists()  # refused before any run started
+
+
 def test_local_rows_split_a_global_batch_into_contiguous_host_blocks():
     rows = np.arange(8) * 10
     parts = [seq2seq.local_rows(rows, i, 4) for i in range(4)]
