@@ -199,3 +199,69 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
     assert proc.returncode == 1, out
     assert "loss is nan at step" in out or "loss is inf at step" in out, out
     assert "Last good checkpoint: step" in out
+
+
+LEARNED = [
+    "--meta.policy_d_model=16",
+    "--meta.policy_ffn_dim=32",
+    "--meta.policy_layers=1",
+    "--meta.policy_heads=2",
+    "--supervised.steps=20",
+    "--supervised.eval_every=10",
+    "--meta.meta_steps=4",
+    "--meta.inner_batch_size=4",
+    "--meta.outer_batch_size=4",
+    "--intermediate.steps=3",
+    "--stages=learn_policy,intermediate",
+]
+
+
+@pytest.mark.parametrize("policy", ["supervised", "meta"])
+def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy):
+    from meta_mask import pipeline
+    from meta_mask.training.checkpoint import load_params
+
+    cfg = _config([*TINY, *LEARNED, f"--policy.name={policy}"])
+    source = tmp_path / "source"
+    pipeline.run(cfg, source)
+    folder = source / "learn_policy"
+    spec = json.loads((folder / "policy.json").read_text())
+    assert spec["policy"] == policy and spec["task"] == "world_qa"
+    history = json.loads((folder / "history.json").read_text())
+    assert history["evals"], "the policy was never evaluated on dev"
+    assert (source / "intermediate" / "masks.html").exists()
+    assert (source / "intermediate" / "masks.png").exists()
+    # Transfer: a run on another task uses the policy learned on world_qa, learning nothing.
+    target = tmp_path / "target"
+    other = _config(
+        [*TINY, *LEARNED, f"--policy.name={policy}", "--data.task=world_qa_dates",
+         f"--policy.checkpoint={folder}"]
+    )  # fmt: skip
+    pipeline.run(other, target)
+    assert not (target / "learn_policy").exists()
+    assert (target / "intermediate" / "done.json").exists()
+    ctx = pipeline.build_context(other, target, tmp_path / "cache")
+    scorer = pipeline.learned_scorer(ctx, corpus=None)
+    _assert_trees_equal(scorer.params, load_params(folder / "policy"))
+    missing = _config([*TINY, *LEARNED, "--policy.name=meta", f"--policy.checkpoint={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="no finished learned policy"):
+        pipeline.run(missing, tmp_path / "missing")
+
+
+def test_sweep_prints_cluster_commands_and_aggregates_seeds(tmp_path):
+    from meta_mask import sweep
+    from meta_mask.evaluation import report
+
+    grid = sweep.Grid(policies=("none", "salient_spans"), seeds=(0, 1))
+    lines = sweep.commands(grid, ["prog", "--flagfile=x.flags", "--sweep.seeds=0,1"], "runs/w")
+    assert len(lines) == 4
+    assert all("--sweep.seeds=" in line and "--flagfile=x.flags" in line for line in lines)
+    assert any("--policy.name=salient_spans" in x and "--seed=1" in x for x in lines)
+    assert any("--workdir=runs/w/none/seed0" in x for x in lines)
+    runs = [
+        {"task": "t", "policy": "p", "output_format": "f", "seed": s, "metrics": {"em": v},
+         "seconds": {"finetune": 60.0}}
+        for s, v in ((0, 0.2), (1, 0.4))
+    ]  # fmt: skip
+    table = report.results_table(runs)
+    assert "0.300 ± 0.141" in table and "| 2 |" in table

@@ -9,7 +9,7 @@ residuals of `jax.vjp` of our model (tests/training/test_memory.py checks them a
 residuals and against XLA's `memory_analysis()` of the compiled step on tiny configs):
   encoder layer   B*S*D*(6 f32 + 8 c) + 4c*B*S*F + B*H*S*S*(2 f32 + c)  [+ dropout masks]
   decoder layer   B*T*D*(9 f32 + 12 c) + 2c*B*S*D + 4c*B*T*F + B*H*(T*T + T*S)*(2 f32 + c)
-  outside layers  (B*S*D + B*T*D)*(3 f32 + 2 c) + f32 logits B*T*V
+  outside layers  B*S*D*(3 f32 + 2 c) + B*T*D*(3 f32 + c) + B*T*V*(2 f32 + 1) (the loss)
 with c the compute dtype's bytes (4 fp32, 2 bf16); dropout adds one byte-mask per dropped
 tensor. With remat each layer keeps only its input; one layer's activations are rebuilt at a
 time during the backward pass, which the peak adds once.
@@ -65,9 +65,10 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, src: int, tgt: int) -> 
     """Bytes of activations kept from the forward pass until the backward pass needs them."""
     c, d = _compute_bytes(cfg), cfg.d_model
     drop = 1 if cfg.dropout > 0 else 0
-    outside = (
-        batch * (src + tgt) * d * (3 * F32 + 2 * c + drop) + F32 * batch * tgt * cfg.vocab_size
-    )
+    # The loss keeps two f32 [B,T,V] arrays (shifted logits and their exp) and a one-hot mask.
+    logits = (2 * F32 + 1) * batch * tgt * cfg.vocab_size
+    embeddings = batch * d * (src * (3 * F32 + 2 * c + drop) + tgt * (3 * F32 + c + drop))
+    outside = embeddings + logits
     if cfg.remat:
         return outside + batch * d * c * (cfg.encoder_layers * src + cfg.decoder_layers * tgt)
     return (

@@ -59,8 +59,7 @@ def test_param_count_is_exact(name):
     assert memory.num_params(cfg) == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("name", "shape"), list(zip(sorted(CONFIGS), SHAPES, strict=True)))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("remat", [False, True])
 def test_saved_activations_match_the_backward_residuals(name, shape, dtype, remat):
