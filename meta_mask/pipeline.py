@@ -427,6 +427,16 @@ def learned_scorer(ctx: RunContext, corpus):
     return net_lib.LearnedScorer(net, params, units=spec["units"])
 
 
+def _policy_task(cfg: Config) -> str:
+    """The task a learned policy was learned on ("" for heuristics)."""
+    if cfg.policy.name not in config_lib.LEARNED_POLICIES:
+        return ""
+    if not cfg.policy.checkpoint:
+        return cfg.data.task
+    spec = pathlib.Path(cfg.policy.checkpoint) / "policy.json"
+    return json.loads(spec.read_text())["task"] if spec.exists() else "?"
+
+
 def _dev_split(ctx: RunContext) -> str:
     return "dev" if _is_world_task(ctx.cfg.data.task) else "validation"
 
@@ -442,7 +452,14 @@ def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:
         cfg.meta, ctx.model_cfg.vocab_size, ctx.model_cfg.d_model, ctx.tokenizer.pad_token_id
     )
     # A host copy: the policy's (donated) state must not share a buffer with the LM's params.
-    emb = np.array(ctx.init_params["shared"]["embedding"]) if cfg.meta.use_lm_embeddings else None
+    emb = None
+    if cfg.meta.use_lm_embeddings:
+        emb = ctx.init_params["shared"]["embedding"]
+        if not emb.is_fully_addressable:  # FSDP across hosts: gather the other hosts' shards
+            from jax.experimental import multihost_utils
+
+            emb = multihost_utils.process_allgather(emb, tiled=True)
+        emb = np.array(emb)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 3)
     params = net_lib.init_policy_params(net, key, lm_embedding=emb)
     train = task_examples(ctx, "train", cfg.data.max_train_examples)
@@ -638,6 +655,7 @@ def run(
     results = {
         "task": cfg.data.task,
         "policy": cfg.policy.name,
+        "policy_task": _policy_task(cfg),
         "output_format": cfg.policy.output_format,
         "seed": cfg.seed,
         "metrics": metrics,

@@ -21,7 +21,10 @@ from meta_mask.config import Config
 
 log = logging.getLogger(__name__)
 
-_SWEEP_FLAGS = ("--sweep.policies", "--sweep.seeds", "--sweep.tasks", "--sweep.print_commands")
+_SWEEP_FLAGS = (
+    "--sweep.policies", "--sweep.seeds", "--sweep.tasks", "--sweep.print_commands",
+    "--sweep.transfer",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -29,13 +32,28 @@ class Grid:
     policies: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
     tasks: tuple[str, ...] = ()
+    # Learned policies only: also run every task with the policy learned on every other task.
+    transfer: bool = False
 
     def is_single(self) -> bool:
         return not (self.policies or self.seeds or self.tasks)
 
 
-def cells(cfg: Config, grid: Grid) -> list[tuple[str, Config]]:
-    """(relative folder, config) of every run in the grid, in a fixed order."""
+def _cell(cfg: Config, task: str, policy: str, seed: int, checkpoint: str = "") -> Config:
+    return dataclasses.replace(
+        cfg,
+        seed=seed,
+        data=dataclasses.replace(cfg.data, task=task),
+        policy=dataclasses.replace(cfg.policy, name=policy, checkpoint=checkpoint),
+    )
+
+
+def cells(cfg: Config, grid: Grid, root: pathlib.Path | None = None) -> list[tuple[str, Config]]:
+    """(relative folder, config) of every run in the grid, in a fixed order.
+
+    With `grid.transfer`, after the ordinary cells (each learns its task's policy) come the
+    transfer cells `<target>/<policy>-from-<source>/seed<k>`, which read the policy that the
+    source task's cell of the same seed learned (--policy.checkpoint)."""
     if grid.is_single():
         return [("", cfg)]
     out = []
@@ -43,13 +61,17 @@ def cells(cfg: Config, grid: Grid) -> list[tuple[str, Config]]:
     policies = grid.policies or (cfg.policy.name,)
     seeds = grid.seeds or (cfg.seed,)
     for task, policy, seed in itertools.product(tasks, policies, seeds):
-        cell = dataclasses.replace(
-            cfg,
-            seed=seed,
-            data=dataclasses.replace(cfg.data, task=task),
-            policy=dataclasses.replace(cfg.policy, name=policy),
-        )
-        out.append((f"{task}/{policy}/seed{seed}", cell))
+        out.append((f"{task}/{policy}/seed{seed}", _cell(cfg, task, policy, seed)))
+    if grid.transfer:
+        from meta_mask.config import LEARNED_POLICIES
+
+        root = pathlib.Path(".") if root is None else root
+        for source, target, policy, seed in itertools.product(tasks, tasks, policies, seeds):
+            if source == target or policy not in LEARNED_POLICIES:
+                continue
+            learned = root / source / policy / f"seed{seed}" / "learn_policy"
+            sub = f"{target}/{policy}-from-{source}/seed{seed}"
+            out.append((sub, _cell(cfg, target, policy, seed, str(learned))))
     return out
 
 
@@ -91,7 +113,7 @@ def run(
 
     root = pathlib.Path(workdir)
     if not aggregate_only:
-        todo = cells(cfg, grid)
+        todo = cells(cfg, grid, root)
         for i, (sub, cell) in enumerate(todo):
             where = root / sub if sub else root
             if len(todo) > 1:
@@ -117,6 +139,9 @@ def run(
         print(f"no finished runs under {root}")
         return 0
     table = report.results_table(results)
+    if grid.transfer:
+        table += "\n\nTransfer (rows: the task the policy was learned on; columns: the task):\n\n"
+        table += report.transfer_table(results)
     if not grid.is_single():
         (root / "summary.md").write_text(table + "\n", encoding="utf-8")
     print(table)

@@ -26,6 +26,12 @@ flags.DEFINE_list("sweep.policies", [], "Run one sub-run per policy name (overri
 flags.DEFINE_list("sweep.seeds", [], "Run one sub-run per seed (overrides seed).")
 flags.DEFINE_list("sweep.tasks", [], "Run one sub-run per task (overrides data.task).")
 flags.DEFINE_bool(
+    "sweep.transfer",
+    False,
+    "With a learned policy and several --sweep.tasks: also run every task with the policy "
+    "learned on every other task, and print the transfer matrix.",
+)
+flags.DEFINE_bool(
     "sweep.print_commands", False, "Print one command per sub-run (for a cluster) and exit."
 )
 flags.DEFINE_bool(
@@ -120,6 +126,7 @@ def main(argv: list[str]) -> None:
         policies=tuple(FLAGS["sweep.policies"].value),
         seeds=tuple(int(s) for s in FLAGS["sweep.seeds"].value),
         tasks=tuple(FLAGS["sweep.tasks"].value),
+        transfer=FLAGS["sweep.transfer"].value,
     )
     if FLAGS["sweep.print_commands"].value:
         for line in sweep.commands(grid, sys.argv, FLAGS.workdir):

@@ -265,3 +265,25 @@ def test_sweep_prints_cluster_commands_and_aggregates_seeds(tmp_path):
     ]  # fmt: skip
     table = report.results_table(runs)
     assert "0.300 ± 0.141" in table and "| 2 |" in table
+
+
+def test_transfer_grid_cells_and_matrix(tmp_path):
+    from meta_mask import sweep
+    from meta_mask.evaluation import report
+
+    cfg = _config([*TINY, "--policy.name=meta"])
+    grid = sweep.Grid(policies=("meta",), seeds=(0,), tasks=("world_qa", "world_qa_dates"),
+                      transfer=True)  # fmt: skip
+    todo = dict(sweep.cells(cfg, grid, tmp_path))
+    assert list(todo)[:2] == ["world_qa/meta/seed0", "world_qa_dates/meta/seed0"]
+    cross = todo["world_qa_dates/meta-from-world_qa/seed0"]
+    assert cross.data.task == "world_qa_dates"
+    assert cross.policy.checkpoint == str(tmp_path / "world_qa/meta/seed0/learn_policy")
+    assert len(todo) == 4
+    runs = [
+        {"task": t, "policy": "meta", "policy_task": s, "metrics": {"em": v}, "seconds": {}}
+        for s, t, v in (("a", "a", 0.5), ("a", "b", 0.1), ("b", "a", 0.2), ("b", "b", 0.6))
+    ]
+    table = report.transfer_table(runs)
+    assert "| a | 0.500 | 0.100 |" in table and "| b | 0.200 | 0.600 |" in table
+    assert "meta (from a)" in report.results_table(runs)

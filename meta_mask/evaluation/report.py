@@ -70,7 +70,10 @@ def results_table(results: Sequence[dict]) -> str:
     """Markdown table: one row per (task, policy, output format), mean +- std over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
-        groups[(r["task"], r["policy"], r.get("output_format", ""))].append(r)
+        policy = r["policy"]
+        if r.get("policy_task") and r["policy_task"] != r["task"]:
+            policy = f"{policy} (from {r['policy_task']})"
+        groups[(r["task"], policy, r.get("output_format", ""))].append(r)
     metric_names: list[str] = []
     for r in results:
         for k in _headline(r.get("metrics", {})):
@@ -92,6 +95,34 @@ def results_table(results: Sequence[dict]) -> str:
         cells.append(f"{np.mean(minutes):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def transfer_table(results: Sequence[dict], metric: str = "") -> str:
+    """Markdown matrix: rows = the task a learned policy was learned on, columns = the task it
+    was used for; cells = the headline metric, mean +- std over seeds."""
+    learned = [r for r in results if r.get("policy_task")]
+    if not learned:
+        return "(no learned-policy runs)"
+    metric = metric or _headline(learned[0]["metrics"])[0]
+    sources = sorted({r["policy_task"] for r in learned})
+    targets = sorted({r["task"] for r in learned})
+    lines = ["| learned on \\ used for | " + " | ".join(targets) + " |",
+             "|" + "---|" * (len(targets) + 1)]  # fmt: skip
+    for source in sources:
+        cells = []
+        for target in targets:
+            values = np.asarray([
+                r["metrics"][metric] for r in learned
+                if r["policy_task"] == source and r["task"] == target and metric in r["metrics"]
+            ])  # fmt: skip
+            if len(values) == 0:
+                cells.append("")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.3f}")
+            else:
+                cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    return f"{metric}:\n\n" + "\n".join(lines)
 
 
 def collect_results(root: str | pathlib.Path) -> list[dict]:
