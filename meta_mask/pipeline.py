@@ -237,7 +237,12 @@ def _stage_done(stage_dir: pathlib.Path) -> dict | None:
 def _final_params(stage_dir: pathlib.Path, like: Any) -> Any:
     from meta_mask.training import checkpoint
 
-    return checkpoint.load_params(stage_dir / "final", jax.eval_shape(lambda: like))
+    # Straight into `like`'s layout (each host reads only its shards) when it is on the mesh.
+    leaves = jax.tree.leaves(like)
+    sharding = None
+    if leaves and all(isinstance(x, jax.Array) for x in leaves):
+        sharding = jax.tree.map(lambda x: x.sharding, like)
+    return checkpoint.load_params(stage_dir / "final", jax.eval_shape(lambda: like), sharding)
 
 
 def train_stage(
@@ -316,17 +321,30 @@ def build_corpus(ctx: RunContext):
     from meta_mask.data import corpora
 
     cfg = ctx.cfg
-    return corpora.build_corpus(
-        corpus_source(ctx),
-        ctx.tokenizer,
-        ctx.cache_dir / "corpora",
-        max_sentences=cfg.data.max_corpus_sentences or None,
-        max_length=cfg.data.mlm_length,
-        # Real text has no gold entities: salient spans come from spaCy NER (the world's are gold).
-        ner_labels=cfg.policy.salient_labels
-        if cfg.policy.name == "salient_spans" and cfg.data.corpus != WORLD_CORPUS
-        else None,
-    )
+
+    def build():
+        return corpora.build_corpus(
+            corpus_source(ctx),
+            ctx.tokenizer,
+            ctx.cache_dir / "corpora",
+            max_sentences=cfg.data.max_corpus_sentences or None,
+            max_length=cfg.data.mlm_length,
+            # Real text has no gold entities: salient spans come from spaCy NER (the world's
+            # are gold).
+            ner_labels=cfg.policy.salient_labels
+            if cfg.policy.name == "salient_spans" and cfg.data.corpus != WORLD_CORPUS
+            else None,
+        )
+
+    if jax.process_count() == 1:
+        return build()
+    # Several hosts share the cache folder: process 0 builds, the others then load its files
+    # (rather than all of them writing the same Arrow files at once).
+    from jax.experimental import multihost_utils
+
+    corpus = build() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("meta_mask: corpus built")
+    return corpus if corpus is not None else build()
 
 
 def heuristic_scorer(ctx: RunContext, corpus):

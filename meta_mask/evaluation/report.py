@@ -66,6 +66,16 @@ def write_run_report(workdir: str | pathlib.Path, results: dict) -> None:
     plot_curves(workdir)
 
 
+def mean_std(values: Sequence[float]) -> str:
+    """ "0.300 ± 0.141" over seeds (sample std), the value alone for one seed, "" for none."""
+    values = np.asarray(values, np.float64)
+    if len(values) == 0:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+
 def results_table(results: Sequence[dict]) -> str:
     """Markdown table: one row per (task, policy, output format), mean +- std over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -84,13 +94,7 @@ def results_table(results: Sequence[dict]) -> str:
     for (task, policy, fmt), runs in groups.items():
         cells = [task, policy, fmt, str(len(runs))]
         for m in metric_names:
-            values = np.asarray([r["metrics"][m] for r in runs if m in r.get("metrics", {})])
-            if len(values) == 0:
-                cells.append("")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.3f}")
-            else:
-                cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+            cells.append(mean_std([r["metrics"][m] for r in runs if m in r.get("metrics", {})]))
         minutes = [sum(r.get("seconds", {}).values()) / 60 for r in runs]
         cells.append(f"{np.mean(minutes):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -111,16 +115,10 @@ def transfer_table(results: Sequence[dict], metric: str = "") -> str:
     for source in sources:
         cells = []
         for target in targets:
-            values = np.asarray([
+            cells.append(mean_std([
                 r["metrics"][metric] for r in learned
                 if r["policy_task"] == source and r["task"] == target and metric in r["metrics"]
-            ])  # fmt: skip
-            if len(values) == 0:
-                cells.append("")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.3f}")
-            else:
-                cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+            ]))  # fmt: skip
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     return f"{metric}:\n\n" + "\n".join(lines)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from meta_mask import pipeline
-from meta_mask.config import Config, MeshConfig, StageConfig, tiny_model_config
+from meta_mask.config import Config, MeshConfig, PolicyConfig, StageConfig, tiny_model_config
 from meta_mask.data import seq2seq
 from meta_mask.model import bart
 from meta_mask.training import distributed, sharding
@@ -153,11 +153,19 @@ _PROCESS_SCRIPT = textwrap.dedent(
         float(np.max(np.abs(a - b))) for a, b in zip(
             jax.tree.leaves(multihost_utils.process_allgather(restored.params, tiled=True)),
             jax.tree.leaves(whole), strict=True))
+    # A rerun skips the finished stage and loads its final params into the same layout.
+    again = pipeline.train_stage(ctx, "finetune", params, STAGE, None, rng_salt=2)
+    assert again["shared"]["embedding"].sharding == emb.sharding
+    reload_diff = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(
+            jax.tree.leaves(multihost_utils.process_allgather(again, tiled=True)),
+            jax.tree.leaves(whole), strict=True))
     np.savez(out / f"params{pid}.npz", **{
         jax.tree_util.keystr(p): np.asarray(x)
         for p, x in jax.tree_util.tree_flatten_with_path(whole)[0]})
     json.dump({"steps_saved": steps_saved, "restored_step": int(restored.step),
-               "restored_diff": restored_diff}, open(out / f"facts{pid}.json", "w"))
+               "restored_diff": restored_diff, "reload_diff": reload_diff},
+              open(out / f"facts{pid}.json", "w"))
     """
 )
 
@@ -214,6 +222,7 @@ def test_two_process_training_matches_one_process(tmp_path):
         facts = json.loads((out / f"facts{pid}.json").read_text())
         assert facts["steps_saved"] == [2, 3]
         assert facts["restored_step"] == STEPS and facts["restored_diff"] == 0.0
+        assert facts["reload_diff"] == 0.0
         with np.load(out / f"params{pid}.npz") as multi:
             for path, leaf in jax.tree_util.tree_flatten_with_path(reference)[0]:
                 np.testing.assert_allclose(
@@ -231,3 +240,114 @@ def test_two_process_training_matches_one_process(tmp_path):
         [r["loss"] for r in rows], [r["loss"] for r in single_rows], rtol=1e-5
     )
     assert (out / "work/finetune/done.json").exists()
+
+
+# ----------------------------------------------------------------------------- host data
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        PolicyConfig(name="salient_spans", spans_per_sentence=1),
+        PolicyConfig(name="random_spans", output_format="full_sentence"),
+    ],
+)
+def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path, policy):
+    """Each host masks only its rows, and the masks depend on (seed, step, row) alone: the
+    hosts' batches stacked are exactly the single process's batch."""
+    from meta_mask.config import DataConfig
+    from meta_mask.data import corpora
+    from meta_mask.policies import corrupt, heuristic, mlm_batches
+    from tests.data.test_corpora import SENTENCES, word_tokenizer, world_like_records
+
+    tokenizer = word_tokenizer(SENTENCES)
+    corpus = corpora.build_corpus(
+        corpora.CorpusSource(kind="records", records=world_like_records() * 3, name="hosts"),
+        tokenizer,
+        tmp_path,
+        sentence_filter=corpora.SentenceFilter(min_words=1),
+        max_length=16,
+    )
+    labels = corpus.dataset.data.column("entity_labels")
+
+    def batches(process_index: int, process_count: int) -> mlm_batches.MlmBatches:
+        stream = corpora.CorpusStream(
+            corpus.dataset, batch_size=8, max_length=16, seed=4,
+            process_index=process_index, process_count=process_count,
+            pad_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        return mlm_batches.MlmBatches(
+            stream=stream,
+            scorer=heuristic.make_scorer(policy, None),
+            policy=policy,
+            data=DataConfig(mlm_length=16, mlm_target_length=8),
+            seed=4,
+            mask_id=tokenizer.mask_token_id,
+            sentinels=corrupt.sentinel_ids(tokenizer),
+            labels_of=lambda rows: labels.take(rows).to_pylist(),
+            random_ids=corrupt.non_special_ids(tokenizer),
+            pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id,
+        )
+
+    whole, hosts = batches(0, 1), [batches(i, 2) for i in range(2)]
+    for step in (0, 1, 5):
+        expected = whole(step)
+        parts = [h(step) for h in hosts]
+        assert all(len(p["input_ids"]) == 4 for p in parts)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, key)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.slow
+def test_cli_two_processes_run_the_whole_pipeline_like_one(tmp_path):
+    """`python -m meta_mask.train --distributed=on ...` in two processes (one CPU device each):
+    every stage, resumable files written once, and the same fine-tuned params as one process."""
+    from meta_mask.training.checkpoint import load_params
+    from tests.test_pipeline import TINY
+
+    args = [*TINY, "--intermediate.steps=4", "--intermediate.checkpoint_every=2"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+
+    def cli(workdir, *extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "meta_mask.train", f"--workdir={workdir}", *args, *extra],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        cli(tmp_path / "multi", "--distributed=on", f"--coordinator_address={address}",
+            "--num_processes=2", f"--process_id={pid}")
+        for pid in range(2)
+    ]  # fmt: skip
+    single = cli(tmp_path / "single", "--distributed=off")
+    try:
+        logs = [p.communicate(timeout=900)[0] for p in [*procs, single]]
+    finally:
+        for p in [*procs, single]:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip([*procs, single], logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+
+    multi, one = tmp_path / "multi", tmp_path / "single"
+    for stage in ("intermediate", "finetune"):
+        rows = [json.loads(x) for x in (multi / stage / "metrics.jsonl").open()]
+        steps_logged = [r["step"] for r in rows]
+        assert steps_logged == sorted(set(steps_logged)), stage  # one writer: no duplicates
+        want = [json.loads(x) for x in (one / stage / "metrics.jsonl").open()]
+        np.testing.assert_allclose(
+            [r["loss"] for r in rows], [r["loss"] for r in want], rtol=1e-4, err_msg=stage
+        )
+    got, want = load_params(multi / "finetune" / "final"), load_params(one / "finetune" / "final")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+    results = json.loads((multi / "results.json").read_text())
+    assert results["metrics"]["n"] == 16
+    assert len((multi / "evaluate" / "predictions.jsonl").read_text().splitlines()) == 16
