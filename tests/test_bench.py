@@ -53,13 +53,16 @@ def test_quick_run_writes_every_section(results):
 
 
 def test_every_measurement_is_finite_and_positive(results):
-    skip = ("/sizes/", "/machine/", "/memory_bytes/")  # config echo, load average, alias may be 0
-    numbers = [(p, x) for p, x in _numbers(results) if not p.startswith(skip)]
+    # Skipped: the config echo, the machine (load average), memory breakdowns (alias may be 0).
+    skip = ("/sizes/", "/machine/", "memory_bytes/")
+    numbers = [(p, x) for p, x in _numbers(results) if not any(s in p for s in skip)]
     assert len(numbers) > 40
     for path, x in numbers:
         assert math.isfinite(x) and x > 0, (path, x)
-    for k, mem in results["meta"]["memory_bytes"].items():
-        assert mem["peak"] > 0 and mem["temp"] >= 0 and mem["alias"] >= 0, k
+    memories = [*results["meta"]["memory_bytes"].values(), results["meta"]["plain_memory_bytes"]]
+    for mem in memories:
+        assert mem["peak"] > 0 and mem["argument"] > 0 and mem["output"] > 0, mem
+        assert mem["temp"] >= 0 and mem["alias"] >= 0, mem
 
 
 def test_flop_formula_matches_hand_count():

@@ -92,8 +92,10 @@ def test_train_step_estimate_matches_xla_memory_analysis(name):
     state_bytes = est.params + est.optimizer
     assert analysis.argument_size_in_bytes - batch_bytes == pytest.approx(state_bytes, rel=0.01)
     assert analysis.alias_size_in_bytes == pytest.approx(state_bytes, rel=0.01)
-    # Temporaries: gradients + saved activations (XLA's CPU buffer assignment).
-    assert analysis.temp_size_in_bytes == pytest.approx(est.gradients + est.activations, rel=0.15)
+    # Temporaries: gradients + saved activations. XLA fuses some elementwise residuals away
+    # (recomputing them in the backward), so the estimate is a slightly high upper bound.
+    ratio = analysis.temp_size_in_bytes / (est.gradients + est.activations)
+    assert 0.75 <= ratio <= 1.05, f"XLA temporaries / estimate = {ratio:.3f}"
 
 
 def test_fsdp_divides_state_and_meta_grows_with_k_unless_remat():
