@@ -334,6 +334,9 @@ class MetaConfig:
     mask_rate: float = 0.15  # the budget: the sampler's mask_rate during meta-training
     meta_steps: int = 1000
     inner_batch_size: int = 8  # sentences per inner MLM step
+    # Each inner step's batch is split into this many microbatches whose gradients are summed
+    # (gradient accumulation, one optimizer update): same result, memory ~ one microbatch.
+    inner_microbatches: int = 1
     outer_batch_size: int = 8  # downstream examples per outer loss
     remat: bool = True  # jax.checkpoint each inner step (memory ~ one step, not K)
     downstream_steps: int = 0  # 0 | 1: after the MLM steps, MLM on the context then QA step
@@ -359,9 +362,20 @@ class MetaConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"MetaConfig.{name}={getattr(self, name)!r}; valid: {valid}")
-        for name in ("inner_steps", "meta_steps", "inner_batch_size", "outer_batch_size"):
+        for name in (
+            "inner_steps",
+            "meta_steps",
+            "inner_batch_size",
+            "outer_batch_size",
+            "inner_microbatches",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"MetaConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.inner_batch_size % self.inner_microbatches:
+            raise ValueError(
+                f"MetaConfig.inner_microbatches={self.inner_microbatches} must divide "
+                f"inner_batch_size={self.inner_batch_size}"
+            )
         if self.downstream_steps not in (0, 1):
             raise ValueError(f"MetaConfig.downstream_steps={self.downstream_steps}; valid: 0, 1")
         if not 0.0 < self.mask_rate <= 1.0:

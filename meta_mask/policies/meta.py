@@ -55,6 +55,21 @@ optionally followed (downstream_steps = 1) by an MLM step on the downstream exam
 (masked by the same policy) and a step on their question -> answer pairs, as in the papers'
 figure. Outer loss: the teacher-forced answer cross-entropy of theta_K on a held-out batch.
 
+Microbatching (cfg.inner_microbatches = M, gradient accumulation). L_mlm is a sum over the
+batch's sentences, so its gradient is the sum of M microbatches' gradients:
+
+    grad_theta L_mlm = sum_{b=1..M} grad_theta sum_{i in b: m_i} (w_i / N) ce_i(theta),
+
+computed by a lax.scan over microbatches (each microbatch's gradient under jax.checkpoint),
+then ONE optimizer update. It is the unsplit step exactly (up to float summation order) because
+everything batch-level is computed on the FULL inner batch before the split: N (the masked
+tokens of the whole batch), the centring mean_{j: m_j} d_j of the weights, the policy's logits
+and the masks; the LM treats sentences independently. The accumulation is a linear sum inside a
+differentiable scan, so the second-order meta-gradient through it is exact too, and the
+activations live at once are one microbatch's (B / M sentences), in the forward and in the
+meta-gradient's backward pass. The downstream steps (batches of the outer batch size) are not
+split. The first-order estimator runs its per-token jvp one microbatch at a time likewise.
+
     meta_loss(phi) = L_down(theta_K(phi)) - entropy_weight * H(q) + budget_weight * B(p)
 
 H = mean over sentences of the entropy of q normalized by log(n); B = (mean_i min(1, p_i) -
@@ -262,26 +277,67 @@ def outer_loss(lm_loss: LmLoss, theta: PyTree, batch: Batch) -> Array:
     return summed_loss(lm_loss, theta, normalized(batch))
 
 
+def split_microbatches(batch: Batch, microbatches: int) -> dict:
+    """[B, ...] -> [microbatches, B / microbatches, ...] for every entry (rows in order)."""
+    return {
+        k: v.reshape((microbatches, v.shape[0] // microbatches) + v.shape[1:])
+        for k, v in batch.items()
+    }
+
+
+def accumulated_grad(lm_loss: LmLoss, theta: PyTree, batch: Batch, microbatches: int = 1) -> PyTree:
+    """grad_theta sum(weights * ce) of `batch` as the sum of its `microbatches` microbatches'
+    gradients: a lax.scan whose per-microbatch gradient is under jax.checkpoint, so one
+    microbatch's activations are live at a time, in the forward and in the meta-gradient's
+    backward pass alike. Exact (up to float summation order) because the weights already carry
+    every batch-level quantity (mlm_examples, normalized) and rows do not interact in the LM."""
+    grad_fn = jax.grad(functools.partial(summed_loss, lm_loss))
+    if microbatches == 1:
+        return grad_fn(theta, batch)
+    # Only the gradient is rematerialized, not the accumulation: the add is linear, so the
+    # backward pass keeps no per-microbatch copy of the running sum (theta is loop-invariant).
+    grad_fn = jax.checkpoint(grad_fn)
+
+    def body(acc: PyTree, micro: Batch) -> tuple[PyTree, None]:
+        return jax.tree.map(jnp.add, acc, grad_fn(theta, micro)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, theta)
+    grads, _ = jax.lax.scan(body, zeros, split_microbatches(batch, microbatches))
+    return grads
+
+
 def inner_step(
-    lm_loss: LmLoss, tx: optax.GradientTransformation, carry: tuple, batch: Batch
+    lm_loss: LmLoss,
+    tx: optax.GradientTransformation,
+    carry: tuple,
+    batch: Batch,
+    microbatches: int = 1,
 ) -> tuple[PyTree, optax.OptState]:
-    """One differentiable update: (theta, opt_state) -> (theta', opt_state')."""
+    """One differentiable update: (theta, opt_state) -> (theta', opt_state'), the gradient
+    accumulated over `microbatches` microbatches of `batch`."""
     theta, opt_state = carry
-    grads = jax.grad(functools.partial(summed_loss, lm_loss))(theta, batch)
+    grads = accumulated_grad(lm_loss, theta, batch, microbatches)
     updates, opt_state = tx.update(grads, opt_state, theta)
     return optax.apply_updates(theta, updates), opt_state
 
 
 def unroll(setup: MetaSetup, theta: PyTree, examples: Batch, extra: tuple = ()) -> PyTree:
-    """theta_K after a lax.scan of inner steps over `examples` (leading axis K), then one step
-    on each batch of `extra` in order (the downstream steps). Fresh optimizer state."""
+    """theta_K after a lax.scan of inner steps over `examples` (leading axis K; each step's
+    gradient accumulated over cfg.inner_microbatches microbatches), then one unsplit step on
+    each batch of `extra` in order (the downstream steps). Fresh optimizer state."""
     tx = make_inner_optimizer(setup.cfg)
-    step = functools.partial(inner_step, setup.lm_loss, tx)
+
+    def step(carry: tuple, batch: Batch, microbatches: int = 1) -> tuple:
+        return inner_step(setup.lm_loss, tx, carry, batch, microbatches)
+
     if setup.cfg.remat:
-        step = jax.checkpoint(step)
-    carry, _ = jax.lax.scan(lambda c, b: (step(c, b), None), (theta, tx.init(theta)), examples)
+        step = jax.checkpoint(step, static_argnums=(2,))
+    micro = setup.cfg.inner_microbatches
+    carry, _ = jax.lax.scan(
+        lambda c, b: (step(c, b, micro), None), (theta, tx.init(theta)), examples
+    )
     for batch in extra:
-        carry = step(carry, batch)
+        carry = step(carry, batch, 1)
     return carry[0]
 
 
@@ -310,6 +366,12 @@ def _check_inner(setup: MetaSetup, inner_batches: Batch, noise: Array) -> None:
     for name, arr in (("inner_batches['valid']", inner_batches["valid"]), ("noise", noise)):
         if tuple(arr.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(arr.shape)}; expected {shape}")
+    micro = setup.cfg.inner_microbatches
+    if shape[1] % micro:
+        raise ValueError(
+            f"MetaConfig.inner_microbatches={micro} must divide the inner batch size; "
+            f"inner_batches['input_ids'] has shape {shape} (B = {shape[1]})"
+        )
 
 
 def policy_masks(
@@ -448,7 +510,12 @@ def first_order_loss(
         # c_i = <grad ce_i(theta), grad L_down(theta)> for every token: one jvp.
         return jax.jvp(lambda th: lm_loss(th, ex), (theta,), (down_grad,))[1]
 
-    align_tokens = jax.lax.stop_gradient(jax.lax.map(per_token_alignment, examples))
+    # One jvp per microbatch of each inner batch: [K, B, ...] -> [K * M, B / M, ...] and back.
+    micro = cfg.inner_microbatches
+    k, b = masks.shape[:2]
+    chunks = {n: v.reshape((k * micro, b // micro) + v.shape[2:]) for n, v in examples.items()}
+    align_tokens = jax.lax.map(per_token_alignment, chunks).reshape((k, b, -1))
+    align_tokens = jax.lax.stop_gradient(align_tokens)
     counts = jnp.maximum(jnp.sum(masks, axis=(1, 2)), 1).astype(weights.dtype)
     alignment = jnp.sum(weights * align_tokens / counts[:, None, None])
     reg, metrics = policy_regularizers(logits, inner_batches["valid"], cfg)
