@@ -513,8 +513,7 @@ def test_microbatched_inner_steps_equal_the_unsplit_ones(
 
             results.append(run(phi))
         (theta_1, loss_1, g_1, met_1), (theta_m, loss_m, g_m, met_m) = results
-        # The microbatched path is really taken (and is not a bitwise copy of the unsplit one
-        # only by accident of the test): theta moved, the gradient is non-trivial.
+        # A comparison that means something: theta moved and the meta-gradient is not ~0.
         assert tree_norm(jax.tree.map(jnp.subtract, theta_1, theta)) > 1e-3
         assert tree_norm(g_1) > 1e-6
         _assert_trees_close(theta_m, theta_1, rtol=1e-10, atol_scale=1e-13)
@@ -541,18 +540,21 @@ def test_microbatch_errors_name_the_fields():
         meta.meta_loss(phi, theta, inner, outer, noise, setup)
 
 
+@pytest.mark.slow  # two compilations of a 16-sentence meta-gradient (~15 s on a shared CPU)
 def test_microbatches_lower_the_meta_gradients_peak_memory():
-    """Activations dominate (tiny parameters, 32 sentences): with 4 microbatches the compiled
-    meta-gradient's temporary memory (XLA's own buffer assignment) is smaller than unsplit."""
-    b = 32
+    """Activations dominate (tiny parameters, 16 sentences): with 4 microbatches the compiled
+    meta-gradient's temporary memory (XLA's buffer assignment, deterministic) is well below the
+    unsplit one's (705 kB -> 516 kB on CPU; what remains is full-batch work: the policy net,
+    masks, weights, corruption)."""
+    b = 16
     temp = {}
     for m in (1, 4):
-        cfg = _micro_cfg(m, inner_batch_size=b, inner_steps=2, remat=True)
+        cfg = _micro_cfg(m, inner_batch_size=b, inner_steps=1, remat=True)
         setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=2, b=b)
         fn = jax.jit(functools.partial(meta.meta_gradient, setup=setup))
         compiled = fn.lower(phi, theta, inner, outer, noise).compile()
         temp[m] = compiled.memory_analysis().temp_size_in_bytes
-    assert temp[4] < temp[1], temp
+    assert temp[4] < 0.85 * temp[1], temp
 
 
 # ----------------------------------------------------------------------------- learning
