@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from meta_mask.config import MetaConfig
 from meta_mask.data import seq2seq
 from meta_mask.policies import meta, supervised
+from meta_mask.policies.heuristic import word_units
 from meta_mask.policies.net import LearnedScorer, PolicyNet
 
 
@@ -55,6 +56,10 @@ def meta_batch(
         "valid": np.stack([p["valid"] for p in parts]),
         "example_ids": np.stack([np.asarray(p["example_ids"]) for p in parts]).astype(np.int32),
     }
+    if cfg.policy_units == "word":  # whole words, as LearnedScorer(units="word") masks them
+        inner["unit_ids"] = np.stack(
+            [word_units(p["word_ids"], p["valid"]) for p in parts]
+        ).astype(np.int32)
     outer_rows = rows[: cfg.outer_batch_size]
     outer = seq2seq.train_batch(
         qa, outer_rows, pad_id=pad_id, decoder_start_token_id=decoder_start_token_id

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from meta_mask.config import POLICIES, PolicyConfig
+from meta_mask.config import HEURISTIC_POLICIES, LEARNED_POLICIES, PolicyConfig
 from meta_mask.data.pmi import annotate_pmi, build_pmi_table
 from meta_mask.policies.corrupt import corrupt_batch, sentinel_ids
 from meta_mask.policies.heuristic import (
@@ -348,7 +348,7 @@ def test_real_text_end_to_end_masked_spans_example():
 
 
 def test_make_scorer_covers_every_policy(batch):
-    for name in POLICIES:
+    for name in HEURISTIC_POLICIES:
         cfg = PolicyConfig(name=name, spans_per_sentence=2 if name == "salient_spans" else 0)
         table = build_pmi_table(collocation_corpus(np.random.default_rng(0)), min_count=5)
         scorer = make_scorer(cfg, pmi_table=table)
@@ -357,3 +357,6 @@ def test_make_scorer_covers_every_policy(batch):
         assert mask.any() == (name != "none")
     with pytest.raises(ValueError, match="valid"):
         PolicyConfig(name="salient")
+    for name in LEARNED_POLICIES:  # learned scorers come from their checkpoints, not here
+        with pytest.raises(ValueError, match="has no scorer"):
+            make_scorer(PolicyConfig(name=name))
