@@ -7,9 +7,13 @@ the outer batch is the same triples' questions with their answers (the teacher-f
 answer cross-entropy of the updated LM). Pairing them is what makes the meta-gradient
 informative: it asks which tokens of a context, when masked and learned, most reduce the
 loss on the question about that context (the paper's figure). The LM parameters theta are
-the run's initial ones, fixed for all meta steps (meta.py's convention); the policy is
-monitored by its dev span-F1 against the answer tokens (policies/supervised.py's metric) and
-the final parameters are kept: the meta objective, not the proxy, decides.
+the run's initial ones, fixed for all meta steps (meta.py's convention). The policy is
+evaluated every `eval_every` steps by its dev span-F1 against the answer tokens (the metric
+the supervised policy is selected by) and the best evaluated parameters are kept: model
+selection on dev data, as for the supervised policy. (With an untrained LM the meta-gradient
+is dominated by how a token's MLM update aligns with the answers' output embeddings, so a
+long run can collapse onto answer tokens shared by many answers, e.g. "Systems" in
+"Vopor Systems"; the dev evaluation catches that.)
 """
 
 from __future__ import annotations
@@ -114,12 +118,17 @@ def learn_meta_policy(
     eval_every = eval_every or max(cfg.meta_steps // 10, 1)
     history: dict[str, Any] = {"evals": [], "train": []}
 
+    best = {"span_f1": -1.0, "step": 0, "params": jax.device_get(phi)}
+
     def evaluate(step: int, params: Any) -> None:
         if not dev_batches:
             return
-        scorer = LearnedScorer(net, jax.device_get(params), units=cfg.policy_units)
+        host = jax.device_get(params)
+        scorer = LearnedScorer(net, host, units=cfg.policy_units)
         result = supervised.evaluate_scorer(scorer, dev_batches, budget, draws=4, seed=seed)
         history["evals"].append({"step": step, **{k: float(v) for k, v in result.items()}})
+        if result["span_f1"] > best["span_f1"]:
+            best.update(span_f1=float(result["span_f1"]), step=step, params=host)
         if log_fn is not None:
             log_fn(step, {f"dev_{k}": v for k, v in result.items()})
 
@@ -140,4 +149,7 @@ def learn_meta_policy(
             if log_fn is not None:
                 log_fn(done, host)
             evaluate(done, state.params)
-    return jax.device_get(state.params), history
+    if not dev_batches:
+        return jax.device_get(state.params), history
+    history["best_step"], history["best_span_f1"] = best["step"], best["span_f1"]
+    return best["params"], history
