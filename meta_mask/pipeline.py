@@ -361,11 +361,11 @@ def heuristic_scorer(ctx: RunContext, corpus):
 
 def mlm_batches_for(ctx: RunContext, corpus, scorer, *, batch_size: int):
     """Step -> intermediate-stage batch under `scorer` (the shared sampler and formats)."""
-    from meta_mask.data import corpora
+    from meta_mask.data.stream import CorpusStream
     from meta_mask.policies import corrupt, mlm_batches
 
     cfg = ctx.cfg
-    stream = corpora.CorpusStream(
+    stream = CorpusStream(
         corpus.dataset,
         batch_size=batch_size,
         max_length=cfg.data.mlm_length,

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from meta_mask.data.corpora import sentence_spans
+from meta_mask.data.sentences import sentence_spans
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ Every task reads rows in the schema of its Hugging Face dataset and maps them to
 - local files (`data_dir=`): `<split>.jsonl|json|parquet|csv`, the hub's own shard names
   (`<split>-00000-of-00001.parquet`), the parquet-export layout (`<split>/0000.parquet`), or the
   dataset's original file names (`NQ-open.dev.jsonl`, `fever-dev-kilt.jsonl`), read through
-  `datasets.load_dataset("json" | "parquet" | "csv", data_files=...)` with the hub's columns.
+  `datasets.load_dataset("json" | "parquet" | "csv", data_files=...)` with the hub's columns
+  (finding, validating and reading local files: data/task_files.py).
 
 Hub ids and revisions (datasets 5 no longer runs loading scripts, so each must ship data files):
 
@@ -54,31 +55,25 @@ importing world.py at import time (no cycle).
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import numbers
 import os
-import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+# TaskDataError and _RowError (raised by the row converters below) are defined with the
+# local-file reader, which must not import this module.
+from meta_mask.data.task_files import DATA_DIR_FLAG, TaskDataError, _RowError, read_local
 
 log = logging.getLogger(__name__)
 
 CATEGORIES = ("closed_book_qa", "knowledge", "summarization", "synthetic")
 # Must match meta_mask.evaluation.metrics.METRICS (data/ does not import evaluation/).
 METRIC_NAMES = ("em_f1", "accuracy", "kilt_em", "rouge")
-LOCAL_EXTENSIONS = ("jsonl", "json", "parquet", "csv")
-# The CLI flag (DataConfig.data_dir) that passes `data_dir`; error messages name it.
-DATA_DIR_FLAG = "--data.data_dir"
 # Modules that register tasks on import; tried in order when a name is not yet registered.
 PLUGIN_MODULES = ("meta_mask.data.world",)
-_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
-
-
-class TaskDataError(ValueError):
-    """A task's files or rows are unusable; the message names the file, line/row and the fix."""
 
 
 class TaskOfflineError(ConnectionError):
@@ -90,10 +85,6 @@ class UnknownNameError(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message's repr
         return str(self.args[0]) if self.args else ""
-
-
-class _RowError(Exception):
-    """A raw row does not fit the schema (wrapped with its file and line by the loader)."""
 
 
 @dataclass(frozen=True)
@@ -494,186 +485,6 @@ def task_names() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Local files.
-
-
-def _candidate_patterns(spec: TaskSpec, split: str) -> list[list[str]]:
-    """Groups of glob patterns tried in order; the first group that matches anything wins."""
-    own = [file for s, file in spec.local_names if s == split]
-    return [
-        [f"{split}.{ext}" for ext in LOCAL_EXTENSIONS],
-        [f"{split}-*.{ext}" for ext in LOCAL_EXTENSIONS],
-        [f"{split}/*.parquet"],
-        own,
-    ]
-
-
-def find_local_files(spec: TaskSpec, split: str, data_dir: str | os.PathLike) -> list[pathlib.Path]:
-    """The files holding `split` under `data_dir`; errors name what was looked for and found."""
-    root = pathlib.Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"{DATA_DIR_FLAG}={root} is not a directory (task {spec.name!r}, split {split!r})"
-        )
-    tried: list[str] = []
-    for group in _candidate_patterns(spec, split):
-        found = sorted({p for pattern in group for p in root.glob(pattern) if p.is_file()})
-        tried.extend(group)
-        if not found:
-            continue
-        extensions = sorted({_extension(p) for p in found})
-        if len(extensions) > 1:
-            raise TaskDataError(
-                f"split {split!r} of task {spec.name!r} has files in several formats in {root}: "
-                f"{[p.name for p in found]}; keep one format"
-            )
-        return found
-    present = sorted(p.name for p in root.iterdir())
-    raise FileNotFoundError(
-        f"No file for split {split!r} of task {spec.name!r} in {root}: looked for "
-        f"{', '.join(tried)}. Present: {present or 'nothing'}. Expected columns "
-        f"({spec.schema_text()})."
-    )
-
-
-def _extension(path: pathlib.Path) -> str:
-    suffix = path.suffix.lstrip(".").lower()
-    if suffix not in _BUILDERS:
-        raise TaskDataError(f"{path}: unsupported extension; valid: {', '.join(LOCAL_EXTENSIONS)}")
-    return suffix
-
-
-def _jsonl_records(path: str | os.PathLike):
-    """(line number, record) for each non-blank line; a bad line raises with file and line.
-
-    Lines end at "\\n" only, as in pyarrow's reader: a JSON string may hold a raw U+2028,
-    which Python's universal newlines would treat as a line break.
-    """
-    lineno = 0
-    try:
-        with open(path, encoding="utf-8", newline="\n") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(
-                        f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                        "each line must be one JSON object"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise TaskDataError(
-                        f"{path}:{lineno}: expected a JSON object per line, "
-                        f"got {type(record).__name__}"
-                    )
-                yield lineno, record
-    except UnicodeDecodeError as e:
-        raise TaskDataError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
-
-
-def validate_jsonl(path: str | os.PathLike) -> list[int]:
-    """Line numbers (1-based) of the records of a JSON-lines file; blank lines are allowed.
-
-    Parses every line with json.loads so a bad line is reported with file and line number
-    (datasets' own JSON error does not give the line).
-    """
-    return [lineno for lineno, _ in _jsonl_records(path)]
-
-
-def _validate_json(path: pathlib.Path) -> list[str] | None:
-    """Row locations of a .json file: a JSON array of objects, or JSON lines."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return [f"{path}:{n}" for n in validate_jsonl(path)]  # JSON lines named .json
-    if isinstance(data, dict):
-        # A single record is valid JSON lines too; anything else is a wrapped dataset.
-        if "\n" not in text.strip():
-            return [f"{path}:1"]
-        raise TaskDataError(
-            f"{path}: top-level JSON object; expected a JSON array of records or one JSON "
-            "object per line"
-        )
-    if not isinstance(data, list):
-        raise TaskDataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-    for i, record in enumerate(data):
-        if not isinstance(record, dict):
-            raise TaskDataError(f"{path}: element {i} is a {type(record).__name__}, not an object")
-    return [f"{path} record {i}" for i in range(len(data))]
-
-
-def _row_locations(files: Sequence[pathlib.Path], ext: str) -> list[str] | None:
-    """A human-readable location for each row, in the order datasets reads them."""
-    if ext == "jsonl":
-        return [f"{p}:{n}" for p in files for n in validate_jsonl(p)]
-    if ext == "json":
-        return [loc for p in files for loc in (_validate_json(p) or [])]
-    if ext == "parquet":
-        import pyarrow.parquet as pq
-
-        return [f"{p} row {i}" for p in files for i in range(pq.ParquetFile(p).metadata.num_rows)]
-    return None  # csv: rows can span lines; locations are given as row indices
-
-
-def _raise_first_bad_record(spec: TaskSpec, files: Sequence[pathlib.Path], split: str) -> None:
-    """When pyarrow rejects a JSON file (e.g. a column's type differs between rows), find the
-    first record our own mapping rejects and name its line; return if every record maps."""
-    for path in files:
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-            data = [data] if isinstance(data, dict) else data
-            records = [(f"{path} record {i}", r) for i, r in enumerate(data)]
-        except json.JSONDecodeError:
-            records = [(f"{path}:{n}", r) for n, r in _jsonl_records(path)]
-        for where, record in records:
-            try:
-                spec.to_example(record, f"{split}-0")
-            except _RowError as e:
-                raise TaskDataError(
-                    f"{where}: {e} (task {spec.name!r} expects {spec.schema_text()})"
-                ) from None
-
-
-def _read_local(spec: TaskSpec, split: str, data_dir: str | os.PathLike):
-    import datasets
-
-    files = find_local_files(spec, split, data_dir)
-    ext = _extension(files[0])
-    if ext == "csv" and any(kind != "str" for _, kind in spec.schema):
-        raise TaskDataError(
-            f"{files[0]}: CSV cannot hold the list/dict columns of task {spec.name!r} "
-            f"({spec.schema_text()}); write {split}.jsonl or {split}.parquet instead"
-        )
-    locations = _row_locations(files, ext)
-    if locations == []:
-        raise TaskDataError(
-            f"{', '.join(map(str, files))}: no rows for task {spec.name!r} split {split!r}"
-        )
-    try:
-        ds = datasets.load_dataset(
-            _BUILDERS[ext], data_files=[str(p) for p in files], split="train"
-        )
-    except Exception as e:  # pyarrow/datasets errors: wrap with the files and expected schema
-        if ext in ("jsonl", "json"):
-            _raise_first_bad_record(spec, files, split)  # names the line when it can
-        raise TaskDataError(
-            f"could not read {[str(p) for p in files]} as {ext} for task {spec.name!r} "
-            f"(expected columns {spec.schema_text()}): {type(e).__name__}: {e}"
-        ) from e
-    missing = [c for c in spec.columns if c not in ds.column_names]
-    if missing:
-        raise TaskDataError(
-            f"{files[0]}: missing column(s) {missing} required by task {spec.name!r}; "
-            f"expected {spec.schema_text()}; found {ds.column_names}"
-        )
-    where = lambda r: locations[r] if locations and r < len(locations) else f"{files[0]} row {r}"
-    return ds, where, ", ".join(str(p) for p in files)
-
-
-# ---------------------------------------------------------------------------------------------
 # The hub.
 
 
@@ -772,7 +583,7 @@ def read_task(
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples={max_examples}; must be >= 1 or None")
     if data_dir is not None:
-        rows, where, origin = _read_local(spec, split, data_dir)
+        rows, where, origin = read_local(spec, split, data_dir)
     elif spec.loader is not None:
         rows, where, origin = _synthetic_rows(spec, split)
     else:

@@ -42,7 +42,7 @@ def policy_batch(stream_batch: Mapping[str, np.ndarray], entity_labels: Sequence
 class MlmBatches:
     """`batches(step)` -> the intermediate-stage train batch of `step` (pure in (seed, step)).
 
-    `stream` is a data.corpora.CorpusStream; `labels_of(rows)` returns the entity labels of
+    `stream` is a data.stream.CorpusStream; `labels_of(rows)` returns the entity labels of
     corpus rows (for label-filtered salient spans); `sentinels` are the tokenizer's
     <extra_id_i> ids (policies.corrupt.sentinel_ids); `random_ids` the ids an 80/10/10 random
     replacement draws from.

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from meta_mask.data import tasks
+from meta_mask.data import task_files, tasks
 from meta_mask.data.tasks import (
     DATA_DIR_FLAG,
     Example,
@@ -333,7 +333,7 @@ def test_jsonl_with_crlf_and_unicode_line_separator_in_a_string(tmp_path):
     (tmp_path / "train.jsonl").write_bytes(text.encode("utf-8"))
     examples = load_task("nq", "train", data_dir=tmp_path)
     assert [ex.source for ex in examples] == ["who wrote\u2028moby dick", "capital of france"]
-    assert tasks.validate_jsonl(tmp_path / "train.jsonl") == [1, 2]
+    assert task_files.validate_jsonl(tmp_path / "train.jsonl") == [1, 2]
 
 
 def test_context_spans_accept_numpy_integers(registry):

@@ -257,6 +257,7 @@ def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path,
     hosts' batches stacked are exactly the single process's batch."""
     from meta_mask.config import DataConfig
     from meta_mask.data import corpora
+    from meta_mask.data.stream import CorpusStream
     from meta_mask.policies import corrupt, heuristic, mlm_batches
     from tests.data.test_corpora import SENTENCES, word_tokenizer, world_like_records
 
@@ -271,7 +272,7 @@ def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path,
     labels = corpus.dataset.data.column("entity_labels")
 
     def batches(process_index: int, process_count: int) -> mlm_batches.MlmBatches:
-        stream = corpora.CorpusStream(
+        stream = CorpusStream(
             corpus.dataset, batch_size=8, max_length=16, seed=4,
             process_index=process_index, process_count=process_count,
             pad_id=tokenizer.pad_token_id,

@@ -1,0 +1,120 @@
+"""Tests for meta_mask.data.stream: deterministic, resumable, multi-host corpus batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from meta_mask.data.corpora import CorpusSource, SentenceFilter, build_corpus
+from meta_mask.data.stream import CorpusStream
+from tests.data.test_corpora import SENTENCES, word_tokenizer, world_like_records
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return word_tokenizer(SENTENCES)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer):
+    records = world_like_records() * 3  # 30 sentences
+    src = CorpusSource(kind="records", records=records, name="stream")
+    return build_corpus(
+        src,
+        tokenizer,
+        tmp_path_factory.mktemp("stream"),
+        sentence_filter=SentenceFilter(min_words=1),
+        max_length=16,
+    )
+
+
+def test_stream_resume_equals_uninterrupted_pass(corpus):
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3)
+    full = [b for _, b in zip(range(20), stream.iterate(0), strict=False)]
+    resumed_at = 9 * 4  # crosses the epoch boundary (7 batches per epoch)
+    fresh = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3)
+    tail = [b for _, b in zip(range(11), fresh.iterate(resumed_at), strict=False)]
+    for (_, a), (_, b) in zip(full[9:], tail, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    other_seed = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=4)
+    assert not np.array_equal(other_seed.batch_at(0)["indices"], stream.batch_at(0)["indices"])
+
+
+def test_stream_epochs_are_permutations(corpus):
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0)
+    assert stream.batches_per_epoch == 7
+    for epoch in range(2):
+        rows = np.concatenate([stream.indices_at((epoch * 7 + s) * 4) for s in range(7)])
+        assert len(set(rows.tolist())) == 28  # no repeats within an epoch
+        np.testing.assert_array_equal(rows, stream.permutation(epoch)[:28])
+    assert not np.array_equal(stream.permutation(0), stream.permutation(1))
+
+
+def test_stream_batches_are_padded_rows_of_the_corpus(corpus, tokenizer):
+    ds = corpus.dataset
+    stream = CorpusStream(ds, batch_size=6, max_length=16, seed=1, max_entities=1)
+    batch = stream.batch_at(12)
+    assert batch["input_ids"].shape == (6, 16) and batch["input_ids"].dtype == np.int32
+    assert batch["entity_spans"].shape == (6, 1, 2)
+    for i, r in enumerate(batch["indices"]):
+        row = ds[int(r)]
+        n = len(row["input_ids"])
+        assert batch["lengths"][i] == n
+        assert batch["input_ids"][i, :n].tolist() == row["input_ids"]
+        assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
+        assert batch["word_ids"][i, :n].tolist() == row["word_ids"]
+        assert (batch["word_ids"][i, n:] == -1).all()
+        e = min(len(row["entity_spans"]), 1)
+        assert batch["num_entities"][i] == e
+        assert batch["entity_spans"][i, :e].tolist() == row["entity_spans"][:e]
+    assert stream.entity_labels(batch["indices"]) == [
+        ds[int(r)]["entity_labels"] for r in batch["indices"]
+    ]
+    assert stream.entity_types(batch["indices"]) == [
+        ds[int(r)]["entity_types"] for r in batch["indices"]
+    ]
+
+
+def test_stream_hosts_get_disjoint_shards_of_each_global_batch(corpus):
+    glob = CorpusStream(corpus.dataset, batch_size=6, max_length=16, seed=5)
+    hosts = [
+        CorpusStream(
+            corpus.dataset, batch_size=6, max_length=16, seed=5, process_index=i, process_count=3
+        )
+        for i in range(3)
+    ]
+    for pos in (0, 6, 24, 30):
+        parts = [h.batch_at(pos) for h in hosts]
+        assert all(p["input_ids"].shape == (2, 16) for p in parts)
+        joined = np.concatenate([p["indices"] for p in parts])
+        assert len(set(joined.tolist())) == 6
+        np.testing.assert_array_equal(joined, glob.batch_at(pos)["indices"])
+
+
+def test_stream_errors(corpus):
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0)
+    with pytest.raises(ValueError, match="multiple of the global batch_size=4"):
+        stream.batch_at(6)
+    with pytest.raises(ValueError, match="max_length=5 is shorter"):
+        CorpusStream(corpus.dataset, batch_size=4, max_length=5, seed=0)
+    with pytest.raises(ValueError, match="not divisible by process_count=3"):
+        CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0, process_count=3)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        CorpusStream(corpus.dataset, batch_size=64, max_length=16, seed=0)
+
+
+def test_stream_accepts_a_corpus_and_a_selected_view(corpus):
+    from_corpus = CorpusStream(corpus, batch_size=4, max_length=16, seed=2)
+    from_dataset = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=2)
+    np.testing.assert_array_equal(
+        from_corpus.batch_at(8)["input_ids"], from_dataset.batch_at(8)["input_ids"]
+    )
+    rows = [3, 7, 11, 12, 20, 25]
+    view = corpus.dataset.select(rows)
+    stream = CorpusStream(view, batch_size=6, max_length=16, seed=0)
+    batch = stream.batch_at(0)
+    for i, r in enumerate(batch["indices"]):
+        n = batch["lengths"][i]
+        assert batch["input_ids"][i, :n].tolist() == corpus.dataset[rows[int(r)]]["input_ids"]
