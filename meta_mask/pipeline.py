@@ -482,6 +482,10 @@ def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:
     params = net_lib.init_policy_params(net, key, lm_embedding=emb)
     train = task_examples(ctx, "train", cfg.data.max_train_examples)
     dev = task_examples(ctx, _dev_split(ctx), cfg.supervised.max_dev_triples)
+    # Answer sentences come from the examples' own contexts; without them, from the corpus.
+    sentences = None
+    if not all(ex.contexts for ex in train):
+        sentences = corpus.dataset.select(range(min(len(corpus), 200_000)))["text"]
     if cfg.policy.name == "supervised":
         from meta_mask.policies import supervised
 
@@ -491,10 +495,6 @@ def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:
             eval_mask_rate=budget.get("mask_rate", cfg.supervised.eval_mask_rate),
             eval_spans_per_sentence=budget.get("num_units", 0),
         )
-        # Answer sentences come from the examples' own contexts; without them, from the corpus.
-        sentences = None
-        if not all(ex.contexts for ex in train):
-            sentences = corpus.dataset.select(range(min(len(corpus), 200_000)))["text"]
         params, history = supervised.learn_supervised_policy(
             net, params, train, dev, ctx.tokenizer, scfg, seed=cfg.seed, corpus_sentences=sentences
         )
@@ -506,10 +506,11 @@ def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:
         # Token-level (context sentence, question, answer) triples of the task.
         scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length)
         train_triples = supervised.prepare_triples(
-            supervised.supervised_triples(train, ctx.tokenizer, scfg), seed=cfg.seed
+            supervised.supervised_triples(train, ctx.tokenizer, scfg, corpus_sentences=sentences),
+            seed=cfg.seed,
         )
         dev_triples = supervised.prepare_triples(
-            supervised.supervised_triples(dev, ctx.tokenizer, scfg),
+            supervised.supervised_triples(dev, ctx.tokenizer, scfg, corpus_sentences=sentences),
             max_triples=cfg.supervised.max_dev_triples, seed=cfg.seed,
         )  # fmt: skip
         with MetricWriter(folder, enabled=jax.process_index() == 0) as writer:

@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import parse_config
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 TINY = [
@@ -66,19 +68,6 @@ def _cli(args: list[str], tmp_path: pathlib.Path, **kw) -> subprocess.Popen:
     )
 
 
-def _config(args: list[str]):
-    from absl import flags
-
-    from meta_mask import train
-
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["prog", *args])
-    try:
-        return train.config_from_flags()
-    finally:
-        flags.FLAGS.unparse_flags()
-
-
 def _final_params(stage_dir: pathlib.Path):
     from meta_mask.training.checkpoint import load_params
 
@@ -98,7 +87,7 @@ def test_every_flagfile_parses():
     files = sorted((REPO / "experiments").glob("*.flags"))
     assert files, "experiments/ has no flagfiles"
     for path in files:
-        cfg = _config([f"--flagfile={path}"])
+        cfg = parse_config([f"--flagfile={path}"])
         assert cfg.data.task
 
 
@@ -112,7 +101,7 @@ def test_misspelled_flag_fails_at_parse_time(tmp_path):
 def test_pipeline_end_to_end_outputs_skip_and_conflict(tmp_path):
     from meta_mask import pipeline
 
-    cfg = _config([*TINY, "--intermediate.steps=6", "--intermediate.checkpoint_every=3"])
+    cfg = parse_config([*TINY, "--intermediate.steps=6", "--intermediate.checkpoint_every=3"])
     workdir = tmp_path / "run"
     results = pipeline.run(cfg, workdir, argv=["test"])
     assert set(results["metrics"]) >= {"em", "f1", "n"}
@@ -130,7 +119,7 @@ def test_pipeline_end_to_end_outputs_skip_and_conflict(tmp_path):
     assert pipeline.run(cfg, workdir) == results
     assert (workdir / "intermediate" / "done.json").stat().st_mtime_ns == stamp
     # Another config in the same folder is refused, naming the difference; nothing changes.
-    other = _config([*TINY, "--intermediate.steps=7", "--intermediate.checkpoint_every=3"])
+    other = parse_config([*TINY, "--intermediate.steps=7", "--intermediate.checkpoint_every=3"])
     with pytest.raises(pipeline.RunConflict, match="intermediate.steps: 6 .* 7"):
         pipeline.run(other, workdir)
     assert json.loads((workdir / "results.json").read_text()) == results
@@ -193,7 +182,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, capsys):
     from meta_mask import sweep
 
-    cfg = _config([*TINY, "--stages=intermediate", "--intermediate.steps=50",
+    cfg = parse_config([*TINY, "--stages=intermediate", "--intermediate.steps=50",
                    "--intermediate.checkpoint_every=1", "--intermediate.optim.clip_norm=0",
                    "--intermediate.optim.learning_rate=1e30"])  # fmt: skip
     assert sweep.run(cfg, sweep.Grid(), str(tmp_path)) == 1  # the CLI's exit status
@@ -227,7 +216,7 @@ def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy):
     from meta_mask import pipeline
     from meta_mask.training.checkpoint import load_params
 
-    cfg = _config([*TINY, *LEARNED, f"--policy.name={policy}"])
+    cfg = parse_config([*TINY, *LEARNED, f"--policy.name={policy}"])
     source = tmp_path / "source"
     pipeline.run(cfg, source)
     folder = source / "learn_policy"
@@ -239,7 +228,7 @@ def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy):
     assert (source / "intermediate" / "masks.png").exists()
     # Transfer: a run on another task uses the policy learned on world_qa, learning nothing.
     target = tmp_path / "target"
-    other = _config(
+    other = parse_config(
         [*TINY, *LEARNED, f"--policy.name={policy}", "--data.task=world_qa_dates",
          f"--policy.checkpoint={folder}"]
     )  # fmt: skip
@@ -249,7 +238,9 @@ def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy):
     ctx = pipeline.build_context(other, target, tmp_path / "cache")
     scorer = pipeline.learned_scorer(ctx, corpus=None)
     _assert_trees_equal(scorer.params, load_params(folder / "policy"))
-    missing = _config([*TINY, *LEARNED, "--policy.name=meta", f"--policy.checkpoint={tmp_path}"])
+    missing = parse_config(
+        [*TINY, *LEARNED, "--policy.name=meta", f"--policy.checkpoint={tmp_path}"]
+    )
     with pytest.raises(FileNotFoundError, match="no finished learned policy"):
         pipeline.run(missing, tmp_path / "missing")
 
@@ -277,7 +268,7 @@ def test_transfer_grid_cells_and_matrix(tmp_path):
     from meta_mask import sweep
     from meta_mask.evaluation import report
 
-    cfg = _config([*TINY, "--policy.name=meta"])
+    cfg = parse_config([*TINY, "--policy.name=meta"])
     grid = sweep.Grid(policies=("meta",), seeds=(0,), tasks=("world_qa", "world_qa_dates"),
                       transfer=True)  # fmt: skip
     todo = dict(sweep.cells(cfg, grid, tmp_path))

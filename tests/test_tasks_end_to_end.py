@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.data import fixtures
+from tests.helpers import parse_config
 
 pytestmark = pytest.mark.slow
 
@@ -123,19 +124,6 @@ def assets(tmp_path_factory) -> dict[str, pathlib.Path]:
     return {"model": model_dir, "corpus": corpus, **task_dirs}
 
 
-def _config(args: list[str]):
-    from absl import flags
-
-    from meta_mask import train
-
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["prog", *args])
-    try:
-        return train.config_from_flags()
-    finally:
-        flags.FLAGS.unparse_flags()
-
-
 def _args(flagfile: str, task: str, assets: dict, extra: list[str]) -> list[str]:
     """The flagfile, then the overrides: later flags win, so the file's settings stand except
     model, data location, sizes and steps."""
@@ -200,7 +188,7 @@ def test_task_flagfile_runs_end_to_end(flagfile, task, extra, assets, tmp_path, 
 
     # Nested --flagfile paths in experiments/ are relative to the repository root.
     monkeypatch.chdir(REPO)
-    cfg = _config(_args(flagfile, task, assets, extra))
+    cfg = parse_config(_args(flagfile, task, assets, extra))
     assert cfg.data.task == task and cfg.init == str(assets["model"])
     pipeline.run(cfg, tmp_path / "run")
     _check_run(tmp_path / "run", cfg)
@@ -214,7 +202,7 @@ def test_salient_spans_on_real_text_use_spacy_entities(assets, tmp_path, monkeyp
     from meta_mask import pipeline
 
     monkeypatch.chdir(REPO)
-    cfg = _config(_args("nq.flags", "nq", assets, []))
+    cfg = parse_config(_args("nq.flags", "nq", assets, []))
     assert cfg.policy.name == "salient_spans"
     pipeline.run(cfg, tmp_path / "run")
     _check_run(tmp_path / "run", cfg)
@@ -240,7 +228,7 @@ def test_pmi_on_real_text_masks_corpus_ngrams(assets, tmp_path, monkeypatch):
     from meta_mask.data import pmi
 
     monkeypatch.chdir(REPO)
-    cfg = _config(_args("tqa_pmi.flags", "tqa", assets, ["--policy.pmi_min_count=2"]))
+    cfg = parse_config(_args("tqa_pmi.flags", "tqa", assets, ["--policy.pmi_min_count=2"]))
     assert (cfg.data.task, cfg.policy.name, cfg.policy.pmi_min_count) == ("tqa", "pmi", 2)
     pipeline.run(cfg, tmp_path / "run")
     _check_run(tmp_path / "run", cfg)
@@ -273,4 +261,4 @@ def test_cli_runs_a_nested_flagfile(assets, tmp_path):
     assert config["policy"]["name"] == "salient_spans"
     assert config["policy"]["output_format"] == "masked_spans"
     assert config["eval"]["num_beams"] == 6  # xsum.flags' setting came through the include
-    _check_run(workdir, _config(["--flagfile=experiments/xsum_salient.flags", *args[1:]]))
+    _check_run(workdir, parse_config(["--flagfile=experiments/xsum_salient.flags", *args[1:]]))

@@ -94,6 +94,25 @@ def process_scores(
     return scores
 
 
+def _bound_processor(
+    max_length: int,
+    eos_token_id: int,
+    min_length: int,
+    forced_bos_token_id: int | None,
+    forced_eos_token_id: int | None,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """process_scores with the generation settings bound: (scores, cur_len) -> scores."""
+    return lambda scores, cur_len: process_scores(
+        scores,
+        cur_len,
+        max_length=max_length,
+        eos_token_id=eos_token_id,
+        min_length=min_length,
+        forced_bos_token_id=forced_bos_token_id,
+        forced_eos_token_id=forced_eos_token_id,
+    )
+
+
 def reorder_cache(cache: Cache, row_indices: jax.Array) -> Cache:
     """Gathers cache rows: leaves with leading axis N = len(row_indices) are per-row state."""
     n = row_indices.shape[0]
@@ -131,14 +150,8 @@ def greedy_search(
 ) -> jax.Array:
     """Argmax decoding; returns int32 [batch_size, max_length] (see the module docstring)."""
     _check_lengths(max_length, min_length)
-    process = lambda logits, cur_len: process_scores(
-        logits,
-        cur_len,
-        max_length=max_length,
-        eos_token_id=eos_token_id,
-        min_length=min_length,
-        forced_bos_token_id=forced_bos_token_id,
-        forced_eos_token_id=forced_eos_token_id,
+    process = _bound_processor(
+        max_length, eos_token_id, min_length, forced_bos_token_id, forced_eos_token_id
     )
     sequences = jnp.full((batch_size, max_length), pad_token_id, jnp.int32)
     sequences = sequences.at[:, 0].set(decoder_start_token_id)
@@ -213,14 +226,8 @@ def beam_search(
         best_len = lambda cur_len: jnp.int32(max_length - 1)
     else:
         best_len = lambda cur_len: cur_len - 1
-    process = lambda scores, cur_len: process_scores(
-        scores,
-        cur_len,
-        max_length=max_length,
-        eos_token_id=eos_token_id,
-        min_length=min_length,
-        forced_bos_token_id=forced_bos_token_id,
-        forced_eos_token_id=forced_eos_token_id,
+    process = _bound_processor(
+        max_length, eos_token_id, min_length, forced_bos_token_id, forced_eos_token_id
     )
     gather = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
     in_top_k = jnp.arange(n_keep) < k

@@ -406,6 +406,15 @@ def policy_masks(
     return logits, masks, mask_weights(log_q, masks, log_q_ref)
 
 
+def _regularizers(
+    logits: Array, masks: Array, valid: Array, cfg: MetaConfig
+) -> tuple[Array, Metrics]:
+    """policy_regularizers, with metrics["mask_rate"] = masked / maskable tokens."""
+    reg, metrics = policy_regularizers(logits, valid, cfg)
+    metrics["mask_rate"] = jnp.sum(masks) / jnp.maximum(jnp.sum(valid), 1)
+    return reg, metrics
+
+
 def inner_loop(
     phi: PyTree,
     theta: PyTree,
@@ -450,8 +459,7 @@ def inner_loop(
             normalized(downstream["qa"]),
         )
     theta_k = unroll(setup, theta, examples, extra)
-    reg, metrics = policy_regularizers(logits, inner_batches["valid"], cfg)
-    metrics["mask_rate"] = jnp.sum(masks) / jnp.maximum(jnp.sum(inner_batches["valid"]), 1)
+    reg, metrics = _regularizers(logits, masks, inner_batches["valid"], cfg)
     return theta_k, reg, metrics
 
 
@@ -518,8 +526,7 @@ def first_order_loss(
     align_tokens = jax.lax.stop_gradient(align_tokens)
     counts = jnp.maximum(jnp.sum(masks, axis=(1, 2)), 1).astype(weights.dtype)
     alignment = jnp.sum(weights * align_tokens / counts[:, None, None])
-    reg, metrics = policy_regularizers(logits, inner_batches["valid"], cfg)
-    metrics["mask_rate"] = jnp.sum(masks) / jnp.maximum(jnp.sum(inner_batches["valid"]), 1)
+    reg, metrics = _regularizers(logits, masks, inner_batches["valid"], cfg)
     surrogate = -cfg.inner_learning_rate * alignment
     return surrogate + reg, {**metrics, "outer_loss": down, "alignment": alignment}
 

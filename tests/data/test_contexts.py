@@ -7,8 +7,6 @@ import re
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from meta_mask.config import WorldConfig
 from meta_mask.data.contexts import (
@@ -22,6 +20,7 @@ from meta_mask.data.contexts import (
 )
 from meta_mask.data.tasks import Example, example_from_dict
 from meta_mask.data.world import build_world, world_task
+from tests.data.tokenizer_helpers import word_tokenizer
 
 
 def ex(question: str, *answers: str, contexts=(), id_: str = "q") -> Example:
@@ -230,27 +229,6 @@ def test_shared_answers_give_one_triple_per_question():
 
 # ------------------------------------------------------------------------------------------
 # Token spans
-
-
-def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordLevelTrainer(
-        vocab_size=1 << 20,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
 
 
 def test_add_token_spans_marks_answer_tokens():

@@ -8,7 +8,8 @@ from transformers import PreTrainedTokenizerFast
 
 from meta_mask.data.corpora import CorpusSource, SentenceFilter, build_corpus
 from meta_mask.data.stream import CorpusStream
-from tests.data.test_corpora import SENTENCES, word_tokenizer, world_like_records
+from tests.data.test_corpora import SENTENCES, world_like_records
+from tests.data.tokenizer_helpers import word_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -259,7 +259,8 @@ def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path,
     from meta_mask.data import corpora
     from meta_mask.data.stream import CorpusStream
     from meta_mask.policies import corrupt, heuristic, mlm_batches
-    from tests.data.test_corpora import SENTENCES, word_tokenizer, world_like_records
+    from tests.data.test_corpora import SENTENCES, world_like_records
+    from tests.data.tokenizer_helpers import word_tokenizer
 
     tokenizer = word_tokenizer(SENTENCES)
     corpus = corpora.build_corpus(

@@ -4,42 +4,16 @@ step under data parallelism (data=8) and FSDP (data=2 x fsdp=4) against one devi
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
-import numpy as np
 from jax.sharding import PartitionSpec
 
 from meta_mask.config import tiny_model_config
 from meta_mask.model import bart
 from meta_mask.training import sharding, steps
+from tests.training.helpers import assert_runs_match, run_on_devices
 from tests.training.test_steps import COMMON_OPTIM, host_params, make_batch
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def run_on_devices(script: str, out: pathlib.Path, devices: int) -> subprocess.CompletedProcess:
-    """Run `script out` in a fresh python with `devices` simulated CPU devices."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    )
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def test_partition_rules_follow_the_parameter_path():
@@ -148,14 +122,6 @@ def test_eight_devices_data_parallel_and_fsdp_equal_one_device(tmp_path):
     assert fsdp["batch_shards"] == 8
     for name in ("data8", "data2_fsdp4"):
         assert facts[name]["init_max_diff"] == 0.0, name  # sharded init = unsharded init
-    with np.load(result.with_suffix(".npz")) as multi:
-        for name in ("data8", "data2_fsdp4"):
-            np.testing.assert_allclose(multi[name + "/loss"], metrics["loss"], rtol=1e-5)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-                np.testing.assert_allclose(
-                    multi[name + "/" + jax.tree_util.keystr(path)],
-                    leaf,
-                    rtol=1e-4,
-                    atol=1e-6,
-                    err_msg=f"{name} {jax.tree_util.keystr(path)}",
-                )
+    assert_runs_match(
+        result.with_suffix(".npz"), ("data8", "data2_fsdp4"), metrics["loss"], state.params
+    )

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,8 +12,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from meta_mask.config import MeshConfig
 from meta_mask.training import sharding
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.training.helpers import run_on_devices
 
 
 def test_mesh_shape_resolves_and_validates():
@@ -93,20 +88,8 @@ _FOUR_DEVICE_SCRIPT = textwrap.dedent(
 
 
 def test_four_device_mesh_batch_and_fsdp_rules(tmp_path):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
     out = tmp_path / "facts.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", _FOUR_DEVICE_SCRIPT, str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_on_devices(_FOUR_DEVICE_SCRIPT, out, devices=4)
     facts = json.loads(out.read_text())
     assert facts["mesh"] == {"data": 2, "fsdp": 2}
     assert facts["two"] == {"data": 2, "fsdp": 1}

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,8 +15,8 @@ import pytest
 from meta_mask.config import MeshConfig, ModelConfig, OptimConfig, tiny_model_config
 from meta_mask.model.bart import Bart, init_params
 from meta_mask.training import sharding, steps
+from tests.training.helpers import assert_runs_match, run_on_devices
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 PAD, EOS, START = 1, 2, 2
 
 
@@ -395,32 +391,12 @@ def test_multi_device_mesh_step_equals_single_device(tmp_path, common):
     state = place(host_state)
     for i in range(3):
         state, metrics = train_step(state, make_batch(40 + i), jax.random.key(5))
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
     result = tmp_path / "multi"
-    proc = subprocess.run(
-        [sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(result)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_on_devices(_MULTI_DEVICE_SCRIPT, result, devices=4)
     facts = json.loads(result.with_suffix(".json").read_text())
     # The batch really was split over 4 devices and, with fsdp=2, the embedding over "fsdp".
     assert facts["data4"] == {"emb_spec": [], "batch_shards": 4}
     assert facts["data2_fsdp2"] == {"emb_spec": ["fsdp", None], "batch_shards": 4}
-    with np.load(result.with_suffix(".npz")) as multi:
-        for name in ("data4", "data2_fsdp2"):
-            np.testing.assert_allclose(multi[name + "/loss"], metrics["loss"], rtol=1e-5)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-                np.testing.assert_allclose(
-                    multi[name + "/" + jax.tree_util.keystr(path)],
-                    leaf,
-                    rtol=1e-4,
-                    atol=1e-6,
-                    err_msg=f"{name} {jax.tree_util.keystr(path)}",
-                )
+    assert_runs_match(
+        result.with_suffix(".npz"), ("data4", "data2_fsdp2"), metrics["loss"], state.params
+    )
