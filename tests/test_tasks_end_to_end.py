@@ -262,3 +262,26 @@ def test_cli_runs_a_nested_flagfile(assets, tmp_path):
     assert config["policy"]["output_format"] == "masked_spans"
     assert config["eval"]["num_beams"] == 6  # xsum.flags' setting came through the include
     _check_run(workdir, parse_config(["--flagfile=experiments/xsum_salient.flags", *args[1:]]))
+
+
+@pytest.mark.parametrize("policy", ["supervised", "meta"])
+def test_learned_policies_on_a_real_task(policy, assets, tmp_path, monkeypatch):
+    """nq.flags with a learned policy: nq_open has no contexts, so the (sentence, question,
+    answer) triples come from corpus sentences that contain the answers."""
+    from meta_mask import pipeline
+
+    monkeypatch.chdir(REPO)
+    learned = [
+        f"--policy.name={policy}", "--meta.policy_layers=1", "--meta.policy_d_model=16",
+        "--meta.policy_heads=2", "--meta.policy_ffn_dim=32", "--meta.meta_steps=3",
+        "--meta.inner_batch_size=2", "--meta.outer_batch_size=2", "--supervised.steps=6",
+        "--supervised.eval_every=3", "--supervised.batch_size=2",
+    ]  # fmt: skip
+    cfg = parse_config(_args("nq.flags", "nq", assets, learned))
+    pipeline.run(cfg, tmp_path / "run")
+    _check_run(tmp_path / "run", cfg)
+    folder = tmp_path / "run" / "learn_policy"
+    assert json.loads((folder / "policy.json").read_text())["task"] == "nq"
+    history = json.loads((folder / "history.json").read_text())
+    assert history["evals"], history
+    assert (tmp_path / "run" / "intermediate" / "masks.html").exists()
