@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import pathlib
 import shlex
@@ -128,13 +129,14 @@ def run(
             except (NonFiniteLoss, pipeline.RunConflict) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-    results = report.collect_results(root) if not grid.is_single() else []
-    if grid.is_single():
-        results_file = root / "results.json"
-        if results_file.exists():
-            import json
-
-            results = [json.loads(results_file.read_text())]
+    # The grid's own cells in grid order (as the command lists the policies); with
+    # --sweep.aggregate_only, every finished run below the workdir.
+    files = (
+        [root / sub / "results.json" for sub, _ in cells(cfg, grid, root)]
+        if not aggregate_only
+        else sorted(root.glob("**/results.json"))
+    )
+    results = [json.loads(f.read_text()) for f in files if f.exists()]
     if not results:
         print(f"no finished runs under {root}")
         return 0

@@ -7,7 +7,6 @@ metrics.jsonl.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections import defaultdict
 from collections.abc import Sequence
@@ -121,16 +120,6 @@ def transfer_table(results: Sequence[dict], metric: str = "") -> str:
             ]))  # fmt: skip
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     return f"{metric}:\n\n" + "\n".join(lines)
-
-
-def collect_results(root: str | pathlib.Path) -> list[dict]:
-    """Every finished run (a results.json) below `root`."""
-    out = []
-    for path in sorted(pathlib.Path(root).glob("**/results.json")):
-        if path.parent == pathlib.Path(root):
-            continue  # the sweep's own aggregate
-        out.append(json.loads(path.read_text()))
-    return out
 
 
 def mask_probabilities(scorer, batch: dict, budget: dict, *, draws: int = 200, seed: int = 0):
