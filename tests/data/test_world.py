@@ -7,7 +7,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -252,14 +251,16 @@ def test_size_knobs_scale_the_corpus():
     assert len({p.attributes["birth_city"] for p in shared.people}) <= 2 * 8
 
 
-def test_default_world_and_tokenizer_build_in_seconds():
-    t0 = time.perf_counter()
-    w = build_world(WorldConfig())
-    t1 = time.perf_counter()
-    world_tokenizer(w)
-    t2 = time.perf_counter()
-    # Measured ~0.05 s + ~0.15 s on an idle core; generous for a shared 2-core machine.
-    assert t1 - t0 < 3.0 and t2 - t1 < 5.0, (t1 - t0, t2 - t1)
+def test_default_world_sizes():
+    """The default world's documented size (build time is reported, not asserted: timings
+    belong in benchmarks)."""
+    cfg = WorldConfig()
+    w = build_world(cfg)
+    per_bio = len(cfg.attributes) + cfg.distractors_per_bio
+    assert len(w.documents) == cfg.num_people * cfg.num_bios
+    assert len(w.sentences) == cfg.num_people * cfg.num_bios * per_bio
+    tok = world_tokenizer(w)
+    assert 500 < len(tok) < 1000
 
 
 # --- the tokenizer ---------------------------------------------------------------------
