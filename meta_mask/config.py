@@ -340,9 +340,8 @@ class MetaConfig:
     outer_batch_size: int = 8  # downstream examples per outer loss
     remat: bool = True  # jax.checkpoint each inner step (memory ~ one step, not K)
     downstream_steps: int = 0  # 0 | 1: after the MLM steps, MLM on the context then QA step
-    # The LM theta the inner loop starts from is the caller's: fixed for all meta steps, or
-    # refreshed every `theta_refresh_every` meta steps (0 = never) by whoever drives the loop.
-    theta_refresh_every: int = 0
+    # The LM theta the inner loop starts from is the caller's, fixed for all meta steps
+    # (policies/meta_train.py uses the run's initial LM).
     # The policy network (PolicyNet): a small transformer encoder -> one logit per token.
     policy_layers: int = 2
     policy_d_model: int = 128

@@ -103,8 +103,8 @@ whose derivative at phi = phi_ref equals the meta-gradient; central finite diffe
 float64 match jax.grad, for K = 1 and 3, sgd and adam, with and without remat.
 
 theta: the unroll starts from the caller's LM parameters. They are an input of every meta step,
-never updated here: the caller keeps them fixed for all meta steps or refreshes them (e.g. every
-MetaConfig.theta_refresh_every steps, to the intermediate-stage model); dropout is off inside.
+never updated here: the caller keeps them fixed for all meta steps (policies/meta_train.py) or
+could refresh them between steps; dropout is off inside.
 Units: by default every maskable token is a unit; inner batches may carry "unit_ids" (e.g. whole
 words), passed to the policy (mean-pooled logits) and the sampler; q is still per token.
 """
