@@ -331,7 +331,9 @@ class MetaConfig:
     clip_norm: float = 1.0  # policy gradient global-norm clip; <= 0 disables
     entropy_weight: float = 0.01  # reward for the entropy of the policy's per-sentence softmax
     budget_weight: float = 1.0  # penalty (mean clipped probability - target rate)^2
-    mask_rate: float = 0.15  # the budget: the sampler's mask_rate during meta-training
+    # The sampler's mask rate during meta-learning; 0 = the intermediate stage's
+    # (--policy.mask_rate). Deployment always uses the policy's budget.
+    mask_rate: float = 0.0
     meta_steps: int = 1000
     inner_batch_size: int = 8  # sentences per inner MLM step
     # Each inner step's batch is split into this many microbatches whose gradients are summed
@@ -377,8 +379,8 @@ class MetaConfig:
             )
         if self.downstream_steps not in (0, 1):
             raise ValueError(f"MetaConfig.downstream_steps={self.downstream_steps}; valid: 0, 1")
-        if not 0.0 < self.mask_rate <= 1.0:
-            raise ValueError(f"MetaConfig.mask_rate={self.mask_rate!r} must lie in (0, 1]")
+        if not 0.0 <= self.mask_rate <= 1.0:
+            raise ValueError(f"MetaConfig.mask_rate={self.mask_rate!r} must lie in [0, 1]")
         if self.policy_d_model % self.policy_heads:
             raise ValueError(
                 f"MetaConfig.policy_d_model={self.policy_d_model} is not divisible by "
@@ -403,9 +405,8 @@ class SupervisedConfig:
     `pos_weight` (<= 0: n_negative / n_positive of the training triples); "span" = softmax over
     the sentence's maskable tokens with the answer tokens as the (uniform) target, the
     distribution the shared sampler draws from. Dev span-F1 is measured every `eval_every` steps
-    under the eval budget (`eval_spans_per_sentence` > 0, else `eval_mask_rate`: set them to the
-    intermediate stage's PolicyConfig budget); training stops after `patience` evaluations
-    without improvement and the best-dev parameters are kept.
+    under the intermediate stage's budget (PolicyConfig.budget()); training stops after
+    `patience` evaluations without improvement and the best-dev parameters are kept.
     """
 
     steps: int = 2000
@@ -419,8 +420,6 @@ class SupervisedConfig:
     eval_every: int = 100
     eval_batch_size: int = 256
     patience: int = 5  # evaluations without a dev span-F1 gain before stopping; 0 = never stop
-    eval_mask_rate: float = 0.15
-    eval_spans_per_sentence: int = 0
     sentence_level: bool = True  # contexts cut into answer sentences; False: whole passages
     max_triples: int = 0  # cap on training triples (a seeded subset); 0 = all
     max_dev_triples: int = 2000  # cap on dev triples; 0 = all
@@ -433,20 +432,9 @@ class SupervisedConfig:
         for name in ("steps", "batch_size", "max_length", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 1")
-        for name in ("patience", "max_triples", "max_dev_triples", "eval_spans_per_sentence"):
+        for name in ("patience", "max_triples", "max_dev_triples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 0")
-        if not 0.0 < self.eval_mask_rate <= 1.0:
-            raise ValueError(
-                f"SupervisedConfig.eval_mask_rate={self.eval_mask_rate!r} must lie in (0, 1]"
-            )
-
-    def eval_budget(self) -> dict:
-        """Sampler keyword arguments for the dev evaluation: {"num_units": k} or
-        {"mask_rate": r}."""
-        if self.eval_spans_per_sentence > 0:
-            return {"num_units": self.eval_spans_per_sentence}
-        return {"mask_rate": self.eval_mask_rate}
 
 
 STAGES = ("learn_policy", "intermediate", "finetune", "evaluate")

@@ -111,6 +111,7 @@ def run(
     from meta_mask import pipeline
     from meta_mask.evaluation import report
     from meta_mask.training.loop import NonFiniteLoss, Preempted
+    from meta_mask.workdir import RunConflict
 
     root = pathlib.Path(workdir)
     if not aggregate_only:
@@ -126,7 +127,7 @@ def run(
             except Preempted as e:
                 print(str(e), file=sys.stderr)
                 return 143  # 128 + SIGTERM: the run is not finished; rerun to resume
-            except (NonFiniteLoss, pipeline.RunConflict) as e:
+            except (NonFiniteLoss, RunConflict) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
     # The grid's own cells in grid order (as the command lists the policies); with

@@ -100,6 +100,7 @@ def test_misspelled_flag_fails_at_parse_time(tmp_path):
 
 def test_pipeline_end_to_end_outputs_skip_and_conflict(tmp_path):
     from meta_mask import pipeline
+    from meta_mask.workdir import RunConflict
 
     cfg = parse_config([*TINY, "--intermediate.steps=6", "--intermediate.checkpoint_every=3"])
     workdir = tmp_path / "run"
@@ -120,7 +121,7 @@ def test_pipeline_end_to_end_outputs_skip_and_conflict(tmp_path):
     assert (workdir / "intermediate" / "done.json").stat().st_mtime_ns == stamp
     # Another config in the same folder is refused, naming the difference; nothing changes.
     other = parse_config([*TINY, "--intermediate.steps=7", "--intermediate.checkpoint_every=3"])
-    with pytest.raises(pipeline.RunConflict, match="intermediate.steps: 6 .* 7"):
+    with pytest.raises(RunConflict, match="intermediate.steps: 6 .* 7"):
         pipeline.run(other, workdir)
     assert json.loads((workdir / "results.json").read_text()) == results
 
@@ -214,6 +215,8 @@ LEARNED = [
 @pytest.mark.parametrize("policy", ["supervised", "meta"])
 def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy):
     from meta_mask import pipeline
+    from meta_mask.errors import UserError
+    from meta_mask.policies import learned
     from meta_mask.training.checkpoint import load_params
 
     cfg = parse_config([*TINY, *LEARNED, f"--policy.name={policy}"])
@@ -235,13 +238,12 @@ def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy):
     pipeline.run(other, target)
     assert not (target / "learn_policy").exists()
     assert (target / "intermediate" / "done.json").exists()
-    ctx = pipeline.build_context(other, target, tmp_path / "cache")
-    scorer = pipeline.learned_scorer(ctx, corpus=None)
+    scorer = learned.load_scorer(folder, spec["net"]["vocab_size"])
     _assert_trees_equal(scorer.params, load_params(folder / "policy"))
     missing = parse_config(
         [*TINY, *LEARNED, "--policy.name=meta", f"--policy.checkpoint={tmp_path}"]
     )
-    with pytest.raises(FileNotFoundError, match="no finished learned policy"):
+    with pytest.raises(UserError, match="no finished learned policy"):
         pipeline.run(missing, tmp_path / "missing")
 
 

@@ -491,6 +491,19 @@ class CorpusSource:
         return iter(self.records)
 
 
+def source_for(corpus: str, *, task: str = "", data_dir: str = "", world: Any = None):
+    """The source `DataConfig.corpus` names: "world" (the sentences of the run's synthetic
+    world), "task" (the run's own task's documents) or a spec (`CorpusSource.from_spec`)."""
+    if corpus == "world":
+        if world is None:
+            raise ValueError("data.corpus='world' needs the run's world")
+        name = f"world-{world.config.seed}"
+        return CorpusSource(kind="records", records=list(world.sentences), name=name)
+    if corpus == "task":
+        return CorpusSource(kind="task", task=task, data_dir=data_dir)
+    return CorpusSource.from_spec(corpus)
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything that determines how `tokenizer` maps text to ids.
 

@@ -189,3 +189,15 @@ def write_mask_heatmap(
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
+
+
+def write_mask_examples(out: pathlib.Path, batches, tokenizer, policy, num: int = 8) -> None:
+    """What the policy masks: a heatmap (out: .html, and .png beside it) of per-token mask
+    probabilities for the first `num` sentences of the intermediate stage's first batch,
+    estimated over many sampler draws, so heuristic and learned policies are shown alike.
+    `batches` is a policies.mlm_batches.MlmBatches; `policy` the run's PolicyConfig."""
+    batch, _ = batches.masked(0)
+    rows = {k: v[:num] if hasattr(v, "__getitem__") else v for k, v in batch.items()}
+    probs = mask_probabilities(batches.scorer, rows, policy.budget())
+    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in rows["input_ids"]]
+    write_mask_heatmap(out, tokens, probs, rows["valid"], title=policy.name)

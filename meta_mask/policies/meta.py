@@ -116,7 +116,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -124,7 +123,7 @@ import optax
 from meta_mask.config import MetaConfig
 from meta_mask.policies.corrupt import corrupt_tokens_jax
 from meta_mask.policies.sampler import gumbel_noise_jax, sample_mask_jax
-from meta_mask.training.steps import token_losses
+from meta_mask.training.steps import TrainState, token_losses
 
 Array = jax.Array
 PyTree = Any
@@ -555,15 +554,6 @@ def meta_gradient(
 # ----------------------------------------------------------------------------- meta step
 
 
-@flax.struct.dataclass
-class MetaState:
-    """The policy's training state (a pytree): step, phi, the policy optimizer's state."""
-
-    step: jax.Array
-    params: PyTree
-    opt_state: optax.OptState
-
-
 def make_policy_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
     """Adam at cfg.learning_rate after global-norm clipping (clip_norm > 0). A frozen token
     table gets exactly zero gradient, hence exactly zero Adam update."""
@@ -573,9 +563,9 @@ def make_policy_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
     )
 
 
-def create_meta_state(phi: PyTree, cfg: MetaConfig) -> MetaState:
+def create_meta_state(phi: PyTree, cfg: MetaConfig) -> TrainState:
     """Step 0 with fresh policy-optimizer state."""
-    return MetaState(
+    return TrainState(
         step=jnp.zeros((), jnp.int32), params=phi, opt_state=make_policy_optimizer(cfg).init(phi)
     )
 
@@ -594,7 +584,7 @@ def batch_noise(rng: Array, step: Array, batches: Mapping[str, Any]) -> Array:
 
 def make_meta_step(
     setup: MetaSetup, *, jit: bool = True, donate: bool = True
-) -> Callable[[MetaState, PyTree, Mapping[str, Any], Array], tuple[MetaState, Metrics]]:
+) -> Callable[[TrainState, PyTree, Mapping[str, Any], Array], tuple[TrainState, Metrics]]:
     """`meta_step(meta_state, theta, batches, rng) -> (meta_state, metrics)`: one policy update.
 
     batches: {"inner": {"input_ids", "valid" [K,B,L], optional "unit_ids", "example_ids" [K,B]},
@@ -608,8 +598,8 @@ def make_meta_step(
     tx = make_policy_optimizer(cfg)
 
     def meta_step(
-        state: MetaState, theta: PyTree, batches: Mapping[str, Any], rng: Array
-    ) -> tuple[MetaState, Metrics]:
+        state: TrainState, theta: PyTree, batches: Mapping[str, Any], rng: Array
+    ) -> tuple[TrainState, Metrics]:
         inner = batches["inner"]
         noise = batch_noise(rng, state.step, batches)
         downstream = None
@@ -637,7 +627,7 @@ def make_meta_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return MetaState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     if not jit:
         return meta_step

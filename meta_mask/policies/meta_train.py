@@ -18,20 +18,23 @@ long run can collapse onto answer tokens shared by many answers, e.g. "Systems" 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from meta_mask.config import MetaConfig
+from meta_mask.config import MetaConfig, to_dict
 from meta_mask.data import seq2seq
+from meta_mask.errors import UserError
 from meta_mask.policies import meta, supervised
 from meta_mask.policies.heuristic import word_units
 from meta_mask.policies.net import LearnedScorer, PolicyNet
+from meta_mask.training.loop import Learner, LoopOptions
+from meta_mask.training.steps import TrainState
 
 
 def meta_batch(
@@ -50,7 +53,9 @@ def meta_batch(
     rows = supervised.step_indices(len(triples), k * b, seed=seed, step=step)
     parts = [
         supervised.collate_triples(
-            [triples[i] for i in rows[j * b : (j + 1) * b]], length, pad_id=pad_id,
+            [triples[i] for i in rows[j * b : (j + 1) * b]],
+            length,
+            pad_id=pad_id,
             example_ids=rows[j * b : (j + 1) * b],
         )  # fmt: skip
         for j in range(k)
@@ -61,9 +66,9 @@ def meta_batch(
         "example_ids": np.stack([np.asarray(p["example_ids"]) for p in parts]).astype(np.int32),
     }
     if cfg.policy_units == "word":  # whole words, as LearnedScorer(units="word") masks them
-        inner["unit_ids"] = np.stack(
-            [word_units(p["word_ids"], p["valid"]) for p in parts]
-        ).astype(np.int32)
+        inner["unit_ids"] = np.stack([word_units(p["word_ids"], p["valid"]) for p in parts]).astype(
+            np.int32
+        )
     outer_rows = rows[: cfg.outer_batch_size]
     outer = seq2seq.train_batch(
         qa, outer_rows, pad_id=pad_id, decoder_start_token_id=decoder_start_token_id
@@ -71,7 +76,12 @@ def meta_batch(
     return {"inner": inner, "outer": outer}
 
 
-def learn_meta_policy(
+def best_key(record: Mapping[str, float]) -> tuple:
+    """Larger is better: dev span-F1, then the earlier step."""
+    return (record["span_f1"], -record["step"])
+
+
+def meta_learner(
     model: Any,
     theta: Any,
     net: PolicyNet,
@@ -81,20 +91,29 @@ def learn_meta_policy(
     *,
     tokenizer: Any,
     cfg: MetaConfig,
+    budget: Mapping[str, Any],
     seed: int,
     length: int,
     source_length: int,
     target_length: int,
     decoder_start_token_id: int,
-    eval_every: int = 0,
-    log_fn: Callable[[int, dict], None] | None = None,
-) -> tuple[Any, dict]:
-    """Meta-train `phi` for cfg.meta_steps; returns (phi, history with dev span-F1 curve).
+) -> tuple[Learner, LoopOptions]:
+    """The meta-learned policy as a `loop.train` learner: cfg.meta_steps meta steps from `phi`
+    against the LM `theta` (fixed), evaluated on dev every meta_steps // 10 steps by span-F1
+    under `budget` (the intermediate stage's), the best evaluation kept.
 
     `train_triples` / `dev_triples` are token-level triples (data.contexts.add_token_spans:
-    input_ids, word_ids, answer_labels, question, answer)."""
+    input_ids, word_ids, answer_labels, question, answer). cfg.mask_rate is the sampler's rate
+    during meta-learning (0: budget["mask_rate"], the deployment rate)."""
     if not train_triples:
         raise ValueError("meta-learning needs (context, question, answer) triples; found none")
+    if not cfg.mask_rate:
+        if "mask_rate" not in budget:
+            raise UserError(
+                "meta-learning samples masks at a rate: with --policy.spans_per_sentence set, "
+                "set --meta.mask_rate too"
+            )
+        cfg = dataclasses.replace(cfg, mask_rate=budget["mask_rate"])
     pad_id = tokenizer.pad_token_id
     qa = seq2seq.encode_examples(
         [SimpleNamespace(source=t["question"], targets=[t["answer"]]) for t in train_triples],
@@ -110,46 +129,37 @@ def learn_meta_policy(
         pad_id=pad_id,
         decoder_start_token_id=decoder_start_token_id,
     )
-    step_fn = meta.make_meta_step(setup)
-    state = meta.create_meta_state(phi, cfg)
-    rng = jax.random.fold_in(jax.random.key(seed), 4)
+    meta_step = meta.make_meta_step(setup)
     dev_batches = supervised.eval_batches(dev_triples, length, 256, pad_id=pad_id)
-    budget = {"mask_rate": cfg.mask_rate}
-    eval_every = eval_every or max(cfg.meta_steps // 10, 1)
-    history: dict[str, Any] = {"evals": [], "train": []}
+    scorer = LearnedScorer(net, phi, units=cfg.policy_units)  # one jitted forward for every eval
 
-    best = {"span_f1": -1.0, "step": 0, "params": jax.device_get(phi)}
+    def evaluate(state: TrainState) -> dict[str, float]:
+        scorer.params = jax.device_get(state.params)
+        return supervised.evaluate_scorer(scorer, dev_batches, budget, draws=4, seed=seed)
 
-    def evaluate(step: int, params: Any) -> None:
-        if not dev_batches:
-            return
-        host = jax.device_get(params)
-        scorer = LearnedScorer(net, host, units=cfg.policy_units)
-        result = supervised.evaluate_scorer(scorer, dev_batches, budget, draws=4, seed=seed)
-        history["evals"].append({"step": step, **{k: float(v) for k, v in result.items()}})
-        if result["span_f1"] > best["span_f1"]:
-            best.update(span_f1=float(result["span_f1"]), step=step, params=host)
-        if log_fn is not None:
-            log_fn(step, {f"dev_{k}": v for k, v in result.items()})
-
-    evaluate(0, state.params)
-    for step in tqdm(range(cfg.meta_steps), desc="meta-learn policy", disable=None):
+    def batch_for_step(step: int) -> dict[str, Any]:
         batches = meta_batch(
             train_triples, qa, step, cfg, seed=seed, length=length, pad_id=pad_id,
             decoder_start_token_id=decoder_start_token_id,
         )  # fmt: skip
-        batches = jax.tree.map(jnp.asarray, batches)
-        state, metrics = step_fn(state, theta, batches, rng)
-        done = step + 1
-        if done % eval_every == 0 or done == cfg.meta_steps:
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not np.isfinite(host["loss"]):
-                raise FloatingPointError(f"meta loss is {host['loss']} at meta step {done}")
-            history["train"].append({"step": done, **host})
-            if log_fn is not None:
-                log_fn(done, host)
-            evaluate(done, state.params)
-    if not dev_batches:
-        return jax.device_get(state.params), history
-    history["best_step"], history["best_span_f1"] = best["step"], best["span_f1"]
-    return best["params"], history
+        return jax.tree.map(jnp.asarray, batches)
+
+    eval_every = max(cfg.meta_steps // 10, 1)
+    learner = Learner(
+        init_state=lambda: meta.create_meta_state(jax.tree.map(jnp.array, phi), cfg),
+        step=lambda state, batches, rng: meta_step(state, theta, batches, rng),
+        batch_for_step=batch_for_step,
+        rng=jax.random.fold_in(jax.random.key(seed), 4),
+        metadata={"meta": to_dict(cfg), "budget": dict(budget), "seed": seed},
+        compare=("meta", "budget"),
+        evaluate=evaluate if dev_batches else None,
+        eval_every=eval_every,
+        best_key=best_key if dev_batches else None,
+    )
+    options = LoopOptions(
+        num_steps=cfg.meta_steps,
+        checkpoint_every=eval_every,
+        log_every=eval_every,
+        desc="meta-learn policy",
+    )
+    return learner, options

@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 
 from meta_mask.config import DataConfig, PolicyConfig
-from meta_mask.policies.corrupt import corrupt_np
+from meta_mask.data.stream import CorpusStream
+from meta_mask.policies.corrupt import corrupt_np, non_special_ids, sentinel_ids
 from meta_mask.policies.heuristic import SPECIAL_IDS
 from meta_mask.policies.sampler import BatchRng, Scorer, mask_batch_np
 
@@ -88,3 +90,42 @@ class MlmBatches:
             eos_id=self.eos_id,
             decoder_start_token_id=self.decoder_start_token_id,
         )
+
+
+def for_corpus(
+    corpus: Any,
+    scorer: Scorer,
+    tokenizer: Any,
+    *,
+    policy: PolicyConfig,
+    data: DataConfig,
+    seed: int,
+    batch_size: int,
+    decoder_start_token_id: int,
+) -> MlmBatches:
+    """The intermediate stage's batches over a built corpus (data.corpora.Corpus): this
+    process's block of every global batch (data.stream.CorpusStream), masked by `scorer`."""
+    stream = CorpusStream(
+        corpus.dataset,
+        batch_size=batch_size,
+        max_length=data.mlm_length,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        pad_id=tokenizer.pad_token_id,
+    )
+    labels_column = corpus.dataset.data.column("entity_labels")
+    return MlmBatches(
+        stream=stream,
+        scorer=scorer,
+        policy=policy,
+        data=data,
+        seed=seed,
+        mask_id=tokenizer.mask_token_id,
+        sentinels=sentinel_ids(tokenizer),
+        labels_of=lambda rows: labels_column.take(rows).to_pylist(),
+        random_ids=non_special_ids(tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        decoder_start_token_id=decoder_start_token_id,
+    )

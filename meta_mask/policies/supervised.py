@@ -33,7 +33,6 @@ permutations, epoch e permuted by np.random.default_rng([seed, e]): a pure funct
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -41,18 +40,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from meta_mask.config import SupervisedConfig
+from meta_mask.config import SupervisedConfig, to_dict
 from meta_mask.data.contexts import policy_triples
 from meta_mask.policies.heuristic import collate, word_units
 from meta_mask.policies.net import LearnedScorer, PolicyNet
 from meta_mask.policies.sampler import BatchRng, Scorer, sample_mask_np
-
-logger = logging.getLogger(__name__)
+from meta_mask.training.loop import Learner, LoopOptions, patience_stop
+from meta_mask.training.steps import TrainState
 
 PyTree = Any
-LogFn = Callable[[int, dict[str, float]], None]
 
 _NEG = -1e9  # stands in for the net's -inf on invalid tokens inside the losses (no inf - inf)
 
@@ -323,39 +320,32 @@ def evaluate_scorer(
 # training
 
 
-def _host_copy(tree: PyTree) -> PyTree:
-    # A host copy survives the donation of the device buffers to the next step.
-    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+def best_key(record: Mapping[str, float]) -> tuple:
+    """Larger is better: span-F1, then the lower dev loss, then the earlier step.
+
+    Span-F1 is a ranking metric that saturates (every answer on top); among equal F1s the
+    lower dev loss has the larger margins, so its masks survive the sampler's noise more often.
+    """
+    return (record["span_f1"], -record["loss"], -record["step"])
 
 
-def _better(record: Mapping[str, float], best: Mapping[str, float]) -> bool:
-    # Span-F1 is a ranking metric that saturates (every answer on top); among equal F1s the
-    # lower dev loss has the larger margins, so its masks survive the sampler's noise more often.
-    return record["span_f1"] > best["span_f1"] or (
-        record["span_f1"] == best["span_f1"] and record["loss"] < best["loss"]
-    )
-
-
-def train_supervised_policy(
+def supervised_learner(
     net: PolicyNet,
     params: PyTree,
     train_triples: Sequence[Mapping[str, Any]],
     dev_triples: Sequence[Mapping[str, Any]],
     cfg: SupervisedConfig,
     *,
+    budget: Mapping[str, Any],
     seed: int,
-    log_fn: LogFn | None = None,
-) -> tuple[PyTree, dict[str, Any]]:
-    """Train `params` (from net.init_policy_params) on token-level triples; keep the best dev.
+) -> tuple[Learner, LoopOptions]:
+    """The supervised policy as a `loop.train` learner, on token-level triples.
 
-    Evaluates the dev set before training (step 0), every cfg.eval_every steps and at the last
-    step: span-F1 (module docstring; zero noise, cfg.eval_budget()) and the objective ("loss").
-    The best evaluation has the highest span-F1, ties broken by the lower dev loss; training
-    stops after cfg.patience evaluations that are not better than the best (0 = never).
-    Returns (the best evaluation's params, history) with history {"evals": [{"step",
-    "train_loss", "loss", "span_f1", "answer_precision", "answer_recall", "mask_rate"}],
-    "best_step", "best_span_f1", "last_step", "stopped_early", "pos_weight", "num_train",
-    "num_dev"}.
+    The dev set is evaluated before training (step 0), every cfg.eval_every steps and at the
+    last step: span-F1 under `budget` (the intermediate stage's sampler budget, zero noise;
+    module docstring) and the objective ("loss"). The best evaluation (`best_key`) is returned
+    by the loop; training stops after cfg.patience evaluations that are not better (0 = never).
+    The learner's metadata records pos_weight, num_train and num_dev.
     """
     train = prepare_triples(train_triples, max_triples=cfg.max_triples, seed=seed)
     dev = prepare_triples(dev_triples, max_triples=cfg.max_dev_triples, seed=seed + 1)
@@ -369,15 +359,15 @@ def train_supervised_policy(
     pad_id = net.pad_id
     pos_weight = cfg.pos_weight if cfg.pos_weight > 0 else auto_pos_weight(train, cfg.max_length)
     optimizer = make_optimizer(cfg)
-    step_fn = jax.jit(
-        make_supervised_step(net, optimizer, objective=cfg.objective, pos_weight=pos_weight),
-        donate_argnums=(0, 1),
-    )
+    update = make_supervised_step(net, optimizer, objective=cfg.objective, pos_weight=pos_weight)
+
+    def step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array):
+        params, opt_state, loss = update(state.params, state.opt_state, batch)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
+
     terms_fn = jax.jit(
         lambda p, b: policy_loss_terms(net, p, b, objective=cfg.objective, pos_weight=pos_weight)
     )
-    params = jax.tree.map(jnp.array, params)  # our own buffers: the caller's are not donated
-    opt_state = optimizer.init(params)
     dev_batches = eval_batches(dev, cfg.max_length, cfg.eval_batch_size, pad_id=pad_id)
     dev_arrays = [
         {
@@ -388,63 +378,53 @@ def train_supervised_policy(
         }
         for b in dev_batches
     ]
-    scorer = LearnedScorer(net, params, units=cfg.units)
-    budget = cfg.eval_budget()
 
-    def evaluate(p: PyTree) -> dict[str, float]:
-        scorer.params = p
-        terms = jax.device_get([terms_fn(p, b) for b in dev_arrays])
+    scorer = LearnedScorer(net, params, units=cfg.units)  # one jitted forward for every eval
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        terms = jax.device_get([terms_fn(state.params, b) for b in dev_arrays])
         loss = sum(float(t) for t, _ in terms) / max(sum(float(c) for _, c in terms), 1.0)
+        scorer.params = state.params
         return {"loss": loss, **evaluate_scorer(scorer, dev_batches, budget)}
 
-    history: dict[str, Any] = {
-        "evals": [],
-        "pos_weight": pos_weight,
-        "num_train": len(train),
-        "num_dev": len(dev),
-    }
-    best_record = {"step": 0, "train_loss": float("nan"), **evaluate(params)}
-    history["evals"].append(best_record)
-    best, since_best, stopped_early, losses, step = _host_copy(params), 0, False, [], 0
-    batches = make_policy_batches(
-        train, cfg.max_length, cfg.batch_size, seed=seed, units=cfg.units, pad_id=pad_id
+    def init_state() -> TrainState:
+        own = jax.tree.map(jnp.array, params)  # our own buffers: the caller's are not donated
+        return TrainState(step=jnp.zeros((), jnp.int32), params=own, opt_state=optimizer.init(own))
+
+    def batch_for_step(step: int) -> dict[str, np.ndarray]:
+        return next(
+            make_policy_batches(
+                train, cfg.max_length, cfg.batch_size, seed=seed, start_step=step,
+                num_steps=1, units=cfg.units, pad_id=pad_id,
+            )
+        )  # fmt: skip
+
+    learner = Learner(
+        init_state=init_state,
+        step=jax.jit(step, donate_argnums=(0,)),
+        batch_for_step=batch_for_step,
+        rng=jax.random.key(seed),  # unused: the objective draws nothing
+        metadata={
+            "supervised": to_dict(cfg),
+            "budget": dict(budget),
+            "seed": seed,
+            "pos_weight": pos_weight,
+            "num_train": len(train),
+            "num_dev": len(dev),
+        },
+        compare=("supervised", "budget"),
+        evaluate=evaluate,
+        eval_every=cfg.eval_every,
+        best_key=best_key,
+        should_stop=patience_stop(best_key, cfg.patience),
     )
-    bar = tqdm(range(1, cfg.steps + 1), desc="supervised policy", disable=None)
-    for step in bar:
-        params, opt_state, loss = step_fn(params, opt_state, next(batches))
-        losses.append(loss)
-        if step % cfg.eval_every and step != cfg.steps:
-            continue
-        record = {"step": step, "train_loss": float(np.mean(jax.device_get(losses)))}
-        record.update(evaluate(params))
-        losses = []
-        history["evals"].append(record)
-        if log_fn is not None:
-            log_fn(step, record)
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", dev_f1=f"{record['span_f1']:.4f}")
-        if _better(record, best_record):
-            best, best_record, since_best = _host_copy(params), record, 0
-        else:
-            since_best += 1
-            if cfg.patience and since_best >= cfg.patience:
-                stopped_early = True
-                break
-    bar.close()
-    history.update(
-        best_step=best_record["step"],
-        best_span_f1=best_record["span_f1"],
-        last_step=step,
-        stopped_early=stopped_early,
+    options = LoopOptions(
+        num_steps=cfg.steps,
+        checkpoint_every=cfg.eval_every,
+        log_every=min(cfg.eval_every, 25),
+        desc="supervised policy",
     )
-    logger.info(
-        "supervised policy: best dev span-F1 %.4f at step %d of %d (%d train / %d dev triples)",
-        best_record["span_f1"],
-        best_record["step"],
-        step,
-        len(train),
-        len(dev),
-    )
-    return jax.tree.map(jnp.asarray, best), history
+    return learner, options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,23 +450,3 @@ def supervised_triples(
         sentence_level=cfg.sentence_level,
         **corpus_kw,
     )
-
-
-def learn_supervised_policy(
-    net: PolicyNet,
-    params: PyTree,
-    train_examples: Sequence[Any],
-    dev_examples: Sequence[Any],
-    tokenizer: Any,
-    cfg: SupervisedConfig,
-    *,
-    seed: int,
-    corpus_sentences: Sequence[str | dict] | None = None,
-    log_fn: LogFn | None = None,
-) -> tuple[PyTree, dict[str, Any]]:
-    """Task examples (data.tasks.Example with contexts) -> trained policy params and history:
-    train triples from the train split, dev triples from the dev split, then
-    `train_supervised_policy`. Use the result as LearnedScorer(net, params, units=cfg.units)."""
-    train = supervised_triples(train_examples, tokenizer, cfg, corpus_sentences=corpus_sentences)
-    dev = supervised_triples(dev_examples, tokenizer, cfg, corpus_sentences=corpus_sentences)
-    return train_supervised_policy(net, params, train, dev, cfg, seed=seed, log_fn=log_fn)

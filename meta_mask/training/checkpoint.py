@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -159,6 +159,7 @@ class CheckpointManager:
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
         async_save: bool = True,
+        best_fn: Callable[[Mapping[str, Any]], Any] | None = None,
     ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -171,21 +172,41 @@ class CheckpointManager:
         # Our own rule (step % interval == 0) decides saves: orbax's policy also saves the
         # first step it sees, whatever its number.
         self.save_interval_steps = save_interval_steps
+        # The newest `max_to_keep` steps (to resume from) and, with `best_fn`, the best step
+        # saved with metrics (to select): best_fn(metrics) -> a sortable key, larger is better.
+        keep: Any = ocp.checkpoint_managers.LatestN(n=max_to_keep)
+        if best_fn is not None:
+            best = ocp.checkpoint_managers.BestN(
+                get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False
+            )
+            keep = ocp.checkpoint_managers.AnyPreservationPolicy([keep, best])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            preservation_policy=keep,
+            best_fn=best_fn,
+            best_mode="max",
             create=True,
             # Leftovers of a save that was killed before its final rename.
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
+        self._best_fn = best_fn
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
 
-    def save(self, step: int, state: Any, metadata: Any, *, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metadata: Any,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
         """Write `state` and `metadata` (a dict or dataclass config) as `step`; True if saved.
 
-        Saves when step % save_interval_steps == 0, or always with force=True.
+        Saves when step % save_interval_steps == 0, or always with force=True. `metrics` (the
+        step's evaluation) rank the step for `best_step` when the manager has a best_fn.
         """
         if not force and step % self.save_interval_steps:
             return False
@@ -197,6 +218,7 @@ class CheckpointManager:
                     METADATA_ITEM: ocp.args.JsonSave(to_jsonable(metadata)),
                 }
             ),
+            metrics=None if metrics is None else dict(metrics),
             force=True,
         )
 
@@ -207,6 +229,12 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         """The newest complete step, or None when there is none."""
         return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step whose metrics rank highest by best_fn (None without a best_fn or metrics)."""
+        if self._best_fn is None:
+            return None
+        return self._manager.best_step()
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

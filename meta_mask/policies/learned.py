@@ -1,0 +1,84 @@
+"""A learned masking policy's life outside its training: its network built for a run's LM,
+and its folder on disk (parameters + policy.json), read back as a Scorer.
+
+    learn_policy/policy/       the PolicyNet's parameters (orbax)
+    learn_policy/policy.json   which policy, learned on which task, with which units, and the
+                               network's shape (so another run can rebuild it: transfer)
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from meta_mask.config import LEARNED_POLICIES, Config, MetaConfig
+from meta_mask.errors import UserError
+from meta_mask.policies import net as net_lib
+from meta_mask.training import checkpoint
+
+NET_FIELDS = (
+    "vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "max_length", "embed_dim",
+    "freeze_embeddings", "pad_id",
+)  # fmt: skip
+
+
+def init_policy(
+    cfg: MetaConfig, lm_params: Any, *, vocab_size: int, pad_id: int, seed: int
+) -> tuple[net_lib.PolicyNet, Any]:
+    """The PolicyNet `cfg` describes for this LM, and its fresh parameters (the token table a
+    copy of the LM's shared embedding when cfg.use_lm_embeddings)."""
+    embedding = lm_params["shared"]["embedding"]
+    net = net_lib.policy_net_from_config(cfg, vocab_size, embedding.shape[1], pad_id)
+    emb = None
+    if cfg.use_lm_embeddings:
+        if not embedding.is_fully_addressable:  # FSDP across hosts: gather the other shards
+            from jax.experimental import multihost_utils
+
+            embedding = multihost_utils.process_allgather(embedding, tiled=True)
+        # A host copy: the policy's (donated) state must not share a buffer with the LM's.
+        emb = np.array(embedding)
+    key = jax.random.fold_in(jax.random.key(seed), 3)
+    return net, net_lib.init_policy_params(net, key, lm_embedding=emb)
+
+
+def save_policy(
+    folder: pathlib.Path, net: net_lib.PolicyNet, params: Any, *, cfg: Config, units: str
+) -> dict[str, Any]:
+    """Write the policy's parameters to `folder`/policy (every host: orbax writes together);
+    returns the content of its policy.json, for the run's writer to write."""
+    checkpoint.save_params(folder / "policy", params, overwrite=True)
+    return {
+        "policy": cfg.policy.name,
+        "task": cfg.data.task,
+        "units": units,
+        "net": {f: getattr(net, f) for f in NET_FIELDS},
+        "parameters": net_lib.count_params(net),
+    }
+
+
+def load_scorer(folder: pathlib.Path, vocab_size: int) -> net_lib.LearnedScorer:
+    """The policy learned in `folder` as a Scorer, for a model with `vocab_size` tokens."""
+    spec = json.loads((folder / "policy.json").read_text())
+    net = net_lib.PolicyNet(**spec["net"])
+    if net.vocab_size != vocab_size:
+        raise UserError(
+            f"the policy in {folder} was learned for a vocabulary of {net.vocab_size} tokens, but "
+            f"this run's model has {vocab_size}: transfer needs the same tokenizer"
+        )
+    params = checkpoint.load_params(folder / "policy")
+    return net_lib.LearnedScorer(net, params, units=spec["units"])
+
+
+def learned_on(cfg: Config) -> str:
+    """The task the run's learned policy was learned on ("" for heuristics; "?" when the
+    --policy.checkpoint folder does not say)."""
+    if cfg.policy.name not in LEARNED_POLICIES:
+        return ""
+    if not cfg.policy.checkpoint:
+        return cfg.data.task
+    spec = pathlib.Path(cfg.policy.checkpoint) / "policy.json"
+    return json.loads(spec.read_text())["task"] if spec.exists() else "?"
