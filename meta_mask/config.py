@@ -202,7 +202,9 @@ class PolicyConfig:
         0.15, "Budget: the fraction of maskable tokens masked (when spans_per_sentence is 0)."
     )
     spans_per_sentence: int = option(
-        0, "Budget: units (spans, entities, words) masked per sentence; > 0 overrides mask_rate."
+        0,
+        "Budget: units (spans, entities, words) masked per sentence; > 0 overrides mask_rate "
+        "(REALM salient spans: 1).",
     )
     truncate_last_unit: bool = option(
         False, "Rate budget: cut the last unit to hit the rate exactly."
