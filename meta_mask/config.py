@@ -3,52 +3,97 @@
 Plain frozen dataclasses: no jax import and no I/O here, so any module (and the tests)
 can build a config cheaply. The CLI (train.py) is the only place that turns flags into
 these objects; every other module receives them as arguments.
+
+Every field is declared with `option(default, help, choices=...)`: the help is its flag's help,
+and the choices (a module constant: the one list of its valid values) are checked both when flags
+are parsed and by the dataclass itself (`check_choices`, for configs built in code).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    """A config field with its one-line help and, optionally, its valid values."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return field(default=default, metadata=metadata)
+
+
+def check_choices(cfg) -> None:
+    """ValueError naming the valid values when a field declared with `choices` (or an item of a
+    tuple field) is not one of them."""
+    for f in dataclasses.fields(cfg):
+        valid = f.metadata.get("choices")
+        if valid is None:
+            continue
+        value = getattr(cfg, f.name)
+        bad = [v for v in (value if isinstance(value, tuple) else (value,)) if v not in valid]
+        if bad:
+            raise ValueError(
+                f"{type(cfg).__name__}.{f.name}={value!r}: {bad[0]!r} is not valid; valid: "
+                + ", ".join(map(str, valid))
+            )
+
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_python", "relu", "silu", "swish", "tanh", "quick_gelu")
+DTYPES = ("float32", "bfloat16", "float64")
+# ModelConfig fields that say how to compute, not what the architecture is: the only ones that
+# apply together with --init (the checkpoint's config.json gives the architecture).
+MODEL_COMPUTE_FIELDS = ("dtype", "remat")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The BART architecture. Field names follow `transformers.BartConfig` exactly."""
 
-    vocab_size: int = 50265
-    d_model: int = 768
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    encoder_attention_heads: int = 12
-    decoder_attention_heads: int = 12
-    encoder_ffn_dim: int = 3072
-    decoder_ffn_dim: int = 3072
-    activation_function: str = "gelu"
-    max_position_embeddings: int = 1024
-    scale_embedding: bool = False
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    init_std: float = 0.02
-    pad_token_id: int = 1
-    bos_token_id: int = 0
-    eos_token_id: int = 2
-    decoder_start_token_id: int = 2
-    forced_bos_token_id: int | None = None
-    forced_eos_token_id: int | None = 2
-    # Not BartConfig fields: how we compute.
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    remat: bool = False  # rematerialize each layer in the backward pass
+    vocab_size: int = option(
+        50265, "Token embedding rows; 0 (or fewer than the tokenizer has) = the tokenizer's size."
+    )
+    d_model: int = option(768, "Hidden size of every layer (and of the token embeddings).")
+    encoder_layers: int = option(6, "Number of encoder layers.")
+    decoder_layers: int = option(6, "Number of decoder layers.")
+    encoder_attention_heads: int = option(12, "Attention heads per encoder layer.")
+    decoder_attention_heads: int = option(12, "Attention heads per decoder layer.")
+    encoder_ffn_dim: int = option(3072, "Inner size of the encoder's feed-forward blocks.")
+    decoder_ffn_dim: int = option(3072, "Inner size of the decoder's feed-forward blocks.")
+    activation_function: str = option(
+        "gelu", "Activation of the feed-forward blocks.", choices=ACTIVATIONS
+    )
+    max_position_embeddings: int = option(
+        1024, "Learned positions: the longest encoder or decoder sequence the model takes."
+    )
+    scale_embedding: bool = option(False, "Multiply token embeddings by sqrt(d_model).")
+    dropout: float = option(0.1, "Dropout on embeddings and residual branches while training.")
+    attention_dropout: float = option(0.0, "Dropout on the attention probabilities.")
+    activation_dropout: float = option(0.0, "Dropout after the feed-forward activation.")
+    init_std: float = option(0.02, "Standard deviation of the random weight initialization.")
+    pad_token_id: int = option(1, "Padding token id (must match the tokenizer's).")
+    bos_token_id: int = option(0, "Beginning-of-sequence token id (must match the tokenizer's).")
+    eos_token_id: int = option(2, "End-of-sequence token id (must match the tokenizer's).")
+    decoder_start_token_id: int = option(2, "The token every decoder input starts with.")
+    forced_bos_token_id: int | None = option(
+        None, "Token forced as the first generated token; none = not forced."
+    )
+    forced_eos_token_id: int | None = option(
+        2, "Token forced when generation reaches its maximum length; none = not forced."
+    )
+    # Not BartConfig fields: how we compute (MODEL_COMPUTE_FIELDS).
+    dtype: str = option(
+        "float32",
+        "Compute dtype (params stay float32); also applies with --init.",
+        choices=DTYPES,
+    )
+    remat: bool = option(
+        False,
+        "Rematerialize each layer in the backward pass (less memory, more compute); also "
+        "applies with --init.",
+    )
 
     def __post_init__(self) -> None:
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(
-                f"activation_function={self.activation_function!r}; valid: {ACTIVATIONS}"
-            )
-        if self.dtype not in ("float32", "bfloat16", "float64"):
-            raise ValueError(f"dtype={self.dtype!r}; valid: float32, bfloat16, float64")
+        check_choices(self)
         for side in ("encoder", "decoder"):
             heads = getattr(self, f"{side}_attention_heads")
             if self.d_model % heads:
@@ -78,33 +123,35 @@ def tiny_model_config(vocab_size: int = 128, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warmup then constant / linear / cosine decay, and global-norm clipping."""
 
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    schedule: str = "linear"  # constant | linear | cosine
-    total_steps: int = 0  # where the decay ends; 0 = the stage's number of steps
-    end_lr_fraction: float = 0.0  # decay ends at learning_rate * end_lr_fraction
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float = 1.0  # <= 0 disables clipping
-    label_smoothing: float = 0.0
+    learning_rate: float = option(1e-4, "Peak learning rate (reached at the end of warmup).")
+    warmup_steps: int = option(0, "Steps of linear warmup from 0 to learning_rate.")
+    schedule: str = option("linear", "Learning rate after warmup.", choices=SCHEDULES)
+    total_steps: int = option(0, "Step at which the decay ends; 0 = the stage's number of steps.")
+    end_lr_fraction: float = option(0.0, "The decay ends at learning_rate * end_lr_fraction.")
+    weight_decay: float = option(0.01, "AdamW's decoupled weight decay.")
+    b1: float = option(0.9, "Adam's decay rate of the first moment.")
+    b2: float = option(0.999, "Adam's decay rate of the second moment.")
+    eps: float = option(1e-8, "Adam's epsilon (added to the second moment's square root).")
+    clip_norm: float = option(1.0, "Clip gradients to this global norm; <= 0 disables clipping.")
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy loss.")
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"schedule={self.schedule!r}; valid: constant, linear, cosine")
+        check_choices(self)
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh: `data` x `fsdp` devices; -1 on `data` takes all remaining devices."""
 
-    data: int = -1
-    fsdp: int = 1
+    data: int = option(-1, "Devices on the data-parallel mesh axis; -1 = all the others.")
+    fsdp: int = option(1, "Devices on the FSDP mesh axis (params and optimizer state sharded).")
 
 
 SALIENT_LABELS = (
@@ -133,6 +180,9 @@ HEURISTIC_POLICIES = (
 LEARNED_POLICIES = ("supervised", "meta")
 POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES
 OUTPUT_FORMATS = ("masked_spans", "full_sentence")
+SPAN_DISTRIBUTIONS = ("geometric", "poisson")
+SPAN_ATOMS = ("word", "token")
+INFILLS = ("span", "token")
 
 
 @dataclass(frozen=True)
@@ -143,46 +193,69 @@ class PolicyConfig:
     sentence; otherwise `mask_rate` of the maskable tokens (see policies/sampler.py).
     """
 
-    name: str = "random_tokens"  # one of POLICIES
-    mask_rate: float = 0.15
-    spans_per_sentence: int = 0  # > 0 overrides mask_rate (REALM salient spans: 1)
-    truncate_last_unit: bool = False  # rate budget: cut the last unit to hit the rate exactly
+    name: str = option(
+        "random_tokens",
+        "Masking policy of the intermediate stage (none = no intermediate stage).",
+        choices=POLICIES,
+    )
+    mask_rate: float = option(
+        0.15, "Budget: the fraction of maskable tokens masked (when spans_per_sentence is 0)."
+    )
+    spans_per_sentence: int = option(
+        0,
+        "Budget: units (spans, entities, words) masked per sentence; > 0 overrides mask_rate "
+        "(REALM salient spans: 1).",
+    )
+    truncate_last_unit: bool = option(
+        False, "Rate budget: cut the last unit to hit the rate exactly."
+    )
     # random_spans: span lengths in words (or tokens) drawn as in SpanBERT (geometric p, clipped
     # at span_max_length) or BART (Poisson with mean span_poisson_lambda, lengths >= 1).
-    span_distribution: str = "geometric"  # geometric | poisson
-    span_geometric_p: float = 0.2
-    span_max_length: int = 10  # geometric only; Poisson is unclipped as in BART
-    span_poisson_lambda: float = 3.0  # the mean span length under Poisson
-    span_over: str = "word"  # word | token: the atom that span lengths count
-    # salient_spans: which entity labels count; fill_with_words: when entities run out, whole
-    # words fill the budget (else a sentence without entities gets no mask).
-    salient_labels: tuple[str, ...] = SALIENT_LABELS
-    salient_fill_with_words: bool = False
-    # pmi: n-grams (2..pmi_max_n words) seen >= pmi_min_count times; the pmi_top_k highest-PMI ones
-    # become units masked whole.
-    pmi_max_n: int = 5
-    pmi_min_count: int = 10
-    pmi_top_k: int = 100_000
-    # Output format: masked_spans (T5: sentinels in, spans out) | full_sentence (BART: the whole
-    # sentence out). infill: one mask/sentinel per masked span ("span") or per token ("token").
-    output_format: str = "masked_spans"
-    infill: str = "span"
-    replace_80_10_10: bool = False  # BERT: masked units 80% <mask> / 10% random / 10% unchanged
-    # Learned policies: a policy learned by another run (its learn_policy/ folder) to use
-    # instead of learning one here, e.g. a policy learned on task A for task B (transfer).
-    checkpoint: str = ""
+    span_distribution: str = option(
+        "geometric",
+        "random_spans: span lengths as in SpanBERT (geometric) or BART (poisson).",
+        choices=SPAN_DISTRIBUTIONS,
+    )
+    span_geometric_p: float = option(0.2, "random_spans: p of the geometric span length.")
+    span_max_length: int = option(
+        10, "random_spans: longest geometric span (Poisson is unclipped, as in BART)."
+    )
+    span_poisson_lambda: float = option(3.0, "random_spans: the mean span length under poisson.")
+    span_over: str = option(
+        "word", "random_spans: the atom that span lengths count.", choices=SPAN_ATOMS
+    )
+    salient_labels: tuple[str, ...] = option(
+        SALIENT_LABELS, "salient_spans: the named-entity labels that count as salient."
+    )
+    salient_fill_with_words: bool = option(
+        False,
+        "salient_spans: when entities run out, whole words fill the budget (else a sentence "
+        "without entities gets no mask).",
+    )
+    pmi_max_n: int = option(5, "pmi: the longest n-gram (in words) considered; the shortest is 2.")
+    pmi_min_count: int = option(10, "pmi: n-grams seen fewer times in the corpus are ignored.")
+    pmi_top_k: int = option(100_000, "pmi: the number of highest-PMI n-grams masked as units.")
+    output_format: str = option(
+        "masked_spans",
+        "masked_spans (T5: sentinels in, the masked spans out) or full_sentence (BART: the whole "
+        "sentence out).",
+        choices=OUTPUT_FORMATS,
+    )
+    infill: str = option(
+        "span", "One mask/sentinel per masked span or per masked token.", choices=INFILLS
+    )
+    replace_80_10_10: bool = option(
+        False,
+        "full_sentence only: masked units as in BERT, 80% <mask> / 10% random / 10% unchanged.",
+    )
+    checkpoint: str = option(
+        "",
+        "Learned policies: the learn_policy/ folder of another run to use instead of learning "
+        "one here (e.g. transfer across tasks); '' = learn it.",
+    )
 
     def __post_init__(self) -> None:
-        choices = {
-            "name": POLICIES,
-            "output_format": OUTPUT_FORMATS,
-            "span_distribution": ("geometric", "poisson"),
-            "span_over": ("word", "token"),
-            "infill": ("span", "token"),
-        }
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"PolicyConfig.{name}={getattr(self, name)!r}; valid: {valid}")
+        check_choices(self)
         if not 0.0 <= self.mask_rate <= 1.0:
             raise ValueError(f"PolicyConfig.mask_rate={self.mask_rate!r} must lie in [0, 1]")
         if self.spans_per_sentence < 0:
@@ -214,34 +287,39 @@ class WorldConfig:
     `distractors_per_bio` of them). The word-pool sizes bound the vocabulary.
     """
 
-    seed: int = 0
+    seed: int = option(0, "Seed of the world (people, facts, templates); not the run's seed.")
     # 200 people with 1 distractor per bio: salient-span masking stores the facts in ~2-3k
     # steps of a d_model-128 BART (held-out world_qa EM ~0.4; none: 0). 300 people with 2
     # distractors took far longer (EM 0 after 1.5k steps).
-    num_people: int = 200
-    num_bios: int = 4  # paraphrased biographies per person
-    templates_per_attribute: int = 3  # bio sentence templates used per attribute (max 4)
-    question_templates: int = 2  # question templates used per asked attribute (max 3)
-    attributes: tuple[str, ...] = (
-        "birth_city",
-        "employer",
-        "birth_date",
-        "school",
-        "spouse",
-        "hobby",
+    num_people: int = option(200, "People in the world (split into train / dev / test people).")
+    num_bios: int = option(4, "Paraphrased biographies per person.")
+    templates_per_attribute: int = option(3, "Bio sentence templates used per attribute (max 4).")
+    question_templates: int = option(2, "Question templates used per asked attribute (max 3).")
+    attributes: tuple[str, ...] = option(
+        ("birth_city", "employer", "birth_date", "school", "spouse", "hobby"),
+        "Attributes every biography states; the QA variants ask about them.",
     )
-    distractors: tuple[str, ...] = ("friend", "visited_city", "club", "move_date")
-    distractors_per_bio: int = 1
-    summary_attributes: tuple[str, ...] = ("birth_city", "employer")
-    # True: every value of an attribute belongs to one person only, so no test answer is
-    # ever a train answer (closed-book QA cannot be solved from the answer prior).
-    unique_values: bool = True
-    split_fractions: tuple[float, float, float] = (0.5, 0.1, 0.4)  # train / dev / test people
-    first_names: int = 80
-    last_names: int = 80
-    place_words: int = 60
-    org_words: int = 80
-    common_words: int = 50
+    distractors: tuple[str, ...] = option(
+        ("friend", "visited_city", "club", "move_date"),
+        "Entity attributes that biographies state but no question asks.",
+    )
+    distractors_per_bio: int = option(1, "Distractor attributes stated in each biography.")
+    summary_attributes: tuple[str, ...] = option(
+        ("birth_city", "employer"), "Attributes the one-line summaries (world_summary) state."
+    )
+    unique_values: bool = option(
+        True,
+        "Every value of an attribute belongs to one person only, so no test answer is a train "
+        "answer (closed-book QA cannot be solved from the answer prior).",
+    )
+    split_fractions: tuple[float, float, float] = option(
+        (0.5, 0.1, 0.4), "Fractions of the people in train / dev / test."
+    )
+    first_names: int = option(80, "Pool size of first names.")
+    last_names: int = option(80, "Pool size of last names.")
+    place_words: int = option(60, "Pool size of words that make place names.")
+    org_words: int = option(80, "Pool size of words that make organization names.")
+    common_words: int = option(50, "Pool size of common words (hobbies and the like).")
 
     def __post_init__(self) -> None:
         for name in (
@@ -274,40 +352,53 @@ class WorldConfig:
 class DataConfig:
     """Which task and corpus, and the fixed sequence lengths every jitted step is compiled for."""
 
-    task: str = "world_qa"  # a name from data/tasks.py (world tasks: world_qa, ...)
-    data_dir: str = ""  # local copies of the task's files (offline); "" = the hub
-    corpus: str = "world"  # world | wikipedia | task | a .txt/.jsonl path
-    tokenizer: str = ""  # HF dir or hub id; "" = the init checkpoint's, or the world's own
-    max_corpus_sentences: int = 0  # 0 = all
-    mlm_length: int = 32  # encoder length of intermediate (MLM) examples, in tokens
-    mlm_target_length: int = 16  # decoder length of masked_spans targets
-    source_length: int = 32  # downstream encoder length
-    target_length: int = 16  # downstream decoder length
-    max_train_examples: int = 0  # 0 = all
+    task: str = option("world_qa", "The downstream task: a name from data/tasks.py.")
+    data_dir: str = option("", "Local copies of the task's files (offline); '' = the hub.")
+    corpus: str = option(
+        "world",
+        "Intermediate corpus: world | wikipedia[:CONFIG] | task (the task's own inputs) | a "
+        ".txt/.jsonl/.parquet path.",
+    )
+    tokenizer: str = option(
+        "", "HF tokenizer dir or hub id; '' = the --init checkpoint's, or the world's own."
+    )
+    max_corpus_sentences: int = option(0, "Cap on corpus sentences read; 0 = all.")
+    mlm_length: int = option(32, "Encoder length of intermediate (MLM) examples, in tokens.")
+    mlm_target_length: int = option(16, "Decoder length of intermediate (MLM) targets, in tokens.")
+    source_length: int = option(32, "Encoder length of downstream examples, in tokens.")
+    target_length: int = option(16, "Decoder length of downstream targets, in tokens.")
+    max_train_examples: int = option(0, "Cap on downstream training examples; 0 = all.")
 
 
 @dataclass(frozen=True)
 class StageConfig:
     """One training stage (intermediate pre-training or fine-tuning)."""
 
-    steps: int = 1000
-    batch_size: int = 64
+    steps: int = option(1000, "Optimizer steps of the stage.")
+    batch_size: int = option(64, "Examples per step (global, over all devices).")
     optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint_every: int = 200
-    log_every: int = 25
+    checkpoint_every: int = option(200, "Save a resumable checkpoint every this many steps.")
+    log_every: int = option(25, "Log the training metrics every this many steps.")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluation by generation on a split, scored with the task's metric."""
 
-    split: str = "test"
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    min_length: int = 0  # generated tokens before EOS is allowed (counting the start token)
-    batch_size: int = 128
-    max_examples: int = 0  # 0 = all
-    num_samples: int = 20  # sample predictions written to the workdir
+    split: str = option("test", "The task split evaluated (one the task has).")
+    num_beams: int = option(1, "Beam size of generation; 1 = greedy.")
+    length_penalty: float = option(1.0, "Beam search's length penalty (> 1 favours longer).")
+    min_length: int = option(
+        0, "Generated tokens before EOS is allowed (counting the start token)."
+    )
+    batch_size: int = option(128, "Examples per generation batch.")
+    max_examples: int = option(0, "Cap on evaluated examples; 0 = all.")
+    num_samples: int = option(20, "Sample predictions written to the workdir.")
+
+
+META_ESTIMATORS = ("second_order", "first_order")
+INNER_OPTIMIZERS = ("sgd", "adam")
+POLICY_UNITS = ("token", "word")
 
 
 @dataclass(frozen=True)
@@ -323,46 +414,65 @@ class MetaConfig:
     the MLM gradient with the downstream gradient, for models too large to unroll).
     """
 
-    inner_steps: int = 1  # K
-    inner_learning_rate: float = 1e-2
-    inner_optimizer: str = "sgd"  # one of INNER_OPTIMIZERS
-    estimator: str = "second_order"  # one of META_ESTIMATORS
-    learning_rate: float = 1e-3  # the policy's own (outer) Adam
-    clip_norm: float = 1.0  # policy gradient global-norm clip; <= 0 disables
-    entropy_weight: float = 0.01  # reward for the entropy of the policy's per-sentence softmax
-    budget_weight: float = 1.0  # penalty (mean clipped probability - target rate)^2
-    # The sampler's mask rate during meta-learning; 0 = the intermediate stage's
-    # (--policy.mask_rate). Deployment always uses the policy's budget.
-    mask_rate: float = 0.0
-    meta_steps: int = 1000
-    inner_batch_size: int = 8  # sentences per inner MLM step
-    # Each inner step's batch is split into this many microbatches whose gradients are summed
-    # (gradient accumulation, one optimizer update): same result, memory ~ one microbatch.
-    inner_microbatches: int = 1
-    outer_batch_size: int = 8  # downstream examples per outer loss
-    remat: bool = True  # jax.checkpoint each inner step (memory ~ one step, not K)
-    downstream_steps: int = 0  # 0 | 1: after the MLM steps, MLM on the context then QA step
+    inner_steps: int = option(1, "K: differentiable LM updates on policy-masked MLM batches.")
+    inner_learning_rate: float = option(1e-2, "Learning rate of the inner LM updates.")
+    inner_optimizer: str = option(
+        "sgd", "Optimizer of the inner LM updates.", choices=INNER_OPTIMIZERS
+    )
+    estimator: str = option(
+        "second_order",
+        "Policy gradient: second_order (exact, through the unroll) or first_order (MLM and "
+        "downstream gradient alignment, for models too large to unroll).",
+        choices=META_ESTIMATORS,
+    )
+    learning_rate: float = option(1e-3, "Learning rate of the policy's own (outer) Adam.")
+    clip_norm: float = option(1.0, "Policy gradient global-norm clip; <= 0 disables.")
+    entropy_weight: float = option(
+        0.01, "Reward for the entropy of the policy's per-sentence softmax."
+    )
+    budget_weight: float = option(
+        1.0, "Penalty weight of (mean clipped probability - target rate)^2."
+    )
+    mask_rate: float = option(
+        0.0,
+        "The sampler's mask rate during meta-learning; 0 = the intermediate stage's "
+        "(--policy.mask_rate). Deployment always uses the policy's budget.",
+    )
+    meta_steps: int = option(1000, "Outer (policy) updates.")
+    inner_batch_size: int = option(8, "Sentences per inner MLM step.")
+    # Gradient accumulation, one optimizer update: same result, memory ~ one microbatch.
+    inner_microbatches: int = option(
+        1, "Microbatches per inner step whose gradients are summed (must divide the batch)."
+    )
+    outer_batch_size: int = option(8, "Downstream examples per outer loss.")
+    remat: bool = option(True, "jax.checkpoint each inner step (memory ~ one step, not K).")
+    downstream_steps: int = option(
+        0,
+        "1: after the MLM steps, an MLM step on the downstream context then a QA step; 0: none.",
+        choices=(0, 1),
+    )
     # The LM theta the inner loop starts from is the caller's, fixed for all meta steps
     # (policies/meta_train.py uses the run's initial LM).
     # The policy network (PolicyNet): a small transformer encoder -> one logit per token.
-    policy_layers: int = 2
-    policy_d_model: int = 128
-    policy_heads: int = 4
-    policy_ffn_dim: int = 512
-    policy_max_length: int = 1024
-    policy_units: str = "token"  # token | word (logits mean-pooled over each word)
-    use_lm_embeddings: bool = True  # initialize the token table from the LM's shared embedding
-    freeze_embeddings: bool = True  # ... and keep it fixed (no gradient)
+    policy_layers: int = option(2, "Policy network: transformer encoder layers.")
+    policy_d_model: int = option(128, "Policy network: hidden size.")
+    policy_heads: int = option(4, "Policy network: attention heads.")
+    policy_ffn_dim: int = option(512, "Policy network: feed-forward inner size.")
+    policy_max_length: int = option(1024, "Policy network: learned positions (longest input).")
+    policy_units: str = option(
+        "token",
+        "Policy network: one logit per token, or per word (logits mean-pooled over each word).",
+        choices=POLICY_UNITS,
+    )
+    use_lm_embeddings: bool = option(
+        True, "Policy network: initialize its token table from the LM's shared embedding."
+    )
+    freeze_embeddings: bool = option(
+        True, "Policy network: keep the token table fixed (needs use_lm_embeddings)."
+    )
 
     def __post_init__(self) -> None:
-        choices = {
-            "estimator": META_ESTIMATORS,
-            "inner_optimizer": INNER_OPTIMIZERS,
-            "policy_units": POLICY_UNITS,
-        }
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"MetaConfig.{name}={getattr(self, name)!r}; valid: {valid}")
+        check_choices(self)
         for name in (
             "inner_steps",
             "meta_steps",
@@ -377,8 +487,6 @@ class MetaConfig:
                 f"MetaConfig.inner_microbatches={self.inner_microbatches} must divide "
                 f"inner_batch_size={self.inner_batch_size}"
             )
-        if self.downstream_steps not in (0, 1):
-            raise ValueError(f"MetaConfig.downstream_steps={self.downstream_steps}; valid: 0, 1")
         if not 0.0 <= self.mask_rate <= 1.0:
             raise ValueError(f"MetaConfig.mask_rate={self.mask_rate!r} must lie in [0, 1]")
         if self.policy_d_model % self.policy_heads:
@@ -409,26 +517,40 @@ class SupervisedConfig:
     `patience` evaluations without improvement and the best-dev parameters are kept.
     """
 
-    steps: int = 2000
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    clip_norm: float = 1.0  # global-norm gradient clip; <= 0 disables
-    max_length: int = 64  # tokens per sentence (the fixed batch length; longer ones are cut)
-    objective: str = "token"  # one of SUPERVISED_OBJECTIVES
-    pos_weight: float = 0.0  # token objective: weight of answer tokens; <= 0 = auto-balance
-    units: str = "token"  # token | word (logits mean-pooled over each word, as LearnedScorer)
-    eval_every: int = 100
-    eval_batch_size: int = 256
-    patience: int = 5  # evaluations without a dev span-F1 gain before stopping; 0 = never stop
-    sentence_level: bool = True  # contexts cut into answer sentences; False: whole passages
-    max_triples: int = 0  # cap on training triples (a seeded subset); 0 = all
-    max_dev_triples: int = 2000  # cap on dev triples; 0 = all
+    steps: int = option(2000, "Training steps (at most: early stopping may end sooner).")
+    batch_size: int = option(64, "Sentences per training step.")
+    learning_rate: float = option(1e-3, "Learning rate of the policy network's Adam.")
+    clip_norm: float = option(1.0, "Global-norm gradient clip; <= 0 disables.")
+    max_length: int = option(
+        64, "Tokens per sentence (the fixed batch length; longer ones are cut)."
+    )
+    objective: str = option(
+        "token",
+        "token: per-token binary cross-entropy; span: softmax over the sentence's maskable "
+        "tokens with the answer tokens as target.",
+        choices=SUPERVISED_OBJECTIVES,
+    )
+    pos_weight: float = option(
+        0.0, "token objective: weight of answer tokens; <= 0 = n_negative / n_positive."
+    )
+    units: str = option(
+        "token",
+        "One logit per token, or per word (logits mean-pooled over each word, as LearnedScorer).",
+        choices=POLICY_UNITS,
+    )
+    eval_every: int = option(100, "Measure dev span-F1 every this many steps.")
+    eval_batch_size: int = option(256, "Sentences per dev evaluation batch.")
+    patience: int = option(
+        5, "Evaluations without a dev span-F1 gain before stopping; 0 = never stop early."
+    )
+    sentence_level: bool = option(
+        True, "Cut contexts into answer sentences; False: train on whole passages."
+    )
+    max_triples: int = option(0, "Cap on training triples (a seeded subset); 0 = all.")
+    max_dev_triples: int = option(2000, "Cap on dev triples; 0 = all.")
 
     def __post_init__(self) -> None:
-        choices = {"objective": SUPERVISED_OBJECTIVES, "units": ("token", "word")}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)!r}; valid: {valid}")
+        check_choices(self)
         for name in ("steps", "batch_size", "max_length", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 1")
@@ -454,14 +576,57 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    init: str = ""  # a Hugging Face BART (local dir or hub id); "" = random init from `model`
-    stages: tuple[str, ...] = STAGES
-    seed: int = 0
+    init: str = option(
+        "",
+        "A Hugging Face BART (local dir or hub id) to start from; its config.json gives the "
+        "architecture, so no --model.* flag may be set with it except "
+        + ", ".join(f"--model.{n}" for n in MODEL_COMPUTE_FIELDS)
+        + ". '' = random init from --model.*.",
+    )
+    stages: tuple[str, ...] = option(
+        STAGES, "The stages this command runs (finished ones are skipped).", choices=STAGES
+    )
+    seed: int = option(0, "The run's seed: model init, data order, masks and policy learning.")
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad:
-            raise ValueError(f"Config.stages has {bad}; valid: {STAGES}")
+        check_choices(self)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of runs (meta_mask/sweep.py): one Config per (task, policy, seed) cell.
+
+    Not part of Config: a run's config (and its config.json) is the cell's, whatever grid it
+    belongs to. An empty axis keeps the base config's value; a grid with no axes is one run.
+    """
+
+    policies: tuple[str, ...] = option(
+        (), "One run per policy (overrides policy.name).", choices=POLICIES
+    )
+    seeds: tuple[int, ...] = option((), "One run per seed (overrides seed).")
+    tasks: tuple[str, ...] = option((), "One run per task (overrides data.task).")
+    transfer: bool = option(
+        False,
+        "With a learned policy and several tasks: also run every task with the policy learned "
+        "on every other task, and print the transfer matrix.",
+    )
+    print_commands: bool = option(
+        False, "Print one command per run (for a cluster scheduler) and exit."
+    )
+    aggregate_only: bool = option(
+        False, "Only aggregate the finished runs below the workdir into one table."
+    )
+    reference: str = option(
+        "salient_spans",
+        "The policy that sweep tables report paired differences against.",
+        choices=POLICIES,
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+    def is_single(self) -> bool:
+        return not (self.policies or self.seeds or self.tasks)
 
 
 def to_dict(cfg) -> dict:
@@ -490,8 +655,3 @@ def from_dict(cls, values: dict, *, where: str = ""):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
-
-
-META_ESTIMATORS = ("second_order", "first_order")
-INNER_OPTIMIZERS = ("sgd", "adam")
-POLICY_UNITS = ("token", "word")

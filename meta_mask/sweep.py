@@ -1,9 +1,10 @@
 """Grids of runs: policies x seeds x tasks, one after another here or one command each.
 
-A grid with no axes is a single run in the workdir itself. Otherwise each cell runs in
-`workdir/<task>/<policy>/seed<k>` (sharing one corpus cache in `workdir/cache`), finished
-cells are skipped on rerun, and the finished runs are aggregated into `workdir/summary.md`
-(mean +- std over seeds), which is also printed.
+A grid (config.SweepConfig) with no axes is a single run in the workdir itself. Otherwise each
+cell runs in `workdir/<task>/<policy>/seed<k>` (sharing one corpus cache in `workdir/cache`),
+finished cells are skipped on rerun, and the finished runs are aggregated into
+`workdir/summary.md` (mean +- std over seeds), which is also printed. A cell is an ordinary
+Config: the grid it came from is not part of it (nor of its config.json).
 """
 
 from __future__ import annotations
@@ -11,33 +12,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import pathlib
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from meta_mask.config import Config
+from meta_mask.config import LEARNED_POLICIES, Config, SweepConfig, to_dict
 
-log = logging.getLogger(__name__)
-
-_SWEEP_FLAGS = (
-    "--sweep.policies", "--sweep.seeds", "--sweep.tasks", "--sweep.print_commands",
-    "--sweep.transfer",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Grid:
-    policies: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = ()
-    tasks: tuple[str, ...] = ()
-    # Learned policies only: also run every task with the policy learned on every other task.
-    transfer: bool = False
-
-    def is_single(self) -> bool:
-        return not (self.policies or self.seeds or self.tasks)
+Cell = tuple[str, Config]  # (folder relative to the workdir, the run's config)
 
 
 def _cell(cfg: Config, task: str, policy: str, seed: int, checkpoint: str = "") -> Config:
@@ -49,63 +31,129 @@ def _cell(cfg: Config, task: str, policy: str, seed: int, checkpoint: str = "") 
     )
 
 
-def cells(cfg: Config, grid: Grid, root: pathlib.Path | None = None) -> list[tuple[str, Config]]:
-    """(relative folder, config) of every run in the grid, in a fixed order.
+def waves(
+    cfg: Config, grid: SweepConfig, root: pathlib.Path | None = None
+) -> tuple[list[Cell], list[Cell]]:
+    """The grid's runs in two waves, each in a fixed order: the cells, then (with
+    `grid.transfer`) the transfer cells, which read policies that cells of the first wave learn.
 
-    With `grid.transfer`, after the ordinary cells (each learns its task's policy) come the
-    transfer cells `<target>/<policy>-from-<source>/seed<k>`, which read the policy that the
-    source task's cell of the same seed learned (--policy.checkpoint)."""
+    A transfer cell `<target>/<policy>-from-<source>/seed<k>` runs the target task with the
+    policy that the source task's cell of the same seed learned (--policy.checkpoint, under
+    `root`)."""
     if grid.is_single():
-        return [("", cfg)]
-    out = []
+        return [("", cfg)], []
     tasks = grid.tasks or (cfg.data.task,)
     policies = grid.policies or (cfg.policy.name,)
     seeds = grid.seeds or (cfg.seed,)
-    for task, policy, seed in itertools.product(tasks, policies, seeds):
-        out.append((f"{task}/{policy}/seed{seed}", _cell(cfg, task, policy, seed)))
+    first = [
+        (f"{task}/{policy}/seed{seed}", _cell(cfg, task, policy, seed))
+        for task, policy, seed in itertools.product(tasks, policies, seeds)
+    ]
+    second = []
     if grid.transfer:
-        from meta_mask.config import LEARNED_POLICIES
-
         root = pathlib.Path(".") if root is None else root
         for source, target, policy, seed in itertools.product(tasks, tasks, policies, seeds):
             if source == target or policy not in LEARNED_POLICIES:
                 continue
             learned = root / source / policy / f"seed{seed}" / "learn_policy"
             sub = f"{target}/{policy}-from-{source}/seed{seed}"
-            out.append((sub, _cell(cfg, target, policy, seed, str(learned))))
-    return out
+            second.append((sub, _cell(cfg, target, policy, seed, str(learned))))
+    return first, second
 
 
-def commands(grid: Grid, argv: Sequence[str], workdir: str) -> list[str]:
-    """One shell command per cell, for a cluster scheduler (argv: this process's)."""
-    keep = [a for a in argv[1:] if not a.startswith(_SWEEP_FLAGS) and not a.startswith("--workdir")]
-    base = [sys.executable, "-m", "meta_mask.train", *keep]
+def cells(cfg: Config, grid: SweepConfig, root: pathlib.Path | None = None) -> list[Cell]:
+    """(relative folder, config) of every run in the grid, in the order they run."""
+    first, second = waves(cfg, grid, root)
+    return first + second
+
+
+TRANSFER_WAVE = (
+    "# Transfer runs: each reads the policy that a run above learns (--policy.checkpoint), "
+    "so start them once those have finished."
+)
+
+
+def commands(cfg: Config, grid: SweepConfig, argv: Sequence[str], workdir: str) -> list[str]:
+    """One shell command per cell of the grid (for a cluster scheduler), in the folders that
+    `cells` gives; the transfer cells come after a comment line (TRANSFER_WAVE).
+
+    Each command is this process's `argv` (without its --workdir and --sweep.* flags), then the
+    flags that turn `cfg` into the cell's config, then resets of the --sweep.* values (which a
+    flagfile may set) and the cell's --workdir."""
+    root = pathlib.Path(workdir)
+    kept, dropped = _split_sweep_and_workdir(argv[1:])
+    base = [sys.executable, "-m", "meta_mask.train", *kept]
+    # Each command is one run: every --sweep.* value that the kept arguments may still set (in
+    # a flagfile: seen in `grid`, or overridden by a dropped flag) goes back to its default.
+    empty = SweepConfig()
+    resets = [
+        f"--sweep.{f.name}={_flag_value(getattr(empty, f.name))}"
+        for f in dataclasses.fields(SweepConfig)
+        if getattr(grid, f.name) != getattr(empty, f.name) or f.name in dropped
+    ]
     out = []
-    tasks, policies, seeds = grid.tasks or (None,), grid.policies or (None,), grid.seeds or (None,)
-    for task, policy, seed in itertools.product(tasks, policies, seeds):
-        extra = ["--sweep.policies=", "--sweep.seeds=", "--sweep.tasks="]  # override flagfiles
-        parts = []
-        if task is not None:
-            extra.append(f"--data.task={task}")
-        parts.append(task)
-        if policy is not None:
-            extra.append(f"--policy.name={policy}")
-        parts.append(policy)
-        if seed is not None:
-            extra.append(f"--seed={seed}")
-        parts.append(f"seed{seed}" if seed is not None else None)
-        sub = "/".join(p for p in parts if p is not None)
-        out.append(shlex.join([*base, *extra, f"--workdir={pathlib.Path(workdir) / sub}"]))
+    for i, wave in enumerate(waves(cfg, grid, root)):
+        if i and wave:
+            out.append(TRANSFER_WAVE)
+        for sub, cell in wave:
+            args = _flag_args(to_dict(cfg), to_dict(cell))
+            out.append(shlex.join([*base, *args, *resets, f"--workdir={root / sub}"]))
     return out
+
+
+def _flag_args(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`--path=value` for every leaf of the nested dict `new` that differs from `old`."""
+    out = []
+    for key, value in new.items():
+        if isinstance(value, dict):
+            out += _flag_args(old[key], value, f"{prefix}{key}.")
+        elif value != old[key]:
+            out.append(f"--{prefix}{key}={_flag_value(value)}")
+    return out
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+_SWEEP_BOOLS = {f.name for f in dataclasses.fields(SweepConfig) if isinstance(f.default, bool)}
+
+
+def _split_sweep_and_workdir(args: Sequence[str]) -> tuple[list[str], set[str]]:
+    """(`args` without its --workdir and --sweep.* flags, the SweepConfig fields those set).
+
+    Flags come as --flag=v, --flag v or --[no]flag (booleans); each command sets its own."""
+    kept, dropped, skip_value = [], set(), False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+            continue
+        name = arg.lstrip("-").split("=", 1)[0]
+        field = name.removeprefix("no").removeprefix("sweep.")
+        if not arg.startswith("-") or not (
+            name == "workdir" or name.startswith(("sweep.", "nosweep."))
+        ):
+            kept.append(arg)
+            continue
+        if name != "workdir":
+            dropped.add(field)
+        # A value flag without "=" takes the next argument as its value.
+        skip_value = "=" not in arg and field not in _SWEEP_BOOLS
+    return kept, dropped
 
 
 def run(
     cfg: Config,
-    grid: Grid,
+    grid: SweepConfig,
     workdir: str,
     *,
     argv: Sequence[str] | None = None,
-    aggregate_only: bool = False,
 ) -> int:
     """Run every cell (skipping finished ones), then print the aggregate table; exit code."""
     from meta_mask import pipeline
@@ -114,7 +162,7 @@ def run(
     from meta_mask.workdir import RunConflict
 
     root = pathlib.Path(workdir)
-    if not aggregate_only:
+    if not grid.aggregate_only:
         todo = cells(cfg, grid, root)
         for i, (sub, cell) in enumerate(todo):
             where = root / sub if sub else root
@@ -134,7 +182,7 @@ def run(
     # --sweep.aggregate_only, every finished run below the workdir.
     files = (
         [root / sub / "results.json" for sub, _ in cells(cfg, grid, root)]
-        if not aggregate_only
+        if not grid.aggregate_only
         else sorted(root.glob("**/results.json"))
     )
     results = [json.loads(f.read_text()) for f in files if f.exists()]

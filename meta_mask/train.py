@@ -3,10 +3,12 @@
     python -m meta_mask.train --flagfile=experiments/world.flags --workdir=runs/world
 
 Every field of meta_mask.config.Config is a flag named by its path (`--model.d_model=64`,
-`--policy.name=salient_spans`, `--intermediate.optim.learning_rate=3e-4`), so a flagfile is
-a complete, typed description of an experiment and a misspelled flag fails at parse time.
-`--sweep.*` flags turn one command into a grid of runs (policies x seeds x tasks) that runs
-one after another here, or prints one command per run for a cluster (`--sweep.print_commands`).
+`--policy.name=salient_spans`, `--intermediate.optim.learning_rate=3e-4`), with the field's
+help, and fields with a fixed set of values are checked against it: a flagfile is a complete,
+typed description of an experiment, and a misspelled flag or a bad value fails at parse time.
+The fields of meta_mask.config.SweepConfig are the `--sweep.*` flags: they turn one command into
+a grid of runs (policies x seeds x tasks) that runs one after another here, or print one command
+per run for a cluster (`--sweep.print_commands`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import typing
 
 from absl import app, flags
 
@@ -22,21 +25,6 @@ from meta_mask import config as config_lib
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Folder for this run's stages, checkpoints and results.")
-flags.DEFINE_list("sweep.policies", [], "Run one sub-run per policy name (overrides policy.name).")
-flags.DEFINE_list("sweep.seeds", [], "Run one sub-run per seed (overrides seed).")
-flags.DEFINE_list("sweep.tasks", [], "Run one sub-run per task (overrides data.task).")
-flags.DEFINE_bool(
-    "sweep.transfer",
-    False,
-    "With a learned policy and several --sweep.tasks: also run every task with the policy "
-    "learned on every other task, and print the transfer matrix.",
-)
-flags.DEFINE_bool(
-    "sweep.print_commands", False, "Print one command per sub-run (for a cluster) and exit."
-)
-flags.DEFINE_bool(
-    "sweep.aggregate_only", False, "Only aggregate the finished sub-runs into one table."
-)
 flags.DEFINE_enum(
     "distributed",
     "auto",
@@ -51,64 +39,137 @@ flags.DEFINE_string(
 flags.DEFINE_integer("num_processes", None, "Processes in the run (default: detected by jax).")
 flags.DEFINE_integer("process_id", None, "This process's index (default: detected by jax).")
 
+_OPTIONAL_INT = int | None
+
 
 def _define(prefix: str, cls) -> list[str]:
-    """Define one flag per (nested) dataclass field; returns the flag names."""
+    """Define one flag per (nested) dataclass field, with the field's help, and a parse-time
+    check of its value (type and choices); returns the flag names."""
     names = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(default):
-            names += _define(name + ".", type(default))
+        name, kind = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            names += _define(name + ".", kind)
             continue
-        help_ = f"{cls.__name__}.{f.name}"
-        if isinstance(default, bool):
+        if not f.metadata.get("help"):
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with config.option")
+        help_, choices, default = f.metadata["help"], f.metadata.get("choices"), f.default
+        if kind is bool:
             flags.DEFINE_bool(name, default, help_)
-        elif isinstance(default, int):
+        elif kind is int:
             flags.DEFINE_integer(name, default, help_)
-        elif isinstance(default, float):
+        elif kind is float:
             flags.DEFINE_float(name, default, help_)
-        elif isinstance(default, tuple):
+        elif kind is str and choices:
+            flags.DEFINE_enum(name, default, choices, help_)
+        elif kind is str:
+            flags.DEFINE_string(name, default, help_)
+        elif typing.get_origin(kind) is tuple:
             flags.DEFINE_list(name, [str(v) for v in default], help_ + " (comma-separated)")
-        elif default is None or isinstance(default, str):
-            # Optional ints (e.g. forced_bos_token_id) are strings here; "none" means None.
-            flags.DEFINE_string(name, "none" if default is None else default, help_)
+        elif kind == _OPTIONAL_INT:
+            flags.DEFINE_string(name, str(default).lower(), help_ + " (an integer or none)")
         else:  # pragma: no cover - a new field type must get a flag type here
-            raise TypeError(f"no flag type for {name} (default {default!r})")
+            raise TypeError(f"no flag type for {name} ({kind})")
+        flags.register_validator(name, _checker(kind, choices))
         names.append(name)
     return names
 
 
-_CONFIG_FLAGS = _define("", config_lib.Config)
+def _checker(kind, choices: tuple | None):
+    """A flag validator: the value converts to the field's type and lies in its choices."""
+
+    def check(value) -> bool:
+        try:
+            typed = _typed(value, kind)
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        items = typed if isinstance(typed, tuple) else (typed,)
+        bad = [v for v in items if choices is not None and v not in choices]
+        if bad:
+            raise flags.ValidationError(
+                f"{bad[0]!r} is not valid; valid: {', '.join(map(str, choices))}"
+            )
+        return True
+
+    return check
 
 
-def _typed(value, default):
-    """Convert a flag value back to the type of the config field's default."""
-    if isinstance(default, tuple):
-        kind = type(default[0]) if default else str
-        return tuple(kind(v) for v in value)
-    if default is None:
-        return None if value in ("none", "None", "") else int(value)
+def _typed(value, kind):
+    """A flag value as the config field's type (lists become tuples; "none" an optional None)."""
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return tuple(_parse(item, v) for v in value)
+    if kind == _OPTIONAL_INT:
+        return None if value in ("none", "None", "") else _parse(int, value)
     return value
 
 
-def config_from_flags() -> config_lib.Config:
-    """The resolved Config from the parsed flags (errors name the flag)."""
-    nested: dict = {}
-    defaults = dataclasses.asdict(config_lib.Config())
-    for name in _CONFIG_FLAGS:
-        *path, leaf = name.split(".")
-        node, dnode = nested, defaults
-        for part in path:
-            node, dnode = node.setdefault(part, {}), dnode[part]
-        default = dnode[leaf]
-        if isinstance(default, list):  # asdict turned tuples of dataclass fields into lists
-            default = tuple(default)
-        node[leaf] = _typed(FLAGS[name].value, default)
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _parse(kind, text: str):
     try:
-        return config_lib.from_dict(config_lib.Config, nested)
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not {_KIND_NAMES[kind]}") from None
+
+
+_CONFIG_FLAGS = _define("", config_lib.Config)
+_SWEEP_FLAGS = _define("sweep.", config_lib.SweepConfig)
+_MODEL_ARCHITECTURE_FLAGS = [
+    n
+    for n in _CONFIG_FLAGS
+    if n.startswith("model.") and n.removeprefix("model.") not in config_lib.MODEL_COMPUTE_FIELDS
+]
+
+
+def _init_excludes_architecture(init: str) -> bool:
+    """--init takes the architecture from the checkpoint, so a --model.* flag set with it (on the
+    command line or in a flagfile) would be silently ignored: refuse it."""
+    given = [n for n in _MODEL_ARCHITECTURE_FLAGS if init and FLAGS[n].present]
+    if given:
+        raise flags.ValidationError(
+            "the checkpoint's config.json gives the architecture, so "
+            + ", ".join(f"--{n}" for n in given)
+            + " would be ignored: drop them, or drop --init to train from scratch (only "
+            + ", ".join(f"--model.{n}" for n in config_lib.MODEL_COMPUTE_FIELDS)
+            + " apply with --init)"
+        )
+    return True
+
+
+flags.register_validator("init", _init_excludes_architecture)
+
+
+def _nested_values(cls, prefix: str) -> dict:
+    """The parsed flags of dataclass `cls` as a nested dict of typed values."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out[f.name] = _nested_values(kind, f"{prefix}{f.name}.")
+        else:
+            out[f.name] = _typed(FLAGS[f"{prefix}{f.name}"].value, kind)
+    return out
+
+
+def _from_flags(cls, prefix: str):
+    try:
+        return config_lib.from_dict(cls, _nested_values(cls, prefix))
     except (ValueError, TypeError) as e:
         raise app.UsageError(f"bad flag value: {e}") from e
+
+
+def config_from_flags() -> config_lib.Config:
+    """The resolved Config of one run from the parsed flags (errors name the flag)."""
+    return _from_flags(config_lib.Config, "")
+
+
+def sweep_from_flags() -> config_lib.SweepConfig:
+    """The grid of runs (the --sweep.* flags) from the parsed flags."""
+    return _from_flags(config_lib.SweepConfig, "sweep.")
 
 
 def main(argv: list[str]) -> None:
@@ -117,29 +178,17 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (the folder for this run's outputs)")
     cfg = config_from_flags()
-    _quiet_libraries()
-    _join_cluster()
-    # Imported here so that `--help` and flag errors stay fast (no jax import).
+    grid = sweep_from_flags()
+    # Imported here so that `--help` and flag errors stay fast (sweep imports no jax).
     from meta_mask import sweep
 
-    grid = sweep.Grid(
-        policies=tuple(FLAGS["sweep.policies"].value),
-        seeds=tuple(int(s) for s in FLAGS["sweep.seeds"].value),
-        tasks=tuple(FLAGS["sweep.tasks"].value),
-        transfer=FLAGS["sweep.transfer"].value,
-    )
-    if FLAGS["sweep.print_commands"].value:
-        for line in sweep.commands(grid, sys.argv, FLAGS.workdir):
+    if grid.print_commands:
+        for line in sweep.commands(cfg, grid, sys.argv, FLAGS.workdir):
             print(line)
         return
-    code = sweep.run(
-        cfg,
-        grid,
-        FLAGS.workdir,
-        argv=sys.argv,
-        aggregate_only=FLAGS["sweep.aggregate_only"].value,
-    )
-    sys.exit(code)
+    _quiet_libraries()
+    _join_cluster()
+    sys.exit(sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv))
 
 
 def _join_cluster() -> None:
