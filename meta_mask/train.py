@@ -210,7 +210,11 @@ def _quiet_libraries() -> None:
     """Our progress messages at INFO; orbax's and absl's chatter only from WARNING up
     (raise it with --verbosity=1)."""
     if not FLAGS["verbosity"].present:
-        logging.getLogger("absl").setLevel(logging.WARNING)
+        absl_logger = logging.getLogger("absl")
+        absl_logger.setLevel(logging.WARNING)
+        # Orbax warns on every checkpoint saved between evaluations (those carry no metrics
+        # to rank by: by design, see training/loop.py).
+        absl_logger.addFilter(lambda r: "did not provide metrics" not in r.getMessage())
     ours = logging.getLogger("meta_mask")
     if not ours.handlers:
         handler = logging.StreamHandler(sys.stderr)

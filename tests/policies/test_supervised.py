@@ -55,9 +55,7 @@ BUDGET = {"mask_rate": RATE}
 
 def train_policy(net, init, train, dev, cfg, directory, *, seed=0, budget=BUDGET):
     """Train through the one loop; returns (the best evaluated params, the history)."""
-    learner, options = sup.supervised_learner(
-        net, init, train, dev, cfg, budget=budget, seed=seed
-    )
+    learner, options = sup.supervised_learner(net, init, train, dev, cfg, budget=budget, seed=seed)
     trained = loop.train(learner, directory, options)
     return trained.state.params, {**learner.metadata, **trained.history()}
 
