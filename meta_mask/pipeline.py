@@ -350,13 +350,7 @@ def build_corpus(ctx: RunContext):
 def heuristic_scorer(ctx: RunContext, corpus):
     from meta_mask.policies import heuristic
 
-    pmi_table = None
-    if ctx.cfg.policy.name == "pmi":
-        from meta_mask.data import pmi
-
-        p = ctx.cfg.policy
-        pmi_table = pmi.build_pmi_table(corpus.dataset, p.pmi_max_n, p.pmi_min_count, p.pmi_top_k)
-    return heuristic.make_scorer(ctx.cfg.policy, pmi_table)
+    return heuristic.corpus_scorer(ctx.cfg.policy, corpus)
 
 
 def mlm_batches_for(ctx: RunContext, corpus, scorer, *, batch_size: int):

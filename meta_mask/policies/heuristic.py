@@ -22,13 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from meta_mask.config import PolicyConfig
-from meta_mask.data.pmi import PmiTable, find_ngrams
+from meta_mask.data.pmi import CorpusPmi, PmiTable, corpus_pmi, find_ngrams
 from meta_mask.policies.sampler import STREAM_SCORER, BatchRng, Scorer
+
+if TYPE_CHECKING:
+    from meta_mask.data.corpora import Corpus
 
 SPECIAL_IDS = (0, 1, 2)  # <s>, <pad>, </s>: never maskable even if a record's word_ids says so
 FILL_SCORE = -1e4  # far below any Gumbel draw: filler units come strictly after real ones
@@ -242,14 +245,20 @@ class SalientSpans:
 @dataclass(frozen=True)
 class PmiNgrams:
     """PMI-Masking: the top-PMI n-grams are units masked whole; every other word is a unit.
-    Uses the batch's precomputed "pmi_spans" (data.pmi.annotate_pmi) or, without them, finds
-    the n-grams with `table` (slower: a Python loop per sentence)."""
+    With `pmi` (data.pmi.corpus_pmi: every corpus row's n-gram spans, found once), the spans of
+    the batch's rows (its "example_ids", corpus rows as policies.mlm_batches.policy_batch sets
+    them) are gathered. Otherwise uses the batch's precomputed "pmi_spans"
+    (data.pmi.annotate_pmi) or, without them, finds the n-grams with `table` (slower: a Python
+    loop per sentence)."""
 
     table: PmiTable | None = None
+    pmi: CorpusPmi | None = None
 
     def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         spans = batch.get("pmi_spans")
-        if spans is None:
+        if self.pmi is not None:
+            spans = self.pmi.batch_spans(batch["example_ids"], batch["word_ids"])
+        elif spans is None:
             if self.table is None:
                 raise ValueError(
                     "PmiNgrams: the batch has no 'pmi_spans' and no PmiTable was given; build "
@@ -290,3 +299,13 @@ def make_scorer(cfg: PolicyConfig, pmi_table: PmiTable | None = None) -> Scorer:
     if cfg.name == "pmi":
         return PmiNgrams(table=pmi_table)
     raise ValueError(f"PolicyConfig.name={cfg.name!r} has no scorer")
+
+
+def corpus_scorer(cfg: PolicyConfig, corpus: Corpus) -> Scorer:
+    """The scorer of heuristic policy `cfg` masking the rows of `corpus` (data.corpora.Corpus),
+    as a run builds it. The pmi policy's n-grams come from the corpus (data.pmi.corpus_pmi:
+    computed once, cached next to the corpus)."""
+    if cfg.name != "pmi":
+        return make_scorer(cfg)
+    pmi = corpus_pmi(corpus, max_n=cfg.pmi_max_n, min_count=cfg.pmi_min_count, top_k=cfg.pmi_top_k)
+    return PmiNgrams(pmi=pmi)

@@ -1,14 +1,17 @@
 """Heuristic scorers + the shared sampler, as properties over many random sentences, and on real
 text tokenized by a tiny fast tokenizer built here."""
 
-
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from meta_mask.config import HEURISTIC_POLICIES, LEARNED_POLICIES, PolicyConfig
+from meta_mask.config import HEURISTIC_POLICIES, LEARNED_POLICIES, PolicyConfig, WorldConfig
+from meta_mask.data.corpora import CorpusSource, build_corpus
 from meta_mask.data.pmi import annotate_pmi, build_pmi_table
+from meta_mask.data.stream import CorpusStream
+from meta_mask.data.world import build_world
+from meta_mask.data.world_tokenizer import world_tokenizer
 from meta_mask.policies.corrupt import corrupt_batch, sentinel_ids
 from meta_mask.policies.heuristic import (
     FILL_SCORE,
@@ -19,10 +22,13 @@ from meta_mask.policies.heuristic import (
     SalientSpans,
     WholeWords,
     collate,
+    corpus_scorer,
     make_scorer,
     span_length_probs,
 )
+from meta_mask.policies.mlm_batches import policy_batch
 from meta_mask.policies.sampler import BatchRng, mask_batch_np
+from tests.data.tokenizer_helpers import bpe_tokenizer
 
 
 def random_records(rng, n, max_words=20, entity_prob=0.2):
@@ -275,6 +281,44 @@ def test_pmi_without_spans_or_table_says_what_to_do():
     bt = collate(random_records(np.random.default_rng(0), 3))
     with pytest.raises(ValueError, match="build_pmi_table"):
         PmiNgrams()(bt, rng_for(bt))
+
+
+def world_corpus(tmp_path, tokenizer_kind):
+    """A real small corpus: the synthetic world's sentences, tokenized and cached by
+    data.corpora.build_corpus as a run does, with its word-level tokenizer or a tiny BPE (whose
+    rare words are several tokens)."""
+    world = build_world(WorldConfig(num_people=20, num_bios=2))
+    texts = [s["text"] for s in world.sentences]
+    tok = world_tokenizer(world) if tokenizer_kind == "word" else bpe_tokenizer(texts)
+    source = CorpusSource(kind="records", records=list(world.sentences), name="world")
+    return build_corpus(source, tok, tmp_path / "corpora", max_length=48), tok
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["word", "bpe"])
+def test_pmi_scorer_gathers_the_units_finding_them_per_sentence_gives(tmp_path, tokenizer_kind):
+    """The run's PMI scorer (corpus_scorer: every row's n-grams found once, cached) gives the
+    same units and scores as finding each batch sentence's n-grams with the table, on stream
+    batches of a real corpus."""
+    corpus, tok = world_corpus(tmp_path, tokenizer_kind)
+    cfg = PolicyConfig(name="pmi", pmi_min_count=5)
+    fast = corpus_scorer(cfg, corpus)
+    per_sentence = PmiNgrams(table=fast.pmi.table)
+    stream = CorpusStream(corpus.dataset, batch_size=16, max_length=48, seed=0, pad_id=1)
+    multi_word = multi_token_words = 0
+    for step in range(2 * stream.batches_per_epoch):  # every row, twice
+        sb = stream.batch_at(step * 16)
+        batch = policy_batch(sb, stream.entity_labels(sb["indices"]))
+        rng = rng_for(batch, step)
+        (scores, units), (ref_scores, ref_units) = fast(batch, rng), per_sentence(batch, rng)
+        np.testing.assert_array_equal(units, ref_units)
+        np.testing.assert_array_equal(scores, ref_scores)
+        for i in range(len(units)):
+            for u in np.unique(units[i][units[i] >= 0]):
+                words = batch["word_ids"][i][units[i] == u]
+                multi_word += len(np.unique(words)) > 1
+                multi_token_words += len(words) > 1 and len(np.unique(words)) == 1
+    assert multi_word > 100  # the corpus's collocations ("was born in", ...) are units
+    assert (multi_token_words > 100) == (tokenizer_kind == "bpe")
 
 
 TEXTS = [
