@@ -159,14 +159,6 @@ def find_ngrams(input_ids: Sequence[int], word_ids: Sequence[int], table: PmiTab
     return np.asarray(spans, np.int32).reshape(-1, 2)
 
 
-def annotate_pmi(records: Iterable[Mapping[str, Any]], table: PmiTable) -> list[dict[str, Any]]:
-    """Copies of the records with "pmi_spans" (int32 [P, 2] token spans) added."""
-    return [
-        {**rec, "pmi_spans": find_ngrams(rec["input_ids"], rec["word_ids"], table)}
-        for rec in records
-    ]
-
-
 # Bump when the table, its spans or the cache file change meaning, so old caches are not read.
 PMI_CACHE_VERSION = 1
 

@@ -12,7 +12,6 @@ from meta_mask.config import WorldConfig
 from meta_mask.data import pmi
 from meta_mask.data.corpora import CorpusSource, build_corpus
 from meta_mask.data.pmi import (
-    annotate_pmi,
     build_corpus_pmi,
     build_pmi_table,
     corpus_pmi,
@@ -105,9 +104,8 @@ def test_find_ngrams_longest_first_non_overlapping_token_spans():
     np.testing.assert_array_equal(find_ngrams(ids, wids, table), [[3, 6], [6, 8]])
     # Nothing to find in a sentence of unknown words.
     assert find_ngrams(np.array([0, 9, 2]), np.array([-1, 0, -1]), table).shape == (0, 2)
-    recs = annotate_pmi([rec([5, 6, 7]), rec([20, 5])], table)
-    np.testing.assert_array_equal(recs[0]["pmi_spans"], [[1, 4]])
-    assert recs[1]["pmi_spans"].shape == (0, 2)
+    np.testing.assert_array_equal(find_ngrams(**rec([5, 6, 7]), table=table), [[1, 4]])
+    assert find_ngrams(**rec([20, 5]), table=table).shape == (0, 2)
 
 
 def test_record_words_groups_tokens_by_word_id():
