@@ -402,7 +402,7 @@ def run(
         timings["learn_policy"] = time.time() - t
     if pretrain:
         t = time.time()
-        scorer = scorer or heuristic.scorer_for(cfg.policy, corpus, ctx.cache_dir)
+        scorer = scorer or heuristic.corpus_scorer(cfg.policy, corpus)
         params = intermediate_stage(ctx, params, corpus, scorer)
         timings["intermediate"] = time.time() - t
     if "finetune" in cfg.stages:

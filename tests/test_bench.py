@@ -1,13 +1,17 @@
-"""The benchmark harness (meta_mask/bench.py) in --quick mode: it runs end to end and writes a
-complete JSON whose every measurement is finite and positive. No timing thresholds: speed is
-what the benchmark reports, not what a test on a shared machine can assert."""
+"""The benchmark harness (`python -m bench`, the bench/ folder) in --quick mode: it runs end to
+end and writes a complete JSON whose every measurement is finite and positive. No timing
+thresholds: speed is what the benchmark reports, not what a test on a shared machine can
+assert."""
 
 import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
-from meta_mask import bench
+from bench import cli, flops, train_step
 from meta_mask.config import ModelConfig
 
 
@@ -26,7 +30,7 @@ def _numbers(tree, path=""):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    assert bench.main(["--quick", f"--out={out}"]) == 0
+    assert cli.main(["--quick", f"--out={out}"]) == 0
     return json.loads(out.read_text())
 
 
@@ -34,7 +38,7 @@ def test_quick_run_writes_every_section(results):
     torch = results["train_vs_torch"]
     for key in ("ours_s", "ours_tokens_per_s", "tokens_per_step"):
         assert key in torch
-    if bench.torch_available():
+    if train_step.torch_available():
         assert {"torch_s", "torch_tokens_per_s", "ratio", "torch_mfu"} <= set(torch)
     mfu = results["mfu"]
     assert {"mfu", "peak_flops_per_s", "model_flops_per_s", "xla_flops_per_step"} <= set(mfu)
@@ -43,8 +47,16 @@ def test_quick_run_writes_every_section(results):
     assert set(meta["memory_bytes"]) == {"1", "2"}
     for mem in meta["memory_bytes"].values():
         assert mem["peak"] == mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
-    policies = results["masking"]["policies"]
-    assert set(policies) == {"random_tokens", "random_spans", "whole_words", "salient_spans", "pmi"}
+    masking = results["masking"]
+    assert set(masking["policies"]) == {
+        "random_tokens",
+        "random_spans",
+        "whole_words",
+        "salient_spans",
+        "pmi",
+    }
+    # The pmi policy masked the corpus's n-grams (found once, then loaded from the cache).
+    assert masking["pmi_ngrams"] > 0 and masking["corpus_sentences"] == 16 * 8
     assert set(results["generation"]["searches"]) == {"greedy", "beam2"}
     sizes = results["sizes"]
     for times in (torch["times"], meta["times"], results["generation"]["times"]):
@@ -80,15 +92,30 @@ def test_flop_formula_matches_hand_count():
         encoder_ffn_dim=8,
         decoder_ffn_dim=8,
     )
-    assert bench.forward_flops(cfg, 1, 2, 3) == 2 * (256 + 64 + 600) + 304
-    assert bench.train_flops(cfg, 1, 2, 3) == 3 * bench.forward_flops(cfg, 1, 2, 3)
-    assert bench.matmul_params(cfg) == (4 * 16 + 64) + (8 * 16 + 64) + 40
+    assert flops.forward_flops(cfg, 1, 2, 3) == 2 * (256 + 64 + 600) + 304
+    assert flops.train_flops(cfg, 1, 2, 3) == 3 * flops.forward_flops(cfg, 1, 2, 3)
+    assert flops.matmul_params(cfg) == (4 * 16 + 64) + (8 * 16 + 64) + 40
 
 
 def test_flags_are_validated():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--repeats=2"])  # full mode needs >= 5 repeats
+        cli.parse_args(["--repeats=2"])  # full mode needs >= 5 repeats
     with pytest.raises(SystemExit):
-        bench.parse_args(["--sections=train,bogus"])
-    sz, args = bench.parse_args(["--quick", "--meta_k=1,3", "--d_model=64"])
+        cli.parse_args(["--sections=train,bogus"])
+    sz, args = cli.parse_args(["--quick", "--meta_k=1,3", "--d_model=64"])
     assert sz.meta_k == (1, 3) and sz.d_model == 64 and args.quick
+
+
+def test_the_documented_command_runs_from_the_repository_root():
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m bench")
+    for flag in ("--quick", "--sections", "--repeats", "--out", "--no_torch", "--seq"):
+        assert flag in proc.stdout

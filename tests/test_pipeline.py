@@ -1,5 +1,6 @@
 """End-to-end tests of the pipeline on a tiny synthetic world: outputs, skip, refusal to
-overwrite, NaN handling, learned policies and transfer, sweeps (kill -9 and SIGTERM: test_kill.py)."""
+overwrite, NaN handling, learned policies and transfer, sweeps (kill -9 and SIGTERM are in
+test_kill.py)."""
 
 from __future__ import annotations
 

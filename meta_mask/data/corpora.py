@@ -17,7 +17,8 @@ This module owns the unlabeled text side of intermediate pre-training:
    result on disk under a fingerprint of (tokenizer content, source identity, every filtering
    setting, max length). An unchanged setting reloads the Arrow file without reading the source or
    tokenizing; a changed one rebuilds. Sentences are cached separately (fingerprint without the
-   tokenizer), so switching tokenizers does not re-stream Wikipedia.
+   tokenizer), so switching tokenizers does not re-stream Wikipedia. Data computed from a
+   corpus (its PMI n-grams, data/pmi.py) is cached beside it (``Corpus.derived_path``).
 
 The seeded, resumable, multi-host batch order over a built corpus (``CorpusStream``) lives in
 data/stream.py.
@@ -545,6 +546,12 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def derived_path(self, name: str) -> pathlib.Path:
+        """Where to cache data computed from this corpus (e.g. its PMI n-grams): next to the
+        corpus's Arrow file(s), named by its fingerprint, so that a changed corpus (another
+        fingerprint) never reads data derived from another one."""
+        return self.files[0].parent / f"{self.fingerprint}.{name}"
 
 
 def _sentence_features() -> Any:

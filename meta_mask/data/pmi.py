@@ -2,7 +2,9 @@
 
 Owns: counting word n-grams (n = 1..max_n) over a tokenized corpus, the paper's PMI measure for
 n-grams, the table of the top-K collocations, finding them in a sentence (units the PMI policy
-masks whole), and saving/loading the table.
+masks whole), and a corpus's `CorpusPmi`: its table plus the n-gram spans of every row, found
+once and cached next to the tokenized corpus (keyed by the corpus fingerprint and the PMI
+parameters), so that masking a batch only gathers precomputed spans.
 
 A word is a run of tokens with the same `word_ids` value (so a word is its tuple of token ids; a
 BPE word at a sentence start and the same word mid-sentence may differ, as they do to the model).
@@ -19,15 +21,20 @@ parts already explains it (e.g. "the united states of" ~ "the united states" + "
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import os
+import pathlib
+import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from meta_mask.data.corpora import Corpus
 
 Word = tuple[int, ...]
 
@@ -152,30 +159,153 @@ def find_ngrams(input_ids: Sequence[int], word_ids: Sequence[int], table: PmiTab
     return np.asarray(spans, np.int32).reshape(-1, 2)
 
 
-def annotate_pmi(records: Iterable[Mapping[str, Any]], table: PmiTable) -> list[dict[str, Any]]:
-    """Copies of the records with "pmi_spans" (int32 [P, 2] token spans) added."""
-    return [
-        {**rec, "pmi_spans": find_ngrams(rec["input_ids"], rec["word_ids"], table)}
-        for rec in records
-    ]
+# Bump when the table, its spans or the cache file change meaning, so old caches are not read.
+PMI_CACHE_VERSION = 1
 
 
-def save_pmi_table(table: PmiTable, path: str | os.PathLike) -> None:
-    """Write the table as JSON (words as token-id lists)."""
+@dataclass(frozen=True, eq=False)
+class CorpusPmi:
+    """A corpus's PMI table and, for every corpus row, the token spans of the table's n-grams
+    in it (`find_ngrams`), found once so that masking a batch of rows only gathers them."""
+
+    table: PmiTable
+    spans: np.ndarray  # int32 [S, 2]: every row's spans, row after row
+    offsets: np.ndarray  # int64 [N + 1]: row r's spans are spans[offsets[r] : offsets[r + 1]]
+    word_tokens: np.ndarray  # int64 [N]: tokens inside words (word_ids >= 0) per row
+
+    def __len__(self) -> int:
+        return len(self.word_tokens)
+
+    def batch_spans(self, rows: Sequence[int], word_ids: np.ndarray) -> np.ndarray:
+        """The spans of corpus `rows` as int32 [B, P, 2], padded with -1. `word_ids` [B, L] is
+        the batch's: each row's number of word tokens must match the corpus's, so a batch whose
+        rows are not rows of this corpus fails here instead of masking the wrong tokens."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise ValueError(
+                f"batch rows (example_ids) {rows.min()}..{rows.max()} are not rows of the "
+                f"{len(self)}-sentence corpus whose PMI spans these are; the batch's "
+                "example_ids must be corpus rows (as policies.mlm_batches.policy_batch sets them)"
+            )
+        counted = (np.asarray(word_ids) >= 0).sum(axis=1)
+        wrong = np.flatnonzero(counted != self.word_tokens[rows])
+        if wrong.size:
+            i = int(wrong[0])
+            raise ValueError(
+                f"batch row {i} (example_id {rows[i]}) has {counted[i]} word tokens but corpus "
+                f"row {rows[i]} has {self.word_tokens[rows[i]]}: the batch's example_ids must be "
+                "rows of the corpus the PMI spans were found in"
+            )
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        width = max(int((ends - starts).max(initial=0)), 1)
+        index = starts[:, None] + np.arange(width)
+        present = index < ends[:, None]
+        gathered = self.spans[np.where(present, index, 0)] if len(self.spans) else None
+        out = np.full((len(rows), width, 2), -1, np.int32)
+        if gathered is not None:
+            out[present] = gathered[present]
+        return out
+
+
+def build_corpus_pmi(
+    records: Sequence[Mapping[str, Any]], max_n: int = 5, min_count: int = 10, top_k: int = 100_000
+) -> CorpusPmi:
+    """The PMI table of `records` (`build_pmi_table`) and every record's n-gram spans in it."""
+    table = build_pmi_table(records, max_n, min_count, top_k)
+    found = [find_ngrams(r["input_ids"], r["word_ids"], table) for r in records]
+    return CorpusPmi(
+        table=table,
+        spans=np.concatenate([np.zeros((0, 2), np.int32), *found]).astype(np.int32),
+        offsets=np.cumsum([0, *(len(f) for f in found)], dtype=np.int64),
+        word_tokens=np.asarray(
+            [int((np.asarray(r["word_ids"]) >= 0).sum()) for r in records], np.int64
+        ),
+    )
+
+
+class DatasetRows(Sequence):
+    """The rows of a tokenized corpus's Arrow table as records {"input_ids", "word_ids"} (numpy
+    views of two columns read once), in the dataset's row order (the rows CorpusStream serves)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self._ids, self._offsets = _ragged(dataset.data.column("input_ids"))
+        self._word_ids, word_offsets = _ragged(dataset.data.column("word_ids"))
+        if not np.array_equal(self._offsets, word_offsets):
+            raise ValueError("corpus input_ids and word_ids columns differ in row lengths")
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        a, z = self._offsets[i], self._offsets[i + 1]
+        return {"input_ids": self._ids[a:z], "word_ids": self._word_ids[a:z]}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for a, z in zip(self._offsets[:-1], self._offsets[1:], strict=True):
+            yield {"input_ids": self._ids[a:z], "word_ids": self._word_ids[a:z]}
+
+
+def _ragged(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets from 0) of an Arrow list column."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values, offsets - offsets[0]
+
+
+def corpus_pmi(corpus: Corpus, *, max_n: int, min_count: int, top_k: int) -> CorpusPmi:
+    """The `CorpusPmi` of a tokenized corpus (data.corpora.build_corpus), computed once and
+    cached next to the corpus, keyed by its fingerprint and the PMI parameters; later calls with
+    the same corpus and parameters load it."""
+    path = corpus.derived_path(f"pmi-v{PMI_CACHE_VERSION}-n{max_n}-c{min_count}-k{top_k}.npz")
+    if path.exists():
+        return load_corpus_pmi(path)
+    pmi = build_corpus_pmi(DatasetRows(corpus.dataset), max_n, min_count, top_k)
+    save_corpus_pmi(pmi, path)
+    return pmi
+
+
+def save_corpus_pmi(pmi: CorpusPmi, path: str | os.PathLike) -> None:
+    """Write `pmi` as one .npz, atomically: into a temporary file in the same folder, renamed
+    into place, so a reader never sees half a file (several hosts may write the same one)."""
+    table = pmi.table
     words = sorted(table.vocab, key=table.vocab.__getitem__)
-    data = {
-        "max_n": table.max_n,
-        "words": [list(w) for w in words],
-        "ngrams": [[list(g), s] for g, s in table.ngrams.items()],
+    grams = np.full((len(table.ngrams), table.max_n), -1, np.int32)
+    for i, gram in enumerate(table.ngrams):
+        grams[i, : len(gram)] = gram
+    arrays = {
+        "max_n": np.asarray(table.max_n, np.int64),
+        "word_token_ids": np.asarray([t for w in words for t in w], np.int32),
+        "word_offsets": np.cumsum([0, *(len(w) for w in words)], dtype=np.int64),
+        "ngrams": grams,
+        "ngram_pmi": np.asarray(list(table.ngrams.values()), np.float64),
+        "spans": pmi.spans,
+        "offsets": pmi.offsets,
+        "word_tokens": pmi.word_tokens,
     }
-    with open(path, "w") as f:
-        json.dump(data, f)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+        np.savez(f, **arrays)
+    os.replace(f.name, path)
 
 
-def load_pmi_table(path: str | os.PathLike) -> PmiTable:
-    """Read a table written by `save_pmi_table`."""
-    with open(path) as f:
-        data = json.load(f)
-    vocab = {tuple(w): i for i, w in enumerate(data["words"])}
-    ngrams = {tuple(g): float(s) for g, s in data["ngrams"]}
-    return PmiTable(vocab=vocab, ngrams=ngrams, max_n=int(data["max_n"]))
+def load_corpus_pmi(path: str | os.PathLike) -> CorpusPmi:
+    """Read a `CorpusPmi` written by `save_corpus_pmi`."""
+    with np.load(path, allow_pickle=False) as data:
+        ids, offsets = data["word_token_ids"].tolist(), data["word_offsets"].tolist()
+        vocab = {tuple(ids[a:z]): i for i, (a, z) in enumerate(itertools.pairwise(offsets))}
+        ngrams = {
+            tuple(w for w in gram if w >= 0): float(s)
+            for gram, s in zip(data["ngrams"].tolist(), data["ngram_pmi"].tolist(), strict=True)
+        }
+        return CorpusPmi(
+            table=PmiTable(vocab=vocab, ngrams=ngrams, max_n=int(data["max_n"])),
+            spans=data["spans"].reshape(-1, 2),
+            offsets=data["offsets"],
+            word_tokens=data["word_tokens"],
+        )

@@ -9,9 +9,10 @@ Owns: padding tokenized sentence records into a host batch (`collate`), the scor
 - `SalientSpans`    named entities and dates (the records' "entity_spans") are units (REALM /
                     T5 closed-book QA); with the budget num_units=1 this is REALM's one salient
                     span per sentence, with mask_rate the rate-based variant;
-- `PmiNgrams`       the corpus's top PMI n-grams ("pmi_spans", or found with a PmiTable) are
+- `PmiNgrams`       the corpus's top PMI n-grams (found once per corpus row, data/pmi.py) are
                     units, every other word is a unit of its own (PMI-Masking);
-and `make_scorer(PolicyConfig)`.
+and `make_scorer(PolicyConfig)`, and `corpus_scorer(PolicyConfig, Corpus)`: the scorer a run
+builds for its corpus.
 
 Heuristic scores are all zero (uniform over units; the sampler's Gumbel noise does the drawing)
 except `SalientSpans(fill_with_words=True)`, whose filler words score FILL_SCORE so that every
@@ -22,13 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from meta_mask.config import PolicyConfig
-from meta_mask.data.pmi import PmiTable, find_ngrams
+from meta_mask.data.pmi import CorpusPmi, corpus_pmi
 from meta_mask.policies.sampler import STREAM_SCORER, BatchRng, Scorer
+
+if TYPE_CHECKING:
+    from meta_mask.data.corpora import Corpus
 
 SPECIAL_IDS = (0, 1, 2)  # <s>, <pad>, </s>: never maskable even if a record's word_ids says so
 FILL_SCORE = -1e4  # far below any Gumbel draw: filler units come strictly after real ones
@@ -55,8 +59,7 @@ def collate(
 
     Returns {"input_ids" int32 [B,L] (pad_id), "word_ids" int32 [B,L] (-1 on specials/pad),
     "valid" bool [B,L] (maskable: a word token, not a special id), "entity_spans" int32 [B,E,2]
-    (-1 padding), "entity_labels" list[list[str]], "example_ids" int64 [B]} plus "pmi_spans"
-    [B,P,2] when every record carries them.
+    (-1 padding), "entity_labels" list[list[str]], "example_ids" int64 [B]}.
     """
     lengths = [len(r["input_ids"]) for r in records]
     length = max(lengths) if length is None else length
@@ -72,7 +75,7 @@ def collate(
         input_ids[i, : lengths[i]] = r["input_ids"]
         word_ids[i, : lengths[i]] = r["word_ids"]
     valid = (word_ids >= 0) & ~np.isin(input_ids, np.asarray(special_ids))
-    batch = {
+    return {
         "input_ids": input_ids,
         "word_ids": word_ids,
         "valid": valid,
@@ -80,9 +83,6 @@ def collate(
         "entity_labels": [list(r.get("entity_labels", [])) for r in records],
         "example_ids": np.asarray(range(b) if example_ids is None else example_ids, np.int64),
     }
-    if records and all("pmi_spans" in r for r in records):
-        batch["pmi_spans"] = _spans_array(records, "pmi_spans")
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,25 +241,15 @@ class SalientSpans:
 
 @dataclass(frozen=True)
 class PmiNgrams:
-    """PMI-Masking: the top-PMI n-grams are units masked whole; every other word is a unit.
-    Uses the batch's precomputed "pmi_spans" (data.pmi.annotate_pmi) or, without them, finds
-    the n-grams with `table` (slower: a Python loop per sentence)."""
+    """PMI-Masking: the corpus's top-PMI n-grams are units masked whole; every other word is a
+    unit. The n-grams of every corpus row were found once (`pmi`, from data.pmi.corpus_pmi);
+    a batch's rows are its "example_ids" (corpus rows, as policies.mlm_batches.policy_batch
+    sets them), whose spans are gathered."""
 
-    table: PmiTable | None = None
+    pmi: CorpusPmi
 
     def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
-        spans = batch.get("pmi_spans")
-        if spans is None:
-            if self.table is None:
-                raise ValueError(
-                    "PmiNgrams: the batch has no 'pmi_spans' and no PmiTable was given; build "
-                    "one with meta_mask.data.pmi.build_pmi_table and annotate_pmi the records"
-                )
-            found = [
-                {"pmi_spans": find_ngrams(ids, wids, self.table)}
-                for ids, wids in zip(batch["input_ids"], batch["word_ids"], strict=True)
-            ]
-            spans = _spans_array(found, "pmi_spans")
+        spans = self.pmi.batch_spans(batch["example_ids"], batch["word_ids"])
         valid = batch["valid"]
         units = span_units(spans, valid)
         rest = valid & (units < 0)
@@ -267,8 +257,9 @@ class PmiNgrams:
         return _zeros(batch), np.where(rest, words, units)
 
 
-def make_scorer(cfg: PolicyConfig, pmi_table: PmiTable | None = None) -> Scorer:
-    """The scorer named by cfg.name (budget: cfg.budget(); output format: policies.corrupt)."""
+def make_scorer(cfg: PolicyConfig, pmi: CorpusPmi | None = None) -> Scorer:
+    """The scorer named by cfg.name (budget: cfg.budget(); output format: policies.corrupt).
+    The pmi policy needs its corpus's n-grams, `pmi`: `corpus_scorer` finds (or loads) them."""
     if cfg.name == "none":
         return NoMask()
     if cfg.name == "random_tokens":
@@ -288,5 +279,21 @@ def make_scorer(cfg: PolicyConfig, pmi_table: PmiTable | None = None) -> Scorer:
             labels=frozenset(cfg.salient_labels), fill_with_words=cfg.salient_fill_with_words
         )
     if cfg.name == "pmi":
-        return PmiNgrams(table=pmi_table)
+        if pmi is None:
+            raise ValueError(
+                "the pmi policy masks its corpus's PMI n-grams: build its scorer with "
+                "heuristic.corpus_scorer(cfg, corpus), or pass make_scorer(cfg, pmi=...) a "
+                "data.pmi.CorpusPmi (build_corpus_pmi(records) for in-memory records)"
+            )
+        return PmiNgrams(pmi)
     raise ValueError(f"PolicyConfig.name={cfg.name!r} has no scorer")
+
+
+def corpus_scorer(cfg: PolicyConfig, corpus: Corpus) -> Scorer:
+    """The scorer of heuristic policy `cfg` masking the rows of `corpus` (data.corpora.Corpus),
+    as a run builds it. The pmi policy's n-grams come from the corpus (data.pmi.corpus_pmi:
+    computed once, cached next to the corpus)."""
+    if cfg.name != "pmi":
+        return make_scorer(cfg)
+    pmi = corpus_pmi(corpus, max_n=cfg.pmi_max_n, min_count=cfg.pmi_min_count, top_k=cfg.pmi_top_k)
+    return make_scorer(cfg, pmi)

@@ -1,5 +1,6 @@
 """PMI-Masking's n-gram measure (hand-computed and brute force), the top-K table on a corpus
-with a true collocation, finding n-grams in a sentence, and the table's file round trip."""
+with a true collocation, finding n-grams in a sentence, a corpus's per-row spans (gathered for a
+batch of rows), and their cache next to the tokenized corpus."""
 
 import itertools
 import math
@@ -7,17 +8,23 @@ import math
 import numpy as np
 import pytest
 
+from meta_mask.config import WorldConfig
+from meta_mask.data import pmi
+from meta_mask.data.corpora import CorpusSource, build_corpus
 from meta_mask.data.pmi import (
-    annotate_pmi,
+    build_corpus_pmi,
     build_pmi_table,
+    corpus_pmi,
     count_ngrams,
     find_ngrams,
-    load_pmi_table,
+    load_corpus_pmi,
     ngram_pmi,
     pmi_scores,
     record_words,
-    save_pmi_table,
+    save_corpus_pmi,
 )
+from meta_mask.data.world import build_world
+from meta_mask.data.world_tokenizer import world_tokenizer
 
 
 def rec(words):
@@ -97,9 +104,8 @@ def test_find_ngrams_longest_first_non_overlapping_token_spans():
     np.testing.assert_array_equal(find_ngrams(ids, wids, table), [[3, 6], [6, 8]])
     # Nothing to find in a sentence of unknown words.
     assert find_ngrams(np.array([0, 9, 2]), np.array([-1, 0, -1]), table).shape == (0, 2)
-    recs = annotate_pmi([rec([5, 6, 7]), rec([20, 5])], table)
-    np.testing.assert_array_equal(recs[0]["pmi_spans"], [[1, 4]])
-    assert recs[1]["pmi_spans"].shape == (0, 2)
+    np.testing.assert_array_equal(find_ngrams(**rec([5, 6, 7]), table=table), [[1, 4]])
+    assert find_ngrams(**rec([20, 5]), table=table).shape == (0, 2)
 
 
 def test_record_words_groups_tokens_by_word_id():
@@ -107,15 +113,72 @@ def test_record_words_groups_tokens_by_word_id():
     assert words == [((5, 6), 1, 3), ((7,), 3, 4), ((8,), 4, 5)]
 
 
-def test_table_file_round_trip(tmp_path):
-    table = build_pmi_table(collocation_corpus(), max_n=5, min_count=5, top_k=10)
-    path = tmp_path / "pmi.json"
-    save_pmi_table(table, path)
-    loaded = load_pmi_table(path)
-    assert loaded.vocab == table.vocab and loaded.max_n == table.max_n
-    assert loaded.ngrams.keys() == table.ngrams.keys()
-    for g, v in table.ngrams.items():
-        assert loaded.ngrams[g] == pytest.approx(v)
+def assert_same_corpus_pmi(a, b):
+    assert a.table == b.table  # vocab, n-grams with their PMI (exactly), max_n
+    for name in ("spans", "offsets", "word_tokens"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_corpus_pmi_file_round_trip(tmp_path):
+    built = build_corpus_pmi(collocation_corpus(), max_n=5, min_count=5, top_k=10)
+    assert len(built.table.ngrams) == 10 and len(built.spans) > 1000
+    save_corpus_pmi(built, tmp_path / "pmi.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["pmi.npz"]  # no temporary file left
+    assert_same_corpus_pmi(load_corpus_pmi(tmp_path / "pmi.npz"), built)
+
+
+def test_batch_spans_are_each_rows_spans_and_rows_are_checked():
+    corpus = collocation_corpus(300)
+    built = build_corpus_pmi(corpus, max_n=5, min_count=5, top_k=3)
+    rows = np.array([7, 0, 7, 299, 5])
+    word_ids = np.full((len(rows), 20), -1, np.int32)
+    for i, r in enumerate(rows):
+        word_ids[i, : len(corpus[r]["word_ids"])] = corpus[r]["word_ids"]
+    spans = built.batch_spans(rows, word_ids)
+    assert spans.dtype == np.int32 and spans.shape[2] == 2
+    for i, r in enumerate(rows):
+        found = find_ngrams(corpus[r]["input_ids"], corpus[r]["word_ids"], built.table)
+        np.testing.assert_array_equal(spans[i, : len(found)], found)
+        assert (spans[i, len(found) :] == -1).all()
+    assert (spans >= 0).any() and (spans == -1).any()
+    with pytest.raises(ValueError, match="word tokens"):
+        built.batch_spans(rows[::-1], word_ids)  # not these rows' sentences
+    with pytest.raises(ValueError, match="not rows"):
+        built.batch_spans(np.array([300]), word_ids[:1])
+
+
+def world_corpus(cache_dir):
+    world = build_world(WorldConfig(num_people=10, num_bios=2))
+    source = CorpusSource(kind="records", records=list(world.sentences), name="world")
+    return build_corpus(source, world_tokenizer(world), cache_dir, max_length=48)
+
+
+def test_corpus_pmi_is_cached_next_to_the_corpus(tmp_path, monkeypatch):
+    corpus = world_corpus(tmp_path)
+    params = {"max_n": 4, "min_count": 3, "top_k": 50}
+    first = corpus_pmi(corpus, **params)
+    assert first.table.ngrams and len(first) == len(corpus)
+    cached = sorted(p.name for p in tmp_path.glob("*.npz"))
+    assert cached == [f"{corpus.fingerprint}.pmi-v{pmi.PMI_CACHE_VERSION}-n4-c3-k50.npz"]
+
+    # The corpus rebuilt from its cache, then the same parameters: loaded, not recomputed.
+    calls = []
+
+    def counting_build(*args):
+        calls.append(args[1:])
+        return build_corpus_pmi(*args)
+
+    monkeypatch.setattr(pmi, "build_corpus_pmi", counting_build)
+    again = world_corpus(tmp_path)
+    assert again.from_cache and again.fingerprint == corpus.fingerprint
+    assert_same_corpus_pmi(corpus_pmi(again, **params), first)
+    assert calls == []
+    # Each parameter is part of the key: changing one recomputes (and caches that one too).
+    for change in ({"max_n": 3}, {"min_count": 4}, {"top_k": 20}):
+        changed = corpus_pmi(again, **(params | change))
+        assert calls[-1] == tuple((params | change).values())
+        assert changed.table != first.table
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.npz"))) == 4
 
 
 def test_max_n_must_allow_ngrams():

@@ -1,14 +1,17 @@
 """Heuristic scorers + the shared sampler, as properties over many random sentences, and on real
 text tokenized by a tiny fast tokenizer built here."""
 
-
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from meta_mask.config import HEURISTIC_POLICIES, LEARNED_POLICIES, PolicyConfig
-from meta_mask.data.pmi import annotate_pmi, build_pmi_table
+from meta_mask.config import HEURISTIC_POLICIES, LEARNED_POLICIES, PolicyConfig, WorldConfig
+from meta_mask.data.corpora import CorpusSource, build_corpus
+from meta_mask.data.pmi import build_corpus_pmi, find_ngrams
+from meta_mask.data.stream import CorpusStream
+from meta_mask.data.world import build_world
+from meta_mask.data.world_tokenizer import world_tokenizer
 from meta_mask.policies.corrupt import corrupt_batch, sentinel_ids
 from meta_mask.policies.heuristic import (
     FILL_SCORE,
@@ -19,10 +22,15 @@ from meta_mask.policies.heuristic import (
     SalientSpans,
     WholeWords,
     collate,
+    corpus_scorer,
     make_scorer,
     span_length_probs,
+    span_units,
+    word_units,
 )
+from meta_mask.policies.mlm_batches import policy_batch
 from meta_mask.policies.sampler import BatchRng, mask_batch_np
+from tests.data.tokenizer_helpers import bpe_tokenizer
 
 
 def random_records(rng, n, max_words=20, entity_prob=0.2):
@@ -255,26 +263,79 @@ def collocation_corpus(rng, n=600):
 
 def test_pmi_ngrams_are_masked_whole():
     records = collocation_corpus(np.random.default_rng(0))
-    table = build_pmi_table(records, max_n=5, min_count=5, top_k=5)
-    batch = collate(annotate_pmi(records, table))
+    scorer = PmiNgrams(build_corpus_pmi(records, max_n=5, min_count=5, top_k=5))
+    batch = collate(records)  # example_ids: the records' rows
     has = np.array([5 in r["input_ids"] for r in records])
-    for scorer, bt in [(PmiNgrams(), batch), (PmiNgrams(table), collate(records))]:
-        for step in range(3):
-            mask = mask_batch_np(scorer, bt, rng_for(bt, step), mask_rate=0.15)
-            check_common(bt, mask)
-            coll = np.isin(bt["input_ids"], [5, 6, 7])
-            for i in np.flatnonzero(has):
-                assert mask[i][coll[i]].all() or not mask[i][coll[i]].any()
-            assert mask[has][coll[has]].any()  # and the collocation is sometimes masked
-    _, units = PmiNgrams()(batch, rng_for(batch))
+    coll = np.isin(batch["input_ids"], [5, 6, 7])
+    for step in range(3):
+        mask = mask_batch_np(scorer, batch, rng_for(batch, step), mask_rate=0.15)
+        check_common(batch, mask)
+        for i in np.flatnonzero(has):
+            assert mask[i][coll[i]].all() or not mask[i][coll[i]].any()
+        assert mask[has][coll[has]].any()  # and the collocation is sometimes masked
+    _, units = scorer(batch, rng_for(batch))
     for i in np.flatnonzero(has):
-        assert len(np.unique(units[i][np.isin(batch["input_ids"][i], [5, 6, 7])])) == 1
+        assert len(np.unique(units[i][coll[i]])) == 1
 
 
-def test_pmi_without_spans_or_table_says_what_to_do():
-    bt = collate(random_records(np.random.default_rng(0), 3))
-    with pytest.raises(ValueError, match="build_pmi_table"):
-        PmiNgrams()(bt, rng_for(bt))
+def test_pmi_scorer_needs_the_corpus_ngrams_and_its_rows():
+    with pytest.raises(ValueError, match="corpus_scorer"):
+        make_scorer(PolicyConfig(name="pmi"))
+    records = collocation_corpus(np.random.default_rng(0))
+    scorer = PmiNgrams(build_corpus_pmi(records, max_n=5, min_count=5, top_k=5))
+    other = collate(random_records(np.random.default_rng(0), 3))  # rows 0..2, other sentences
+    with pytest.raises(ValueError, match="example_ids"):
+        scorer(other, rng_for(other))
+
+
+def world_corpus(tmp_path, tokenizer_kind):
+    """A real small corpus: the synthetic world's sentences, tokenized and cached by
+    data.corpora.build_corpus as a run does, with its word-level tokenizer or a tiny BPE (whose
+    rare words are several tokens)."""
+    world = build_world(WorldConfig(num_people=20, num_bios=2))
+    texts = [s["text"] for s in world.sentences]
+    tok = world_tokenizer(world) if tokenizer_kind == "word" else bpe_tokenizer(texts)
+    source = CorpusSource(kind="records", records=list(world.sentences), name="world")
+    return build_corpus(source, tok, tmp_path / "corpora", max_length=48), tok
+
+
+def pmi_units_per_sentence(batch, table):
+    """The PMI units as the scorer found them before the spans were precomputed per corpus
+    row: each batch sentence's n-grams found with the table (find_ngrams), then every other
+    word a unit. The reference the gathered spans must reproduce."""
+    pairs = zip(batch["input_ids"], batch["word_ids"], strict=True)
+    found = [find_ngrams(ids, wids, table) for ids, wids in pairs]
+    spans = np.full((len(found), max([len(f) for f in found] + [1]), 2), -1, np.int32)
+    for i, f in enumerate(found):
+        spans[i, : len(f)] = f
+    units = span_units(spans, batch["valid"])
+    rest = batch["valid"] & (units < 0)
+    return np.where(rest, word_units(batch["word_ids"], rest), units)
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["word", "bpe"])
+def test_pmi_scorer_gathers_the_units_finding_them_per_sentence_gives(tmp_path, tokenizer_kind):
+    """The run's PMI scorer (corpus_scorer: every row's n-grams found once, cached) gives the
+    same units (and all-zero scores) as finding each batch sentence's n-grams with the table,
+    on stream batches of a real corpus."""
+    corpus, tok = world_corpus(tmp_path, tokenizer_kind)
+    cfg = PolicyConfig(name="pmi", pmi_min_count=5)
+    scorer = corpus_scorer(cfg, corpus)
+    stream = CorpusStream(corpus.dataset, batch_size=16, max_length=48, seed=0, pad_id=1)
+    multi_word = multi_token_words = 0
+    for step in range(2 * stream.batches_per_epoch):  # every row, twice
+        sb = stream.batch_at(step * 16)
+        batch = policy_batch(sb, stream.entity_labels(sb["indices"]))
+        scores, units = scorer(batch, rng_for(batch, step))
+        np.testing.assert_array_equal(units, pmi_units_per_sentence(batch, scorer.pmi.table))
+        np.testing.assert_array_equal(scores, np.zeros(units.shape, np.float32))
+        for i in range(len(units)):
+            for u in np.unique(units[i][units[i] >= 0]):
+                words = batch["word_ids"][i][units[i] == u]
+                multi_word += len(np.unique(words)) > 1
+                multi_token_words += len(words) > 1 and len(np.unique(words)) == 1
+    assert multi_word > 100  # the corpus's collocations ("was born in", ...) are units
+    assert (multi_token_words > 100) == (tokenizer_kind == "bpe")
 
 
 TEXTS = [
@@ -350,8 +411,8 @@ def test_real_text_end_to_end_masked_spans_example():
 def test_make_scorer_covers_every_policy(batch):
     for name in HEURISTIC_POLICIES:
         cfg = PolicyConfig(name=name, spans_per_sentence=2 if name == "salient_spans" else 0)
-        table = build_pmi_table(collocation_corpus(np.random.default_rng(0)), min_count=5)
-        scorer = make_scorer(cfg, pmi_table=table)
+        pmi = build_corpus_pmi(random_records(np.random.default_rng(0), 400), min_count=2)
+        scorer = make_scorer(cfg, pmi=pmi if name == "pmi" else None)
         mask = mask_batch_np(scorer, batch, rng_for(batch), **cfg.budget())
         check_common(batch, mask)
         assert mask.any() == (name != "none")

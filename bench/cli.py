@@ -1,0 +1,91 @@
+"""The command line of `python -m bench`: the only reader of its flags.
+
+XLA CPU flags: this is a CLI, so it may set XLA_FLAGS before jax is imported; the library
+itself never does. See `_xla_flags` for what is set and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from bench.report import table
+from bench.run import SECTIONS, run
+from bench.sizes import BenchSizes, quick_sizes
+
+
+def _xla_flags() -> None:
+    # Set before jax is imported (main() calls this first). Nothing is set when the user already
+    # chose XLA_FLAGS. (Kept as a hook: measured flags are listed in bench/README.md.)
+    os.environ.setdefault("XLA_FLAGS", "")
+
+
+def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
+    """The sizes (defaults or --quick, then any size flags) and the other flags, validated."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description="Performance harness (see bench/README.md)."
+    )
+    defaults = BenchSizes()
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds); for tests")
+    for f in dataclasses.fields(BenchSizes):
+        if f.name == "meta_k":
+            p.add_argument("--meta_k", type=str, default=None, help="comma-separated K values")
+        else:
+            p.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=None)
+    p.add_argument("--out", default="", help="write the results JSON here")
+    p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {SECTIONS} (train always runs: the others compare to it)",
+    )
+    args = p.parse_args(argv)
+    sz = quick_sizes() if args.quick else defaults
+    over = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(BenchSizes)
+        if getattr(args, f.name) is not None
+    }
+    if isinstance(over.get("meta_k"), str):
+        over["meta_k"] = tuple(int(x) for x in over["meta_k"].split(","))
+    sz = dataclasses.replace(sz, **over)
+    if not args.quick and sz.repeats < 5:
+        p.error(f"--repeats={sz.repeats}: use >= 5 (medians of interleaved repeats)")
+    args.sections = tuple(x for x in args.sections.split(",") if x)
+    bad = [x for x in args.sections if x not in SECTIONS]
+    if bad:
+        p.error(f"--sections has {bad}; valid: {SECTIONS}")
+    if 1 not in sz.meta_k:
+        p.error(f"--meta_k={sz.meta_k} must include 1 (the memory ratio's denominator)")
+    return sz, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table (stdout) and progress (stderr); write --out."""
+    sz, args = parse_args(argv)
+    _xla_flags()
+    t0 = time.time()
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    res = run(sz, with_torch=not args.no_torch, sections=args.sections, log=log)
+    res["wall_s"] = time.time() - t0
+    res["machine"]["load_average_end"] = list(os.getloadavg())
+    md = table(res)
+    res["table"] = md
+    print(md)
+    print(
+        f"\nmachine: {res['machine']['cpu']}, {res['machine']['cores']} cores, load average "
+        f"{res['machine']['load_average']} (start) {res['machine']['load_average_end']} (end); "
+        f"jax {res['machine']['jax']}; {res['wall_s']:.0f} s"
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0

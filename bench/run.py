@@ -1,0 +1,42 @@
+"""The run: every asked section in one process, each section's contenders interleaved."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from bench.generation import generation_section
+from bench.masking import masking_section
+from bench.meta_step import meta_section
+from bench.report import machine_info
+from bench.sizes import BenchSizes, model_config
+from bench.train_step import train_section
+
+SECTIONS = ("train", "meta", "masking", "generation")
+
+
+def run(
+    sz: BenchSizes,
+    *,
+    with_torch: bool = True,
+    sections: tuple[str, ...] = SECTIONS,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """The sections (train = a + b, always: the others compare against its step); returns the
+    JSON-able results."""
+    import jax
+
+    cfg = model_config(sz)
+    results: dict[str, Any] = {"sizes": dataclasses.asdict(sz), "machine": machine_info()}
+    results["machine"]["jax"] = jax.__version__
+    results["machine"]["devices"] = [str(d) for d in jax.devices()]
+    results |= train_section(cfg, sz, with_torch, log)
+    if "meta" in sections:
+        results["meta"] = meta_section(cfg, sz, log)
+    if "masking" in sections:
+        consumed = sz.batch / results["train_vs_torch"]["ours_s"]  # sentences/s of the step
+        results["masking"] = masking_section(sz, consumed, log)
+    if "generation" in sections:
+        results["generation"] = generation_section(cfg, sz, log)
+    return results

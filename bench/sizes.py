@@ -1,0 +1,69 @@
+"""The benchmark's sizes: the defaults, the --quick ones, and the model config they give."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSizes:
+    d_model: int = 256
+    layers: int = 4  # encoder and decoder layers each
+    heads: int = 4
+    ffn_dim: int = 1024
+    vocab: int = 8192
+    seq: int = 128  # encoder and decoder length of the train step (a, b)
+    batch: int = 16
+    meta_batch: int = 8  # sentences per inner batch (c)
+    meta_len: int = 64  # inner sentence length (c)
+    meta_k: tuple[int, ...] = (1, 2, 4, 8)  # K values whose compiled memory is reported
+    mask_batch: int = 64  # sentences per host masking call (d)
+    gen_batch: int = 8
+    gen_src: int = 64
+    gen_len: int = 32
+    beams: int = 4
+    peak_n: int = 2048  # jnp.dot size for the matmul peak
+    repeats: int = 5
+    iters: int = 3  # steps per timed repeat
+    dtype: str = "float32"
+
+
+def quick_sizes() -> BenchSizes:
+    """A tiny configuration (seconds) for tests/test_bench.py."""
+    return BenchSizes(
+        d_model=32,
+        layers=1,
+        heads=2,
+        ffn_dim=64,
+        vocab=128,
+        seq=16,
+        batch=4,
+        meta_batch=2,
+        meta_len=16,
+        meta_k=(1, 2),
+        mask_batch=8,
+        gen_batch=2,
+        gen_src=8,
+        gen_len=6,
+        beams=2,
+        peak_n=256,
+        repeats=2,
+        iters=1,
+    )
+
+
+def model_config(sz: BenchSizes):
+    from meta_mask.config import ModelConfig
+
+    return ModelConfig(
+        vocab_size=sz.vocab,
+        d_model=sz.d_model,
+        encoder_layers=sz.layers,
+        decoder_layers=sz.layers,
+        encoder_attention_heads=sz.heads,
+        decoder_attention_heads=sz.heads,
+        encoder_ffn_dim=sz.ffn_dim,
+        decoder_ffn_dim=sz.ffn_dim,
+        max_position_embeddings=max(sz.seq, sz.gen_src, sz.gen_len, sz.meta_len, 64),
+        dtype=sz.dtype,
+    )

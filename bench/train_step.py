@@ -1,0 +1,189 @@
+"""(a) our train step against PyTorch's, and (b) its MFU against a measured matmul peak."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from bench.flops import matmul_params, train_flops, xla_flops
+from bench.sizes import BenchSizes
+from bench.timing import interleave, median, timed
+
+
+def make_peak(n: int) -> tuple[Callable[[], float], float]:
+    """(fn returning seconds of one n x n float32 matmul, its FLOPs)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    return (lambda: timed(lambda: dot(a, b).block_until_ready(), 2)), 2.0 * n**3
+
+
+def synthetic_batch(cfg, batch: int, src: int, tgt: int, seed: int = 0) -> dict:
+    """A full (no padding) seq2seq batch in the train step's format (numpy)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, cfg.vocab_size, size=(batch, src), dtype=np.int32)
+    labels = rng.integers(4, cfg.vocab_size, size=(batch, tgt), dtype=np.int32)
+    dec = np.concatenate(
+        [np.full((batch, 1), cfg.decoder_start_token_id, np.int32), labels[:, :-1]], axis=1
+    )
+    return {
+        "input_ids": ids,
+        "decoder_input_ids": dec,
+        "labels": labels,
+        "weights": np.ones((batch, tgt), np.float32),
+    }
+
+
+class OurStep:
+    """Our jitted train step on a fixed batch; `run()` returns seconds per step."""
+
+    def __init__(self, cfg, batch: dict, iters: int) -> None:
+        import jax
+
+        from meta_mask.config import OptimConfig
+        from meta_mask.model.bart import Bart, init_params
+        from meta_mask.training import sharding as sharding_lib
+        from meta_mask.training.steps import create_train_state, make_optimizer, make_train_step
+
+        optim = OptimConfig(total_steps=10_000)
+        model = Bart(cfg)
+        params = init_params(cfg, jax.random.key(0))
+        self.n_params = sum(x.size for x in jax.tree.leaves(params))
+        self.state = create_train_state(params, make_optimizer(optim))
+        self.step = make_train_step(model, optim)
+        mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig())
+        self.batch = sharding_lib.shard_batch(batch, mesh)
+        self.rng = jax.random.key(1)
+        self.iters = iters
+        self.state = jax.device_put(self.state, sharding_lib.replicated(mesh))
+        compiled = self.step.jitted.lower(self.state, self.batch, self.rng).compile()
+        self.compiled = compiled
+        self._one()  # compile (cache) and warm up
+
+    def _one(self) -> None:
+        self.state, metrics = self.step(self.state, self.batch, self.rng)
+        metrics["loss"].block_until_ready()
+
+    def run(self) -> float:
+        return timed(self._one, self.iters)
+
+    def xla_flops(self) -> float:
+        return xla_flops(self.compiled)
+
+
+class TorchStep:
+    """HF PyTorch BartForConditionalGeneration + AdamW (+ grad clip), dropout on."""
+
+    def __init__(self, cfg, batch: dict, iters: int) -> None:
+        import torch
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        torch.manual_seed(0)
+        hf_cfg = BartConfig(
+            **{
+                f.name: getattr(cfg, f.name)
+                for f in dataclasses.fields(cfg)
+                if f.name not in ("dtype", "remat")
+            }
+        )
+        self.model = BartForConditionalGeneration(hf_cfg).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+        self.batch = {k: torch.from_numpy(v.astype("int64")) for k, v in batch.items()}
+        self.iters = iters
+        self.threads = torch.get_num_threads()
+        self.torch_version = torch.__version__
+        self._one()
+
+    def _one(self) -> None:
+        import torch
+
+        out = self.model(
+            input_ids=self.batch["input_ids"],
+            decoder_input_ids=self.batch["decoder_input_ids"],
+            labels=self.batch["labels"],
+        )
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+
+    def run(self) -> float:
+        return timed(self._one, self.iters)
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def train_section(cfg, sz: BenchSizes, with_torch: bool, log: Callable[[str], None]) -> dict:
+    """(a) + (b): our step, torch's step and the matmul peak, interleaved. Returns
+    {"train_vs_torch": ..., "mfu": ...}."""
+    b, s = sz.batch, sz.seq
+    tokens = b * 2 * s
+    log("building train steps ...")
+    batch = synthetic_batch(cfg, b, s, s)
+    ours = OurStep(cfg, batch, sz.iters)
+    peak_fn, peak_flops = make_peak(sz.peak_n)
+    fns: dict[str, Callable[[], float]] = {"ours": ours.run, "peak": peak_fn}
+    torch_step = None
+    if with_torch and torch_available():
+        torch_step = TorchStep(cfg, batch, sz.iters)
+        fns["torch"] = torch_step.run
+    log(f"timing train steps x{sz.repeats} ...")
+    times = interleave(fns, sz.repeats)
+    t_ours = median(times["ours"])
+    flops = train_flops(cfg, b, s, s)
+    peak = peak_flops / median(times["peak"])
+    a: dict[str, Any] = {
+        "tokens_per_step": tokens,
+        "ours_s": t_ours,
+        "ours_tokens_per_s": tokens / t_ours,
+    }
+    if torch_step is not None:
+        t_torch = median(times["torch"])
+        a.update(
+            torch_s=t_torch,
+            torch_tokens_per_s=tokens / t_torch,
+            ratio=t_torch / t_ours,
+            # Paired: each repeat's torch / ours (A and B ran back to back, under the same load).
+            ratio_paired_median=median(
+                [t / o for t, o in zip(times["torch"], times["ours"], strict=True)]
+            ),
+            torch_threads=torch_step.threads,
+            torch_version=torch_step.torch_version,
+            torch_mfu=flops / t_torch / peak,
+        )
+    else:
+        a["torch"] = "skipped: torch not installed (pip install -e '.[test]' has torch==2.13.0)"
+    a["times"] = times
+    xla = ours.xla_flops()
+    mfu = {
+        "model_flops_per_step": flops,
+        "xla_flops_per_step": xla,
+        "xla_over_model": xla / flops,
+        "matmul_params": matmul_params(cfg),
+        "params": int(ours.n_params),
+        "peak_flops_per_s": peak,
+        "peak_matmul_n": sz.peak_n,
+        "model_flops_per_s": flops / t_ours,
+        "mfu": flops / t_ours / peak,
+        # Paired: each repeat's step against the peak measured right after it.
+        "mfu_paired_median": median(
+            [
+                flops / o / (peak_flops / p)
+                for o, p in zip(times["ours"], times["peak"], strict=True)
+            ]
+        ),
+    }
+    return {"train_vs_torch": a, "mfu": mfu}
