@@ -228,6 +228,77 @@ def corrupt_tokens_jax(
     }
 
 
+def corrupt_spans_jax(
+    input_ids: jax.Array,
+    mask: jax.Array,
+    *,
+    enc_len: int,
+    dec_len: int,
+    mask_id: int,
+    sentinels: Sequence[int] = (),
+    infill: str = "span",
+    pad_id: int = 1,
+    eos_id: int = 2,
+    decoder_start_token_id: int = 2,
+) -> dict[str, jax.Array]:
+    """Jittable masked_spans example, equal to corrupt_np(..., output_format="masked_spans",
+    overflow="drop_spans") on every row whose corrupt_np would not raise (enc_len >= L; at most
+    len(sentinels) spans), so a policy meta-learned through it is trained on exactly the
+    examples the intermediate stage writes. Also returns "label_source" int32 [B, dec_len]: the
+    input position each label reproduces (-1 for sentinels, </s> and padding), which maps
+    per-token weights onto the target."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, length = input_ids.shape
+    real = input_ids != pad_id
+    mask = jnp.asarray(mask, bool) & real
+
+    def runs(m):
+        prev = jnp.pad(m, ((0, 0), (1, 0)))[:, :-1]
+        start = m & ~prev if infill == "span" else m
+        return start, jnp.cumsum(start, axis=1) - 1
+
+    run_start, run_idx = runs(mask)
+    # Drop the trailing runs whose target (sentinel + tokens, then </s>) would not fit: a run
+    # fits iff the target slots used up to its last token leave room for </s>.
+    end = jnp.cumsum(mask.astype(jnp.int32) + run_start, axis=1)
+    slot = jnp.where(mask, run_idx, length)  # unmasked tokens go to a spare segment
+    run_end = jax.vmap(lambda e, r: jax.ops.segment_max(e, r, num_segments=length + 1))(
+        jnp.where(mask, end, 0), slot
+    )
+    mask = mask & (jnp.take_along_axis(run_end, slot, axis=1) <= dec_len - 1)
+    run_start, run_idx = runs(mask)
+
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+    if len(sentinels):
+        table = jnp.asarray(sentinels, jnp.int32)
+        symbol = table[jnp.clip(run_idx, 0, len(sentinels) - 1)]
+    else:
+        symbol = jnp.full((b, length), mask_id, jnp.int32)
+    enc_values = jnp.where(mask & run_start, symbol, input_ids)
+    keep = real & ~(mask & ~run_start)
+    enc_pos = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, enc_len)  # enc_len: dropped
+    enc = jnp.full((b, enc_len), pad_id, jnp.int32).at[rows, enc_pos].set(enc_values, mode="drop")
+
+    end = jnp.cumsum(mask.astype(jnp.int32) + run_start, axis=1)  # one past each token's slot
+    n_labels = end[:, -1] + 1  # + </s>
+    token_pos = jnp.where(mask, end - 1, dec_len)
+    sentinel_pos = jnp.where(mask & run_start, end - 2, dec_len)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    labels = jnp.full((b, dec_len), pad_id, jnp.int32)
+    labels = labels.at[rows, token_pos].set(input_ids, mode="drop")
+    labels = labels.at[rows, sentinel_pos].set(symbol, mode="drop")
+    labels = labels.at[jnp.arange(b), n_labels - 1].set(eos_id, mode="drop")
+    source = jnp.full((b, dec_len), -1, jnp.int32).at[rows, token_pos].set(positions, mode="drop")
+    start = jnp.full((b, 1), decoder_start_token_id, jnp.int32)
+    return {
+        "input_ids": enc,
+        "decoder_input_ids": jnp.concatenate([start, labels[:, :-1]], axis=1),
+        "labels": labels,
+        "weights": (jnp.arange(dec_len)[None, :] < n_labels[:, None]).astype(jnp.float32),
+        "label_source": source,
+    }
+
+
 def corrupt_batch(
     batch: dict,
     mask: np.ndarray,

@@ -1,6 +1,7 @@
 """Output formats: hand-written golden examples, round trips over random masks, 80/10/10 law,
 the JAX same-length variant, and shift_right against transformers' BART."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from meta_mask.config import PolicyConfig
 from meta_mask.policies.corrupt import (
     corrupt_batch,
     corrupt_np,
+    corrupt_spans_jax,
     corrupt_tokens_jax,
     non_special_ids,
     sentinel_ids,
@@ -190,6 +192,31 @@ def test_masked_spans_round_trip_over_random_masks():
         assert fill_in(enc, labels[:-1], sentinels) == real
         runs = int((real_mask & ~np.r_[False, real_mask[:-1]]).sum())
         assert [t for t in enc if t in sentinels] == sentinels[:runs]
+
+
+@pytest.mark.parametrize("infill", ["span", "token"])
+@pytest.mark.parametrize("dec_len", [24, 9, 4])
+def test_jax_masked_spans_equal_numpy_including_dropped_spans(infill, dec_len):
+    # The meta-learned policy's inner step trains on exactly the examples the intermediate
+    # stage writes: random masks, short targets that drop trailing spans, with and without
+    # sentinels, one token per span or whole spans.
+    rng = np.random.default_rng(7)
+    ids, mask = random_batch(rng)
+    for sentinels in (list(range(200, 180, -1)), []):
+        kw = dict(enc_len=20, dec_len=dec_len, mask_id=MASK, sentinels=sentinels, infill=infill)
+        ref = corrupt_np(ids, mask, output_format="masked_spans", **kw)
+        out = jax.jit(lambda i, m, kw=kw: corrupt_spans_jax(i, m, **kw))(ids, mask)
+        for k in ref:
+            np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=k)
+        # label_source points every span token of the target at its input position.
+        src = np.asarray(out["label_source"])
+        has = src >= 0
+        np.testing.assert_array_equal(
+            ref["labels"][has], np.take_along_axis(ids, np.maximum(src, 0), 1)[has]
+        )
+        kept = ref["labels"] != 1
+        n_span_tokens = (kept & ~np.isin(ref["labels"], [*sentinels, MASK, 2])).sum()
+        assert has.sum() == n_span_tokens
 
 
 def test_full_sentence_span_infilling_round_trip():
