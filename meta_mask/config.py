@@ -379,6 +379,22 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint_every: int = option(200, "Save a resumable checkpoint every this many steps.")
     log_every: int = option(25, "Log the training metrics every this many steps.")
+    eval_every: int = option(
+        0,
+        "Fine-tuning: score the task's dev split (by generation, the task's metric) every this "
+        "many steps and keep the best step; 0 = no dev evaluation, keep the last step.",
+    )
+    patience: int = option(
+        0, "Dev evaluations without a gain before the stage stops early; 0 = never stop early."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("eval_every", "patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -590,6 +606,11 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.intermediate.eval_every or self.intermediate.patience:
+            raise ValueError(
+                "intermediate.eval_every / intermediate.patience: dev selection applies to "
+                "fine-tuning only (the intermediate stage trains its steps)"
+            )
 
 
 @dataclass(frozen=True)

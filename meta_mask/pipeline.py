@@ -139,9 +139,12 @@ def train_stage(
     batch_for_step,
     *,
     rng_salt: int,
+    dev_score=None,
+    select_by: str = "",
 ) -> Any:
     """Train the LM from `params` for the stage's steps in `workdir/<name>` (resuming its
-    checkpoints; loading its final params when done); returns the final params."""
+    checkpoints; loading its final params when done); returns the final params (the best dev
+    step's with stage_cfg.eval_every > 0: `dev_score(params)` -> metrics, best `select_by`)."""
     from meta_mask.training import checkpoint, lm_learner, loop
 
     stage_dir = ctx.workdir / name
@@ -163,11 +166,13 @@ def train_stage(
             "stage_config": config_lib.to_dict(stage_cfg),
             "seed": ctx.cfg.seed,
         },
+        dev_score=dev_score,
+        select_by=select_by,
     )
     start = time.time()
     trained = loop.train(learner, stage_dir, lm_learner.options(stage_cfg, name))
     checkpoint.save_params(stage_dir / "final", trained.state.params, overwrite=True)
-    done = {"steps": stage_cfg.steps, "seconds": time.time() - start}
+    done = {"steps": stage_cfg.steps, "seconds": time.time() - start, **trained.history()}
     workdir_lib.write_json(stage_dir / "done.json", done)
     return trained.state.params
 
@@ -304,7 +309,10 @@ def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
 
 
 def finetune_stage(ctx: RunContext, params: Any) -> Any:
-    from meta_mask.data import seq2seq
+    """Fine-tuning on the task's train split; with --finetune.eval_every, the step with the
+    best dev score (the task's main metric, by generation) is kept."""
+    from meta_mask.data import seq2seq, tasks
+    from meta_mask.evaluation import predict
 
     cfg = ctx.cfg
     data = seq2seq.encode_examples(
@@ -321,7 +329,22 @@ def finetune_stage(ctx: RunContext, params: Any) -> Any:
         rows = seq2seq.local_rows(rows, jax.process_index(), jax.process_count())
         return seq2seq.train_batch(data, rows, pad_id=pad, decoder_start_token_id=start)
 
-    return train_stage(ctx, "finetune", params, cfg.finetune, batch_for_step, rng_salt=2)
+    dev_score, metric = None, tasks.get_task(cfg.data.task).metric
+    if cfg.finetune.eval_every:
+        dev_score = predict.dev_scorer(
+            ctx.model,
+            ctx.model_cfg,
+            ctx.tokenizer,
+            ctx.examples(ctx.dev_split()),
+            metric=metric,
+            source_length=cfg.data.source_length,
+            max_length=cfg.data.target_length,
+            eval_cfg=cfg.eval,
+        )
+    return train_stage(
+        ctx, "finetune", params, cfg.finetune, batch_for_step, rng_salt=2,
+        dev_score=dev_score, select_by=predict.main_metric(metric),
+    )  # fmt: skip
 
 
 def evaluate_stage(ctx: RunContext, params: Any) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,9 +19,8 @@ from meta_mask.data import seq2seq
 from meta_mask.evaluation import metrics as metrics_lib
 
 
-def predict(
+def make_predictor(
     model,
-    params: Any,
     model_cfg: ModelConfig,
     tokenizer,
     examples: Sequence,
@@ -29,8 +28,11 @@ def predict(
     source_length: int,
     max_length: int,
     eval_cfg: EvalConfig,
-) -> list[str]:
-    """Generated text for every example, in order."""
+    progress: bool = True,
+) -> Callable[[Any], list[str]]:
+    """`predictor(params)` -> the generated text of every example, in order. The examples are
+    encoded and the generation function jitted once, so calling it again (e.g. every dev
+    evaluation of a stage) neither re-encodes nor re-traces."""
     from meta_mask.model.generate import make_generate_fn
 
     data = seq2seq.encode_examples(
@@ -46,13 +48,53 @@ def predict(
         min_length=eval_cfg.min_length,
     )
     batch_size = min(eval_cfg.batch_size, len(examples))
-    out: list[str] = []
-    batches = seq2seq.eval_batches(data, batch_size, tokenizer.pad_token_id)
     total = -(-len(examples) // batch_size)
-    for input_ids, real in tqdm(batches, total=total, desc="generate", disable=None):
-        tokens = np.asarray(generate(params, input_ids))[:real]
-        out += tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    return [text.strip() for text in out]
+
+    def predictor(params: Any) -> list[str]:
+        out: list[str] = []
+        batches = seq2seq.eval_batches(data, batch_size, tokenizer.pad_token_id)
+        for input_ids, real in tqdm(
+            batches, total=total, desc="generate", disable=None if progress else True
+        ):
+            tokens = np.asarray(generate(params, input_ids))[:real]
+            out += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [text.strip() for text in out]
+
+    return predictor
+
+
+def main_metric(metric: str) -> str:
+    """The score a task's runs are compared (and dev-selected) by: em, accuracy or rougeL."""
+    return {"em_f1": "em", "kilt_em": "em", "accuracy": "accuracy", "rouge": "rougeL"}[metric]
+
+
+def dev_scorer(
+    model,
+    model_cfg: ModelConfig,
+    tokenizer,
+    examples: Sequence,
+    *,
+    metric: str,
+    source_length: int,
+    max_length: int,
+    eval_cfg: EvalConfig,
+) -> Callable[[Any], dict[str, float]]:
+    """`score(params)` -> the task's metrics on `examples` (a dev split), for model selection."""
+    predictor = make_predictor(
+        model,
+        model_cfg,
+        tokenizer,
+        examples,
+        source_length=source_length,
+        max_length=max_length,
+        eval_cfg=eval_cfg,
+        progress=False,
+    )
+
+    def score(params: Any) -> dict[str, float]:
+        return metrics_lib.compute_metrics(metric, predictor(params), examples)
+
+    return score
 
 
 def evaluate(
@@ -73,16 +115,15 @@ def evaluate(
 
     With `train_examples` (closed-book QA), also the metrics per test-train overlap bucket
     (Lewis et al. 2021) under "overlap"."""
-    predictions = predict(
+    predictions = make_predictor(
         model,
-        params,
         model_cfg,
         tokenizer,
         examples,
         source_length=source_length,
         max_length=max_length,
         eval_cfg=eval_cfg,
-    )
+    )(params)
     scores = metrics_lib.per_example_scores(metric, predictions, examples)
     result: dict[str, Any] = metrics_lib.compute_metrics(metric, predictions, examples)
     if train_examples is not None:
