@@ -139,22 +139,18 @@ class RunContext:
     world: Any = None
 
 
-def _is_world_task(name: str) -> bool:
-    from meta_mask.data import world as world_lib
-
-    return name in world_lib.TASKS
-
-
 def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -> RunContext:
+    from meta_mask.data import tasks
     from meta_mask.model import bart, hf
     from meta_mask.training import sharding
 
+    spec = tasks.get_task(cfg.data.task)  # an unknown name fails here, before any work
     world = None
-    if cfg.data.corpus == WORLD_CORPUS or _is_world_task(cfg.data.task):
+    if cfg.data.corpus == WORLD_CORPUS or spec.world_variant is not None:
         from meta_mask.data import world as world_lib
         from meta_mask.data import world_tokenizer
 
-        world = world_lib.build_world(cfg.world)
+        world = world_lib.build_world(cfg.world)  # the run's one world
     if cfg.data.tokenizer:
         tokenizer = hf.load_tokenizer(cfg.data.tokenizer, flag="--data.tokenizer")
     elif cfg.init:
@@ -203,26 +199,18 @@ def task_examples(ctx: RunContext, split: str, max_examples: int = 0) -> list:
     """The examples of the run's task and `split` (world tasks come from the run's world)."""
     from meta_mask.data import tasks
 
-    name = ctx.cfg.data.task
-    if _is_world_task(name):
-        from meta_mask.data import world as world_lib
-
-        rows = world_lib.world_task(ctx.world, name)[split]
-        examples = [tasks.example_from_dict(r, f"{split}-{i}") for i, r in enumerate(rows)]
-    else:
-        examples = tasks.load_task(
-            name, split, data_dir=ctx.cfg.data.data_dir or None, max_examples=max_examples or None
-        )
-    return examples[:max_examples] if max_examples else examples
+    return tasks.load_task(
+        ctx.cfg.data.task,
+        split,
+        data_dir=ctx.cfg.data.data_dir or None,
+        max_examples=max_examples or None,
+        world=ctx.world,
+    )
 
 
 def task_metric(name: str) -> str:
     from meta_mask.data import tasks
 
-    if _is_world_task(name):
-        from meta_mask.data import world as world_lib
-
-        return "rouge" if name == world_lib.SUMMARY_TASK else "em_f1"
     return tasks.get_task(name).metric
 
 
@@ -456,7 +444,9 @@ def _policy_task(cfg: Config) -> str:
 
 
 def _dev_split(ctx: RunContext) -> str:
-    return "dev" if _is_world_task(ctx.cfg.data.task) else "validation"
+    from meta_mask.data import tasks
+
+    return tasks.dev_split(ctx.cfg.data.task)
 
 
 def learn_policy_stage(ctx: RunContext, corpus, folder: pathlib.Path) -> None:

@@ -7,6 +7,8 @@ Every field of meta_mask.config.Config is a flag named by its path (`--model.d_m
 a complete, typed description of an experiment and a misspelled flag fails at parse time.
 `--sweep.*` flags turn one command into a grid of runs (policies x seeds x tasks) that runs
 one after another here, or prints one command per run for a cluster (`--sweep.print_commands`).
+An error that is the user's to fix (meta_mask.errors.UserError: a bad data file, an unknown
+task, an unreachable hub) prints as one line `error: <message>` and exits with status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from absl import app, flags
 
 from meta_mask import config as config_lib
+from meta_mask.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -132,13 +135,19 @@ def main(argv: list[str]) -> None:
         for line in sweep.commands(grid, sys.argv, FLAGS.workdir):
             print(line)
         return
-    code = sweep.run(
-        cfg,
-        grid,
-        FLAGS.workdir,
-        argv=sys.argv,
-        aggregate_only=FLAGS["sweep.aggregate_only"].value,
-    )
+    try:
+        code = sweep.run(
+            cfg,
+            grid,
+            FLAGS.workdir,
+            argv=sys.argv,
+            aggregate_only=FLAGS["sweep.aggregate_only"].value,
+        )
+    except UserError as e:
+        # The message says what to fix; a traceback would only bury it. Anything else is a
+        # bug and keeps its traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code)
 
 
