@@ -321,8 +321,8 @@ def resolve_dir(path_or_id: str, allow_patterns: list[str], flag: str = "path_or
     except Exception as err:  # offline mode, no network, unknown repo: all need the same fix
         # The hub's own traceback adds nothing to its message, which is kept here.
         raise CheckpointNotFoundError(
-            f"{flag}={path_or_id!r} is no local folder, and fetching it from the Hugging Face hub "
-            f"failed ({type(err).__name__}: {err}). If this machine is offline, download the "
+            f"{flag}={path_or_id!r} is not a local folder, and fetching it from the Hugging Face "
+            f"hub failed ({type(err).__name__}: {err}). If this machine is offline, download the "
             f"folder elsewhere (e.g. `hf download {path_or_id} --local-dir DIR`), copy it here "
             f"and pass its local path as {flag}=DIR."
         ) from None

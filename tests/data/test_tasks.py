@@ -280,7 +280,10 @@ def test_world_tasks_are_ordinary_registry_entries():
         for split in spec.splits:
             rows = world_task(world, name)[split]
             examples = load_task(name, split, world=world)
-            # The world's rows, in order, with the row index as id and the rest in meta.
+            # The world's rows in order, with the row index as id and the rest in meta.
+            assert examples == [
+                tasks.example_from_dict(r, f"{split}-{i}") for i, r in enumerate(rows)
+            ]
             assert [(e.source, e.targets, e.id) for e in examples] == [
                 (r["source"], r["targets"], f"{split}-{i}") for i, r in enumerate(rows)
             ]
