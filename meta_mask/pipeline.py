@@ -29,6 +29,7 @@ import jax
 from meta_mask import config as config_lib
 from meta_mask import workdir as workdir_lib
 from meta_mask.config import Config
+from meta_mask.errors import UserError
 from meta_mask.training.distributed import is_writer
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class RunContext:
     def dev_split(self) -> str:
         from meta_mask.data import tasks
 
-        return tasks.get_task(self.cfg.data.task).dev_split
+        return tasks.dev_split(self.cfg.data.task)
 
 
 def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -> RunContext:
@@ -79,11 +80,12 @@ def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -
     from meta_mask.model import bart, hf
     from meta_mask.training import sharding
 
+    spec = tasks.get_task(cfg.data.task)  # an unknown name fails here, before any work
     world = None
-    if cfg.data.corpus == WORLD_CORPUS or tasks.get_task(cfg.data.task).world_variant:
+    if cfg.data.corpus == WORLD_CORPUS or spec.world_variant is not None:
         from meta_mask.data import world as world_lib
 
-        world = world_lib.build_world(cfg.world)
+        world = world_lib.build_world(cfg.world)  # the run's one world
     if cfg.data.tokenizer:
         tokenizer = hf.load_tokenizer(cfg.data.tokenizer, flag="--data.tokenizer")
     elif cfg.init:
@@ -93,7 +95,10 @@ def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -
 
         tokenizer = world_tokenizer.world_tokenizer(world)
     else:
-        raise ValueError("no tokenizer: set --data.tokenizer or --init (a Hugging Face BART)")
+        raise UserError(
+            f"--data.task={cfg.data.task} with --data.corpus={cfg.data.corpus} has no "
+            "tokenizer: set --data.tokenizer or --init (a Hugging Face BART)"
+        )
 
     mesh = sharding.make_mesh(cfg.mesh)
     if cfg.init:
@@ -111,8 +116,9 @@ def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -
         ours = getattr(model_cfg, f"{name}_token_id")
         theirs = getattr(tokenizer, f"{name}_token_id")
         if ours != theirs:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer's {name} id is {theirs} but the model's {name}_token_id is {ours}"
+                " (--model.*_token_id, or a --data.tokenizer that belongs to another model)"
             )
     params = sharding.place(params, sharding.param_shardings(params, mesh))
     return RunContext(
@@ -213,7 +219,6 @@ def build_corpus(ctx: RunContext):
 def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
     """The folder of the run's learned policy: learned here (skipped once done) or another
     run's (--policy.checkpoint: transfer)."""
-    from meta_mask.errors import UserError
     from meta_mask.policies import learned, meta_train, supervised
     from meta_mask.training import loop
 

@@ -9,6 +9,8 @@ typed description of an experiment, and a misspelled flag or a bad value fails a
 The fields of meta_mask.config.SweepConfig are the `--sweep.*` flags: they turn one command into
 a grid of runs (policies x seeds x tasks) that runs one after another here, or print one command
 per run for a cluster (`--sweep.print_commands`).
+An error that is the user's to fix (meta_mask.errors.UserError: a bad data file, an unknown
+task, an unreachable hub) prints as one line `error: <message>` and exits with status 1.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import typing
 from absl import app, flags
 
 from meta_mask import config as config_lib
+from meta_mask.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -188,7 +191,14 @@ def main(argv: list[str]) -> None:
         return
     _quiet_libraries()
     _join_cluster()
-    sys.exit(sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv))
+    try:
+        code = sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv)
+    except UserError as e:
+        # The message says what to fix; a traceback would only bury it. Anything else is a
+        # bug and keeps its traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
 
 
 def _join_cluster() -> None:

@@ -9,17 +9,23 @@ summarization task whose needed facts are in the input.
 Questions are split by person: a test person's facts appear only in the corpus, so
 held-out exact match measures knowledge stored during intermediate pre-training.
 Everything is a pure function of `WorldConfig` (seeded `random.Random`, no global state).
+The task registry (data/tasks.py) lists these tasks by their variant names (`TASKS`) and loads
+them through `world_task`; this module does not know the registry.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from meta_mask.config import WorldConfig
+from meta_mask.errors import UserError
+
+
+class WorldConfigError(UserError, ValueError):
+    """The WorldConfig (--world.* flags) cannot make the world or task asked for."""
 
 
 @dataclass(frozen=True)
@@ -253,25 +259,25 @@ def _check_config(cfg: WorldConfig) -> None:
     for field_name in ("attributes", "distractors", "summary_attributes"):
         for a in getattr(cfg, field_name):
             if a not in ATTRIBUTES:
-                raise ValueError(
+                raise WorldConfigError(
                     f"WorldConfig.{field_name} has unknown attribute {a!r}; "
                     f"valid: {sorted(ATTRIBUTES)}"
                 )
     overlap = set(cfg.attributes) & set(cfg.distractors)
     if overlap:
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig: {sorted(overlap)} is in both `attributes` and `distractors`"
         )
     most = min(len(s.bio_templates) for s in ATTRIBUTES.values())
     if cfg.templates_per_attribute > most:
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig.templates_per_attribute={cfg.templates_per_attribute}; at most {most}"
         )
     most_q = min(
         len(ATTRIBUTES[a].question_templates) for a in itertools.chain(*QA_VARIANTS.values())
     )
     if cfg.question_templates > most_q:
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig.question_templates={cfg.question_templates}; at most {most_q}"
         )
 
@@ -294,7 +300,7 @@ def _pseudo_words(rng: random.Random, counts: Mapping[str, int]) -> dict[str, li
     reserved = _reserved_words()
     capacity = len(syllables) ** 2 * len(set(_CODAS)) // 2  # keep rejection sampling quick
     if sum(counts.values()) > capacity:
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig word pools {dict(counts)} ask for {sum(counts.values())} pseudo-words; "
             f"at most {capacity} in all (first_names, last_names, place_words, org_words, "
             "common_words)"
@@ -334,7 +340,7 @@ def _sample_values(
     if not unique:
         return [rng.choice(space) for _ in range(n)]
     if n > len(space):
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig: {what} needs {n} distinct values but only {len(space)} exist; "
             + (f"raise {knob}, " if knob else "")
             + "lower num_people, or set unique_values=False"
@@ -548,7 +554,7 @@ def world_task(world: World, variant: str) -> dict[str, list[dict]]:
         raise ValueError(f"unknown world task {variant!r}; valid: {TASKS}")
     if variant not in world.available_tasks():
         need = QA_VARIANTS.get(variant, world.config.summary_attributes)
-        raise ValueError(
+        raise WorldConfigError(
             f"world task {variant!r} asks {need}, but WorldConfig.attributes="
             f"{world.config.attributes} lacks some; add them or pick one of "
             f"{world.available_tasks()}"
@@ -580,24 +586,3 @@ def world_template_texts(world: World) -> Iterator[str]:
         spec = ATTRIBUTES[a]
         for t in (*spec.bio_templates, *spec.question_templates, spec.summary_phrase):
             yield t.replace("{name}", "").replace("{value}", "")
-
-
-def _default_world_rows(variant: str) -> dict[str, list[dict]]:
-    return world_task(build_world(WorldConfig()), variant)
-
-
-def _register_tasks() -> None:
-    """Name the world's tasks (on the default WorldConfig) in data/tasks.py's registry.
-
-    The pipeline builds tasks from the run's own world (`world_task`); the registry entry
-    lets generic tooling (task listings, `read_task`) resolve the names too.
-    """
-    from meta_mask.data import tasks  # a plugin of tasks.py; imported lazily there too
-
-    for name in TASKS:
-        metric = "rouge" if name == SUMMARY_TASK else "em_f1"
-        loader = functools.partial(_default_world_rows, name)
-        tasks.register_task(tasks.synthetic_task(name, loader, metric=metric), replace=True)
-
-
-_register_tasks()

@@ -20,6 +20,7 @@ from meta_mask.data.world import (
     QA_VARIANTS,
     SUMMARY_TASK,
     TASKS,
+    WorldConfigError,
     build_world,
     world_task,
     world_texts,
@@ -216,7 +217,7 @@ def test_summary_facts_are_in_its_source(world):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="attributes.*'birth_town'"):
+    with pytest.raises(WorldConfigError, match="attributes.*'birth_town'"):
         build_world(WorldConfig(attributes=("birth_town",)))
     with pytest.raises(ValueError, match="place_words"):
         build_world(WorldConfig(num_people=500, place_words=10))
@@ -228,7 +229,7 @@ def test_config_errors_name_the_field():
         WorldConfig(distractors_per_bio=9)
     w = build_world(dataclasses.replace(SMALL, attributes=("birth_city", "employer")))
     assert w.available_tasks() == ("world_qa", SUMMARY_TASK)
-    with pytest.raises(ValueError, match="world_qa_dates.*birth_date"):
+    with pytest.raises(WorldConfigError, match="world_qa_dates.*birth_date"):
         world_task(w, "world_qa_dates")
     with pytest.raises(ValueError, match="valid"):
         world_task(w, "nq")
@@ -400,7 +401,7 @@ def test_every_task_is_listed_and_registered(world):
     assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK}
     assert set(TASKS) <= set(tasks.task_names())
     assert tasks.get_task(SUMMARY_TASK).metric == "rouge"
-    data = tasks.read_task("world_qa", "test")
+    data = tasks.read_task("world_qa", "test", world=world)
     want = world_task(world, "world_qa")["test"]
     assert [(e.source, e.targets) for e in data.examples] == [
         (r["source"], r["targets"]) for r in want
