@@ -15,13 +15,11 @@ knows every part; the parts know nothing of each other.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pathlib
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -29,110 +27,11 @@ import jax
 from meta_mask import config as config_lib
 from meta_mask import workdir as workdir_lib
 from meta_mask.config import Config
+from meta_mask.context import RunContext, build_context
 from meta_mask.errors import UserError
 from meta_mask.training.distributed import is_writer
 
 log = logging.getLogger(__name__)
-
-WORLD_CORPUS = "world"
-
-
-@dataclass
-class RunContext:
-    """What every stage needs, built once per run."""
-
-    cfg: Config
-    workdir: pathlib.Path
-    cache_dir: pathlib.Path
-    tokenizer: Any
-    model_cfg: config_lib.ModelConfig
-    model: Any
-    init_params: Any
-    mesh: Any
-    world: Any = None
-    _examples: dict = field(default_factory=dict)  # (split, max_examples) -> examples
-
-    def examples(self, split: str, max_examples: int = 0) -> list:
-        """The run's task examples of `split` (world tasks come from the run's world), read
-        once per run."""
-        from meta_mask.data import tasks
-
-        key = (split, max_examples)
-        if key not in self._examples:
-            self._examples[key] = tasks.load_task(
-                self.cfg.data.task,
-                split,
-                data_dir=self.cfg.data.data_dir or None,
-                max_examples=max_examples or None,
-                world=self.world,
-            )
-        return self._examples[key]
-
-    def dev_split(self) -> str:
-        from meta_mask.data import tasks
-
-        return tasks.dev_split(self.cfg.data.task)
-
-
-def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -> RunContext:
-    """The tokenizer, the model and its initial parameters on the mesh, the world (if any)."""
-    from meta_mask.data import tasks
-    from meta_mask.model import bart, hf
-    from meta_mask.training import sharding
-
-    spec = tasks.get_task(cfg.data.task)  # an unknown name fails here, before any work
-    world = None
-    if cfg.data.corpus == WORLD_CORPUS or spec.world_variant is not None:
-        from meta_mask.data import world as world_lib
-
-        world = world_lib.build_world(cfg.world)  # the run's one world
-    if cfg.data.tokenizer:
-        tokenizer = hf.load_tokenizer(cfg.data.tokenizer, flag="--data.tokenizer")
-    elif cfg.init:
-        tokenizer = hf.load_tokenizer(cfg.init, flag="--init")
-    elif world is not None:
-        from meta_mask.data import world_tokenizer
-
-        tokenizer = world_tokenizer.world_tokenizer(world)
-    else:
-        raise UserError(
-            f"--data.task={cfg.data.task} with --data.corpus={cfg.data.corpus} has no "
-            "tokenizer: set --data.tokenizer or --init (a Hugging Face BART)"
-        )
-
-    mesh = sharding.make_mesh(cfg.mesh)
-    if cfg.init:
-        model_cfg, params = hf.load_hf(
-            cfg.init, flag="--init", dtype=cfg.model.dtype, remat=cfg.model.remat
-        )
-    else:
-        model_cfg = cfg.model
-        if len(tokenizer) > model_cfg.vocab_size or model_cfg.vocab_size == 0:
-            # The world's vocabulary is only known once its tokenizer is trained.
-            model_cfg = model_cfg.replace(vocab_size=len(tokenizer))
-        # Created in place in their FSDP layout: never whole on one device.
-        params = sharding.init_sharded_params(model_cfg, jax.random.key(cfg.seed), mesh)
-    for name in ("pad", "eos", "bos"):
-        ours = getattr(model_cfg, f"{name}_token_id")
-        theirs = getattr(tokenizer, f"{name}_token_id")
-        if ours != theirs:
-            raise UserError(
-                f"the tokenizer's {name} id is {theirs} but the model's {name}_token_id is {ours}"
-                " (--model.*_token_id, or a --data.tokenizer that belongs to another model)"
-            )
-    params = sharding.place(params, sharding.param_shardings(params, mesh))
-    return RunContext(
-        cfg=cfg,
-        workdir=workdir,
-        cache_dir=cache_dir,
-        tokenizer=tokenizer,
-        model_cfg=model_cfg,
-        model=bart.Bart(model_cfg),
-        init_params=params,
-        mesh=mesh,
-        world=world,
-    )
-
 
 # ------------------------------------------------------------------------------- stages
 
@@ -183,43 +82,10 @@ def train_stage(
     return trained.state.params
 
 
-def build_corpus(ctx: RunContext):
-    """The run's tokenized intermediate corpus (built once, cached by fingerprint)."""
-    from meta_mask.data import corpora
-
-    cfg = ctx.cfg
-
-    def build():
-        return corpora.build_corpus(
-            corpora.source_for(
-                cfg.data.corpus, task=cfg.data.task, data_dir=cfg.data.data_dir, world=ctx.world
-            ),
-            ctx.tokenizer,
-            ctx.cache_dir / "corpora",
-            max_sentences=cfg.data.max_corpus_sentences or None,
-            max_length=cfg.data.mlm_length,
-            # Real text has no gold entities: salient spans come from spaCy NER (the world's
-            # are gold).
-            ner_labels=cfg.policy.salient_labels
-            if cfg.policy.name == "salient_spans" and cfg.data.corpus != WORLD_CORPUS
-            else None,
-        )
-
-    if jax.process_count() == 1:
-        return build()
-    # Several hosts share the cache folder: the writer builds, the others then load its files
-    # (rather than all of them writing the same Arrow files at once).
-    from jax.experimental import multihost_utils
-
-    corpus = build() if is_writer() else None
-    multihost_utils.sync_global_devices("meta_mask: corpus built")
-    return corpus if corpus is not None else build()
-
-
 def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
     """The folder of the run's learned policy: learned here (skipped once done) or another
     run's (--policy.checkpoint: transfer)."""
-    from meta_mask.policies import learned, meta_train, supervised
+    from meta_mask.policies import learned
     from meta_mask.training import loop
 
     cfg = ctx.cfg
@@ -244,45 +110,11 @@ def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
     sentences = None
     if not all(ex.contexts for ex in train):
         sentences = corpus.dataset.select(range(min(len(corpus), 200_000)))["text"]
-    budget = cfg.policy.budget()
-    if cfg.policy.name == "supervised":
-        scfg = cfg.supervised
-        triples = [
-            supervised.supervised_triples(x, ctx.tokenizer, scfg, corpus_sentences=sentences)
-            for x in (train, dev)
-        ]
-        learner, options = supervised.supervised_learner(
-            net, phi, *triples, scfg, budget=budget, seed=cfg.seed
-        )
-        units = scfg.units
-    else:
-        # Token-level (context sentence, question, answer) triples of the task.
-        scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length)
-        train_t, dev_t = (
-            supervised.prepare_triples(
-                supervised.supervised_triples(x, ctx.tokenizer, scfg, corpus_sentences=sentences),
-                max_triples=cap,
-                seed=cfg.seed,
-            )
-            for x, cap in ((train, 0), (dev, cfg.supervised.max_dev_triples))
-        )
-        learner, options = meta_train.meta_learner(
-            ctx.model,
-            ctx.init_params,
-            net,
-            phi,
-            train_t,
-            dev_t,
-            tokenizer=ctx.tokenizer,
-            cfg=cfg.meta,
-            budget=budget,
-            seed=cfg.seed,
-            length=cfg.data.mlm_length,
-            source_length=cfg.data.source_length,
-            target_length=cfg.data.target_length,
-            decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
-        )
-        units = cfg.meta.policy_units
+    learner, options, units = learned.policy_learner(
+        cfg, ctx.model, ctx.init_params, net, phi, train, dev,
+        tokenizer=ctx.tokenizer, corpus_sentences=sentences,
+        decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
+    )  # fmt: skip
     trained = loop.train(learner, folder, options)
     spec = learned.save_policy(folder, net, trained.state.params, cfg=cfg, units=units)
     workdir_lib.write_json(folder / "policy.json", spec)
@@ -421,7 +253,7 @@ def run(
     learned_policy = cfg.policy.name in config_lib.LEARNED_POLICIES
     pretrain = "intermediate" in cfg.stages and cfg.policy.name != "none"
     learn = learned_policy and (pretrain or "learn_policy" in cfg.stages)
-    corpus = build_corpus(ctx) if pretrain or learn else None
+    corpus = ctx.corpus() if pretrain or learn else None
     scorer = None
     if learn:
         t = time.time()

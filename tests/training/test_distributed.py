@@ -19,6 +19,7 @@ import pytest
 
 from meta_mask import pipeline
 from meta_mask.config import Config, MeshConfig, PolicyConfig, StageConfig, tiny_model_config
+from meta_mask.context import RunContext
 from meta_mask.data import seq2seq
 from meta_mask.model import bart
 from meta_mask.training import distributed, sharding
@@ -96,9 +97,9 @@ STAGE = StageConfig(
 CFG = tiny_model_config(vocab_size=512, encoder_layers=1, decoder_layers=1)
 
 
-def stage_context(workdir: pathlib.Path, mesh) -> pipeline.RunContext:
+def stage_context(workdir: pathlib.Path, mesh) -> RunContext:
     """The parts of a RunContext that train_stage reads (tiny model, dropout on)."""
-    return pipeline.RunContext(
+    return RunContext(
         cfg=Config(seed=3),
         workdir=workdir,
         cache_dir=workdir / "cache",
