@@ -278,6 +278,9 @@ class PolicyConfig:
         return {"mask_rate": self.mask_rate, "truncate_last_unit": self.truncate_last_unit}
 
 
+WORLD_UNITS = ("sentence", "passage")
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """The synthetic knowledge world (meta_mask/data/world.py): its size knobs and seed.
@@ -291,7 +294,21 @@ class WorldConfig:
     # 200 people with 1 distractor per bio: salient-span masking stores the facts in ~2-3k
     # steps of a d_model-128 BART (held-out world_qa EM ~0.4; none: 0). 300 people with 2
     # distractors took far longer (EM 0 after 1.5k steps).
-    num_people: int = option(200, "People in the world (split into train / dev / test people).")
+    num_people: int = option(
+        200, "People in the world: the generic population, then train / dev / test people."
+    )
+    generic_people: int = option(
+        0,
+        "People of a generic population: never in the task's corpus and never asked by its "
+        "tasks. The generic stage (the world's stand-in for pre-trained BART) learns their "
+        "biographies; the meta-learned policy's LM is QA-fine-tuned on their questions.",
+    )
+    corpus_unit: str = option(
+        "sentence",
+        "What one corpus row (and one masking budget) is: a biography sentence, or a whole "
+        "biography (passage), where a policy chooses which facts to mask.",
+        choices=WORLD_UNITS,
+    )
     num_bios: int = option(4, "Paraphrased biographies per person.")
     templates_per_attribute: int = option(3, "Bio sentence templates used per attribute (max 4).")
     question_templates: int = option(2, "Question templates used per asked attribute (max 3).")
@@ -313,7 +330,7 @@ class WorldConfig:
         "answer (closed-book QA cannot be solved from the answer prior).",
     )
     split_fractions: tuple[float, float, float] = option(
-        (0.5, 0.1, 0.4), "Fractions of the people in train / dev / test."
+        (0.5, 0.1, 0.4), "Fractions of the (non-generic) people in train / dev / test."
     )
     first_names: int = option(80, "Pool size of first names.")
     last_names: int = option(80, "Pool size of last names.")
@@ -322,6 +339,7 @@ class WorldConfig:
     common_words: int = option(50, "Pool size of common words (hobbies and the like).")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in (
             "num_people",
             "num_bios",
@@ -339,6 +357,11 @@ class WorldConfig:
             raise ValueError(
                 f"WorldConfig.distractors_per_bio={self.distractors_per_bio} must lie in "
                 f"[0, len(distractors)={len(self.distractors)}]"
+            )
+        if not 0 <= self.generic_people < self.num_people:
+            raise ValueError(
+                f"WorldConfig.generic_people={self.generic_people} must lie in "
+                f"[0, num_people={self.num_people})"
             )
         fr = self.split_fractions
         if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:

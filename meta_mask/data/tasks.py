@@ -240,8 +240,21 @@ def _contexts(value: Any) -> list[dict[str, Any]]:
                     f"answer span {span!r} lies outside its context text of {len(text)} chars"
                 )
             spans.append((start, end))
-        contexts.append({"text": text, "answer_spans": spans})
+        context: dict[str, Any] = {"text": text, "answer_spans": spans}
+        if ctx.get("entities"):
+            context["entities"] = [_entity(e, text) for e in ctx["entities"]]
+        contexts.append(context)
     return contexts
+
+
+def _entity(entity: Any, text: str) -> tuple:
+    """A context's gold entity: (start, end, label[, type]) in characters of its text."""
+    if not 3 <= len(entity) <= 4 or not all(isinstance(x, numbers.Integral) for x in entity[:2]):
+        raise RowError(f"entity {entity!r} must be (start, end, label[, type])")
+    start, end = int(entity[0]), int(entity[1])
+    if not 0 <= start < end <= len(text):
+        raise RowError(f"entity {entity!r} lies outside its context text of {len(text)} chars")
+    return (start, end, *entity[2:])
 
 
 _EXAMPLE_KEYS = ("source", "targets", "contexts", "id")
@@ -285,15 +298,15 @@ def _kilt(name: str, config: str, metric: str) -> TaskSpec:
     )
 
 
-def _world(variant: str, metric: str) -> TaskSpec:
+def _world(variant: str, metric: str, splits=world_lib.SPLITS, dev: str | None = "dev") -> TaskSpec:
     return TaskSpec(
         name=variant,
         category="synthetic",
         metric=metric,
         schema=(("source", "str"), ("targets", "list[str]")),
         to_example=example_from_dict,
-        splits=world_lib.SPLITS,
-        dev_split="dev",
+        splits=splits,
+        dev_split=dev,
         world_variant=variant,
     )
 
@@ -368,6 +381,7 @@ def builtin_tasks() -> dict[str, TaskSpec]:
         ),
         *(_world(variant, "em_f1") for variant in world_lib.QA_VARIANTS),
         _world(world_lib.SUMMARY_TASK, "rouge"),
+        _world(world_lib.GENERIC_QA_TASK, "em_f1", splits=("train",), dev=None),
     ]
     return {spec.name: spec for spec in specs}
 
