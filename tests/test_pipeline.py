@@ -151,6 +151,7 @@ LEARNED = [
     "--supervised.steps=20",
     "--supervised.eval_every=10",
     "--meta.meta_steps=4",
+    "--meta.mask_rate=0.15",  # TINY masks one span per sentence: meta-learning samples a rate
     "--meta.inner_batch_size=4",
     "--meta.outer_batch_size=4",
     "--intermediate.steps=3",
