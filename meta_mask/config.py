@@ -412,12 +412,29 @@ class StageConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 1")
-        for name in ("eval_every", "patience"):
+        for name in ("steps", "eval_every", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True)
+class GenericConfig:
+    """The generic stage: MLM on the synthetic world's generic population (WorldConfig.
+    generic_people), the world's stand-in for a pre-trained BART (with --init, the loaded
+    checkpoint plays that part and this stage does not run). Every run of a seed starts its
+    intermediate stage (or, for policy "none", its fine-tuning) from it; it is trained once per
+    seed and shared by every policy's run of a sweep. `qa` then fine-tunes it on the generic
+    population's questions: the LM the meta-learned policy is learned against (it answers
+    questions, but knows nothing of the task's people)."""
+
+    train: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch_size=16))
+    policy: PolicyConfig = field(
+        default_factory=lambda: PolicyConfig(name="salient_spans", mask_rate=0.3)
+    )
+    qa: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch_size=32))
 
 
 @dataclass(frozen=True)
@@ -598,7 +615,7 @@ class SupervisedConfig:
                 raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 0")
 
 
-STAGES = ("learn_policy", "intermediate", "finetune", "evaluate")
+STAGES = ("generic", "learn_policy", "intermediate", "finetune", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -608,6 +625,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    generic: GenericConfig = field(default_factory=GenericConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     intermediate: StageConfig = field(default_factory=StageConfig)
     finetune: StageConfig = field(default_factory=StageConfig)
@@ -629,6 +647,14 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.generic.train.steps and (self.init or not self.world.generic_people):
+            raise ValueError(
+                "generic.train.steps > 0 trains the generic stage on the world's generic "
+                "population: it needs --world.generic_people > 0 and no --init (a loaded "
+                "checkpoint is the generic LM)"
+            )
+        if self.generic.train.eval_every or self.generic.qa.eval_every:
+            raise ValueError("generic.*.eval_every: the generic stages train their steps")
         if self.intermediate.eval_every or self.intermediate.patience:
             raise ValueError(
                 "intermediate.eval_every / intermediate.patience: dev selection applies to "

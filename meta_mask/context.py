@@ -50,8 +50,9 @@ class RunContext:
             )
         return self._examples[key]
 
-    def corpus(self):
-        """The run's tokenized intermediate corpus (built once, cached on disk by fingerprint)."""
+    def corpus(self, population: str = "task"):
+        """The run's tokenized intermediate corpus (built once, cached on disk by fingerprint);
+        population="generic": the world's generic population (the generic stage's corpus)."""
         from meta_mask.data import corpora
 
         cfg = self.cfg
@@ -63,6 +64,7 @@ class RunContext:
                     task=cfg.data.task,
                     data_dir=cfg.data.data_dir,
                     world=self.world,
+                    population=population,
                 ),
                 self.tokenizer,
                 self.cache_dir / "corpora",
@@ -84,6 +86,26 @@ class RunContext:
         corpus = build() if is_writer() else None
         multihost_utils.sync_global_devices("meta_mask: corpus built")
         return corpus if corpus is not None else build()
+
+    def shared_dir(self, stage: str, *parts: Any) -> pathlib.Path:
+        """The folder of a stage shared by every run of a sweep that agrees on what it depends
+        on (the model, the world, the data lengths, the seed and `parts`): under the cache
+        folder, named by a fingerprint of those, so a run finds a finished one and reuses it."""
+        from meta_mask import workdir
+
+        cfg = self.cfg
+        key = {
+            "model": config_lib.to_dict(self.model_cfg),
+            "world": config_lib.to_dict(cfg.world),
+            # Not the task: policies and tasks of one seed share the generic LM (transfer).
+            "data": {k: v for k, v in config_lib.to_dict(cfg.data).items() if "length" in k or
+                     k in ("tokenizer", "corpus")},
+            "seed": cfg.seed,
+            "init": cfg.init,
+            "parts": [config_lib.to_dict(p) if hasattr(p, "__dataclass_fields__") else p
+                      for p in parts],
+        }  # fmt: skip
+        return self.cache_dir / stage / f"seed{cfg.seed}-{workdir.fingerprint(key)}"
 
     def dev_split(self) -> str:
         from meta_mask.data import tasks

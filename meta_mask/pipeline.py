@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def train_stage(
     ctx: RunContext,
-    name: str,
+    name: str | pathlib.Path,
     params: Any,
     stage_cfg: config_lib.StageConfig,
     batch_for_step,
@@ -47,9 +47,10 @@ def train_stage(
     dev_score=None,
     select_by: str = "",
 ) -> Any:
-    """Train the LM from `params` for the stage's steps in `workdir/<name>` (resuming its
-    checkpoints; loading its final params when done); returns the final params (the best dev
-    step's with stage_cfg.eval_every > 0: `dev_score(params)` -> metrics, best `select_by`)."""
+    """Train the LM from `params` for the stage's steps in `workdir/<name>` (or the folder
+    `name`, a shared stage's), resuming its checkpoints or loading its final params when done;
+    returns the final params (the best dev step's with stage_cfg.eval_every > 0:
+    `dev_score(params)` -> metrics, best `select_by`)."""
     from meta_mask.training import checkpoint, lm_learner, loop
 
     stage_dir = ctx.workdir / name
@@ -66,7 +67,7 @@ def train_stage(
         batch_for_step=batch_for_step,
         rng=jax.random.fold_in(jax.random.key(ctx.cfg.seed), rng_salt),
         metadata={
-            "stage": name,
+            "stage": stage_dir.name,
             "model": config_lib.to_dict(ctx.model_cfg),
             "stage_config": config_lib.to_dict(stage_cfg),
             "seed": ctx.cfg.seed,
@@ -75,16 +76,69 @@ def train_stage(
         select_by=select_by,
     )
     start = time.time()
-    trained = loop.train(learner, stage_dir, lm_learner.options(stage_cfg, name))
+    desc = name if isinstance(name, str) else stage_dir.parent.name
+    trained = loop.train(learner, stage_dir, lm_learner.options(stage_cfg, desc))
     checkpoint.save_params(stage_dir / "final", trained.state.params, overwrite=True)
     done = {"steps": stage_cfg.steps, "seconds": time.time() - start, **trained.history()}
     workdir_lib.write_json(stage_dir / "done.json", done)
     return trained.state.params
 
 
-def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
-    """The folder of the run's learned policy: learned here (skipped once done) or another
-    run's (--policy.checkpoint: transfer)."""
+def generic_stage(ctx: RunContext) -> Any:
+    """MLM on the world's generic population from the initial parameters: the generic LM
+    (the world's stand-in for a pre-trained BART), shared by every run of the seed."""
+    from meta_mask.policies import heuristic, mlm_batches
+
+    cfg = ctx.cfg
+    corpus = ctx.corpus("generic")
+    policy = cfg.generic.policy
+    batches = mlm_batches.for_corpus(
+        corpus,
+        heuristic.corpus_scorer(policy, corpus),
+        ctx.tokenizer,
+        policy=policy,
+        data=cfg.data,
+        seed=cfg.seed,
+        batch_size=cfg.generic.train.batch_size,
+        decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
+    )
+    folder = ctx.shared_dir("generic", cfg.generic.train, policy)
+    return train_stage(ctx, folder, ctx.init_params, cfg.generic.train, batches, rng_salt=5)
+
+
+def generic_qa_stage(ctx: RunContext, generic: Any) -> Any:
+    """The generic LM fine-tuned on the generic population's questions: the LM a meta-learned
+    policy is learned against. Its checks.json records that it answers those questions and
+    not the task's (dev) ones: it knows how to answer, not the task's facts."""
+    from meta_mask.data import tasks, world
+    from meta_mask.evaluation import predict
+
+    cfg = ctx.cfg
+    folder = ctx.shared_dir("generic_qa", cfg.generic.train, cfg.generic.policy, cfg.generic.qa)
+    examples = tasks.load_task(world.GENERIC_QA_TASK, "train", world=ctx.world)
+    params = train_stage(
+        ctx, folder, generic, cfg.generic.qa, finetune_batches(ctx, examples, cfg.generic.qa),
+        rng_salt=6,
+    )  # fmt: skip
+    if workdir_lib.stage_done(folder) is not None and not (folder / "checks.json").exists():
+        checks = {}
+        for name, exs in (("generic_em", examples), ("task_dev_em", ctx.examples("dev"))):
+            score = predict.dev_scorer(
+                ctx.model, ctx.model_cfg, ctx.tokenizer, exs, metric="em_f1",
+                source_length=cfg.data.source_length, max_length=cfg.data.target_length,
+                eval_cfg=cfg.eval,
+            )  # fmt: skip
+            checks[name] = score(params)["em"]
+        log.info("the meta-learning LM: EM %.3f on the generic population's questions (its "
+                 "training), %.3f on the task's dev people", checks["generic_em"],
+                 checks["task_dev_em"])  # fmt: skip
+        workdir_lib.write_json(folder / "checks.json", checks)
+    return params
+
+
+def learn_policy_stage(ctx: RunContext, corpus, theta: Any) -> pathlib.Path:
+    """The folder of the run's learned policy: learned here against the LM `theta` (skipped
+    once done) or another run's (--policy.checkpoint: transfer)."""
     from meta_mask.policies import learned
     from meta_mask.training import loop
 
@@ -99,7 +153,7 @@ def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
         )
     net, phi = learned.init_policy(
         cfg.meta,
-        ctx.init_params,
+        theta,
         vocab_size=ctx.model_cfg.vocab_size,
         pad_id=ctx.tokenizer.pad_token_id,
         seed=cfg.seed,
@@ -111,7 +165,7 @@ def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
     if not all(ex.contexts for ex in train):
         sentences = corpus.dataset.select(range(min(len(corpus), 200_000)))["text"]
     learner, options, units = learned.policy_learner(
-        cfg, ctx.model, ctx.init_params, net, phi, train, dev,
+        cfg, ctx.model, theta, net, phi, train, dev,
         tokenizer=ctx.tokenizer, corpus_sentences=sentences,
         decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
     )  # fmt: skip
@@ -145,15 +199,13 @@ def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
     return train_stage(ctx, "intermediate", params, cfg.intermediate, batches, rng_salt=1)
 
 
-def finetune_stage(ctx: RunContext, params: Any) -> Any:
-    """Fine-tuning on the task's train split; with --finetune.eval_every, the step with the
-    best dev score (the task's main metric, by generation) is kept."""
-    from meta_mask.data import seq2seq, tasks
-    from meta_mask.evaluation import predict
+def finetune_batches(ctx: RunContext, examples, stage_cfg):
+    """Step -> this host's rows of the seq2seq batch of `examples` (order from seed and step)."""
+    from meta_mask.data import seq2seq
 
     cfg = ctx.cfg
     data = seq2seq.encode_examples(
-        ctx.examples("train", cfg.data.max_train_examples),
+        examples,
         ctx.tokenizer,
         source_length=cfg.data.source_length,
         target_length=cfg.data.target_length,
@@ -162,10 +214,23 @@ def finetune_stage(ctx: RunContext, params: Any) -> Any:
     start = ctx.model_cfg.decoder_start_token_id
 
     def batch_for_step(step: int):
-        rows = seq2seq.batch_rows(len(data), cfg.finetune.batch_size, cfg.seed, step)
+        rows = seq2seq.batch_rows(len(data), stage_cfg.batch_size, cfg.seed, step)
         rows = seq2seq.local_rows(rows, jax.process_index(), jax.process_count())
         return seq2seq.train_batch(data, rows, pad_id=pad, decoder_start_token_id=start)
 
+    return batch_for_step
+
+
+def finetune_stage(ctx: RunContext, params: Any) -> Any:
+    """Fine-tuning on the task's train split; with --finetune.eval_every, the step with the
+    best dev score (the task's main metric, by generation) is kept."""
+    from meta_mask.data import tasks
+    from meta_mask.evaluation import predict
+
+    cfg = ctx.cfg
+    batch_for_step = finetune_batches(
+        ctx, ctx.examples("train", cfg.data.max_train_examples), cfg.finetune
+    )
     dev_score, metric = None, tasks.get_task(cfg.data.task).metric
     if cfg.finetune.eval_every:
         dev_score = predict.dev_scorer(
@@ -250,6 +315,12 @@ def run(
     workdir_lib.record_run(cfg, workdir, argv)
     params = ctx.init_params
     timings: dict[str, float] = {}
+    if cfg.generic.train.steps:  # a prerequisite of every later stage: trained once per seed
+        t = time.time()
+        params = generic_stage(ctx)
+        timings["generic"] = time.time() - t
+    if cfg.stages == ("generic",):
+        return {}
     learned_policy = cfg.policy.name in config_lib.LEARNED_POLICIES
     pretrain = "intermediate" in cfg.stages and cfg.policy.name != "none"
     learn = learned_policy and (pretrain or "learn_policy" in cfg.stages)
@@ -257,7 +328,9 @@ def run(
     scorer = None
     if learn:
         t = time.time()
-        folder = learn_policy_stage(ctx, corpus)
+        learn_now = not cfg.policy.checkpoint and cfg.policy.name == "meta"
+        theta = generic_qa_stage(ctx, params) if learn_now and cfg.generic.qa.steps else params
+        folder = learn_policy_stage(ctx, corpus, theta)
         scorer = learned.load_scorer(folder, ctx.model_cfg.vocab_size)
         timings["learn_policy"] = time.time() - t
     if pretrain:

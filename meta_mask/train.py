@@ -45,19 +45,23 @@ flags.DEFINE_integer("process_id", None, "This process's index (default: detecte
 _OPTIONAL_INT = int | None
 
 
-def _define(prefix: str, cls) -> list[str]:
+def _define(prefix: str, cls, defaults=None) -> list[str]:
     """Define one flag per (nested) dataclass field, with the field's help, and a parse-time
-    check of its value (type and choices); returns the flag names."""
+    check of its value (type and choices); returns the flag names. Defaults come from
+    `defaults` (an instance of `cls`; the class's own defaults when None), so a section whose
+    parent sets other defaults (e.g. the generic stage's policy) shows those."""
     names = []
     hints = typing.get_type_hints(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         name, kind = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(kind):
-            names += _define(name + ".", kind)
+            names += _define(name + ".", kind, getattr(defaults, f.name))
             continue
         if not f.metadata.get("help"):
             raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with config.option")
-        help_, choices, default = f.metadata["help"], f.metadata.get("choices"), f.default
+        help_, choices = f.metadata["help"], f.metadata.get("choices")
+        default = getattr(defaults, f.name)
         if kind is bool:
             flags.DEFINE_bool(name, default, help_)
         elif kind is int:

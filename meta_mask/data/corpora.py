@@ -517,14 +517,22 @@ class CorpusSource:
         return iter(self.records)
 
 
-def source_for(corpus: str, *, task: str = "", data_dir: str = "", world: Any = None):
-    """The source `DataConfig.corpus` names: "world" (the sentences of the run's synthetic
-    world), "task" (the run's own task's documents) or a spec (`CorpusSource.from_spec`)."""
+def source_for(
+    corpus: str, *, task: str = "", data_dir: str = "", world: Any = None, population: str = "task"
+):
+    """The source `DataConfig.corpus` names: "world" (the rows of the run's synthetic world:
+    its task people's, or with population="generic" its generic population's), "task" (the
+    run's own task's documents) or a spec (`CorpusSource.from_spec`)."""
     if corpus == "world":
         if world is None:
             raise ValueError("data.corpus='world' needs the run's world")
         name = f"world-{world.config.seed}"
-        return CorpusSource(kind="records", records=list(world.sentences), name=name)
+        if population != "task" or world.config.corpus_unit != "sentence":
+            name += f"-{population}-{world.config.corpus_unit}"
+        records = world.corpus_records(population)
+        return CorpusSource(kind="records", records=records, name=name)
+    if population != "task":
+        raise ValueError(f"population={population!r} needs data.corpus='world'")
     if corpus == "task":
         return CorpusSource(kind="task", task=task, data_dir=data_dir)
     return CorpusSource.from_spec(corpus)
