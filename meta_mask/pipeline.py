@@ -345,8 +345,9 @@ def run(
     metrics: dict = {}
     if "evaluate" in cfg.stages:
         t = time.time()
-        metrics = evaluate_stage(ctx, params)
+        metrics = dict(evaluate_stage(ctx, params))
         timings["evaluate"] = time.time() - t
+    facts = metrics.pop("facts", None)  # per-fact scores: what paired comparisons resample
     results = {
         "task": cfg.data.task,
         "policy": cfg.policy.name,
@@ -355,6 +356,7 @@ def run(
         "seed": cfg.seed,
         "metrics": metrics,
         "seconds": timings,
+        **({"facts": facts} if facts else {}),
     }
     if "evaluate" in cfg.stages and is_writer():  # only a complete run has results
         report.write_run_report(workdir, results)

@@ -39,6 +39,9 @@ class Example:
     contexts: optional passages [{"text": str, "answer_spans": [(start, end), ...]}] with
         character-level half-open spans of the answer inside `text`.
     meta: anything else kept from the row (KILT provenance, world person_id/attribute).
+    fact: the fact the example asks about, shared by paraphrased questions of one fact (the
+        world's "<person_id>:<attribute>"); "" when the example is its own fact. Results are
+        scored per fact (evaluation/stats.py), since paraphrases are not independent.
     """
 
     source: str
@@ -46,6 +49,12 @@ class Example:
     id: str
     contexts: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    fact: str = ""
+
+    @property
+    def fact_id(self) -> str:
+        """The fact this example counts toward: `fact`, or its own id."""
+        return self.fact or self.id
 
 
 RowConverter = Callable[[Mapping[str, Any], str], Example]

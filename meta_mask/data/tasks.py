@@ -49,7 +49,7 @@ are truncated at tokenization time; `truncate_report` says how many will be.
 The world tasks (world_qa, world_qa_dates, world_qa_personal, world_summary) are registry
 entries like the others: their rows are made by data/world.py from a `World` that the caller
 builds once per run from its WorldConfig and passes as `load_task(..., world=world)` (or read
-from local files in meta_mask's own schema: source, targets, [contexts, id]).
+from local files in meta_mask's own schema: source, targets, [contexts, id, fact]).
 """
 
 from __future__ import annotations
@@ -257,11 +257,12 @@ def _entity(entity: Any, text: str) -> tuple:
     return (start, end, *entity[2:])
 
 
-_EXAMPLE_KEYS = ("source", "targets", "contexts", "id")
+_EXAMPLE_KEYS = ("source", "targets", "contexts", "id", "fact")
 
 
 def example_from_dict(row: Mapping[str, Any], fallback_id: str) -> Example:
-    """meta_mask's own schema (synthetic world, custom tasks): source, targets, [contexts, id].
+    """meta_mask's own schema (synthetic world, custom tasks): source, targets, [contexts, id,
+    fact].
 
     Every other key (e.g. the world's person_id, attribute) is kept in `meta`.
     """
@@ -271,6 +272,7 @@ def example_from_dict(row: Mapping[str, Any], fallback_id: str) -> Example:
         id=_row_id(row, "id", fallback_id),
         contexts=_contexts(row.get("contexts")),
         meta={k: v for k, v in row.items() if k not in _EXAMPLE_KEYS},
+        fact=_string(row, "fact"),
     )
 
 

@@ -561,6 +561,7 @@ def _qa_examples(world: World, variant: str, person_ids: tuple[int, ...]) -> lis
                         "targets": [person.attributes[a]],
                         "person_id": pid,
                         "attribute": a,
+                        "fact": f"{pid}:{a}",  # shared by the paraphrased questions
                         "contexts": [dict(c) for c in contexts],
                     }
                 )
@@ -581,6 +582,7 @@ def _summary_examples(world: World, person_ids: tuple[int, ...]) -> list[dict]:
                     "targets": [target],
                     "person_id": pid,
                     "attribute": "summary",
+                    "fact": f"{pid}:summary",  # every bio of a person has the same summary
                     "contexts": [{"text": doc["text"], "answer_spans": spans}],
                 }
             )
@@ -591,9 +593,11 @@ def world_task(world: World, variant: str) -> dict[str, list[dict]]:
     """Examples of one task variant, split by person: {"train"|"dev"|"test": [example]}.
 
     Example: {"source": str, "targets": [str], "person_id": int, "attribute": str,
-    "contexts": [{"text": str, "answer_spans": [(start, end)], "entities": [...]}]}; QA
-    contexts are the corpus rows stating the answer (what the learned policies train on).
-    The generic QA task (GENERIC_QA_TASK) has only a "train" split, of the generic population.
+    "fact": "<person_id>:<attribute>", "contexts": [{"text": str, "answer_spans": [(start,
+    end)], "entities": [...]}]}; QA contexts are the corpus rows stating the answer (what the
+    learned policies train on). Examples with one fact id (a QA fact's paraphrased questions; a
+    person's bios, which share one summary) are scored as one fact. The generic QA task
+    (GENERIC_QA_TASK) has only a "train" split, of the generic population.
     """
     if variant not in TASKS:
         raise ValueError(f"unknown world task {variant!r}; valid: {TASKS}")

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from meta_mask.config import EvalConfig, ModelConfig
 from meta_mask.data import seq2seq
 from meta_mask.evaluation import metrics as metrics_lib
+from meta_mask.evaluation import stats
 
 
 def make_predictor(
@@ -111,10 +112,8 @@ def evaluate(
     out_dir: str | pathlib.Path,
     train_examples: Sequence | None = None,
 ) -> dict:
-    """Metrics of the model's predictions on `examples`; writes predictions.jsonl and samples.
-
-    With `train_examples` (closed-book QA), also the metrics per test-train overlap bucket
-    (Lewis et al. 2021) under "overlap"."""
+    """Metrics of the model's predictions on `examples` (`score_predictions`); writes
+    predictions.jsonl and samples.md into `out_dir` (`write_predictions`)."""
     predictions = make_predictor(
         model,
         model_cfg,
@@ -124,23 +123,64 @@ def evaluate(
         max_length=max_length,
         eval_cfg=eval_cfg,
     )(params)
+    result, scores = score_predictions(metric, predictions, examples, train_examples)
+    write_predictions(out_dir, examples, predictions, scores, num_samples=eval_cfg.num_samples)
+    return result
+
+
+def score_predictions(
+    metric: str,
+    predictions: Sequence[str],
+    examples: Sequence,
+    train_examples: Sequence | None = None,
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """(the run's results, each metric's per-example scores) of `predictions` for `examples`.
+
+    The results are the task's metrics (metrics.compute_metrics) and the per-fact scores that
+    paired comparisons of runs resample (evaluation/stats.py) under "facts": {"metric": the
+    task's main metric, "scores": {fact id: the mean of that metric over the fact's examples}}.
+    With `train_examples` (closed-book QA), also the metrics per test-train overlap bucket
+    (Lewis et al. 2021) under "overlap"."""
     scores = metrics_lib.per_example_scores(metric, predictions, examples)
     result: dict[str, Any] = metrics_lib.compute_metrics(metric, predictions, examples)
+    main = main_metric(metric)
+    result["facts"] = {
+        "metric": main,
+        "scores": stats.fact_scores([ex.fact_id for ex in examples], scores[main]),
+    }
     if train_examples is not None:
         from meta_mask.evaluation import overlap
 
         buckets = overlap.find_overlap(examples, train_examples)
         result["overlap"] = overlap.overlap_metrics(metric, predictions, examples, buckets)
+    return result, scores
+
+
+def write_predictions(
+    out_dir: str | pathlib.Path,
+    examples: Sequence,
+    predictions: Sequence[str],
+    scores: dict[str, list[float]],
+    *,
+    num_samples: int,
+) -> None:
+    """predictions.jsonl (a row per example: id, fact id, source, prediction, targets and its
+    scores) and samples.md (the first `num_samples` predictions) in `out_dir`."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, (ex, pred) in enumerate(zip(examples, predictions, strict=True)):
-            row = {"id": ex.id, "source": ex.source, "prediction": pred, "targets": ex.targets}
-            row.update({k: v[i] for k, v in scores.items()})
+            row = {
+                "id": ex.id,
+                "fact": ex.fact_id,
+                "source": ex.source,
+                "prediction": pred,
+                "targets": ex.targets,
+                **{k: v[i] for k, v in scores.items()},
+            }
             f.write(json.dumps(row) + "\n")
     samples = [
         f"- `{ex.source}` -> **{pred}** (gold: {ex.targets[0]})"
-        for ex, pred in list(zip(examples, predictions, strict=True))[: eval_cfg.num_samples]
+        for ex, pred in list(zip(examples, predictions, strict=True))[:num_samples]
     ]
     (out_dir / "samples.md").write_text("\n".join(samples) + "\n", encoding="utf-8")
-    return result

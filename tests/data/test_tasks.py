@@ -290,6 +290,7 @@ def test_world_tasks_are_ordinary_registry_entries():
             assert [e.meta for e in examples] == [
                 {"person_id": r["person_id"], "attribute": r["attribute"]} for r in rows
             ]
+            assert [e.fact_id for e in examples] == [r["fact"] for r in rows]
         head = load_task(name, "train", world=world, max_examples=3)
         assert head == load_task(name, "train", world=world)[:3]
     with pytest.raises(ValueError, match="synthetic world: pass world="):
@@ -318,6 +319,11 @@ def test_example_from_dict_keeps_contexts_and_meta_and_checks_spans():
     assert ex.targets == ["Port Mora"] and ex.id == "train-0"
     assert ex.contexts == [{"text": "Ada Lovi was born in Port Mora.", "answer_spans": [(21, 30)]}]
     assert ex.meta == {"person_id": 3, "attribute": "birth_city"}
+    assert ex.fact == "" and ex.fact_id == "train-0"  # no fact id: the example is its own fact
+    ex = tasks.example_from_dict({**row, "fact": "3:birth_city"}, "train-0")
+    assert ex.fact == ex.fact_id == "3:birth_city" and "fact" not in ex.meta
+    with pytest.raises(task_spec.RowError, match="'fact' must be a string"):
+        tasks.example_from_dict({**row, "fact": 3}, "train-0")
     # numpy integers (e.g. spans from an array) become plain ints.
     row["contexts"] = [{"text": "ab", "answer_spans": [np.array([1, 2])]}]
     ex = tasks.example_from_dict(row, "train-0")

@@ -187,6 +187,23 @@ def test_every_test_answer_is_in_the_corpus_with_its_person(world, variant):
             assert ctx["text"][lo:hi] == answer
 
 
+@pytest.mark.parametrize("variant", list(QA_VARIANTS))
+def test_paraphrased_questions_share_one_fact_id(world, variant):
+    facts: dict[str, list[dict]] = {}
+    for split in ("train", "dev", "test"):
+        for ex in world_task(world, variant)[split]:
+            facts.setdefault(ex["fact"], []).append(ex)
+    asked = QA_VARIANTS[variant]
+    assert len(facts) == world.config.num_people * len(asked)  # one per person and attribute
+    for fact, examples in facts.items():
+        assert fact == f"{examples[0]['person_id']}:{examples[0]['attribute']}"
+        assert len(examples) == world.config.question_templates
+        assert len({ex["source"] for ex in examples}) == len(examples)  # paraphrases
+        assert len({tuple(ex["targets"]) for ex in examples}) == 1  # of one answer
+    summaries = world_task(world, SUMMARY_TASK)["test"]
+    assert {ex["fact"] for ex in summaries} == {f"{p}:summary" for p in world.splits["test"]}
+
+
 def test_variants_ask_disjoint_attributes_and_never_distractors(world):
     asked = [set(attrs) for attrs in QA_VARIANTS.values()]
     assert len(asked) >= 3
