@@ -418,6 +418,12 @@ class StageConfig:
         for name in ("steps", "eval_every", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 0")
+        decay_steps = self.optim.total_steps or self.steps
+        if self.steps and self.optim.warmup_steps > decay_steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} exceeds the schedule's "
+                f"{decay_steps} steps (optim.total_steps, 0 = the stage's steps={self.steps})"
+            )
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ QUICK = [
 ]
 
 
-def _cli(args: list[str], tmp_path: pathlib.Path) -> tuple[int, str]:
+def _cli(args: list[str], tmp_path: pathlib.Path, base: list[str] = QUICK) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.setdefault("JAX_PLATFORMS", "cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "meta_mask.train", *QUICK, f"--workdir={tmp_path / 'run'}", *args],
+        [sys.executable, "-m", "meta_mask.train", *base, f"--workdir={tmp_path / 'run'}", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -90,7 +90,10 @@ def test_missing_column(tmp_path):
 
 
 def test_offline_hub_checkpoint(tmp_path):
-    code, out = _cli(["--init=facebook/bart-base"], tmp_path)
+    # The README's real-task command on a machine without the hub: one line of advice, and
+    # nothing written into the workdir (a corrected command must not meet a stored config).
+    code, out = _cli(["--flagfile=experiments/nq.flags"], tmp_path, base=[])
+    assert not (tmp_path / "run" / "config.json").exists()
     _assert_user_error(
         code,
         out,

@@ -17,6 +17,7 @@ from meta_mask.config import WorldConfig
 from meta_mask.data.tokenize import char_to_token_span, tokenize_sentences
 from meta_mask.data.world import (
     ATTRIBUTES,
+    GENERIC_QA_TASK,
     QA_VARIANTS,
     SUMMARY_TASK,
     TASKS,
@@ -415,7 +416,7 @@ def test_char_to_token_span_by_hand():
 def test_every_task_is_listed_and_registered(world):
     from meta_mask.data import tasks
 
-    assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK}
+    assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK, GENERIC_QA_TASK}
     assert set(TASKS) <= set(tasks.task_names())
     assert tasks.get_task(SUMMARY_TASK).metric == "rouge"
     data = tasks.read_task("world_qa", "test", world=world)
