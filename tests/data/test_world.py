@@ -425,3 +425,62 @@ def test_every_task_is_listed_and_registered(world):
         (r["source"], r["targets"]) for r in want
     ]
     assert data.examples[0].meta["person_id"] == want[0]["person_id"]
+
+
+V2 = WorldConfig(
+    num_people=40,
+    generic_people=10,
+    num_bios=2,
+    split_fractions=(0.4, 0.2, 0.4),
+    corpus_unit="passage",
+)
+
+
+def test_generic_population_is_never_in_the_task_corpus_and_never_asked():
+    world = build_world(V2)
+    generic = set(world.splits["generic"])
+    assert len(generic) == 10 and sum(len(world.splits[s]) for s in ("train", "dev", "test")) == 30
+    assert not generic & {p for s in ("train", "dev", "test") for p in world.splits[s]}
+    task_rows, generic_rows = world.corpus_records("task"), world.corpus_records("generic")
+    assert {r["person_id"] for r in task_rows}.isdisjoint(generic)
+    assert {r["person_id"] for r in generic_rows} == generic
+    for variant in QA_VARIANTS:
+        for rows in world_task(world, variant).values():
+            assert not {r["person_id"] for r in rows} & generic
+    generic_qa = world_task(world, GENERIC_QA_TASK)
+    assert set(generic_qa) == {"train"}
+    assert {r["person_id"] for r in generic_qa["train"]} == generic
+    # Every attribute with questions is asked about the generic population.
+    assert {r["attribute"] for r in generic_qa["train"]} == set(V2.attributes)
+
+
+def test_passages_are_whole_biographies_with_typed_gold_entities():
+    world = build_world(V2)
+    rows = world.corpus_records("task")
+    assert len(rows) == 30 * V2.num_bios
+    for row in rows[:6]:
+        doc = world.documents[row["doc_id"]]
+        assert row["text"] == doc["text"]
+        kinds = {e[3] for e in row["entities"]}
+        entity_attributes = {a for a in V2.attributes if ATTRIBUTES[a].label}  # not hobbies
+        assert "name" in kinds and entity_attributes <= kinds
+        for start, end, _, kind in row["entities"]:
+            if kind != "name":
+                assert row["text"][start:end] == world.people[row["person_id"]].attributes[kind]
+    # QA contexts are the person's biographies, with the answer's span and the gold entities.
+    ex = world_task(world, "world_qa")["test"][0]
+    assert len(ex["contexts"]) == V2.num_bios
+    for ctx in ex["contexts"]:
+        ((start, end),) = ctx["answer_spans"]
+        assert ctx["text"][start:end] == ex["targets"][0]
+        assert any(e[3] == ex["attribute"] for e in ctx["entities"])
+
+
+def test_without_a_generic_population_the_sentence_world_is_unchanged():
+    # The sentence world (experiments/world_sentences.flags) keeps its people, split and corpus.
+    world = build_world(SMALL)
+    assert world.splits["generic"] == ()
+    assert world.corpus_records("task") == [dict(s) for s in world.sentences]
+    assert GENERIC_QA_TASK not in world.available_tasks()
+    with pytest.raises(WorldConfigError, match="generic_people"):
+        world_task(world, GENERIC_QA_TASK)
