@@ -14,6 +14,7 @@ import jax
 from meta_mask import config as config_lib
 from meta_mask.config import Config
 from meta_mask.errors import UserError
+from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training.distributed import is_writer
 
 WORLD_CORPUS = "world"
@@ -27,6 +28,7 @@ class RunContext:
     workdir: pathlib.Path
     cache_dir: pathlib.Path
     tokenizer: Any
+    special: SpecialTokens  # the tokenizer's special ids, with the model's decoder start
     model_cfg: config_lib.ModelConfig
     model: Any
     init_params: Any
@@ -159,12 +161,14 @@ def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -
                 f"the tokenizer's {name} id is {theirs} but the model's {name}_token_id is {ours}"
                 " (--model.*_token_id, or a --data.tokenizer that belongs to another model)"
             )
+    special = SpecialTokens.of(tokenizer, model_cfg.decoder_start_token_id)
     params = sharding.place(params, sharding.param_shardings(params, mesh))
     return RunContext(
         cfg=cfg,
         workdir=workdir,
         cache_dir=cache_dir,
         tokenizer=tokenizer,
+        special=special,
         model_cfg=model_cfg,
         model=bart.Bart(model_cfg),
         init_params=params,

@@ -96,11 +96,11 @@ def generic_stage(ctx: RunContext) -> Any:
         corpus,
         heuristic.corpus_scorer(policy, corpus),
         ctx.tokenizer,
+        special=ctx.special,
         policy=policy,
         data=cfg.data,
         seed=cfg.seed,
         batch_size=cfg.generic.train.batch_size,
-        decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
     )
     folder = ctx.shared_dir("generic", cfg.generic.train, policy)
     return train_stage(ctx, folder, ctx.init_params, cfg.generic.train, batches, rng_salt=5)
@@ -124,7 +124,7 @@ def generic_qa_stage(ctx: RunContext, generic: Any) -> Any:
         checks = {}
         for name, exs in (("generic_em", examples), ("task_dev_em", ctx.examples("dev"))):
             score = predict.dev_scorer(
-                ctx.model, ctx.model_cfg, ctx.tokenizer, exs, metric="em_f1",
+                ctx.model, ctx.model_cfg, ctx.tokenizer, exs, special=ctx.special, metric="em_f1",
                 source_length=cfg.data.source_length, max_length=cfg.data.target_length,
                 eval_cfg=cfg.eval,
             )  # fmt: skip
@@ -155,7 +155,7 @@ def learn_policy_stage(ctx: RunContext, corpus, theta: Any) -> pathlib.Path:
         cfg.meta,
         theta,
         vocab_size=ctx.model_cfg.vocab_size,
-        pad_id=ctx.tokenizer.pad_token_id,
+        pad_id=ctx.special.pad,
         seed=cfg.seed,
     )
     train = ctx.examples("train", cfg.data.max_train_examples)
@@ -166,8 +166,7 @@ def learn_policy_stage(ctx: RunContext, corpus, theta: Any) -> pathlib.Path:
         sentences = corpus.dataset.select(range(min(len(corpus), 200_000)))["text"]
     learner, options, units = learned.policy_learner(
         cfg, ctx.model, theta, net, phi, train, dev,
-        tokenizer=ctx.tokenizer, corpus_sentences=sentences,
-        decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
+        tokenizer=ctx.tokenizer, special=ctx.special, corpus_sentences=sentences,
     )  # fmt: skip
     trained = loop.train(learner, folder, options)
     spec = learned.save_policy(folder, net, trained.state.params, cfg=cfg, units=units)
@@ -187,11 +186,11 @@ def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
         corpus,
         scorer,
         ctx.tokenizer,
+        special=ctx.special,
         policy=cfg.policy,
         data=cfg.data,
         seed=cfg.seed,
         batch_size=cfg.intermediate.batch_size,
-        decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
     )
     heatmap = ctx.workdir / "intermediate" / "masks.html"
     if is_writer() and not heatmap.exists():
@@ -207,16 +206,15 @@ def finetune_batches(ctx: RunContext, examples, stage_cfg):
     data = seq2seq.encode_examples(
         examples,
         ctx.tokenizer,
+        special=ctx.special,
         source_length=cfg.data.source_length,
         target_length=cfg.data.target_length,
     )
-    pad = ctx.tokenizer.pad_token_id
-    start = ctx.model_cfg.decoder_start_token_id
 
     def batch_for_step(step: int):
         rows = seq2seq.batch_rows(len(data), stage_cfg.batch_size, cfg.seed, step)
         rows = seq2seq.local_rows(rows, jax.process_index(), jax.process_count())
-        return seq2seq.train_batch(data, rows, pad_id=pad, decoder_start_token_id=start)
+        return seq2seq.train_batch(data, rows, special=ctx.special)
 
     return batch_for_step
 
@@ -238,6 +236,7 @@ def finetune_stage(ctx: RunContext, params: Any) -> Any:
             ctx.model_cfg,
             ctx.tokenizer,
             ctx.examples(ctx.dev_split()),
+            special=ctx.special,
             metric=metric,
             source_length=cfg.data.source_length,
             max_length=cfg.data.target_length,
@@ -275,6 +274,7 @@ def evaluate_stage(ctx: RunContext, params: Any) -> dict:
         ctx.model_cfg,
         ctx.tokenizer,
         ctx.examples(cfg.eval.split, cfg.eval.max_examples),
+        special=ctx.special,
         metric=metric,
         source_length=cfg.data.source_length,
         max_length=cfg.data.target_length,

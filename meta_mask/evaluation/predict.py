@@ -18,6 +18,7 @@ from meta_mask.config import EvalConfig, ModelConfig
 from meta_mask.data import seq2seq
 from meta_mask.evaluation import metrics as metrics_lib
 from meta_mask.evaluation import stats
+from meta_mask.special_tokens import SpecialTokens
 
 
 def make_predictor(
@@ -26,6 +27,7 @@ def make_predictor(
     tokenizer,
     examples: Sequence,
     *,
+    special: SpecialTokens,
     source_length: int,
     max_length: int,
     eval_cfg: EvalConfig,
@@ -37,7 +39,7 @@ def make_predictor(
     from meta_mask.model.generate import make_generate_fn
 
     data = seq2seq.encode_examples(
-        examples, tokenizer, source_length=source_length, target_length=max_length
+        examples, tokenizer, special=special, source_length=source_length, target_length=max_length
     )
     generate = make_generate_fn(
         model,
@@ -53,7 +55,7 @@ def make_predictor(
 
     def predictor(params: Any) -> list[str]:
         out: list[str] = []
-        batches = seq2seq.eval_batches(data, batch_size, tokenizer.pad_token_id)
+        batches = seq2seq.eval_batches(data, batch_size, special=special)
         for input_ids, real in tqdm(
             batches, total=total, desc="generate", disable=None if progress else True
         ):
@@ -75,6 +77,7 @@ def dev_scorer(
     tokenizer,
     examples: Sequence,
     *,
+    special: SpecialTokens,
     metric: str,
     source_length: int,
     max_length: int,
@@ -86,6 +89,7 @@ def dev_scorer(
         model_cfg,
         tokenizer,
         examples,
+        special=special,
         source_length=source_length,
         max_length=max_length,
         eval_cfg=eval_cfg,
@@ -105,6 +109,7 @@ def evaluate(
     tokenizer,
     examples: Sequence,
     *,
+    special: SpecialTokens,
     metric: str,
     source_length: int,
     max_length: int,
@@ -119,6 +124,7 @@ def evaluate(
         model_cfg,
         tokenizer,
         examples,
+        special=special,
         source_length=source_length,
         max_length=max_length,
         eval_cfg=eval_cfg,

@@ -11,11 +11,15 @@ from __future__ import annotations
 import pathlib
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from meta_mask.evaluation import stats
 from meta_mask.evaluation.writers import read_metrics
+
+if TYPE_CHECKING:
+    from meta_mask.batches import PolicyBatch
 
 STAGES = ("intermediate", "finetune")
 
@@ -249,7 +253,9 @@ def transfer_table(results: Sequence[dict], metric: str = "") -> str:
     return f"{metric}:\n\n" + "\n".join(lines)
 
 
-def mask_probabilities(scorer, batch: dict, budget: dict, *, draws: int = 200, seed: int = 0):
+def mask_probabilities(
+    scorer, batch: PolicyBatch, budget: dict, *, draws: int = 200, seed: int = 0
+):
     """Each token's probability of being masked by `scorer` under `budget`, estimated over
     `draws` sampler draws (float [B, L]). Works for every policy, heuristic or learned."""
     from meta_mask.policies.sampler import BatchRng, mask_batch_np

@@ -1,6 +1,6 @@
 """The BART encoder-decoder as a Flax linen module, with a key/value cache for decoding.
 
-Owns: `Bart` (the module), `shift_right`, `init_params`, and the decode-cache API
+Owns: `Bart` (the module), `init_params`, and the decode-cache API
 (`init_cache`, `decode_step`) that greedy and beam search are built on. It mirrors
 `transformers.BartForConditionalGeneration` (post-layer-norm blocks, learned positions with
 offset 2, `layernorm_embedding`, tied input/output embeddings plus `final_logits_bias`) so that a
@@ -460,14 +460,6 @@ class Bart(nn.Module):
         return self.decode(
             decoder_input_ids, enc, attention_mask, decoder_attention_mask, deterministic
         )
-
-
-def shift_right(labels: Array, decoder_start_token_id: int, pad_token_id: int) -> Array:
-    """HF shift_tokens_right: prepend the start token, drop the last label, -100 -> pad."""
-    labels = jnp.asarray(labels)
-    start = jnp.full(labels.shape[:-1] + (1,), decoder_start_token_id, labels.dtype)
-    shifted = jnp.concatenate([start, labels[..., :-1]], axis=-1)
-    return jnp.where(shifted == -100, jnp.asarray(pad_token_id, labels.dtype), shifted)
 
 
 def init_params(config: ModelConfig, rng: Array, batch_shape: tuple[int, int] = (1, 8)) -> PyTree:

@@ -22,6 +22,7 @@ from meta_mask.config import LEARNED_POLICIES, Config, MetaConfig
 from meta_mask.errors import UserError
 from meta_mask.policies import meta_train, supervised
 from meta_mask.policies import net as net_lib
+from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training import checkpoint
 from meta_mask.training.loop import Learner, LoopOptions
 
@@ -60,8 +61,8 @@ def policy_learner(
     dev: Sequence[Any],
     *,
     tokenizer: Any,
+    special: SpecialTokens,
     corpus_sentences: Sequence[str] | None,
-    decoder_start_token_id: int,
 ) -> tuple[Learner, LoopOptions, str]:
     """The learner of the run's learned policy (cfg.policy.name: supervised or meta) on the
     task's train / dev examples (their contexts, or `corpus_sentences` that mention an answer),
@@ -74,7 +75,7 @@ def policy_learner(
             for x in (train, dev)
         ]
         learner, options = supervised.supervised_learner(
-            net, phi, *triples, scfg, budget=budget, seed=cfg.seed
+            net, phi, *triples, scfg, special=special, budget=budget, seed=cfg.seed
         )
         return learner, options, scfg.units
     # Token-level (context, question, answer) triples of the task, at the corpus length.
@@ -95,13 +96,13 @@ def policy_learner(
         train_t,
         dev_t,
         tokenizer=tokenizer,
+        special=special,
         cfg=cfg.meta,
         budget=budget,
         seed=cfg.seed,
         length=cfg.data.mlm_length,
         source_length=cfg.data.source_length,
         target_length=cfg.data.target_length,
-        decoder_start_token_id=decoder_start_token_id,
     )
     return learner, options, cfg.meta.policy_units
 

@@ -4,14 +4,14 @@ Owns `TrainState`, the AdamW optimizer with its learning-rate schedule and weigh
 the per-token cross-entropy every stage and policy trains on, and the factories
 `make_train_step` / `make_eval_step`. Intermediate pre-training (masked-span or full-sentence
 output) and fine-tuning all feed this same step: their batches share one format,
-{"input_ids", "decoder_input_ids", "labels", "weights"}, and differ only in content.
+batches.Seq2SeqBatch, and differ only in content.
 The functions here are pure; jitting, donation and shardings are applied once by the factories.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, Sharding
 
+from meta_mask.batches import Seq2SeqBatch
 from meta_mask.config import MeshConfig, OptimConfig
 from meta_mask.training import sharding as sharding_lib
 
-Batch = Mapping[str, jax.Array]
+Batch = Seq2SeqBatch
 Metrics = dict[str, jax.Array]
 # loss_fn(params, batch, dropout_rng) -> (scalar loss, metrics); the hook of make_train_step.
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]

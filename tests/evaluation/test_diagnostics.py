@@ -3,10 +3,13 @@ examples and scoring."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from meta_mask.evaluation import diagnostics
 from meta_mask.policies.corrupt import corrupt_np
+from tests.helpers import BART_SPECIAL
 
 # Two rows: <s> name name t t VALUE VALUE t OTHER t </s>; row 1 has no asked value.
 IDS = np.array(
@@ -56,8 +59,8 @@ def test_mask_shares_sum_to_one_and_follow_the_scores():
 def test_cloze_examples_mask_each_asked_value_alone_and_the_probe_scores_exact_spans():
     def corrupt(ids, mask):
         return corrupt_np(
-            ids, mask, output_format="masked_spans", enc_len=11, dec_len=6, mask_id=4,
-            sentinels=[100, 101],
+            ids, mask, output_format="masked_spans", enc_len=11, dec_len=6,
+            special=dataclasses.replace(BART_SPECIAL, sentinels=(100, 101)),
         )  # fmt: skip
 
     examples, gold = diagnostics.cloze_examples(
