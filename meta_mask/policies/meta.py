@@ -161,6 +161,13 @@ class MetaSetup:
     lm_loss: LmLoss
     special: SpecialTokens
 
+    def __post_init__(self) -> None:
+        if not self.cfg.mask_rate > 0:
+            raise ValueError(
+                "MetaSetup needs the sampling rate: MetaConfig.mask_rate > 0 (the meta learner "
+                "resolves 0 to the intermediate stage's --policy.mask_rate)"
+            )
+
 
 # ----------------------------------------------------------------------------- the policy
 
