@@ -178,7 +178,10 @@ HEURISTIC_POLICIES = (
     "pmi",
 )
 LEARNED_POLICIES = ("supervised", "meta")
-POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES
+# Analysis policies are reported as ceilings, never as baselines: "oracle" masks exactly the
+# values the task asks about (the synthetic world's typed gold entities).
+ANALYSIS_POLICIES = ("oracle",)
+POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES + ANALYSIS_POLICIES
 OUTPUT_FORMATS = ("masked_spans", "full_sentence")
 SPAN_DISTRIBUTIONS = ("geometric", "poisson")
 SPAN_ATOMS = ("word", "token")
@@ -460,7 +463,7 @@ class EvalConfig:
 
 META_ESTIMATORS = ("second_order", "first_order")
 INNER_OPTIMIZERS = ("sgd", "adam")
-POLICY_UNITS = ("token", "word")
+POLICY_UNITS = ("token", "word", "entity")
 
 
 @dataclass(frozen=True)
@@ -523,7 +526,8 @@ class MetaConfig:
     policy_max_length: int = option(1024, "Policy network: learned positions (longest input).")
     policy_units: str = option(
         "token",
-        "Policy network: one logit per token, or per word (logits mean-pooled over each word).",
+        "Policy network: one logit per token, per word, or per entity (gold entity spans on the "
+        "world, NER spans on real text; other words alone), logits mean-pooled over a unit.",
         choices=POLICY_UNITS,
     )
     use_lm_embeddings: bool = option(
@@ -597,7 +601,8 @@ class SupervisedConfig:
     )
     units: str = option(
         "token",
-        "One logit per token, or per word (logits mean-pooled over each word, as LearnedScorer).",
+        "One logit per token, per word, or per entity (entity spans; other words alone), logits "
+        "mean-pooled over a unit, as LearnedScorer pools them.",
         choices=POLICY_UNITS,
     )
     eval_every: int = option(100, "Measure dev span-F1 every this many steps.")
