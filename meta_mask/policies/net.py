@@ -201,8 +201,9 @@ class LearnedScorer:
     scores are the network's logits (float32 [B, L], -inf off `valid`); unit_ids are token
     positions (units="token"), whole words (units="word", logits mean-pooled per word, needs
     batch["word_ids"]) or entities (units="entity": each batch["entity_spans"] span one unit,
-    every other word another; logits mean-pooled per unit). The forward pass is jitted once per padded shape; the scorer draws no
-    randomness of its own (the sampler's Gumbel noise does the sampling).
+    every other word another; logits mean-pooled per unit). The forward pass is jitted once per
+    padded shape; the scorer draws no randomness of its own (the sampler's Gumbel noise does
+    the sampling).
     """
 
     def __init__(self, net: PolicyNet, params: PyTree, *, units: str = "token") -> None:
