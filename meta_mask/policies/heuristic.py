@@ -116,6 +116,17 @@ def entity_units(word_ids: np.ndarray, valid: np.ndarray, spans: np.ndarray) -> 
     )
 
 
+def policy_units(batch: PolicyBatch, units: str) -> np.ndarray | None:
+    """The unit ids [B, L] a learned policy with `units` pools its logits over (None for
+    "token": every token is its own unit)."""
+    valid = np.asarray(batch["valid"], bool)
+    if units == "word":
+        return word_units(np.asarray(batch["word_ids"]), valid)
+    if units == "entity":
+        return entity_units(np.asarray(batch["word_ids"]), valid, np.asarray(batch["entity_spans"]))
+    return None
+
+
 def span_units(spans: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Unit ids [B, L] from half-open token spans [B, E, 2] (-1 = no span). Tokens outside every
     span get -1. Overlapping spans are split where they overlap (the later start wins), so every

@@ -43,7 +43,7 @@ import numpy as np
 
 from meta_mask.batches import PolicyBatch
 from meta_mask.config import POLICY_UNITS, MetaConfig
-from meta_mask.policies.heuristic import entity_units, word_units
+from meta_mask.policies.heuristic import policy_units
 from meta_mask.policies.sampler import BatchRng
 
 Array = jax.Array
@@ -218,11 +218,9 @@ class LearnedScorer:
 
     def unit_ids(self, batch: PolicyBatch) -> np.ndarray:
         valid = np.asarray(batch["valid"], bool)
-        if self.units == "word":
-            return word_units(np.asarray(batch["word_ids"]), valid)
-        if self.units == "entity":
-            spans = np.asarray(batch["entity_spans"])
-            return entity_units(np.asarray(batch["word_ids"]), valid, spans)
+        units = policy_units(batch, self.units)
+        if units is not None:
+            return units
         pos = np.arange(valid.shape[1], dtype=np.int32)
         return np.where(valid, pos, -1).astype(np.int32)
 
