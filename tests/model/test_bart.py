@@ -121,8 +121,8 @@ def test_cache_layout_and_reorder():
     cache = init(params, encode(params, ids, mask), mask)
     heads, head_dim = config.decoder_attention_heads, config.d_model // 4
     layer = cache["decoder"]["layers_1"]
-    assert layer["self_attn"]["cached_key"].shape == (3, 4, heads, head_dim)
-    assert layer["encoder_attn"]["cross_key"].shape == (3, ids.shape[1], heads, head_dim)
+    assert layer["self_attn"]["cached_key"].shape == (3, heads, 4, head_dim)
+    assert layer["encoder_attn"]["cross_key"].shape == (3, heads, ids.shape[1], head_dim)
     # Reordering the batch of the cache == decoding a reordered batch.
     order = jnp.array([2, 0, 0])
     tok = jnp.full((3, 1), config.decoder_start_token_id, jnp.int32)
