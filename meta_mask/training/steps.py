@@ -1,7 +1,8 @@
 """The one train step, the eval step, the optimizer and the token losses.
 
 Owns `TrainState`, the AdamW optimizer with its learning-rate schedule and weight-decay mask,
-the per-token cross-entropy every stage and policy trains on, and the factories
+the token losses every stage and policy trains on (the cross-entropy itself, plain and fused
+with the LM head, is the model's: meta_mask/model/bart.py), and the factories
 `make_train_step` / `make_eval_step`. Intermediate pre-training (masked-span or full-sentence
 output) and fine-tuning all feed this same step: their batches share one format,
 {"input_ids", "decoder_input_ids", "labels", "weights"}, and differ only in content.
