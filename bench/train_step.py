@@ -27,15 +27,14 @@ def synthetic_batch(cfg, batch: int, src: int, tgt: int, seed: int = 0) -> dict:
     """A full (no padding) seq2seq batch in the train step's format (numpy)."""
     import numpy as np
 
+    from meta_mask.batches import shift_right
+
     rng = np.random.default_rng(seed)
     ids = rng.integers(4, cfg.vocab_size, size=(batch, src), dtype=np.int32)
     labels = rng.integers(4, cfg.vocab_size, size=(batch, tgt), dtype=np.int32)
-    dec = np.concatenate(
-        [np.full((batch, 1), cfg.decoder_start_token_id, np.int32), labels[:, :-1]], axis=1
-    )
     return {
         "input_ids": ids,
-        "decoder_input_ids": dec,
+        "decoder_input_ids": shift_right(labels, cfg.decoder_start_token_id),
         "labels": labels,
         "weights": np.ones((batch, tgt), np.float32),
     }

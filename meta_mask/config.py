@@ -278,6 +278,9 @@ class PolicyConfig:
         return {"mask_rate": self.mask_rate, "truncate_last_unit": self.truncate_last_unit}
 
 
+WORLD_UNITS = ("sentence", "passage")
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """The synthetic knowledge world (meta_mask/data/world.py): its size knobs and seed.
@@ -291,7 +294,21 @@ class WorldConfig:
     # 200 people with 1 distractor per bio: salient-span masking stores the facts in ~2-3k
     # steps of a d_model-128 BART (held-out world_qa EM ~0.4; none: 0). 300 people with 2
     # distractors took far longer (EM 0 after 1.5k steps).
-    num_people: int = option(200, "People in the world (split into train / dev / test people).")
+    num_people: int = option(
+        200, "People in the world: the generic population, then train / dev / test people."
+    )
+    generic_people: int = option(
+        0,
+        "People of a generic population: never in the task's corpus and never asked by its "
+        "tasks. The generic stage (the world's stand-in for pre-trained BART) learns their "
+        "biographies; the meta-learned policy's LM is QA-fine-tuned on their questions.",
+    )
+    corpus_unit: str = option(
+        "sentence",
+        "What one corpus row (and one masking budget) is: a biography sentence, or a whole "
+        "biography (passage), where a policy chooses which facts to mask.",
+        choices=WORLD_UNITS,
+    )
     num_bios: int = option(4, "Paraphrased biographies per person.")
     templates_per_attribute: int = option(3, "Bio sentence templates used per attribute (max 4).")
     question_templates: int = option(2, "Question templates used per asked attribute (max 3).")
@@ -313,7 +330,7 @@ class WorldConfig:
         "answer (closed-book QA cannot be solved from the answer prior).",
     )
     split_fractions: tuple[float, float, float] = option(
-        (0.5, 0.1, 0.4), "Fractions of the people in train / dev / test."
+        (0.5, 0.1, 0.4), "Fractions of the (non-generic) people in train / dev / test."
     )
     first_names: int = option(80, "Pool size of first names.")
     last_names: int = option(80, "Pool size of last names.")
@@ -322,6 +339,7 @@ class WorldConfig:
     common_words: int = option(50, "Pool size of common words (hobbies and the like).")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in (
             "num_people",
             "num_bios",
@@ -339,6 +357,11 @@ class WorldConfig:
             raise ValueError(
                 f"WorldConfig.distractors_per_bio={self.distractors_per_bio} must lie in "
                 f"[0, len(distractors)={len(self.distractors)}]"
+            )
+        if not 0 <= self.generic_people < self.num_people:
+            raise ValueError(
+                f"WorldConfig.generic_people={self.generic_people} must lie in "
+                f"[0, num_people={self.num_people})"
             )
         fr = self.split_fractions
         if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
@@ -379,6 +402,45 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint_every: int = option(200, "Save a resumable checkpoint every this many steps.")
     log_every: int = option(25, "Log the training metrics every this many steps.")
+    eval_every: int = option(
+        0,
+        "Fine-tuning: score the task's dev split (by generation, the task's metric) every this "
+        "many steps and keep the best step; 0 = no dev evaluation, keep the last step.",
+    )
+    patience: int = option(
+        0, "Dev evaluations without a gain before the stage stops early; 0 = never stop early."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("steps", "eval_every", "patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 0")
+        decay_steps = self.optim.total_steps or self.steps
+        if self.steps and self.optim.warmup_steps > decay_steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} exceeds the schedule's "
+                f"{decay_steps} steps (optim.total_steps, 0 = the stage's steps={self.steps})"
+            )
+
+
+@dataclass(frozen=True)
+class GenericConfig:
+    """The generic stage: MLM on the synthetic world's generic population (WorldConfig.
+    generic_people), the world's stand-in for a pre-trained BART (with --init, the loaded
+    checkpoint plays that part and this stage does not run). Every run of a seed starts its
+    intermediate stage (or, for policy "none", its fine-tuning) from it; it is trained once per
+    seed and shared by every policy's run of a sweep. `qa` then fine-tunes it on the generic
+    population's questions: the LM the meta-learned policy is learned against (it answers
+    questions, but knows nothing of the task's people)."""
+
+    train: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch_size=16))
+    policy: PolicyConfig = field(
+        default_factory=lambda: PolicyConfig(name="salient_spans", mask_rate=0.3)
+    )
+    qa: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch_size=32))
 
 
 @dataclass(frozen=True)
@@ -559,7 +621,7 @@ class SupervisedConfig:
                 raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 0")
 
 
-STAGES = ("learn_policy", "intermediate", "finetune", "evaluate")
+STAGES = ("generic", "learn_policy", "intermediate", "finetune", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -569,6 +631,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    generic: GenericConfig = field(default_factory=GenericConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     intermediate: StageConfig = field(default_factory=StageConfig)
     finetune: StageConfig = field(default_factory=StageConfig)
@@ -590,6 +653,19 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.generic.train.steps and (self.init or not self.world.generic_people):
+            raise ValueError(
+                "generic.train.steps > 0 trains the generic stage on the world's generic "
+                "population: it needs --world.generic_people > 0 and no --init (a loaded "
+                "checkpoint is the generic LM)"
+            )
+        if self.generic.train.eval_every or self.generic.qa.eval_every:
+            raise ValueError("generic.*.eval_every: the generic stages train their steps")
+        if self.intermediate.eval_every or self.intermediate.patience:
+            raise ValueError(
+                "intermediate.eval_every / intermediate.patience: dev selection applies to "
+                "fine-tuning only (the intermediate stage trains its steps)"
+            )
 
 
 @dataclass(frozen=True)

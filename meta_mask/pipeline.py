@@ -15,13 +15,11 @@ knows every part; the parts know nothing of each other.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pathlib
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -29,119 +27,30 @@ import jax
 from meta_mask import config as config_lib
 from meta_mask import workdir as workdir_lib
 from meta_mask.config import Config
+from meta_mask.context import RunContext, build_context
+from meta_mask.errors import UserError
 from meta_mask.training.distributed import is_writer
 
 log = logging.getLogger(__name__)
-
-WORLD_CORPUS = "world"
-
-
-@dataclass
-class RunContext:
-    """What every stage needs, built once per run."""
-
-    cfg: Config
-    workdir: pathlib.Path
-    cache_dir: pathlib.Path
-    tokenizer: Any
-    model_cfg: config_lib.ModelConfig
-    model: Any
-    init_params: Any
-    mesh: Any
-    world: Any = None
-    _examples: dict = field(default_factory=dict)  # (split, max_examples) -> examples
-
-    def examples(self, split: str, max_examples: int = 0) -> list:
-        """The run's task examples of `split` (world tasks come from the run's world), read
-        once per run."""
-        from meta_mask.data import tasks
-
-        key = (split, max_examples)
-        if key not in self._examples:
-            self._examples[key] = tasks.load_task(
-                self.cfg.data.task,
-                split,
-                data_dir=self.cfg.data.data_dir or None,
-                max_examples=max_examples or None,
-                world=self.world,
-            )
-        return self._examples[key]
-
-    def dev_split(self) -> str:
-        from meta_mask.data import tasks
-
-        return tasks.get_task(self.cfg.data.task).dev_split
-
-
-def build_context(cfg: Config, workdir: pathlib.Path, cache_dir: pathlib.Path) -> RunContext:
-    """The tokenizer, the model and its initial parameters on the mesh, the world (if any)."""
-    from meta_mask.data import tasks
-    from meta_mask.model import bart, hf
-    from meta_mask.training import sharding
-
-    world = None
-    if cfg.data.corpus == WORLD_CORPUS or tasks.get_task(cfg.data.task).world_variant:
-        from meta_mask.data import world as world_lib
-
-        world = world_lib.build_world(cfg.world)
-    if cfg.data.tokenizer:
-        tokenizer = hf.load_tokenizer(cfg.data.tokenizer, flag="--data.tokenizer")
-    elif cfg.init:
-        tokenizer = hf.load_tokenizer(cfg.init, flag="--init")
-    elif world is not None:
-        from meta_mask.data import world_tokenizer
-
-        tokenizer = world_tokenizer.world_tokenizer(world)
-    else:
-        raise ValueError("no tokenizer: set --data.tokenizer or --init (a Hugging Face BART)")
-
-    mesh = sharding.make_mesh(cfg.mesh)
-    if cfg.init:
-        model_cfg, params = hf.load_hf(
-            cfg.init, flag="--init", dtype=cfg.model.dtype, remat=cfg.model.remat
-        )
-    else:
-        model_cfg = cfg.model
-        if len(tokenizer) > model_cfg.vocab_size or model_cfg.vocab_size == 0:
-            # The world's vocabulary is only known once its tokenizer is trained.
-            model_cfg = model_cfg.replace(vocab_size=len(tokenizer))
-        # Created in place in their FSDP layout: never whole on one device.
-        params = sharding.init_sharded_params(model_cfg, jax.random.key(cfg.seed), mesh)
-    for name in ("pad", "eos", "bos"):
-        ours = getattr(model_cfg, f"{name}_token_id")
-        theirs = getattr(tokenizer, f"{name}_token_id")
-        if ours != theirs:
-            raise ValueError(
-                f"the tokenizer's {name} id is {theirs} but the model's {name}_token_id is {ours}"
-            )
-    params = sharding.place(params, sharding.param_shardings(params, mesh))
-    return RunContext(
-        cfg=cfg,
-        workdir=workdir,
-        cache_dir=cache_dir,
-        tokenizer=tokenizer,
-        model_cfg=model_cfg,
-        model=bart.Bart(model_cfg),
-        init_params=params,
-        mesh=mesh,
-        world=world,
-    )
-
 
 # ------------------------------------------------------------------------------- stages
 
 
 def train_stage(
     ctx: RunContext,
-    name: str,
+    name: str | pathlib.Path,
     params: Any,
     stage_cfg: config_lib.StageConfig,
     batch_for_step,
     *,
     rng_salt: int,
+    dev_score=None,
+    select_by: str = "",
 ) -> Any:
-    """Train the LM from `params` for the stage's steps in `workdir/<name>` (resuming its
-    checkpoints; loading its final params when done); returns the final params."""
+    """Train the LM from `params` for the stage's steps in `workdir/<name>` (or the folder
+    `name`, a shared stage's), resuming its checkpoints or loading its final params when done;
+    returns the final params (the best dev step's with stage_cfg.eval_every > 0:
+    `dev_score(params)` -> metrics, best `select_by`)."""
     from meta_mask.training import checkpoint, lm_learner, loop
 
     stage_dir = ctx.workdir / name
@@ -158,58 +67,79 @@ def train_stage(
         batch_for_step=batch_for_step,
         rng=jax.random.fold_in(jax.random.key(ctx.cfg.seed), rng_salt),
         metadata={
-            "stage": name,
+            "stage": stage_dir.name,
             "model": config_lib.to_dict(ctx.model_cfg),
             "stage_config": config_lib.to_dict(stage_cfg),
             "seed": ctx.cfg.seed,
         },
+        dev_score=dev_score,
+        select_by=select_by,
     )
     start = time.time()
-    trained = loop.train(learner, stage_dir, lm_learner.options(stage_cfg, name))
+    desc = name if isinstance(name, str) else stage_dir.parent.name
+    trained = loop.train(learner, stage_dir, lm_learner.options(stage_cfg, desc))
     checkpoint.save_params(stage_dir / "final", trained.state.params, overwrite=True)
-    done = {"steps": stage_cfg.steps, "seconds": time.time() - start}
+    done = {"steps": stage_cfg.steps, "seconds": time.time() - start, **trained.history()}
     workdir_lib.write_json(stage_dir / "done.json", done)
     return trained.state.params
 
 
-def build_corpus(ctx: RunContext):
-    """The run's tokenized intermediate corpus (built once, cached by fingerprint)."""
-    from meta_mask.data import corpora
+def generic_stage(ctx: RunContext) -> Any:
+    """MLM on the world's generic population from the initial parameters: the generic LM
+    (the world's stand-in for a pre-trained BART), shared by every run of the seed."""
+    from meta_mask.policies import heuristic, mlm_batches
 
     cfg = ctx.cfg
-
-    def build():
-        return corpora.build_corpus(
-            corpora.source_for(
-                cfg.data.corpus, task=cfg.data.task, data_dir=cfg.data.data_dir, world=ctx.world
-            ),
-            ctx.tokenizer,
-            ctx.cache_dir / "corpora",
-            max_sentences=cfg.data.max_corpus_sentences or None,
-            max_length=cfg.data.mlm_length,
-            # Real text has no gold entities: salient spans come from spaCy NER (the world's
-            # are gold).
-            ner_labels=cfg.policy.salient_labels
-            if cfg.policy.name == "salient_spans" and cfg.data.corpus != WORLD_CORPUS
-            else None,
-        )
-
-    if jax.process_count() == 1:
-        return build()
-    # Several hosts share the cache folder: the writer builds, the others then load its files
-    # (rather than all of them writing the same Arrow files at once).
-    from jax.experimental import multihost_utils
-
-    corpus = build() if is_writer() else None
-    multihost_utils.sync_global_devices("meta_mask: corpus built")
-    return corpus if corpus is not None else build()
+    corpus = ctx.corpus("generic")
+    policy = cfg.generic.policy
+    batches = mlm_batches.for_corpus(
+        corpus,
+        heuristic.corpus_scorer(policy, corpus),
+        ctx.tokenizer,
+        special=ctx.special,
+        policy=policy,
+        data=cfg.data,
+        seed=cfg.seed,
+        batch_size=cfg.generic.train.batch_size,
+    )
+    folder = ctx.shared_dir("generic", cfg.generic.train, policy)
+    return train_stage(ctx, folder, ctx.init_params, cfg.generic.train, batches, rng_salt=5)
 
 
-def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
-    """The folder of the run's learned policy: learned here (skipped once done) or another
-    run's (--policy.checkpoint: transfer)."""
-    from meta_mask.errors import UserError
-    from meta_mask.policies import learned, meta_train, supervised
+def generic_qa_stage(ctx: RunContext, generic: Any) -> Any:
+    """The generic LM fine-tuned on the generic population's questions: the LM a meta-learned
+    policy is learned against. Its checks.json records that it answers those questions and
+    not the task's (dev) ones: it knows how to answer, not the task's facts."""
+    from meta_mask.data import tasks, world
+    from meta_mask.evaluation import predict
+
+    cfg = ctx.cfg
+    folder = ctx.shared_dir("generic_qa", cfg.generic.train, cfg.generic.policy, cfg.generic.qa)
+    examples = tasks.load_task(world.GENERIC_QA_TASK, "train", world=ctx.world)
+    params = train_stage(
+        ctx, folder, generic, cfg.generic.qa, finetune_batches(ctx, examples, cfg.generic.qa),
+        rng_salt=6,
+    )  # fmt: skip
+    if workdir_lib.stage_done(folder) is not None and not (folder / "checks.json").exists():
+        checks = {}
+        for name, exs in (("generic_em", examples), ("task_dev_em", ctx.examples("dev"))):
+            score = predict.dev_scorer(
+                ctx.model, ctx.model_cfg, ctx.tokenizer, exs, special=ctx.special, metric="em_f1",
+                source_length=cfg.data.source_length, max_length=cfg.data.target_length,
+                eval_cfg=cfg.eval,
+            )  # fmt: skip
+            checks[name] = score(params)["em"]
+        log.info("the meta-learning LM: EM %.3f on the generic population's questions (its "
+                 "training), %.3f on the task's dev people", checks["generic_em"],
+                 checks["task_dev_em"])  # fmt: skip
+        workdir_lib.write_json(folder / "checks.json", checks)
+    return params
+
+
+def learn_policy_stage(ctx: RunContext, corpus, theta: Any) -> pathlib.Path:
+    """The folder of the run's learned policy: learned here against the LM `theta` (skipped
+    once done) or another run's (--policy.checkpoint: transfer)."""
+    from meta_mask.policies import learned
     from meta_mask.training import loop
 
     cfg = ctx.cfg
@@ -223,9 +153,9 @@ def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
         )
     net, phi = learned.init_policy(
         cfg.meta,
-        ctx.init_params,
+        theta,
         vocab_size=ctx.model_cfg.vocab_size,
-        pad_id=ctx.tokenizer.pad_token_id,
+        pad_id=ctx.special.pad,
         seed=cfg.seed,
     )
     train = ctx.examples("train", cfg.data.max_train_examples)
@@ -234,45 +164,10 @@ def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
     sentences = None
     if not all(ex.contexts for ex in train):
         sentences = corpus.dataset.select(range(min(len(corpus), 200_000)))["text"]
-    budget = cfg.policy.budget()
-    if cfg.policy.name == "supervised":
-        scfg = cfg.supervised
-        triples = [
-            supervised.supervised_triples(x, ctx.tokenizer, scfg, corpus_sentences=sentences)
-            for x in (train, dev)
-        ]
-        learner, options = supervised.supervised_learner(
-            net, phi, *triples, scfg, budget=budget, seed=cfg.seed
-        )
-        units = scfg.units
-    else:
-        # Token-level (context sentence, question, answer) triples of the task.
-        scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length)
-        train_t, dev_t = (
-            supervised.prepare_triples(
-                supervised.supervised_triples(x, ctx.tokenizer, scfg, corpus_sentences=sentences),
-                max_triples=cap,
-                seed=cfg.seed,
-            )
-            for x, cap in ((train, 0), (dev, cfg.supervised.max_dev_triples))
-        )
-        learner, options = meta_train.meta_learner(
-            ctx.model,
-            ctx.init_params,
-            net,
-            phi,
-            train_t,
-            dev_t,
-            tokenizer=ctx.tokenizer,
-            cfg=cfg.meta,
-            budget=budget,
-            seed=cfg.seed,
-            length=cfg.data.mlm_length,
-            source_length=cfg.data.source_length,
-            target_length=cfg.data.target_length,
-            decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
-        )
-        units = cfg.meta.policy_units
+    learner, options, units = learned.policy_learner(
+        cfg, ctx.model, theta, net, phi, train, dev,
+        tokenizer=ctx.tokenizer, special=ctx.special, corpus_sentences=sentences,
+    )  # fmt: skip
     trained = loop.train(learner, folder, options)
     spec = learned.save_policy(folder, net, trained.state.params, cfg=cfg, units=units)
     workdir_lib.write_json(folder / "policy.json", spec)
@@ -291,11 +186,11 @@ def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
         corpus,
         scorer,
         ctx.tokenizer,
+        special=ctx.special,
         policy=cfg.policy,
         data=cfg.data,
         seed=cfg.seed,
         batch_size=cfg.intermediate.batch_size,
-        decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
     )
     heatmap = ctx.workdir / "intermediate" / "masks.html"
     if is_writer() and not heatmap.exists():
@@ -303,25 +198,54 @@ def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
     return train_stage(ctx, "intermediate", params, cfg.intermediate, batches, rng_salt=1)
 
 
-def finetune_stage(ctx: RunContext, params: Any) -> Any:
+def finetune_batches(ctx: RunContext, examples, stage_cfg):
+    """Step -> this host's rows of the seq2seq batch of `examples` (order from seed and step)."""
     from meta_mask.data import seq2seq
 
     cfg = ctx.cfg
     data = seq2seq.encode_examples(
-        ctx.examples("train", cfg.data.max_train_examples),
+        examples,
         ctx.tokenizer,
+        special=ctx.special,
         source_length=cfg.data.source_length,
         target_length=cfg.data.target_length,
     )
-    pad = ctx.tokenizer.pad_token_id
-    start = ctx.model_cfg.decoder_start_token_id
 
     def batch_for_step(step: int):
-        rows = seq2seq.batch_rows(len(data), cfg.finetune.batch_size, cfg.seed, step)
+        rows = seq2seq.batch_rows(len(data), stage_cfg.batch_size, cfg.seed, step)
         rows = seq2seq.local_rows(rows, jax.process_index(), jax.process_count())
-        return seq2seq.train_batch(data, rows, pad_id=pad, decoder_start_token_id=start)
+        return seq2seq.train_batch(data, rows, special=ctx.special)
 
-    return train_stage(ctx, "finetune", params, cfg.finetune, batch_for_step, rng_salt=2)
+    return batch_for_step
+
+
+def finetune_stage(ctx: RunContext, params: Any) -> Any:
+    """Fine-tuning on the task's train split; with --finetune.eval_every, the step with the
+    best dev score (the task's main metric, by generation) is kept."""
+    from meta_mask.data import tasks
+    from meta_mask.evaluation import predict
+
+    cfg = ctx.cfg
+    batch_for_step = finetune_batches(
+        ctx, ctx.examples("train", cfg.data.max_train_examples), cfg.finetune
+    )
+    dev_score, metric = None, tasks.get_task(cfg.data.task).metric
+    if cfg.finetune.eval_every:
+        dev_score = predict.dev_scorer(
+            ctx.model,
+            ctx.model_cfg,
+            ctx.tokenizer,
+            ctx.examples(ctx.dev_split()),
+            special=ctx.special,
+            metric=metric,
+            source_length=cfg.data.source_length,
+            max_length=cfg.data.target_length,
+            eval_cfg=cfg.eval,
+        )
+    return train_stage(
+        ctx, "finetune", params, cfg.finetune, batch_for_step, rng_salt=2,
+        dev_score=dev_score, select_by=predict.main_metric(metric),
+    )  # fmt: skip
 
 
 def evaluate_stage(ctx: RunContext, params: Any) -> dict:
@@ -350,6 +274,7 @@ def evaluate_stage(ctx: RunContext, params: Any) -> dict:
         ctx.model_cfg,
         ctx.tokenizer,
         ctx.examples(cfg.eval.split, cfg.eval.max_examples),
+        special=ctx.special,
         metric=metric,
         source_length=cfg.data.source_length,
         max_length=cfg.data.target_length,
@@ -390,14 +315,22 @@ def run(
     workdir_lib.record_run(cfg, workdir, argv)
     params = ctx.init_params
     timings: dict[str, float] = {}
+    if cfg.generic.train.steps:  # a prerequisite of every later stage: trained once per seed
+        t = time.time()
+        params = generic_stage(ctx)
+        timings["generic"] = time.time() - t
+    if cfg.stages == ("generic",):
+        return {}
     learned_policy = cfg.policy.name in config_lib.LEARNED_POLICIES
     pretrain = "intermediate" in cfg.stages and cfg.policy.name != "none"
     learn = learned_policy and (pretrain or "learn_policy" in cfg.stages)
-    corpus = build_corpus(ctx) if pretrain or learn else None
+    corpus = ctx.corpus() if pretrain or learn else None
     scorer = None
     if learn:
         t = time.time()
-        folder = learn_policy_stage(ctx, corpus)
+        learn_now = not cfg.policy.checkpoint and cfg.policy.name == "meta"
+        theta = generic_qa_stage(ctx, params) if learn_now and cfg.generic.qa.steps else params
+        folder = learn_policy_stage(ctx, corpus, theta)
         scorer = learned.load_scorer(folder, ctx.model_cfg.vocab_size)
         timings["learn_policy"] = time.time() - t
     if pretrain:
@@ -412,8 +345,9 @@ def run(
     metrics: dict = {}
     if "evaluate" in cfg.stages:
         t = time.time()
-        metrics = evaluate_stage(ctx, params)
+        metrics = dict(evaluate_stage(ctx, params))
         timings["evaluate"] = time.time() - t
+    facts = metrics.pop("facts", None)  # per-fact scores: what paired comparisons resample
     results = {
         "task": cfg.data.task,
         "policy": cfg.policy.name,
@@ -422,6 +356,7 @@ def run(
         "seed": cfg.seed,
         "metrics": metrics,
         "seconds": timings,
+        **({"facts": facts} if facts else {}),
     }
     if "evaluate" in cfg.stages and is_writer():  # only a complete run has results
         report.write_run_report(workdir, results)

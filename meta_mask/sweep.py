@@ -3,8 +3,9 @@
 A grid (config.SweepConfig) with no axes is a single run in the workdir itself. Otherwise each
 cell runs in `workdir/<task>/<policy>/seed<k>` (sharing one corpus cache in `workdir/cache`),
 finished cells are skipped on rerun, and the finished runs are aggregated into
-`workdir/summary.md` (mean +- std over seeds), which is also printed. A cell is an ordinary
-Config: the grid it came from is not part of it (nor of its config.json).
+`workdir/summary.md`, which is also printed: mean +- std over seeds, and each policy's paired
+difference from --sweep.reference with a bootstrap CI (evaluation/report.py, stats.py). A cell
+is an ordinary Config: the grid it came from is not part of it (nor of its config.json).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def run(
     if not results:
         print(f"no finished runs under {root}")
         return 0
-    table = report.results_table(results)
+    table = report.results_table(results, reference=grid.reference)
     if grid.transfer:
         table += "\n\nTransfer (rows: the task the policy was learned on; columns: the task):\n\n"
         table += report.transfer_table(results)

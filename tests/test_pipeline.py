@@ -151,6 +151,7 @@ LEARNED = [
     "--supervised.steps=20",
     "--supervised.eval_every=10",
     "--meta.meta_steps=4",
+    "--meta.mask_rate=0.15",  # TINY masks one span per sentence: meta-learning samples a rate
     "--meta.inner_batch_size=4",
     "--meta.outer_batch_size=4",
     "--intermediate.steps=3",
@@ -203,6 +204,33 @@ def test_sweep_table_aggregates_seeds():
     ]  # fmt: skip
     table = report.results_table(runs)
     assert "0.300 ± 0.141" in table and "| 2 |" in table
+
+
+def test_sweep_summary_compares_policies_with_the_reference(tmp_path, capsys):
+    from meta_mask import sweep
+    from meta_mask.config import SweepConfig
+
+    facts = [f"{p}:employer" for p in range(6)]
+    for policy, shift in (("salient_spans", 0.0), ("meta", 0.5)):
+        for seed in (0, 1):
+            scores = {f: (i % 2) * 0.5 + shift for i, f in enumerate(facts)}
+            result = {"task": "world_qa", "policy": policy, "policy_task": "",
+                      "output_format": "masked_spans", "seed": seed, "seconds": {},
+                      "metrics": {"em": float(np.mean(list(scores.values())))},
+                      "facts": {"metric": "em", "scores": scores}}  # fmt: skip
+            folder = tmp_path / "world_qa" / policy / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps(result))
+    cfg = parse_config(TINY)
+    grid = SweepConfig(policies=("salient_spans", "meta"), seeds=(0, 1), aggregate_only=True)
+    assert sweep.run(cfg, grid, str(tmp_path)) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    row = "| world_qa | meta | masked_spans | 2 | 0.750 ± 0.000 | 0.0 | +0.500 [+0.500, +0.500] * |"
+    assert row in summary
+    assert summary.strip() in capsys.readouterr().out
+    other = SweepConfig(policies=("meta",), seeds=(0, 1), aggregate_only=True, reference="pmi")
+    assert sweep.run(cfg, other, str(tmp_path)) == 0
+    assert "No pmi runs among these" in (tmp_path / "summary.md").read_text()
 
 
 def test_transfer_grid_cells_and_matrix(tmp_path):

@@ -1,8 +1,9 @@
 """Reports a person reads: result tables (markdown), training curves (PNG), sweep aggregates.
 
-Tables aggregate finished runs by (task, policy, output format) with mean +- std over seeds,
-so a comparison of policies is one glance; curves plot each stage's loss from its
-metrics.jsonl.
+Tables aggregate finished runs by (task, policy, output format) with mean +- std over seeds
+and, against a reference policy, the paired difference with its bootstrap CI (the statistics
+are evaluation/stats.py's), so a comparison of policies is one glance; curves plot each
+stage's loss from its metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from __future__ import annotations
 import pathlib
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from meta_mask.evaluation import stats
 from meta_mask.evaluation.writers import read_metrics
+
+if TYPE_CHECKING:
+    from meta_mask.batches import PolicyBatch
 
 STAGES = ("intermediate", "finetune")
 
@@ -75,29 +81,154 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
-def results_table(results: Sequence[dict]) -> str:
-    """Markdown table: one row per (task, policy, output format), mean +- std over seeds."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+Group = tuple[str, str, str]  # (task, policy as shown, output format)
+
+
+def _groups(results: Sequence[dict]) -> dict[Group, list[dict]]:
+    """The runs of each (task, policy, output format), in the order they first appear; a run
+    of a policy learned on another task is its own policy, "<policy> (from <task>)"."""
+    groups: dict[Group, list[dict]] = defaultdict(list)
     for r in results:
         policy = r["policy"]
         if r.get("policy_task") and r["policy_task"] != r["task"]:
             policy = f"{policy} (from {r['policy_task']})"
         groups[(r["task"], policy, r.get("output_format", ""))].append(r)
+    return groups
+
+
+def _row(group: Group, runs: Sequence[dict]) -> list[str]:
+    return [*group, str(len(runs))]
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def results_table(results: Sequence[dict], *, reference: str | None = None) -> str:
+    """Markdown: one row per (task, policy, output format) with its number of seeds and each
+    headline metric's mean +- std over seeds.
+
+    With `reference` (a policy name), also a column of each row's paired difference from the
+    runs of that policy with the same task and output format (`_difference`) and a legend
+    under the table; when the reference has no runs, a line that says so instead of both.
+    Runs with "diagnostics" in their results add a second table (`diagnostics_table`)."""
+    groups = _groups(results)
     metric_names: list[str] = []
     for r in results:
         for k in _headline(r.get("metrics", {})):
             if k not in metric_names:
                 metric_names.append(k)
+    compare = reference is not None and any(policy == reference for _, policy, _ in groups)
     header = ["task", "policy", "format", "seeds", *metric_names, "minutes"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (task, policy, fmt), runs in groups.items():
-        cells = [task, policy, fmt, str(len(runs))]
+    if compare:
+        header.append(f"Δ vs {reference} [{stats.CONFIDENCE:.0%} CI]")
+    rows, compared = [], set()
+    for group, runs in groups.items():
+        cells = _row(group, runs)
         for m in metric_names:
             cells.append(mean_std([r["metrics"][m] for r in runs if m in r.get("metrics", {})]))
         minutes = [sum(r.get("seconds", {}).values()) / 60 for r in runs]
         cells.append(f"{np.mean(minutes):.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        task, policy, fmt = group
+        if compare and policy == reference:
+            cells.append("(reference)")
+        elif compare:
+            ref_group = (task, reference, fmt)
+            cell, metric = _difference(group, runs, ref_group, groups.get(ref_group, []))
+            cells.append(cell)
+            compared |= {metric} - {""}
+        rows.append(cells)
+    table = _markdown(header, rows)
+    if compare:
+        table += "\n\n" + _legend(reference, sorted(compared))
+    elif reference is not None:
+        table += (
+            f"\n\nNo {reference} runs among these, so no paired differences (--sweep.reference "
+            "names the policy to compare against)."
+        )
+    diagnostics = diagnostics_table(results)
+    if diagnostics:
+        table += f"\n\nDiagnostics (mean over seeds):\n\n{diagnostics}"
+    return table
+
+
+def _legend(reference: str, metrics: Sequence[str]) -> str:
+    return (
+        f"Δ: the difference of the main metric ({', '.join(metrics) or 'none compared'}) from "
+        f"{reference}, paired by seed (same task and format) and by fact, averaged over seeds "
+        f"and facts, with the {stats.CONFIDENCE:.0%} CI of a two-way bootstrap (seeds and "
+        f"facts resampled, {stats.REPLICATES:,} replicates); * the CI excludes 0; "
+        "(k seeds) when fewer seeds than the row's are paired."
+    )
+
+
+def _difference(
+    group: Group, runs: Sequence[dict], ref_group: Group, reference: Sequence[dict]
+) -> tuple[str, str]:
+    """(the cell, the metric compared): `runs` minus `reference`, the runs of the reference
+    policy with the same task and output format (stats.paired_difference)."""
+    if not reference:
+        return "no reference runs", ""
+    if any("facts" not in r for r in (*runs, *reference)):
+        return "no per-fact scores", ""
+    metrics = {r["facts"]["metric"] for r in (*runs, *reference)}
+    if len(metrics) > 1:
+        raise stats.PairingError(
+            f"{_name(group)} vs {_name(ref_group)}: per-fact scores of different metrics "
+            f"{sorted(metrics)} cannot be compared"
+        )
+    diff = stats.paired_difference(
+        _scores_by_seed(group, runs),
+        _scores_by_seed(ref_group, reference),
+        names=(_name(group), _name(ref_group)),
+    )
+    if diff is None:
+        return "no paired seeds", ""
+    cell = f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]"
+    cell += " *" if diff.excludes_zero else ""
+    cell += f" ({diff.seeds} seeds)" if diff.seeds < len(runs) else ""
+    return cell, metrics.pop()
+
+
+def _name(group: Group) -> str:
+    return " / ".join(part for part in group if part)
+
+
+def _scores_by_seed(group: Group, runs: Sequence[dict]) -> dict[int, dict[str, float]]:
+    """{seed: per-fact scores} of one group's runs; two runs of one seed are an error."""
+    out: dict[int, dict[str, float]] = {}
+    for r in runs:
+        seed = r.get("seed")
+        if seed in out:
+            raise stats.PairingError(
+                f"two runs of {_name(group)} with seed {seed}: which one to pair is ambiguous; "
+                "keep one of their results.json"
+            )
+        out[seed] = r["facts"]["scores"]
+    return out
+
+
+def diagnostics_table(results: Sequence[dict]) -> str:
+    """Markdown: the mean over seeds of each per-run diagnostic (results' "diagnostics", a
+    flat {name: float}) per (task, policy, output format); "" when no run has any."""
+    groups = {
+        g: runs for g, runs in _groups(results).items() if any(r.get("diagnostics") for r in runs)
+    }
+    names: list[str] = []
+    for runs in groups.values():
+        for r in runs:
+            names += [k for k in r.get("diagnostics", {}) if k not in names]
+    if not names:
+        return ""
+    rows = []
+    for group, runs in groups.items():
+        cells = _row(group, runs)
+        for name in names:
+            values = [r["diagnostics"][name] for r in runs if name in r.get("diagnostics", {})]
+            cells.append(f"{np.mean(values):.3f}" if values else "")
+        rows.append(cells)
+    return _markdown(["task", "policy", "format", "seeds", *names], rows)
 
 
 def transfer_table(results: Sequence[dict], metric: str = "") -> str:
@@ -122,7 +253,9 @@ def transfer_table(results: Sequence[dict], metric: str = "") -> str:
     return f"{metric}:\n\n" + "\n".join(lines)
 
 
-def mask_probabilities(scorer, batch: dict, budget: dict, *, draws: int = 200, seed: int = 0):
+def mask_probabilities(
+    scorer, batch: PolicyBatch, budget: dict, *, draws: int = 200, seed: int = 0
+):
     """Each token's probability of being masked by `scorer` under `budget`, estimated over
     `draws` sampler draws (float [B, L]). Works for every policy, heuristic or learned."""
     from meta_mask.policies.sampler import BatchRng, mask_batch_np

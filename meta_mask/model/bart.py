@@ -1,10 +1,12 @@
 """The BART encoder-decoder as a Flax linen module, with a key/value cache for decoding.
 
-Owns: `Bart` (the module), `shift_right`, `init_params`, and the decode-cache API
-(`init_cache`, `decode_step`) that greedy and beam search are built on. It mirrors
-`transformers.BartForConditionalGeneration` (post-layer-norm blocks, learned positions with
-offset 2, `layernorm_embedding`, tied input/output embeddings plus `final_logits_bias`) so that a
-Hugging Face checkpoint maps onto the parameter tree name by name (see `meta_mask.model.hf`).
+Owns: `Bart` (the module), `init_params`, the decode-cache API (`init_cache`, `decode_step`)
+that greedy and beam search are built on, and the token cross-entropy (`cross_entropy` on
+logits; `head_cross_entropy`, fused with the LM head, behind `Bart.token_cross_entropy`, the
+train step's loss). It mirrors `transformers.BartForConditionalGeneration` (post-layer-norm
+blocks, learned positions with offset 2, `layernorm_embedding`, tied input/output embeddings plus
+`final_logits_bias`) so that a Hugging Face checkpoint maps onto the parameter tree name by name
+(see `meta_mask.model.hf`).
 
 Numerics: parameters are float32; matmuls run in `config.dtype` (float32 or bfloat16); layer
 norms and softmax always run in float32; logits are returned in float32.
@@ -621,14 +623,6 @@ def _head_cross_entropy_bwd(label_smoothing, res, cotangents):
 
 
 head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)
-
-
-def shift_right(labels: Array, decoder_start_token_id: int, pad_token_id: int) -> Array:
-    """HF shift_tokens_right: prepend the start token, drop the last label, -100 -> pad."""
-    labels = jnp.asarray(labels)
-    start = jnp.full(labels.shape[:-1] + (1,), decoder_start_token_id, labels.dtype)
-    shifted = jnp.concatenate([start, labels[..., :-1]], axis=-1)
-    return jnp.where(shifted == -100, jnp.asarray(pad_token_id, labels.dtype), shifted)
 
 
 def init_params(config: ModelConfig, rng: Array, batch_shape: tuple[int, int] = (1, 8)) -> PyTree:

@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from meta_mask.batches import PolicyBatch
 from meta_mask.config import PolicyConfig
 from meta_mask.data.pmi import CorpusPmi, corpus_pmi
 from meta_mask.policies.sampler import STREAM_SCORER, BatchRng, Scorer
+from meta_mask.special_tokens import SpecialTokens
 
 if TYPE_CHECKING:
     from meta_mask.data.corpora import Corpus
 
-SPECIAL_IDS = (0, 1, 2)  # <s>, <pad>, </s>: never maskable even if a record's word_ids says so
 FILL_SCORE = -1e4  # far below any Gumbel draw: filler units come strictly after real ones
 
 
@@ -51,16 +52,12 @@ def collate(
     records: Sequence[Mapping[str, Any]],
     length: int | None = None,
     *,
-    pad_id: int = 1,
-    special_ids: Sequence[int] = SPECIAL_IDS,
+    special: SpecialTokens,
     example_ids: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Pad tokenized sentence records into a host batch for scorers, the sampler and corrupt.
-
-    Returns {"input_ids" int32 [B,L] (pad_id), "word_ids" int32 [B,L] (-1 on specials/pad),
-    "valid" bool [B,L] (maskable: a word token, not a special id), "entity_spans" int32 [B,E,2]
-    (-1 padding), "entity_labels" list[list[str]], "example_ids" int64 [B]}.
-    """
+) -> PolicyBatch:
+    """Pad tokenized sentence records ("input_ids", "word_ids", optional "entity_spans" and
+    "entity_labels") into a batches.PolicyBatch for scorers, the sampler and corrupt; example
+    ids default to the records' positions."""
     lengths = [len(r["input_ids"]) for r in records]
     length = max(lengths) if length is None else length
     if max(lengths) > length:
@@ -69,12 +66,12 @@ def collate(
             "truncate when tokenizing or raise the length"
         )
     b = len(records)
-    input_ids = np.full((b, length), pad_id, np.int32)
+    input_ids = np.full((b, length), special.pad, np.int32)
     word_ids = np.full((b, length), -1, np.int32)
     for i, r in enumerate(records):
         input_ids[i, : lengths[i]] = r["input_ids"]
         word_ids[i, : lengths[i]] = r["word_ids"]
-    valid = (word_ids >= 0) & ~np.isin(input_ids, np.asarray(special_ids))
+    valid = (word_ids >= 0) & ~np.isin(input_ids, np.asarray(special.unmaskable))
     return {
         "input_ids": input_ids,
         "word_ids": word_ids,
@@ -123,7 +120,7 @@ def span_units(spans: np.ndarray, valid: np.ndarray) -> np.ndarray:
 # scorers
 
 
-def _zeros(batch: Mapping[str, Any]) -> np.ndarray:
+def _zeros(batch: PolicyBatch) -> np.ndarray:
     return np.zeros(batch["input_ids"].shape, np.float32)
 
 
@@ -131,7 +128,7 @@ def _zeros(batch: Mapping[str, Any]) -> np.ndarray:
 class NoMask:
     """No intermediate pre-training: no units, so the mask is empty (the pipeline skips)."""
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         return _zeros(batch), np.full(batch["input_ids"].shape, -1, np.int32)
 
 
@@ -139,7 +136,7 @@ class NoMask:
 class RandomTokens:
     """BERT: each maskable token is a unit."""
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         valid = batch["valid"]
         pos = np.arange(valid.shape[1], dtype=np.int32)
         return _zeros(batch), np.where(valid, pos, -1).astype(np.int32)
@@ -149,7 +146,7 @@ class RandomTokens:
 class WholeWords:
     """Whole-word masking: each word (all its tokens) is a unit."""
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         return _zeros(batch), word_units(batch["word_ids"], batch["valid"])
 
 
@@ -187,7 +184,7 @@ class RandomSpans:
         if self.over not in ("word", "token"):
             raise ValueError(f"RandomSpans.over={self.over!r}; valid: word, token")
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         valid = batch["valid"]
         b, length = valid.shape
         atom_start = word_starts(batch["word_ids"], valid) if self.over == "word" else valid
@@ -221,7 +218,7 @@ class SalientSpans:
     labels: frozenset[str] | None = None
     fill_with_words: bool = False
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         spans = batch["entity_spans"]
         if self.labels is not None:
             keep = np.zeros(spans.shape[:2], bool)
@@ -248,7 +245,7 @@ class PmiNgrams:
 
     pmi: CorpusPmi
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         spans = self.pmi.batch_spans(batch["example_ids"], batch["word_ids"])
         valid = batch["valid"]
         units = span_units(spans, valid)

@@ -123,6 +123,7 @@ import optax
 from meta_mask.config import MetaConfig
 from meta_mask.policies.corrupt import corrupt_tokens_jax
 from meta_mask.policies.sampler import gumbel_noise_jax, sample_mask_jax
+from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training.steps import TrainState, token_losses
 
 Array = jax.Array
@@ -158,9 +159,7 @@ class MetaSetup:
     cfg: MetaConfig
     policy_fn: PolicyFn
     lm_loss: LmLoss
-    mask_id: int
-    pad_id: int = 1
-    decoder_start_token_id: int = 2
+    special: SpecialTokens
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -243,13 +242,7 @@ def make_inner_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
 
 
 def _corrupt(input_ids: Array, mask: Array, setup: MetaSetup) -> dict:
-    return corrupt_tokens_jax(
-        input_ids,
-        mask,
-        setup.mask_id,
-        pad_id=setup.pad_id,
-        decoder_start_token_id=setup.decoder_start_token_id,
-    )
+    return corrupt_tokens_jax(input_ids, mask, setup.special)
 
 
 def mlm_examples(input_ids: Array, mask: Array, weights: Array, setup: MetaSetup) -> dict:

@@ -27,12 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meta_mask.batches import MetaBatches
 from meta_mask.config import MetaConfig, to_dict
 from meta_mask.data import seq2seq
 from meta_mask.errors import UserError
 from meta_mask.policies import meta, supervised
 from meta_mask.policies.heuristic import word_units
 from meta_mask.policies.net import LearnedScorer, PolicyNet
+from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training.loop import Learner, LoopOptions
 from meta_mask.training.steps import TrainState
 
@@ -43,19 +45,19 @@ def meta_batch(
     step: int,
     cfg: MetaConfig,
     *,
+    special: SpecialTokens,
     seed: int,
     length: int,
-    pad_id: int,
-    decoder_start_token_id: int,
-) -> dict[str, Any]:
-    """The batches of meta step `step`: {"inner": [K, B, L] arrays, "outer": a QA batch}."""
+) -> MetaBatches:
+    """The batches of meta step `step` (batches.MetaBatches): K inner batches of contexts
+    [K, B, L], and the same triples' questions and answers as the outer batch."""
     k, b = cfg.inner_steps, cfg.inner_batch_size
     rows = supervised.step_indices(len(triples), k * b, seed=seed, step=step)
     parts = [
         supervised.collate_triples(
             [triples[i] for i in rows[j * b : (j + 1) * b]],
             length,
-            pad_id=pad_id,
+            special=special,
             example_ids=rows[j * b : (j + 1) * b],
         )  # fmt: skip
         for j in range(k)
@@ -70,9 +72,7 @@ def meta_batch(
             np.int32
         )
     outer_rows = rows[: cfg.outer_batch_size]
-    outer = seq2seq.train_batch(
-        qa, outer_rows, pad_id=pad_id, decoder_start_token_id=decoder_start_token_id
-    )
+    outer = seq2seq.train_batch(qa, outer_rows, special=special)
     return {"inner": inner, "outer": outer}
 
 
@@ -90,13 +90,13 @@ def meta_learner(
     dev_triples: Sequence[Mapping[str, Any]],
     *,
     tokenizer: Any,
+    special: SpecialTokens,
     cfg: MetaConfig,
     budget: Mapping[str, Any],
     seed: int,
     length: int,
     source_length: int,
     target_length: int,
-    decoder_start_token_id: int,
 ) -> tuple[Learner, LoopOptions]:
     """The meta-learned policy as a `loop.train` learner: cfg.meta_steps meta steps from `phi`
     against the LM `theta` (fixed), evaluated on dev every meta_steps // 10 steps by span-F1
@@ -114,10 +114,10 @@ def meta_learner(
                 "set --meta.mask_rate too"
             )
         cfg = dataclasses.replace(cfg, mask_rate=budget["mask_rate"])
-    pad_id = tokenizer.pad_token_id
     qa = seq2seq.encode_examples(
         [SimpleNamespace(source=t["question"], targets=[t["answer"]]) for t in train_triples],
         tokenizer,
+        special=special,
         source_length=source_length,
         target_length=target_length,
     )
@@ -125,23 +125,20 @@ def meta_learner(
         cfg=cfg,
         policy_fn=meta.policy_fn_from_net(net),
         lm_loss=meta.bart_lm_loss(model),
-        mask_id=tokenizer.mask_token_id,
-        pad_id=pad_id,
-        decoder_start_token_id=decoder_start_token_id,
+        special=special,
     )
     meta_step = meta.make_meta_step(setup)
-    dev_batches = supervised.eval_batches(dev_triples, length, 256, pad_id=pad_id)
+    dev_batches = supervised.eval_batches(dev_triples, length, 256, special=special)
     scorer = LearnedScorer(net, phi, units=cfg.policy_units)  # one jitted forward for every eval
 
     def evaluate(state: TrainState) -> dict[str, float]:
         scorer.params = jax.device_get(state.params)
         return supervised.evaluate_scorer(scorer, dev_batches, budget, draws=4, seed=seed)
 
-    def batch_for_step(step: int) -> dict[str, Any]:
+    def batch_for_step(step: int) -> MetaBatches:
         batches = meta_batch(
-            train_triples, qa, step, cfg, seed=seed, length=length, pad_id=pad_id,
-            decoder_start_token_id=decoder_start_token_id,
-        )  # fmt: skip
+            train_triples, qa, step, cfg, special=special, seed=seed, length=length
+        )
         return jax.tree.map(jnp.asarray, batches)
 
     eval_every = max(cfg.meta_steps // 10, 1)

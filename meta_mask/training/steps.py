@@ -5,14 +5,14 @@ the token losses every stage and policy trains on (the cross-entropy itself, pla
 with the LM head, is the model's: meta_mask/model/bart.py), and the factories
 `make_train_step` / `make_eval_step`. Intermediate pre-training (masked-span or full-sentence
 output) and fine-tuning all feed this same step: their batches share one format,
-{"input_ids", "decoder_input_ids", "labels", "weights"}, and differ only in content.
+batches.Seq2SeqBatch, and differ only in content.
 The functions here are pure; jitting, donation and shardings are applied once by the factories.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, Sharding
 
+from meta_mask.batches import Seq2SeqBatch
 from meta_mask.config import MeshConfig, OptimConfig
 from meta_mask.model.bart import cross_entropy
 from meta_mask.training import sharding as sharding_lib
 
-Batch = Mapping[str, jax.Array]
+Batch = Seq2SeqBatch
 Metrics = dict[str, jax.Array]
 # loss_fn(params, batch, dropout_rng) -> (scalar loss, metrics); the hook of make_train_step.
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from meta_mask.data import corpora
 from meta_mask.data.corpora import (
+    CorpusError,
     CorpusSource,
     SentenceFilter,
     build_corpus,
@@ -218,8 +219,6 @@ def test_wikipedia_hub_offline_error_says_how_to_use_local_files(monkeypatch):
 
 
 def test_task_documents_contexts_summaries_and_qa_without_contexts(tmp_path):
-    from meta_mask.data import tasks
-
     rows = {
         "train": [
             {
@@ -237,9 +236,16 @@ def test_task_documents_contexts_summaries_and_qa_without_contexts(tmp_path):
             },
         ]
     }
-    tasks.register_task(tasks.synthetic_task("corpora_test_ctx", lambda: rows), replace=True)
-    docs = list(task_documents("corpora_test_ctx", "train"))
+    # A task in meta_mask's own schema (a world task's files), contexts included.
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "train.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows["train"])
+    )
+    docs = list(task_documents("world_qa", "train", data_dir=tmp_path / "own"))
     assert [d["text"] for d in docs] == ["Alice was born in Lyon.", "Alice grew up in Lyon."]
+    # Without files a world task has no documents of its own: the world's corpus is the world.
+    with pytest.raises(CorpusError, match="synthetic world.*corpus 'world'"):
+        list(task_documents("world_qa", "train"))
 
     (tmp_path / "train.jsonl").write_text(
         "\n".join(

@@ -10,6 +10,9 @@ from meta_mask.data.corpora import CorpusSource, SentenceFilter, build_corpus
 from meta_mask.data.stream import CorpusStream
 from tests.data.test_corpora import SENTENCES, world_like_records
 from tests.data.tokenizer_helpers import word_tokenizer
+from tests.helpers import BART_SPECIAL
+
+SPECIAL = BART_SPECIAL  # word_tokenizer's ids
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +34,20 @@ def corpus(tmp_path_factory, tokenizer):
 
 
 def test_stream_resume_equals_uninterrupted_pass(corpus):
-    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3)
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3, special=SPECIAL)
     full = [b for _, b in zip(range(20), stream.iterate(0), strict=False)]
     resumed_at = 9 * 4  # crosses the epoch boundary (7 batches per epoch)
-    fresh = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3)
+    fresh = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3, special=SPECIAL)
     tail = [b for _, b in zip(range(11), fresh.iterate(resumed_at), strict=False)]
     for (_, a), (_, b) in zip(full[9:], tail, strict=True):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
-    other_seed = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=4)
+    other_seed = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=4, special=SPECIAL)
     assert not np.array_equal(other_seed.batch_at(0)["indices"], stream.batch_at(0)["indices"])
 
 
 def test_stream_epochs_are_permutations(corpus):
-    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0)
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0, special=SPECIAL)
     assert stream.batches_per_epoch == 7
     for epoch in range(2):
         rows = np.concatenate([stream.indices_at((epoch * 7 + s) * 4) for s in range(7)])
@@ -55,7 +58,7 @@ def test_stream_epochs_are_permutations(corpus):
 
 def test_stream_batches_are_padded_rows_of_the_corpus(corpus, tokenizer):
     ds = corpus.dataset
-    stream = CorpusStream(ds, batch_size=6, max_length=16, seed=1, max_entities=1)
+    stream = CorpusStream(ds, batch_size=6, max_length=16, seed=1, max_entities=1, special=SPECIAL)
     batch = stream.batch_at(12)
     assert batch["input_ids"].shape == (6, 16) and batch["input_ids"].dtype == np.int32
     assert batch["entity_spans"].shape == (6, 1, 2)
@@ -79,10 +82,16 @@ def test_stream_batches_are_padded_rows_of_the_corpus(corpus, tokenizer):
 
 
 def test_stream_hosts_get_disjoint_shards_of_each_global_batch(corpus):
-    glob = CorpusStream(corpus.dataset, batch_size=6, max_length=16, seed=5)
+    glob = CorpusStream(corpus.dataset, batch_size=6, max_length=16, seed=5, special=SPECIAL)
     hosts = [
         CorpusStream(
-            corpus.dataset, batch_size=6, max_length=16, seed=5, process_index=i, process_count=3
+            corpus.dataset,
+            batch_size=6,
+            max_length=16,
+            seed=5,
+            process_index=i,
+            process_count=3,
+            special=SPECIAL,
         )
         for i in range(3)
     ]
@@ -95,26 +104,30 @@ def test_stream_hosts_get_disjoint_shards_of_each_global_batch(corpus):
 
 
 def test_stream_errors(corpus):
-    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0)
+    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0, special=SPECIAL)
     with pytest.raises(ValueError, match="multiple of the global batch_size=4"):
         stream.batch_at(6)
     with pytest.raises(ValueError, match="max_length=5 is shorter"):
-        CorpusStream(corpus.dataset, batch_size=4, max_length=5, seed=0)
+        CorpusStream(corpus.dataset, batch_size=4, max_length=5, seed=0, special=SPECIAL)
     with pytest.raises(ValueError, match="not divisible by process_count=3"):
-        CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0, process_count=3)
+        CorpusStream(
+            corpus.dataset, batch_size=4, max_length=16, seed=0, process_count=3, special=SPECIAL
+        )
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        CorpusStream(corpus.dataset, batch_size=64, max_length=16, seed=0)
+        CorpusStream(corpus.dataset, batch_size=64, max_length=16, seed=0, special=SPECIAL)
 
 
 def test_stream_accepts_a_corpus_and_a_selected_view(corpus):
-    from_corpus = CorpusStream(corpus, batch_size=4, max_length=16, seed=2)
-    from_dataset = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=2)
+    from_corpus = CorpusStream(corpus, batch_size=4, max_length=16, seed=2, special=SPECIAL)
+    from_dataset = CorpusStream(
+        corpus.dataset, batch_size=4, max_length=16, seed=2, special=SPECIAL
+    )
     np.testing.assert_array_equal(
         from_corpus.batch_at(8)["input_ids"], from_dataset.batch_at(8)["input_ids"]
     )
     rows = [3, 7, 11, 12, 20, 25]
     view = corpus.dataset.select(rows)
-    stream = CorpusStream(view, batch_size=6, max_length=16, seed=0)
+    stream = CorpusStream(view, batch_size=6, max_length=16, seed=0, special=SPECIAL)
     batch = stream.batch_at(0)
     for i, r in enumerate(batch["indices"]):
         n = batch["lengths"][i]

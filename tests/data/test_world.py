@@ -17,9 +17,11 @@ from meta_mask.config import WorldConfig
 from meta_mask.data.tokenize import char_to_token_span, tokenize_sentences
 from meta_mask.data.world import (
     ATTRIBUTES,
+    GENERIC_QA_TASK,
     QA_VARIANTS,
     SUMMARY_TASK,
     TASKS,
+    WorldConfigError,
     build_world,
     world_task,
     world_texts,
@@ -186,6 +188,23 @@ def test_every_test_answer_is_in_the_corpus_with_its_person(world, variant):
             assert ctx["text"][lo:hi] == answer
 
 
+@pytest.mark.parametrize("variant", list(QA_VARIANTS))
+def test_paraphrased_questions_share_one_fact_id(world, variant):
+    facts: dict[str, list[dict]] = {}
+    for split in ("train", "dev", "test"):
+        for ex in world_task(world, variant)[split]:
+            facts.setdefault(ex["fact"], []).append(ex)
+    asked = QA_VARIANTS[variant]
+    assert len(facts) == world.config.num_people * len(asked)  # one per person and attribute
+    for fact, examples in facts.items():
+        assert fact == f"{examples[0]['person_id']}:{examples[0]['attribute']}"
+        assert len(examples) == world.config.question_templates
+        assert len({ex["source"] for ex in examples}) == len(examples)  # paraphrases
+        assert len({tuple(ex["targets"]) for ex in examples}) == 1  # of one answer
+    summaries = world_task(world, SUMMARY_TASK)["test"]
+    assert {ex["fact"] for ex in summaries} == {f"{p}:summary" for p in world.splits["test"]}
+
+
 def test_variants_ask_disjoint_attributes_and_never_distractors(world):
     asked = [set(attrs) for attrs in QA_VARIANTS.values()]
     assert len(asked) >= 3
@@ -216,7 +235,7 @@ def test_summary_facts_are_in_its_source(world):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="attributes.*'birth_town'"):
+    with pytest.raises(WorldConfigError, match="attributes.*'birth_town'"):
         build_world(WorldConfig(attributes=("birth_town",)))
     with pytest.raises(ValueError, match="place_words"):
         build_world(WorldConfig(num_people=500, place_words=10))
@@ -228,7 +247,7 @@ def test_config_errors_name_the_field():
         WorldConfig(distractors_per_bio=9)
     w = build_world(dataclasses.replace(SMALL, attributes=("birth_city", "employer")))
     assert w.available_tasks() == ("world_qa", SUMMARY_TASK)
-    with pytest.raises(ValueError, match="world_qa_dates.*birth_date"):
+    with pytest.raises(WorldConfigError, match="world_qa_dates.*birth_date"):
         world_task(w, "world_qa_dates")
     with pytest.raises(ValueError, match="valid"):
         world_task(w, "nq")
@@ -397,12 +416,71 @@ def test_char_to_token_span_by_hand():
 def test_every_task_is_listed_and_registered(world):
     from meta_mask.data import tasks
 
-    assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK}
+    assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK, GENERIC_QA_TASK}
     assert set(TASKS) <= set(tasks.task_names())
     assert tasks.get_task(SUMMARY_TASK).metric == "rouge"
-    data = tasks.read_task("world_qa", "test")
+    data = tasks.read_task("world_qa", "test", world=world)
     want = world_task(world, "world_qa")["test"]
     assert [(e.source, e.targets) for e in data.examples] == [
         (r["source"], r["targets"]) for r in want
     ]
     assert data.examples[0].meta["person_id"] == want[0]["person_id"]
+
+
+V2 = WorldConfig(
+    num_people=40,
+    generic_people=10,
+    num_bios=2,
+    split_fractions=(0.4, 0.2, 0.4),
+    corpus_unit="passage",
+)
+
+
+def test_generic_population_is_never_in_the_task_corpus_and_never_asked():
+    world = build_world(V2)
+    generic = set(world.splits["generic"])
+    assert len(generic) == 10 and sum(len(world.splits[s]) for s in ("train", "dev", "test")) == 30
+    assert not generic & {p for s in ("train", "dev", "test") for p in world.splits[s]}
+    task_rows, generic_rows = world.corpus_records("task"), world.corpus_records("generic")
+    assert {r["person_id"] for r in task_rows}.isdisjoint(generic)
+    assert {r["person_id"] for r in generic_rows} == generic
+    for variant in QA_VARIANTS:
+        for rows in world_task(world, variant).values():
+            assert not {r["person_id"] for r in rows} & generic
+    generic_qa = world_task(world, GENERIC_QA_TASK)
+    assert set(generic_qa) == {"train"}
+    assert {r["person_id"] for r in generic_qa["train"]} == generic
+    # Every attribute with questions is asked about the generic population.
+    assert {r["attribute"] for r in generic_qa["train"]} == set(V2.attributes)
+
+
+def test_passages_are_whole_biographies_with_typed_gold_entities():
+    world = build_world(V2)
+    rows = world.corpus_records("task")
+    assert len(rows) == 30 * V2.num_bios
+    for row in rows[:6]:
+        doc = world.documents[row["doc_id"]]
+        assert row["text"] == doc["text"]
+        kinds = {e[3] for e in row["entities"]}
+        entity_attributes = {a for a in V2.attributes if ATTRIBUTES[a].label}  # not hobbies
+        assert "name" in kinds and entity_attributes <= kinds
+        for start, end, _, kind in row["entities"]:
+            if kind != "name":
+                assert row["text"][start:end] == world.people[row["person_id"]].attributes[kind]
+    # QA contexts are the person's biographies, with the answer's span and the gold entities.
+    ex = world_task(world, "world_qa")["test"][0]
+    assert len(ex["contexts"]) == V2.num_bios
+    for ctx in ex["contexts"]:
+        ((start, end),) = ctx["answer_spans"]
+        assert ctx["text"][start:end] == ex["targets"][0]
+        assert any(e[3] == ex["attribute"] for e in ctx["entities"])
+
+
+def test_without_a_generic_population_the_sentence_world_is_unchanged():
+    # The sentence world (experiments/world_sentences.flags) keeps its people, split and corpus.
+    world = build_world(SMALL)
+    assert world.splits["generic"] == ()
+    assert world.corpus_records("task") == [dict(s) for s in world.sentences]
+    assert GENERIC_QA_TASK not in world.available_tasks()
+    with pytest.raises(WorldConfigError, match="generic_people"):
+        world_task(world, GENERIC_QA_TASK)

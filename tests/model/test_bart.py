@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
+from meta_mask.batches import shift_right
 from meta_mask.config import tiny_model_config
 from meta_mask.model.bart import (
     Bart,
@@ -21,7 +20,6 @@ from meta_mask.model.bart import (
     init_cache,
     init_params,
     reorder_cache,
-    shift_right,
 )
 from tests.model.hf_fixtures import (
     jax_logits,
@@ -195,7 +193,7 @@ def test_remat_gives_identical_logits_and_gradients():
     params = init_params(config, jax.random.PRNGKey(4))
     ids, mask = padded_batch([10, 6], config.vocab_size, seed=11)
     labels, weights = padded_batch([8, 5], config.vocab_size, seed=12)
-    dec = shift_right(labels, config.decoder_start_token_id, config.pad_token_id)
+    dec = shift_right(labels, config.decoder_start_token_id)
 
     def loss_fn(p, cfg):
         logits = Bart(cfg).apply(
@@ -304,15 +302,6 @@ def test_head_cross_entropy_equals_autodiff_of_cross_entropy():
             np.testing.assert_allclose(g_f, g_p, rtol=1e-5, atol=1e-5)
     bias_grad = jax.grad(lambda b: jnp.sum(head_cross_entropy(rows, table, b, labels, 0.0)[0]))
     assert float(jnp.abs(bias_grad(bias)).max()) == 0.0  # HF's final_logits_bias: a buffer
-
-
-def test_shift_right_matches_hf():
-    labels = np.array([[5, 6, 7, 2], [8, 2, -100, -100]])
-    ours = shift_right(labels, decoder_start_token_id=2, pad_token_id=1)
-    ref = transformers.models.bart.modeling_bart.shift_tokens_right(
-        torch.tensor(labels), pad_token_id=1, decoder_start_token_id=2
-    )
-    np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
 
 
 def test_init_params_follow_hf_init():

@@ -14,6 +14,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from meta_mask.config import ModelConfig, tiny_model_config
+from meta_mask.errors import UserError
 from meta_mask.model.bart import init_params
 from meta_mask.model.hf import (
     CheckpointError,
@@ -250,6 +251,8 @@ def test_hub_id_offline_gives_actionable_error(monkeypatch):
         load_hf("facebook/bart-base-not-cached", flag="--model_name_or_path")
     msg = str(err.value)
     assert "download the folder elsewhere" in msg and "--model_name_or_path=DIR" in msg
+    # One message for the user: not the hub's chain of tracebacks.
+    assert isinstance(err.value, UserError) and err.value.__suppress_context__
     with pytest.raises(OSError, match="--tokenizer=DIR"):
         load_tokenizer("facebook/bart-base-not-cached", flag="--tokenizer")
     with pytest.raises(FileNotFoundError, match="no such directory"):

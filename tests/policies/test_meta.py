@@ -27,9 +27,11 @@ from meta_mask.model.bart import Bart, init_params
 from meta_mask.policies import meta
 from meta_mask.policies import net as netlib
 from meta_mask.policies.corrupt import corrupt_tokens_jax
+from meta_mask.special_tokens import SpecialTokens
 
 V, L, B, D = 48, 12, 3, 16
 PAD, MASK_ID = 1, V - 1
+SPECIAL = SpecialTokens(pad=PAD, eos=2, bos=0, mask=MASK_ID, decoder_start=2)
 KEY_IDS = (10, 11, 12, 13, 14)  # the toy's rewarded ids
 
 
@@ -111,7 +113,8 @@ def qa_batch(rng, b):
 
 
 def policy_net(**kw):
-    base = dict(vocab_size=V, d_model=16, num_layers=1, num_heads=2, ffn_dim=32, max_length=L)
+    base = dict(vocab_size=V, pad_id=PAD, d_model=16, num_layers=1, num_heads=2, ffn_dim=32)
+    base["max_length"] = L
     return netlib.PolicyNet(**{**base, **kw})
 
 
@@ -133,7 +136,7 @@ def make_problem(cfg, seed=0, lm="tiny", dtype=jnp.float32, b=B):
     cast = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t))
     phi, theta, noise = cast(phi), cast(theta), noise.astype(dtype)
     outer["weights"] = outer["weights"].astype(dtype)
-    setup = meta.MetaSetup(cfg, meta.policy_fn_from_net(pnet), lm_loss, mask_id=MASK_ID)
+    setup = meta.MetaSetup(cfg, meta.policy_fn_from_net(pnet), lm_loss, special=SPECIAL)
     downstream = None
     if cfg.downstream_steps:
         c_ids, c_valid = sentences(rng, (b,))
@@ -276,7 +279,7 @@ def test_outer_loss_depends_on_phi_only_through_the_weights():
     def plain_mlm_unroll(th):
         """The plain MLM unroll by hand: SGD on the mean CE of the masked tokens."""
         for kk in range(2):
-            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
+            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
             m = masks[kk].astype(jnp.float32)
             mean_ce = lambda t, ex=ex, m=m: jnp.sum(m * tiny_lm_loss(t, ex)) / jnp.sum(m)
             th = jax.tree.map(lambda t, gg: t - 0.5 * gg, th, jax.grad(mean_ce)(th))
@@ -323,7 +326,7 @@ def _scan_unroll_equals_python_loop(opt):
             log_q, _ = meta.policy_distribution(logits[kk], inner["valid"][kk])
             d = jnp.where(masks[kk], log_q - jax.lax.stop_gradient(log_q), 0.0)
             w = jnp.where(masks[kk], jnp.exp(d - jnp.sum(d) / jnp.sum(masks[kk])), 0.0)
-            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
+            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
             n = jnp.sum(masks[kk])
             g = jax.grad(lambda t, ex=ex, w=w, n=n: jnp.sum(w * tiny_lm_loss(t, ex)) / n)(th)
             upd, state = tx.update(g, state, th)
@@ -382,7 +385,7 @@ def test_heuristic_scores_receive_no_meta_gradient():
     phi = {"scores": scores}
     results = {}
     for name, fn in (("tabular", tabular), ("heuristic", heuristic)):
-        s = meta.MetaSetup(cfg, fn, tiny_lm_loss, mask_id=MASK_ID)
+        s = meta.MetaSetup(cfg, fn, tiny_lm_loss, special=SPECIAL)
         grad_fn = jax.jit(lambda p, nz, s=s: meta.meta_gradient(p, theta, inner, outer, nz, s))
         for n_i, nz in enumerate((noise, noise[:, ::-1])):
             grads, loss, metrics = grad_fn(phi, nz)
@@ -413,14 +416,14 @@ def test_first_order_estimator_matches_definition_and_aligns_with_exact():
             dataclasses.replace(cfg, estimator="second_order"),
             setup.policy_fn,
             tiny_lm_loss,
-            mask_id=MASK_ID,
+            special=SPECIAL,
         )
 
         def mlm_loss(t, p):
             _, _, w = meta.policy_masks(p, inner, noise, setup, masks=masks, leading=1)
             total = 0.0
             for kk in range(cfg.inner_steps):
-                ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
+                ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
                 total += jnp.sum(w[kk] * tiny_lm_loss(t, ex)) / jnp.sum(masks[kk])
             return total
 
@@ -653,7 +656,7 @@ def test_errors_name_the_field():
         meta.meta_loss(phi, theta, bad, outer, noise[:1], setup)
     with pytest.raises(ValueError, match="downstream"):
         s = meta.MetaSetup(
-            MetaConfig(inner_steps=2, downstream_steps=1), setup.policy_fn, tiny_lm_loss, MASK_ID
+            MetaConfig(inner_steps=2, downstream_steps=1), setup.policy_fn, tiny_lm_loss, SPECIAL
         )
         meta.meta_loss(phi, theta, inner, outer, noise, s)
     with pytest.raises(ValueError, match="estimator"):

@@ -19,6 +19,7 @@ import pytest
 
 from meta_mask import pipeline
 from meta_mask.config import Config, MeshConfig, PolicyConfig, StageConfig, tiny_model_config
+from meta_mask.context import RunContext
 from meta_mask.data import seq2seq
 from meta_mask.model import bart
 from meta_mask.training import distributed, sharding
@@ -96,13 +97,14 @@ STAGE = StageConfig(
 CFG = tiny_model_config(vocab_size=512, encoder_layers=1, decoder_layers=1)
 
 
-def stage_context(workdir: pathlib.Path, mesh) -> pipeline.RunContext:
+def stage_context(workdir: pathlib.Path, mesh) -> RunContext:
     """The parts of a RunContext that train_stage reads (tiny model, dropout on)."""
-    return pipeline.RunContext(
+    return RunContext(
         cfg=Config(seed=3),
         workdir=workdir,
         cache_dir=workdir / "cache",
         tokenizer=None,
+        special=None,
         model_cfg=CFG,
         model=bart.Bart(CFG.replace(dropout=0.1)),
         init_params=None,
@@ -259,6 +261,7 @@ def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path,
     from meta_mask.data import corpora
     from meta_mask.data.stream import CorpusStream
     from meta_mask.policies import corrupt, heuristic, mlm_batches
+    from meta_mask.special_tokens import SpecialTokens
     from tests.data.test_corpora import SENTENCES, world_like_records
     from tests.data.tokenizer_helpers import word_tokenizer
 
@@ -271,12 +274,12 @@ def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path,
         max_length=16,
     )
     labels = corpus.dataset.data.column("entity_labels")
+    special = SpecialTokens.of(tokenizer, decoder_start_token_id=2)
 
     def batches(process_index: int, process_count: int) -> mlm_batches.MlmBatches:
         stream = CorpusStream(
-            corpus.dataset, batch_size=8, max_length=16, seed=4,
+            corpus.dataset, batch_size=8, max_length=16, seed=4, special=special,
             process_index=process_index, process_count=process_count,
-            pad_id=tokenizer.pad_token_id,
         )  # fmt: skip
         return mlm_batches.MlmBatches(
             stream=stream,
@@ -284,12 +287,9 @@ def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path,
             policy=policy,
             data=DataConfig(mlm_length=16, mlm_target_length=8),
             seed=4,
-            mask_id=tokenizer.mask_token_id,
-            sentinels=corrupt.sentinel_ids(tokenizer),
+            special=special,
             labels_of=lambda rows: labels.take(rows).to_pylist(),
             random_ids=corrupt.non_special_ids(tokenizer),
-            pad_id=tokenizer.pad_token_id,
-            eos_id=tokenizer.eos_token_id,
         )
 
     whole, hosts = batches(0, 1), [batches(i, 2) for i in range(2)]
