@@ -15,7 +15,8 @@
 #                        the same run (--peak_n=8192; 2048 on --quick)
 #   4. world/            the main job, `python -m meta_mask.train --flagfile=experiments/world.flags`
 #                        (world_quick.flags on --quick), its results.json files and summary.md
-#   5. gpu.json          every step's exit code, seconds and whether it hit its limit
+#   5. gpu.json          every step's exit code, seconds and whether it hit its limit; the bench's
+#                        step time, tokens/s and MFU; the main job's results.json paths
 # A step that fails or runs out of time is recorded and the next one still runs; the exit code is
 # that of the first failed step (0 if all passed).
 set -u
@@ -35,7 +36,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/meta_mask_jax}"
 BUDGET_S=290  # all steps together; the rest of the 5 minutes is start-up and bookkeeping
 START=$(date +%s)
-STEPS_JSON=""
+STEPS_TSV="$OUT/.steps.tsv"
+: >"$STEPS_TSV"
 FIRST_FAILURE=0
 
 # run NAME MAX_SECONDS CMD...: run CMD under min(MAX_SECONDS, budget left), log to OUT/NAME.log.
@@ -58,7 +60,7 @@ run() {
   local timed_out=false
   [[ $rc == 124 || $rc == 137 ]] && timed_out=true
   echo "[gpu.sh] $name: exit $rc, ${secs} s (limit ${limit} s)" >&2
-  STEPS_JSON+="${STEPS_JSON:+,}\"$name\": {\"exit_code\": $rc, \"seconds\": $secs, \"limit_s\": $limit, \"timed_out\": $timed_out, \"log\": \"$name.log\"}"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$secs" "$limit" "$timed_out" >>"$STEPS_TSV"
   if [[ $rc != 0 && $FIRST_FAILURE == 0 ]]; then FIRST_FAILURE=$rc; fi
 }
 
@@ -90,9 +92,27 @@ run bench_bf16 120 python -m bench --sections=train --no_torch --dtype=bfloat16 
 rm -rf "$OUT/world"  # a finished run is never overwritten: start fresh
 run world 240 python -m meta_mask.train --flagfile="$FLAGS" --workdir="$OUT/world"
 
-cat >"$OUT/gpu.json" <<EOF
-{"quick": $([[ $QUICK == 1 ]] && echo true || echo false), "total_s": $(($(date +%s) - START)), "steps": {$STEPS_JSON}}
+python - "$OUT" "$QUICK" "$START" <<'EOF'
+import glob, json, os, sys, time
+out, quick, start = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+steps = {}
+for line in open(os.path.join(out, ".steps.tsv")):
+    name, rc, secs, limit, timed_out = line.rstrip("\n").split("\t")
+    steps[name] = {"exit_code": int(rc), "seconds": float(secs), "limit_s": int(limit),
+                   "timed_out": timed_out == "true", "log": f"{name}.log"}
+summary = {"quick": quick, "total_s": round(time.time() - start, 1), "steps": steps}
+bench = os.path.join(out, "bench_bf16.json")
+if os.path.exists(bench):
+    res = json.load(open(bench))
+    a, m = res["train_vs_torch"], res["mfu"]
+    summary["bench_bf16"] = {"ms_per_step": a["ours_s"] * 1e3, "tokens_per_s": a["ours_tokens_per_s"],
+                             "mfu": m["mfu"], "peak_flops_per_s": m["peak_flops_per_s"],
+                             "devices": res["machine"]["devices"]}
+summary["world_results"] = sorted(
+    os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "world", "**", "results.json"),
+                                               recursive=True))
+json.dump(summary, open(os.path.join(out, "gpu.json"), "w"), indent=1)
+print(json.dumps(summary, indent=1))
 EOF
-python -m json.tool "$OUT/gpu.json" >/dev/null || { echo "bench/gpu.sh: wrote invalid JSON" >&2; exit 1; }
-cat "$OUT/gpu.json"
+rm -f "$STEPS_TSV"
 exit "$FIRST_FAILURE"
