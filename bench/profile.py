@@ -122,15 +122,22 @@ def categorize(hlo: str, vocab: int) -> dict[str, tuple[str, float]]:
     return out
 
 
-def self_times(trace_file: str) -> dict[str, float]:
-    """Thunk name -> summed self time (microseconds) over the XLA threads of a perfetto trace."""
+def module_name(hlo: str) -> str:
+    """The name of a compiled HLO module (what the trace's thunks carry as `hlo_module`)."""
+    return hlo.split(None, 2)[1].rstrip(",")
+
+
+def self_times(trace_file: str, module: str) -> dict[str, float]:
+    """Thunk name -> summed self time (microseconds) of HLO module `module`'s thunks, over the
+    XLA threads of a perfetto trace."""
     with gzip.open(trace_file) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     threads: dict[int, list] = collections.defaultdict(list)
     for e in events:
-        # XLA thunks carry their HLO op; python frames and executor spans do not.
-        if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
+        # XLA thunks carry their HLO op and module; python frames and executor spans do not.
+        args = e.get("args", {})
+        if e.get("ph") == "X" and "hlo_op" in args and args.get("hlo_module") == module:
             threads[e["tid"]].append(e)
     totals: dict[str, float] = collections.Counter()
     for evs in threads.values():
@@ -177,23 +184,37 @@ def summarize(times: dict[str, float], cats: dict[str, tuple[str, float]], steps
 
 
 def profile(sz: BenchSizes, steps: int, trace_dir: str) -> dict:
-    """Trace `steps` steps of our train step; per-op and per-category times per step."""
+    """Trace `steps` steps of our train step and as many matmul-peak dots (bench/train_step.py's
+    make_peak: peak_n^2 in the step's dtype); per-op and per-category times per step, and each
+    matmul category's rate as a fraction of the peak's, both timed from the same trace."""
     import jax
+    import jax.numpy as jnp
 
     from bench.train_step import OurStep, synthetic_batch
 
     cfg = model_config(sz)
     ours = OurStep(cfg, synthetic_batch(cfg, sz.batch, sz.seq, sz.seq), 1)
     ours.run()
+    n = sz.peak_n
+    a = jax.random.normal(jax.random.key(0), (n, n), sz.dtype)
+    dot = jax.jit(jnp.dot).lower(a, a).compile()
+    dot(a, a).block_until_ready()
     load_before = os.getloadavg()
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     wall = [ours.run() for _ in range(steps)]
+    for _ in range(steps):
+        dot(a, a).block_until_ready()
     jax.profiler.stop_trace()
     load_after = os.getloadavg()
     trace = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
     hlo = ours.compiled.as_text()
     with open(os.path.join(trace_dir, "step.hlo.txt"), "w") as f:
         f.write(hlo)
+    peak_us = sum(self_times(trace, module_name(dot.as_text())).values())
+    peak = 2.0 * n**3 * steps / (peak_us * 1e-6)
+    res = summarize(self_times(trace, module_name(hlo)), categorize(hlo, sz.vocab), steps)
+    for v in res["categories"].values():
+        v["of_peak"] = v["gflop_per_s"] * 1e9 / peak if v["gflop_per_s"] else None
     return {
         "sizes": dataclasses.asdict(sz),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -201,24 +222,28 @@ def profile(sz: BenchSizes, steps: int, trace_dir: str) -> dict:
         "wall_s_per_step": wall,
         "load_average_before": list(load_before),
         "load_average_after": list(load_after),
-        **summarize(self_times(trace), categorize(hlo, sz.vocab), steps),
+        "peak_flops_per_s": peak,
+        **res,
     }
 
 
 def report(res: dict, top: int) -> str:
     lines = [
         f"wall s/step {', '.join(f'{w:.3f}' for w in res['wall_s_per_step'])}; op time "
-        f"{res['op_ms_per_step']:.0f} ms/step (2 threads overlap); load average "
-        f"{res['load_average_before'][0]:.2f} -> {res['load_average_after'][0]:.2f}",
+        f"{res['op_ms_per_step']:.0f} ms/step (summed over XLA's threads); load average "
+        f"{res['load_average_before'][0]:.2f} -> {res['load_average_after'][0]:.2f}; matmul "
+        f"peak ({res['sizes']['dtype']} {res['sizes']['peak_n']}^2 dot, same trace) "
+        f"{res['peak_flops_per_s'] / 1e9:.0f} GFLOP/s",
         "",
-        "| category | ms/step | share | GFLOP/step | GFLOP/s |",
-        "|---|---|---|---|---|",
+        "| category | ms/step | share | GFLOP/step | GFLOP/s | of peak |",
+        "|---|---|---|---|---|---|",
     ]
     for c, v in res["categories"].items():
         rate = f"{v['gflop_per_s']:.0f}" if v["gflop_per_s"] else ""
+        of_peak = f"{v['of_peak']:.0%}" if v["of_peak"] else ""
         lines.append(
             f"| {c} | {v['ms_per_step']:.1f} | {v['share']:.1%} | {v['gflop_per_step']:.2f} "
-            f"| {rate} |"
+            f"| {rate} | {of_peak} |"
         )
     lines += ["", "| op | category | ms/step | share |", "|---|---|---|---|"]
     for r in res["ops"][:top]:

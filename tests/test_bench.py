@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bench import cli, flops, train_step
+from bench import cli, flops, profile, sizes, train_step
 from bench import load as load_lib
 from meta_mask.config import ModelConfig
 
@@ -102,6 +102,22 @@ def test_every_measurement_is_finite_and_positive(results):
     for mem in memories:
         assert mem["peak"] > 0 and mem["argument"] > 0 and mem["output"] > 0, mem
         assert mem["temp"] >= 0 and mem["alias"] >= 0, mem
+
+
+def test_profile_finds_every_matmul_flop_of_the_step(tmp_path):
+    # The traced dot thunks' FLOPs (from the compiled HLO) add up to the analytical count: every
+    # matmul of the step was timed and categorized, none twice.
+    out = tmp_path / "profile.json"
+    assert profile.main(["--quick", "--steps=1", f"--out={out}"]) == 0
+    res = json.loads(out.read_text())
+    cats = res["categories"]
+    sz = sizes.quick_sizes()
+    expected = flops.train_flops(sizes.model_config(sz), sz.batch, sz.seq, sz.seq)
+    traced = sum(c["gflop_per_step"] for c in cats.values()) * 1e9
+    assert traced == pytest.approx(expected, rel=1e-9)
+    assert {"matmul: dense", "matmul: attention", "matmul: LM head", "dropout rng"} <= set(cats)
+    assert sum(c["share"] for c in cats.values()) == pytest.approx(1.0)
+    assert res["peak_flops_per_s"] > 0 and res["ops"][0]["ms_per_step"] > 0
 
 
 def test_flop_formula_matches_hand_count():
