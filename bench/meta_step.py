@@ -24,6 +24,7 @@ def _meta_setup(cfg, sz: BenchSizes, k: int):
 
     mcfg = MetaConfig(
         inner_steps=k,
+        mask_rate=0.15,
         estimator="second_order",
         remat=True,
         inner_batch_size=sz.meta_batch,

@@ -93,10 +93,10 @@ class SpanSeq2SeqBatch(Seq2SeqBatch):
 class MetaBatches(TypedDict):
     """One meta step's batches (policies/meta_train.meta_batch; meta.make_meta_step)."""
 
-    inner: MaskableBatch  # [K, B, L]: the K inner MLM batches
-    outer: Seq2SeqBatch  # [B, .]: the downstream batch the updated LM is scored on
-    context: NotRequired[MaskableBatch]  # [B, L], with MetaConfig.downstream_steps = 1
-    qa: NotRequired[Seq2SeqBatch]  # with MetaConfig.downstream_steps = 1
+    inner: MaskableBatch  # [K, B, L]: the K inner MLM batches (contexts)
+    outer: Seq2SeqBatch  # [B, .]: the inner contexts' questions, scored after the inner steps
+    contrast: NotRequired[Seq2SeqBatch]  # [B, .]: other contexts' questions (contrastive)
+    qa: NotRequired[Seq2SeqBatch]  # [B, .]: the in-loop QA step (MetaConfig.downstream_steps)
 
 
 A = TypeVar("A", np.ndarray, jax.Array)

@@ -178,7 +178,10 @@ HEURISTIC_POLICIES = (
     "pmi",
 )
 LEARNED_POLICIES = ("supervised", "meta")
-POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES
+# Analysis policies are reported as ceilings, never as baselines: "oracle" masks exactly the
+# values the task asks about (the synthetic world's typed gold entities).
+ANALYSIS_POLICIES = ("oracle",)
+POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES + ANALYSIS_POLICIES
 OUTPUT_FORMATS = ("masked_spans", "full_sentence")
 SPAN_DISTRIBUTIONS = ("geometric", "poisson")
 SPAN_ATOMS = ("word", "token")
@@ -460,7 +463,7 @@ class EvalConfig:
 
 META_ESTIMATORS = ("second_order", "first_order")
 INNER_OPTIMIZERS = ("sgd", "adam")
-POLICY_UNITS = ("token", "word")
+POLICY_UNITS = ("token", "word", "entity")
 
 
 @dataclass(frozen=True)
@@ -468,12 +471,15 @@ class MetaConfig:
     """The meta-learned masking policy: its scorer network (policies/net.py) and the
     meta-learning of its parameters phi against a downstream loss (policies/meta.py).
 
-    Inner loop: `inner_steps` (K) differentiable updates of the LM on policy-masked MLM batches
-    with `inner_optimizer` at `inner_learning_rate` (then `downstream_steps` = 1 adds an MLM
-    step on the downstream example's context and a step on its question/answer). Outer: the
-    downstream loss of the updated LM; the policy's Adam at `learning_rate` descends its
-    `estimator` gradient (second_order: exact, through the unroll; first_order: the alignment of
-    the MLM gradient with the downstream gradient, for models too large to unroll).
+    Inner loop: `inner_steps` (K) differentiable updates of the LM on the task's contexts,
+    masked by the policy at `mask_rate` and corrupted exactly as the intermediate stage
+    corrupts its corpus, with `inner_optimizer` at `inner_learning_rate` (`downstream_steps`
+    = 1 adds a QA step on other training questions). Outer: the loss of the contexts' own
+    questions under the updated LM, minus (`contrastive`) that of questions about other
+    contexts; the policy's Adam at `learning_rate` descends its `estimator` gradient
+    (second_order: exact, through the unroll; first_order: the alignment of the MLM gradient
+    with the downstream gradient, for models too large to unroll). The policy kept is the one
+    with the best dev meta-objective (the same loss on the dev split's contexts and questions).
     """
 
     inner_steps: int = option(1, "K: differentiable LM updates on policy-masked MLM batches.")
@@ -492,16 +498,27 @@ class MetaConfig:
     entropy_weight: float = option(
         0.01, "Reward for the entropy of the policy's per-sentence softmax."
     )
+    clip_weights: bool = option(
+        True,
+        "Credit a masked unit through log min(1, T * its probability): no credit past "
+        "'always masked' (else log q: the policy can collapse onto one unit per sentence).",
+    )
+    contrastive: bool = option(
+        True,
+        "Outer loss = the contexts' own questions' loss minus other contexts' questions' loss "
+        "(cancels what an MLM step does for every question alike).",
+    )
     budget_weight: float = option(
         1.0, "Penalty weight of (mean clipped probability - target rate)^2."
     )
     mask_rate: float = option(
         0.0,
-        "The sampler's mask rate during meta-learning; 0 = the intermediate stage's "
-        "(--policy.mask_rate). Deployment always uses the policy's budget.",
+        "The exploration rate: the sampler's mask rate during meta-learning (masking more than "
+        "the deployment budget shows the policy more units per step); 0 = the intermediate "
+        "stage's --policy.mask_rate. Deployment always uses the policy's own budget.",
     )
     meta_steps: int = option(1000, "Outer (policy) updates.")
-    inner_batch_size: int = option(8, "Sentences per inner MLM step.")
+    inner_batch_size: int = option(8, "Contexts (sentences or passages) per inner MLM step.")
     # Gradient accumulation, one optimizer update: same result, memory ~ one microbatch.
     inner_microbatches: int = option(
         1, "Microbatches per inner step whose gradients are summed (must divide the batch)."
@@ -510,7 +527,8 @@ class MetaConfig:
     remat: bool = option(True, "jax.checkpoint each inner step (memory ~ one step, not K).")
     downstream_steps: int = option(
         0,
-        "1: after the MLM steps, an MLM step on the downstream context then a QA step; 0: none.",
+        "1: after the MLM steps, one step on other training questions (the in-loop QA step of "
+        "the paper's figure: the LM learns to answer before its questions are scored); 0: none.",
         choices=(0, 1),
     )
     # The LM theta the inner loop starts from is the caller's, fixed for all meta steps
@@ -523,7 +541,8 @@ class MetaConfig:
     policy_max_length: int = option(1024, "Policy network: learned positions (longest input).")
     policy_units: str = option(
         "token",
-        "Policy network: one logit per token, or per word (logits mean-pooled over each word).",
+        "Policy network: one logit per token, per word, or per entity (gold entity spans on the "
+        "world, NER spans on real text; other words alone), logits mean-pooled over a unit.",
         choices=POLICY_UNITS,
     )
     use_lm_embeddings: bool = option(
@@ -597,7 +616,8 @@ class SupervisedConfig:
     )
     units: str = option(
         "token",
-        "One logit per token, or per word (logits mean-pooled over each word, as LearnedScorer).",
+        "One logit per token, per word, or per entity (entity spans; other words alone), logits "
+        "mean-pooled over a unit, as LearnedScorer pools them.",
         choices=POLICY_UNITS,
     )
     eval_every: int = option(100, "Measure dev span-F1 every this many steps.")

@@ -15,6 +15,7 @@ knows every part; the parts know nothing of each other.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -27,7 +28,7 @@ import jax
 from meta_mask import config as config_lib
 from meta_mask import workdir as workdir_lib
 from meta_mask.config import Config
-from meta_mask.context import RunContext, build_context
+from meta_mask.context import WORLD_CORPUS, RunContext, build_context
 from meta_mask.errors import UserError
 from meta_mask.training.distributed import is_writer
 
@@ -248,6 +249,37 @@ def finetune_stage(ctx: RunContext, params: Any) -> Any:
     )  # fmt: skip
 
 
+def diagnostics_stage(ctx: RunContext, params: Any, scorer) -> dict:
+    """World runs: where the policy puts its masks (dev people's rows) and what the LM stored
+    (a cloze probe on test people's rows), reported beside the scores, never selected on."""
+    from meta_mask.data import tasks, world
+    from meta_mask.evaluation import diagnostics
+    from meta_mask.model.generate import make_generate_fn
+    from meta_mask.policies import heuristic, mlm_batches
+
+    cfg = ctx.cfg
+    variant = tasks.get_task(cfg.data.task).world_variant
+    path = ctx.workdir / "diagnostics.json"
+    if variant is None or cfg.data.corpus != WORLD_CORPUS or jax.process_count() > 1:
+        return {}
+    if path.exists():
+        return json.loads(path.read_text())
+    corpus = ctx.corpus()
+    batches = mlm_batches.for_corpus(
+        corpus, scorer or heuristic.NoMask(), ctx.tokenizer, special=ctx.special,
+        policy=cfg.policy, data=cfg.data, seed=cfg.seed, batch_size=cfg.intermediate.batch_size,
+    )  # fmt: skip
+    generate = make_generate_fn(
+        ctx.model, config=ctx.model_cfg, max_length=cfg.data.mlm_target_length
+    )
+    result = diagnostics.world_diagnostics(
+        batches, corpus.dataset["doc_id"], ctx.world, world.asked_attributes(ctx.world, variant),
+        generate=generate, params=params, special=ctx.special, policy=cfg.policy, data=cfg.data,
+    )  # fmt: skip
+    workdir_lib.write_json(path, result)
+    return result
+
+
 def evaluate_stage(ctx: RunContext, params: Any) -> dict:
     """Generate on the eval split, score with the task's metric, write predictions."""
     from meta_mask.data import tasks
@@ -290,6 +322,14 @@ def evaluate_stage(ctx: RunContext, params: Any) -> dict:
 
 
 # ---------------------------------------------------------------------------------- run
+
+
+def _asked(ctx: RunContext) -> tuple[str, ...]:
+    """The attributes a world task asks about (the oracle's units); () for real tasks."""
+    from meta_mask.data import tasks, world
+
+    variant = tasks.get_task(ctx.cfg.data.task).world_variant
+    return world.asked_attributes(ctx.world, variant) if variant else ()
 
 
 def run(
@@ -335,9 +375,10 @@ def run(
         timings["learn_policy"] = time.time() - t
     if pretrain:
         t = time.time()
-        scorer = scorer or heuristic.corpus_scorer(cfg.policy, corpus)
+        scorer = scorer or heuristic.corpus_scorer(cfg.policy, corpus, asked=_asked(ctx))
         params = intermediate_stage(ctx, params, corpus, scorer)
         timings["intermediate"] = time.time() - t
+    found = diagnostics_stage(ctx, params, scorer) if "evaluate" in cfg.stages else {}
     if "finetune" in cfg.stages:
         t = time.time()
         params = finetune_stage(ctx, params)
@@ -357,6 +398,7 @@ def run(
         "metrics": metrics,
         "seconds": timings,
         **({"facts": facts} if facts else {}),
+        **({"diagnostics": found} if found else {}),
     }
     if "evaluate" in cfg.stages and is_writer():  # only a complete run has results
         report.write_run_report(workdir, results)

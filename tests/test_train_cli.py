@@ -228,7 +228,7 @@ GRIDS = {
 @pytest.mark.parametrize(("extra", "n_cells", "n_transfer"), GRIDS.values(), ids=GRIDS.keys())
 def test_sweep_commands_reproduce_the_cells(extra, n_cells, n_transfer):
     argv = ["prog", f"--flagfile={WORLD}", *extra, "--sweep.print_commands", "--sweep.reference",
-            "none", "--workdir", "runs/w", "--finetune.steps=7"]  # fmt: skip
+            "none", "--workdir", "runs/w", "--finetune.steps=77"]  # fmt: skip
     cfg, grid, workdir = _parse(argv[1:])
     assert grid.print_commands and workdir == "runs/w"
     root = pathlib.Path(workdir)

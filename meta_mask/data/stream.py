@@ -56,6 +56,8 @@ class CorpusStream:
         process_count: int = 1,
         max_entities: int = 16,
     ) -> None:
+        """`max_entities` is a lower bound: a corpus with more entities in a row gets that many
+        (a passage names its person in every sentence), so no entity is ever dropped."""
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(
                 f"process_index={process_index} must lie in [0, process_count={process_count})"
@@ -91,7 +93,7 @@ class CorpusStream:
         self.batch_size = batch_size
         self.local_batch_size = batch_size // process_count
         self.max_length = max_length
-        self.max_entities = max_entities
+        self.max_entities = max(max_entities, int(np.diff(self._ent_offsets).max(initial=0)))
         self.seed = seed
         self.process_index = process_index
         self.special = special
@@ -122,7 +124,10 @@ class CorpusStream:
 
     def batch_at(self, position: int) -> CorpusBatch:
         """The padded batch for this host at global `position`."""
-        rows = self.indices_at(position)
+        return self.rows_batch(self.indices_at(position))
+
+    def rows_batch(self, rows: np.ndarray) -> CorpusBatch:
+        """The padded batch of dataset `rows`, in that order."""
         b, length, e_max = len(rows), self.max_length, self.max_entities
         input_ids = np.full((b, length), self.special.pad, np.int32)
         word_ids = np.full((b, length), -1, np.int32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from meta_mask.config import WorldConfig
@@ -261,6 +261,10 @@ class World:
         if self.splits[GENERIC]:
             out.append(GENERIC_QA_TASK)
         return tuple(out)
+
+    def person_rows(self, person_ids: Iterable[int]) -> set[int]:
+        """The doc_ids of these people's biographies (what their corpus rows carry)."""
+        return {d["doc_id"] for p in person_ids for d in self.bios(p)}
 
     def bios(self, person_id: int) -> tuple[dict, ...]:
         """The person's biographies (documents), in order."""
@@ -539,8 +543,11 @@ def summary_of(world: World, person: Person) -> str:
     return ", ".join([person.name, *phrases]) + "."
 
 
-def _asked(world: World, variant: str) -> tuple[str, ...]:
-    """The attributes a QA variant asks about (the generic QA: every attribute with questions)."""
+def asked_attributes(world: World, variant: str) -> tuple[str, ...]:
+    """The attributes a QA variant asks about (the generic QA: every attribute with questions;
+    the summary: the summary's attributes)."""
+    if variant == SUMMARY_TASK:
+        return tuple(world.config.summary_attributes)
     if variant == GENERIC_QA_TASK:
         attrs = (*world.config.attributes, *world.config.distractors)
         return tuple(a for a in attrs if ATTRIBUTES[a].question_templates)
@@ -551,7 +558,7 @@ def _qa_examples(world: World, variant: str, person_ids: tuple[int, ...]) -> lis
     examples = []
     for pid in person_ids:
         person = world.people[pid]
-        for a in _asked(world, variant):
+        for a in asked_attributes(world, variant):
             spec = ATTRIBUTES[a]
             contexts = _contexts(world, pid, a)
             for template in spec.question_templates[: world.config.question_templates]:

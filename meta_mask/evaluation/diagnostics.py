@@ -126,3 +126,48 @@ def cloze_probe(
             got = tokens[: tokens.index(eos)] if eos in tokens else tokens
             hits += got == list(want)
     return hits / len(gold)
+
+
+def world_diagnostics(
+    batches: Any,
+    doc_ids: Sequence[str],
+    world: Any,
+    asked: Sequence[str],
+    *,
+    generate,
+    params: Any,
+    special: Any,
+    policy: Any,
+    data: Any,
+    max_rows: int = 512,
+) -> dict[str, float]:
+    """A world run's diagnostics: `mask_shares` of the run's policy (batches.scorer, the
+    intermediate stage's MlmBatches; none for policy "none") on its dev people's corpus rows,
+    and the `cloze_probe` of the LM `params` on its test people's rows (masked_spans runs
+    only). `doc_ids` are the corpus rows' doc ids (the world's document ids, as strings)."""
+    from meta_mask.policies.corrupt import corrupt_np
+
+    def rows_of(split: str) -> np.ndarray:
+        docs = {str(d) for d in world.person_rows(world.splits[split])}
+        return np.asarray([i for i, d in enumerate(doc_ids) if str(d) in docs][:max_rows])
+
+    out: dict[str, float] = {}
+    if policy.name != "none":
+        dev = batches.rows(rows_of("dev"))
+        out.update(mask_shares(batches.scorer, dev, dev["entity_types"], policy.budget(),
+                               asked=asked))  # fmt: skip
+    if policy.output_format == "masked_spans":
+        test = batches.rows(rows_of("test"))
+
+        def corrupt(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+            return corrupt_np(
+                ids, mask, output_format="masked_spans", enc_len=data.mlm_length,
+                dec_len=data.mlm_target_length, special=special, infill=policy.infill,
+            )  # fmt: skip
+
+        examples, gold = cloze_examples(test, test["entity_types"], asked, corrupt=corrupt)
+        sentinel = special.sentinels[0] if special.sentinels else special.mask
+        out["cloze"] = cloze_probe(
+            generate, params, examples, gold, sentinel=sentinel, eos=special.eos
+        )
+    return out

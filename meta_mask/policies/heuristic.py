@@ -30,6 +30,7 @@ import numpy as np
 from meta_mask.batches import PolicyBatch
 from meta_mask.config import PolicyConfig
 from meta_mask.data.pmi import CorpusPmi, corpus_pmi
+from meta_mask.errors import UserError
 from meta_mask.policies.sampler import STREAM_SCORER, BatchRng, Scorer
 from meta_mask.special_tokens import SpecialTokens
 
@@ -103,6 +104,27 @@ def word_starts(word_ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def word_units(word_ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Whole-word unit ids [B, L]."""
     return _ids_from_starts(word_starts(word_ids, valid), valid)
+
+
+def entity_units(word_ids: np.ndarray, valid: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """Entity units [B, L]: each entity span [B, E, 2] is one unit, every other word another
+    (a learned policy with entity units chooses whole entities, as salient spans do)."""
+    units = span_units(spans, valid)
+    rest = valid & (units < 0)
+    return np.where(rest, _ids_from_starts(word_starts(word_ids, rest), rest), units).astype(
+        np.int32
+    )
+
+
+def policy_units(batch: PolicyBatch, units: str) -> np.ndarray | None:
+    """The unit ids [B, L] a learned policy with `units` pools its logits over (None for
+    "token": every token is its own unit)."""
+    valid = np.asarray(batch["valid"], bool)
+    if units == "word":
+        return word_units(np.asarray(batch["word_ids"]), valid)
+    if units == "entity":
+        return entity_units(np.asarray(batch["word_ids"]), valid, np.asarray(batch["entity_spans"]))
+    return None
 
 
 def span_units(spans: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -237,6 +259,26 @@ class SalientSpans:
 
 
 @dataclass(frozen=True)
+class Oracle:
+    """An analysis policy, never a baseline: the values of the attributes the task asks about
+    (gold entity spans typed by attribute: the synthetic world's "entity_types") are the only
+    units, so within the budget it masks exactly what the task will ask. The ceiling of what
+    choosing which facts to mask can give."""
+
+    attributes: frozenset[str]
+
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+        if "entity_types" not in batch:
+            raise ValueError("the oracle policy needs typed entities (the synthetic world's)")
+        spans = batch["entity_spans"]
+        keep = np.zeros(spans.shape[:2], bool)
+        for i, types in enumerate(batch["entity_types"]):
+            keep[i, : len(types)] = [t in self.attributes for t in types]
+        units = span_units(np.where(keep[..., None], spans, -1), batch["valid"])
+        return _zeros(batch), units
+
+
+@dataclass(frozen=True)
 class PmiNgrams:
     """PMI-Masking: the corpus's top-PMI n-grams are units masked whole; every other word is a
     unit. The n-grams of every corpus row were found once (`pmi`, from data.pmi.corpus_pmi);
@@ -254,9 +296,12 @@ class PmiNgrams:
         return _zeros(batch), np.where(rest, words, units)
 
 
-def make_scorer(cfg: PolicyConfig, pmi: CorpusPmi | None = None) -> Scorer:
+def make_scorer(
+    cfg: PolicyConfig, pmi: CorpusPmi | None = None, asked: Sequence[str] = ()
+) -> Scorer:
     """The scorer named by cfg.name (budget: cfg.budget(); output format: policies.corrupt).
-    The pmi policy needs its corpus's n-grams, `pmi`: `corpus_scorer` finds (or loads) them."""
+    The pmi policy needs its corpus's n-grams, `pmi`: `corpus_scorer` finds (or loads) them;
+    the oracle needs the attributes the task asks about, `asked`."""
     if cfg.name == "none":
         return NoMask()
     if cfg.name == "random_tokens":
@@ -283,14 +328,22 @@ def make_scorer(cfg: PolicyConfig, pmi: CorpusPmi | None = None) -> Scorer:
                 "data.pmi.CorpusPmi (build_corpus_pmi(records) for in-memory records)"
             )
         return PmiNgrams(pmi)
+    if cfg.name == "oracle":
+        if not asked:
+            raise UserError(
+                "the oracle policy masks the values a synthetic-world task asks about: it needs "
+                "a world task (--data.task=world_qa, ...)"
+            )
+        return Oracle(frozenset(asked))
     raise ValueError(f"PolicyConfig.name={cfg.name!r} has no scorer")
 
 
-def corpus_scorer(cfg: PolicyConfig, corpus: Corpus) -> Scorer:
+def corpus_scorer(cfg: PolicyConfig, corpus: Corpus, asked: Sequence[str] = ()) -> Scorer:
     """The scorer of heuristic policy `cfg` masking the rows of `corpus` (data.corpora.Corpus),
     as a run builds it. The pmi policy's n-grams come from the corpus (data.pmi.corpus_pmi:
-    computed once, cached next to the corpus)."""
+    computed once, cached next to the corpus); the oracle's units are the `asked` attributes'
+    values."""
     if cfg.name != "pmi":
-        return make_scorer(cfg)
+        return make_scorer(cfg, asked=asked)
     pmi = corpus_pmi(corpus, max_n=cfg.pmi_max_n, min_count=cfg.pmi_min_count, top_k=cfg.pmi_top_k)
     return make_scorer(cfg, pmi)

@@ -20,7 +20,7 @@ import numpy as np
 
 from meta_mask.config import LEARNED_POLICIES, Config, MetaConfig
 from meta_mask.errors import UserError
-from meta_mask.policies import meta_train, supervised
+from meta_mask.policies import meta, meta_train, supervised
 from meta_mask.policies import net as net_lib
 from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training import checkpoint
@@ -68,10 +68,15 @@ def policy_learner(
     task's train / dev examples (their contexts, or `corpus_sentences` that mention an answer),
     its loop options and the units it scores."""
     budget = cfg.policy.budget()
+    units = cfg.supervised.units if cfg.policy.name == "supervised" else cfg.meta.policy_units
+    # Entity units: gold entities where the task's contexts carry them, else NER spans.
+    ner = cfg.policy.salient_labels if units == "entity" else None
     if cfg.policy.name == "supervised":
         scfg = cfg.supervised
         triples = [
-            supervised.supervised_triples(x, tokenizer, scfg, corpus_sentences=corpus_sentences)
+            supervised.supervised_triples(
+                x, tokenizer, scfg, corpus_sentences=corpus_sentences, ner_labels=ner
+            )
             for x in (train, dev)
         ]
         learner, options = supervised.supervised_learner(
@@ -82,7 +87,9 @@ def policy_learner(
     scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length)
     train_t, dev_t = (
         supervised.prepare_triples(
-            supervised.supervised_triples(x, tokenizer, scfg, corpus_sentences=corpus_sentences),
+            supervised.supervised_triples(
+                x, tokenizer, scfg, corpus_sentences=corpus_sentences, ner_labels=ner
+            ),
             max_triples=cap,
             seed=cfg.seed,
         )
@@ -98,6 +105,16 @@ def policy_learner(
         tokenizer=tokenizer,
         special=special,
         cfg=cfg.meta,
+        # The inner step writes exactly the examples the intermediate stage will.
+        corrupt=meta.corruption(
+            cfg.policy.output_format,
+            cfg.policy.infill,
+            special,
+            enc_len=cfg.data.mlm_length,
+            dec_len=cfg.data.mlm_length
+            if cfg.policy.output_format == "full_sentence"
+            else cfg.data.mlm_target_length,
+        ),
         budget=budget,
         seed=cfg.seed,
         length=cfg.data.mlm_length,

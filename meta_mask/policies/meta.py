@@ -121,7 +121,7 @@ import jax.numpy as jnp
 import optax
 
 from meta_mask.config import MetaConfig
-from meta_mask.policies.corrupt import corrupt_tokens_jax
+from meta_mask.policies.corrupt import corrupt_spans_jax, corrupt_tokens_jax
 from meta_mask.policies.sampler import gumbel_noise_jax, sample_mask_jax
 from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training.steps import TrainState, token_losses
@@ -134,6 +134,8 @@ Metrics = dict[str, Array]
 PolicyFn = Callable[[PyTree, Array, Array, Array | None], Array]
 # (theta, batch) -> per-token cross-entropy [B,T] of batch["labels"]
 LmLoss = Callable[[PyTree, Batch], Array]
+# (input_ids [B,L], mask [B,L]) -> a SpanSeq2SeqBatch (with "label_source")
+Corrupt = Callable[[Array, Array], Mapping[str, Array]]
 
 # optax.adam's eps_root: sqrt(nu + eps_root) keeps the derivative of the Adam update finite
 # where nu = 0 (parameters with zero gradient); with 0 the second-order meta-gradient is NaN.
@@ -160,6 +162,19 @@ class MetaSetup:
     policy_fn: PolicyFn
     lm_loss: LmLoss
     special: SpecialTokens
+    # (input_ids [B, L], mask [B, L]) -> the corrupted example with "label_source" (see
+    # `corruption`); default: full sentence, one <mask> per masked token.
+    corrupt: Corrupt | None = None
+
+    def __post_init__(self) -> None:
+        if self.corrupt is None:
+            default = functools.partial(_full_sentence_tokens, special=self.special)
+            object.__setattr__(self, "corrupt", default)
+        if not self.cfg.mask_rate > 0:
+            raise ValueError(
+                "MetaSetup needs the sampling rate: MetaConfig.mask_rate > 0 (the meta learner "
+                "resolves 0 to the intermediate stage's --policy.mask_rate)"
+            )
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -220,6 +235,39 @@ def sample_masks(
     )
 
 
+def unit_mass(q: Array, valid: Array, unit_ids: Array | None) -> Array:
+    """Q [..., L]: each token's unit's total probability under q (q itself for token units).
+    Unit ids are positions in [0, L) (-1 off valid), as the sampler reads them."""
+    if unit_ids is None:
+        return q
+    length = q.shape[-1]
+    ids = jnp.where(valid, unit_ids, length).reshape((-1, length))  # a spare segment off valid
+
+    def per_row(qr: Array, idr: Array) -> Array:
+        sums = jax.ops.segment_sum(qr, idr, num_segments=length + 1)
+        return sums[idr]
+
+    return jnp.where(valid, jax.vmap(per_row)(q.reshape((-1, length)), ids).reshape(q.shape), 0.0)
+
+
+def log_inclusion(
+    logits: Array, valid: Array, unit_ids: Array | None, mask_rate: float, clip: bool
+) -> Array:
+    """The log-probability whose change a masked token's weight carries (0 off valid).
+
+    clip=False: log q_i (the sampler's first-draw probability). clip=True: log min(1, T Q_u),
+    T the target count, Q_u the token's unit's total probability: the unit's approximate
+    chance to be masked at all, so a unit that is already always masked (T Q_u >= 1) gets no
+    more credit, and the policy cannot pour its mass into one unit per sentence.
+    """
+    log_q, q = policy_distribution(logits, valid)
+    if not clip:
+        return log_q
+    t = target_counts(valid.sum(-1), mask_rate).astype(q.dtype)[..., None]
+    p = jnp.minimum(1.0, t * unit_mass(q, valid, unit_ids))
+    return jnp.where(valid, jnp.log(jnp.maximum(p, 1e-30)), 0.0)
+
+
 def mask_weights(log_q: Array, mask: Array, log_q_ref: Array | None = None) -> Array:
     """w_i = exp(d_i - mean_{j masked} d_j) on masked tokens (0 elsewhere), d = log q - log q_ref,
     the mean over each batch's masked tokens (last two axes). q_ref = stop_gradient(q) by
@@ -241,15 +289,44 @@ def make_inner_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
     return optax.adam(cfg.inner_learning_rate, eps_root=ADAM_EPS_ROOT)
 
 
-def _corrupt(input_ids: Array, mask: Array, setup: MetaSetup) -> dict:
-    return corrupt_tokens_jax(input_ids, mask, setup.special)
+def corruption(
+    output_format: str, infill: str, special: SpecialTokens, *, enc_len: int, dec_len: int
+) -> Corrupt:
+    """The jittable corruption of the intermediate stage's output format (policies/corrupt.py),
+    so the inner step trains on exactly the examples the stage will: masked_spans (either
+    infill) via corrupt_spans_jax; full_sentence with one <mask> per token via
+    corrupt_tokens_jax (every real token is a label; label_source points masked ones at
+    themselves). BART's span infilling changes the length, which a jitted step cannot: refused.
+    """
+    if output_format == "masked_spans":
+        return functools.partial(
+            corrupt_spans_jax, enc_len=enc_len, dec_len=dec_len, special=special, infill=infill
+        )
+    if infill != "token":
+        raise ValueError(
+            "meta-learning with output_format='full_sentence' needs --policy.infill=token (one "
+            "<mask> per masked token: the jitted inner step keeps the sentence's length)"
+        )
+    return functools.partial(_full_sentence_tokens, special=special)
+
+
+def _full_sentence_tokens(input_ids: Array, mask: Array, *, special: SpecialTokens) -> dict:
+    ex = corrupt_tokens_jax(input_ids, mask, special)
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), mask.shape)
+    return {**ex, "label_source": jnp.where(mask, positions, -1)}
 
 
 def mlm_examples(input_ids: Array, mask: Array, weights: Array, setup: MetaSetup) -> dict:
-    """Full-sentence MLM batch [B, L] whose "weights" are mask * w / N (loss = sum w * ce)."""
-    ex = _corrupt(input_ids, mask, setup)
-    count = jnp.maximum(jnp.sum(mask), 1).astype(weights.dtype)  # a constant: no gradient
-    return {**ex, "weights": weights / count}
+    """The MLM batch of `input_ids` masked by `mask`, corrupted as the intermediate stage does
+    (setup.corrupt), with "weights" = (the reconstruction of masked token i: w_i; any other
+    label: 1) / N, N its real labels (a constant): sum(weights * ce) is the stage's mean
+    loss in value, and carries w's gradient on the masked tokens' own labels."""
+    ex = dict(setup.corrupt(input_ids, mask))
+    source = ex.pop("label_source")
+    on_label = jnp.take_along_axis(weights, jnp.maximum(source, 0), axis=-1)
+    w = ex["weights"] * jnp.where(source >= 0, on_label, 1.0).astype(weights.dtype)
+    count = jnp.maximum(jnp.sum(ex["weights"]), 1).astype(weights.dtype)  # no gradient
+    return {**ex, "weights": w / count}
 
 
 def normalized(batch: Batch) -> dict:
@@ -377,25 +454,28 @@ def policy_masks(
     leading: int = 0,
 ) -> tuple[Array, Array, Array]:
     """(logits, masks, weights) for a policy-masked batch: masks from fixed noise unless given;
-    weights relative to `reference_phi` when given (else stop_gradient)."""
+    weights (on masked tokens) from `log_inclusion`, relative to `reference_phi` when given
+    (else stop_gradient)."""
+    cfg = setup.cfg
     logits = _policy_logits(setup, phi, batch, leading)
-    valid = batch["valid"]
-    log_q, _ = policy_distribution(logits, valid)
+    valid, units = batch["valid"], batch.get("unit_ids")
+    flat = (lambda x: x) if not leading else _flat
     if masks is None:
-        flat = (lambda x: x) if not leading else _flat
-        units = batch.get("unit_ids")
         masks = sample_masks(
             flat(logits),
             flat(valid),
             flat(noise),
-            setup.cfg.mask_rate,
+            cfg.mask_rate,
             None if units is None else flat(units),
         ).reshape(valid.shape)
-    log_q_ref = None
+
+    def log_p(lg: Array) -> Array:
+        return log_inclusion(lg, valid, units, cfg.mask_rate, cfg.clip_weights)
+
+    log_p_ref = None
     if reference_phi is not None:
-        ref_logits = _policy_logits(setup, reference_phi, batch, leading)
-        log_q_ref = policy_distribution(ref_logits, valid)[0]
-    return logits, masks, mask_weights(log_q, masks, log_q_ref)
+        log_p_ref = log_p(_policy_logits(setup, reference_phi, batch, leading))
+    return logits, masks, mask_weights(log_p(logits), masks, log_p_ref)
 
 
 def _regularizers(
@@ -416,43 +496,42 @@ def inner_loop(
     *,
     masks: Array | None = None,
     reference_phi: PyTree | None = None,
-    downstream: Mapping[str, Any] | None = None,
+    qa: Batch | None = None,
 ) -> tuple[PyTree, Array, Metrics]:
     """theta_K(phi), the policy's regularizer loss and metrics.
 
-    inner_batches: {"input_ids" int32 [K,B,L], "valid" bool [K,B,L] (maskable tokens),
-    optional "unit_ids" [K,B,L]}; noise: Gumbel [K,B,L]; masks: optional fixed masks [K,B,L].
-    downstream (needed iff cfg.downstream_steps = 1): {"context": {"input_ids", "valid"} [B,L],
-    "context_noise" [B,L], optional "context_mask", "qa": a supervised batch}.
+    inner_batches: batches.MaskableBatch [K,B,L] (with optional "unit_ids"); noise: Gumbel
+    [K,B,L]; masks: optional fixed masks [K,B,L]. qa (needed iff cfg.downstream_steps = 1): a
+    Seq2SeqBatch of question -> answer pairs for one QA step after the MLM steps.
     """
     cfg = setup.cfg
     _check_inner(setup, inner_batches, noise)
-    if cfg.downstream_steps and downstream is None:
-        raise ValueError("MetaConfig.downstream_steps=1 needs `downstream` batches (context + qa)")
+    if cfg.downstream_steps and qa is None:
+        raise ValueError("MetaConfig.downstream_steps=1 needs a `qa` batch (the QA step)")
     logits, masks, weights = policy_masks(
         phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
     )
     examples = jax.vmap(lambda i, m, w: mlm_examples(i, m, w, setup))(
         inner_batches["input_ids"], masks, weights
     )
-    extra: tuple = ()
-    if cfg.downstream_steps:
-        context = downstream["context"]
-        _, c_mask, c_weights = policy_masks(
-            phi,
-            context,
-            downstream["context_noise"],
-            setup,
-            masks=downstream.get("context_mask"),
-            reference_phi=reference_phi,
-        )
-        extra = (
-            mlm_examples(context["input_ids"], c_mask, c_weights, setup),
-            normalized(downstream["qa"]),
-        )
+    extra = (normalized(qa),) if cfg.downstream_steps else ()
     theta_k = unroll(setup, theta, examples, extra)
     reg, metrics = _regularizers(logits, masks, inner_batches["valid"], cfg)
     return theta_k, reg, metrics
+
+
+def downstream_loss(
+    lm_loss: LmLoss, theta: PyTree, outer_batch: Batch, contrast: Batch | None = None
+) -> tuple[Array, Metrics]:
+    """The outer objective: the questions' loss, minus (contrastive) the loss of questions
+    about other contexts. Anything an MLM step does for every question alike (answer format,
+    output-embedding drift) cancels in the difference; what remains is what the masked
+    contexts taught about their own questions."""
+    own = outer_loss(lm_loss, theta, outer_batch)
+    if contrast is None:
+        return own, {"outer_loss": own}
+    other = outer_loss(lm_loss, theta, contrast)
+    return own - other, {"outer_loss": own - other, "outer_own": own, "outer_contrast": other}
 
 
 def meta_loss(
@@ -465,21 +544,15 @@ def meta_loss(
     *,
     masks: Array | None = None,
     reference_phi: PyTree | None = None,
-    downstream: Mapping[str, Any] | None = None,
+    contrast: Batch | None = None,
+    qa: Batch | None = None,
 ) -> tuple[Array, Metrics]:
     """L_down(theta_K(phi)) + regularizers, and metrics (outer_loss, entropy, mean_p, ...)."""
     theta_k, reg, metrics = inner_loop(
-        phi,
-        theta,
-        inner_batches,
-        noise,
-        setup,
-        masks=masks,
-        reference_phi=reference_phi,
-        downstream=downstream,
+        phi, theta, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, qa=qa
     )
-    out = outer_loss(setup.lm_loss, theta_k, outer_batch)
-    return out + reg, {**metrics, "outer_loss": out}
+    out, out_metrics = downstream_loss(setup.lm_loss, theta_k, outer_batch, contrast)
+    return out + reg, {**metrics, **out_metrics}
 
 
 def first_order_loss(
@@ -492,6 +565,7 @@ def first_order_loss(
     *,
     masks: Array | None = None,
     reference_phi: PyTree | None = None,
+    contrast: Batch | None = None,
 ) -> tuple[Array, Metrics]:
     """The first-order surrogate -a <grad L_mlm(theta, phi), sg(grad L_down(theta))> + regs;
     its phi-gradient is the first-order meta-gradient (module docstring). Metrics carry
@@ -499,28 +573,34 @@ def first_order_loss(
     cfg = setup.cfg
     _check_inner(setup, inner_batches, noise)
     lm_loss = setup.lm_loss
-    down, down_grad = jax.value_and_grad(functools.partial(outer_loss, lm_loss))(theta, outer_batch)
+    (down, down_metrics), down_grad = jax.value_and_grad(
+        lambda th: downstream_loss(lm_loss, th, outer_batch, contrast), has_aux=True
+    )(theta)
     down_grad = jax.lax.stop_gradient(down_grad)
     logits, masks, weights = policy_masks(
         phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
     )
-    examples = jax.vmap(lambda i, m: _corrupt(i, m, setup))(inner_batches["input_ids"], masks)
+    examples = jax.vmap(lambda i, m, w: mlm_examples(i, m, w, setup))(
+        inner_batches["input_ids"], masks, weights
+    )
+    label_weights = examples["weights"]
 
-    def per_token_alignment(ex: Batch) -> Array:
-        # c_i = <grad ce_i(theta), grad L_down(theta)> for every token: one jvp.
+    def per_label_alignment(ex: Batch) -> Array:
+        # c_j = <grad ce_j(theta), grad L_down(theta)> for every label: one jvp.
         return jax.jvp(lambda th: lm_loss(th, ex), (theta,), (down_grad,))[1]
 
     # One jvp per microbatch of each inner batch: [K, B, ...] -> [K * M, B / M, ...] and back.
     micro = cfg.inner_microbatches
     k, b = masks.shape[:2]
-    chunks = {n: v.reshape((k * micro, b // micro) + v.shape[2:]) for n, v in examples.items()}
-    align_tokens = jax.lax.map(per_token_alignment, chunks).reshape((k, b, -1))
-    align_tokens = jax.lax.stop_gradient(align_tokens)
-    counts = jnp.maximum(jnp.sum(masks, axis=(1, 2)), 1).astype(weights.dtype)
-    alignment = jnp.sum(weights * align_tokens / counts[:, None, None])
+    chunks = {
+        n: jax.lax.stop_gradient(v).reshape((k * micro, b // micro) + v.shape[2:])
+        for n, v in examples.items()
+    }
+    align = jax.lax.map(per_label_alignment, chunks).reshape(label_weights.shape)
+    alignment = jnp.sum(label_weights * jax.lax.stop_gradient(align))
     reg, metrics = _regularizers(logits, masks, inner_batches["valid"], cfg)
     surrogate = -cfg.inner_learning_rate * alignment
-    return surrogate + reg, {**metrics, "outer_loss": down, "alignment": alignment}
+    return surrogate + reg, {**metrics, **down_metrics, "alignment": alignment}
 
 
 def meta_gradient(
@@ -531,13 +611,19 @@ def meta_gradient(
     noise: Array,
     setup: MetaSetup,
     *,
-    downstream: Mapping[str, Any] | None = None,
+    contrast: Batch | None = None,
+    qa: Batch | None = None,
 ) -> tuple[PyTree, Array, Metrics]:
     """(d objective / d phi, objective, metrics) with the estimator of setup.cfg.estimator."""
     if setup.cfg.estimator == "second_order":
-        fn = functools.partial(meta_loss, setup=setup, downstream=downstream)
+        fn = functools.partial(meta_loss, setup=setup, contrast=contrast, qa=qa)
     else:
-        fn = functools.partial(first_order_loss, setup=setup)
+        if setup.cfg.downstream_steps:
+            raise ValueError(
+                "MetaConfig.downstream_steps=1 needs estimator='second_order' (the first-order "
+                "estimator evaluates the downstream gradient at theta_0, before any step)"
+            )
+        fn = functools.partial(first_order_loss, setup=setup, contrast=contrast)
     (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(
         phi, theta, inner_batches, outer_batch, noise
     )
@@ -566,7 +652,7 @@ def create_meta_state(phi: PyTree, cfg: MetaConfig) -> TrainState:
 def batch_noise(rng: Array, step: Array, batches: Mapping[str, Any]) -> Array:
     """Gumbel noise [K, B, L] for the inner batches: batch k uses the sampler's per-example
     stream gumbel_noise_jax(fold_in(rng, k), step, example_ids[k], L); example_ids default to
-    0..B-1. The context (downstream) uses index K."""
+    0..B-1."""
     inner = batches["inner"]
     kk, b, length = inner["input_ids"].shape
     ids = inner.get("example_ids", jnp.broadcast_to(jnp.arange(b), (kk, b)))
@@ -575,17 +661,23 @@ def batch_noise(rng: Array, step: Array, batches: Mapping[str, Any]) -> Array:
     )
 
 
+def _split(batches: Mapping[str, Any]) -> tuple[dict, Batch, Batch | None, Batch | None]:
+    inner = {k: v for k, v in batches["inner"].items() if k != "example_ids"}
+    return inner, batches["outer"], batches.get("contrast"), batches.get("qa")
+
+
 def make_meta_step(
     setup: MetaSetup, *, jit: bool = True, donate: bool = True
 ) -> Callable[[TrainState, PyTree, Mapping[str, Any], Array], tuple[TrainState, Metrics]]:
     """`meta_step(meta_state, theta, batches, rng) -> (meta_state, metrics)`: one policy update.
 
-    batches: {"inner": {"input_ids", "valid" [K,B,L], optional "unit_ids", "example_ids" [K,B]},
-    "outer": a supervised batch, and with downstream_steps = 1 "context": {"input_ids", "valid"
-    [B,L]} and "qa": a supervised batch}. `rng` is the run's base key (the same every step);
-    the masks' noise is derived from (rng, step) as in the sampler. theta is read, never
-    updated. Metrics: loss, outer_loss, entropy, mean_p, budget_penalty, mask_rate, grad_norm
-    (and alignment for first_order).
+    batches: batches.MetaBatches: "inner" [K,B,L] (with "example_ids" [K,B]), "outer" (the
+    inner contexts' questions), optional "contrast" (other contexts' questions: the
+    contrastive outer loss) and, with downstream_steps = 1, "qa" (the in-loop QA step). `rng`
+    is the run's base key (the same every step); the masks' noise is derived from (rng, step)
+    as in the sampler. theta is read, never updated. Metrics: loss, outer_loss (outer_own,
+    outer_contrast), entropy, mean_p, budget_penalty, mask_rate, grad_norm (and alignment for
+    first_order).
     """
     cfg = setup.cfg
     tx = make_policy_optimizer(cfg)
@@ -593,29 +685,10 @@ def make_meta_step(
     def meta_step(
         state: TrainState, theta: PyTree, batches: Mapping[str, Any], rng: Array
     ) -> tuple[TrainState, Metrics]:
-        inner = batches["inner"]
         noise = batch_noise(rng, state.step, batches)
-        downstream = None
-        if cfg.downstream_steps:
-            if "context" not in batches or "qa" not in batches:
-                raise ValueError(
-                    "MetaConfig.downstream_steps=1: batches need 'context' and 'qa' entries"
-                )
-            context = batches["context"]
-            b, length = context["input_ids"].shape
-            c_ids = context.get("example_ids", jnp.arange(b))
-            c_noise = gumbel_noise_jax(
-                jax.random.fold_in(rng, cfg.inner_steps), state.step, c_ids, length
-            )
-            downstream = {"context": context, "context_noise": c_noise, "qa": batches["qa"]}
+        inner, outer, contrast, qa = _split(batches)
         grads, loss, metrics = meta_gradient(
-            state.params,
-            theta,
-            {k: v for k, v in inner.items() if k != "example_ids"},
-            batches["outer"],
-            noise,
-            setup,
-            downstream=downstream,
+            state.params, theta, inner, outer, noise, setup, contrast=contrast, qa=qa
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -625,3 +698,19 @@ def make_meta_step(
     if not jit:
         return meta_step
     return jax.jit(meta_step, donate_argnums=(0,) if donate else ())
+
+
+def make_meta_objective(
+    setup: MetaSetup,
+) -> Callable[[PyTree, PyTree, Mapping[str, Any], Array, int], Metrics]:
+    """`objective(phi, theta, batches, rng, step) -> metrics`: the meta step's forward (the
+    same masks, inner steps and outer loss, no gradient), jitted once: the dev meta-objective
+    a policy is selected by (metrics["outer_loss"], lower is better)."""
+
+    def objective(phi, theta, batches, rng, step):
+        noise = batch_noise(rng, step, batches)
+        inner, outer, contrast, qa = _split(batches)
+        _, metrics = meta_loss(phi, theta, inner, outer, noise, setup, contrast=contrast, qa=qa)
+        return metrics
+
+    return jax.jit(objective)

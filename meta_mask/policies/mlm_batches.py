@@ -25,9 +25,13 @@ from meta_mask.special_tokens import SpecialTokens
 
 
 def policy_batch(
-    stream_batch: CorpusBatch, entity_labels: Sequence[Sequence[str]], special: SpecialTokens
+    stream_batch: CorpusBatch,
+    entity_labels: Sequence[Sequence[str]],
+    special: SpecialTokens,
+    entity_types: Sequence[Sequence[str]] | None = None,
 ) -> PolicyBatch:
-    """A corpus stream batch as the scorers read it (what heuristic.collate makes of records)."""
+    """A corpus stream batch as the scorers read it (what heuristic.collate makes of records);
+    with `entity_types` (the world's attribute of each span) also "entity_types"."""
     input_ids, word_ids = stream_batch["input_ids"], stream_batch["word_ids"]
     spans = stream_batch["entity_spans"].copy()
     n_max = spans.shape[1]
@@ -40,6 +44,11 @@ def policy_batch(
         "entity_spans": spans,
         "entity_labels": [list(labels)[:n_max] for labels in entity_labels],
         "example_ids": stream_batch["indices"].astype(np.int64),
+        **(
+            {"entity_types": [list(types)[:n_max] for types in entity_types]}
+            if entity_types is not None
+            else {}
+        ),
     }
 
 
@@ -47,8 +56,9 @@ def policy_batch(
 class MlmBatches:
     """`batches(step)` -> the intermediate-stage train batch of `step` (pure in (seed, step)).
 
-    `stream` is a data.stream.CorpusStream; `labels_of(rows)` returns the entity labels of
-    corpus rows (for label-filtered salient spans); `special` the run's special ids;
+    `stream` is a data.stream.CorpusStream; `labels_of(rows)` / `types_of(rows)` return the
+    entity labels (for label-filtered salient spans) / types (the world's attribute of each
+    span, for the oracle and diagnostics) of corpus rows; `special` the run's special ids;
     `random_ids` the ids an 80/10/10 random replacement draws from.
     """
 
@@ -59,12 +69,18 @@ class MlmBatches:
     seed: int
     special: SpecialTokens
     labels_of: Callable[[np.ndarray], list[list[str]]]
+    types_of: Callable[[np.ndarray], list[list[str]]]
     random_ids: np.ndarray | None = None
+
+    def rows(self, rows: np.ndarray) -> PolicyBatch:
+        """The policy batch of corpus `rows` (example ids = the rows)."""
+        sb = self.stream.rows_batch(np.asarray(rows))
+        return policy_batch(sb, self.labels_of(sb["indices"]), self.special,
+                            self.types_of(sb["indices"]))  # fmt: skip
 
     def masked(self, step: int) -> tuple[PolicyBatch, np.ndarray]:
         """The step's policy batch and its mask [B, L] (for inspection and heatmaps)."""
-        sb = self.stream.batch_at(step * self.stream.batch_size)
-        batch = policy_batch(sb, self.labels_of(sb["indices"]), self.special)
+        batch = self.rows(self.stream.indices_at(step * self.stream.batch_size))
         rng = BatchRng(self.seed, step, batch["example_ids"])
         mask = mask_batch_np(self.scorer, batch, rng, **self.policy.budget())
         return batch, mask
@@ -110,6 +126,7 @@ def for_corpus(
         process_count=jax.process_count(),
     )
     labels_column = corpus.dataset.data.column("entity_labels")
+    types_column = corpus.dataset.data.column("entity_types")
     return MlmBatches(
         stream=stream,
         scorer=scorer,
@@ -118,5 +135,6 @@ def for_corpus(
         seed=seed,
         special=special,
         labels_of=lambda rows: labels_column.take(rows).to_pylist(),
+        types_of=lambda rows: types_column.take(rows).to_pylist(),
         random_ids=non_special_ids(tokenizer),
     )

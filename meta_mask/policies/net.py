@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_mask.batches import PolicyBatch
-from meta_mask.config import MetaConfig
-from meta_mask.policies.heuristic import word_units
+from meta_mask.config import POLICY_UNITS, MetaConfig
+from meta_mask.policies.heuristic import policy_units
 from meta_mask.policies.sampler import BatchRng
 
 Array = jax.Array
@@ -199,14 +199,16 @@ class LearnedScorer:
     """A trained PolicyNet as a Scorer: (padded host batch, BatchRng) -> (scores, unit_ids).
 
     scores are the network's logits (float32 [B, L], -inf off `valid`); unit_ids are token
-    positions (units="token") or whole words (units="word", logits mean-pooled per word, needs
-    batch["word_ids"]). The forward pass is jitted once per padded shape; the scorer draws no
-    randomness of its own (the sampler's Gumbel noise does the sampling).
+    positions (units="token"), whole words (units="word", logits mean-pooled per word, needs
+    batch["word_ids"]) or entities (units="entity": each batch["entity_spans"] span one unit,
+    every other word another; logits mean-pooled per unit). The forward pass is jitted once per
+    padded shape; the scorer draws no randomness of its own (the sampler's Gumbel noise does
+    the sampling).
     """
 
     def __init__(self, net: PolicyNet, params: PyTree, *, units: str = "token") -> None:
-        if units not in ("token", "word"):
-            raise ValueError(f"LearnedScorer units={units!r}; valid: token, word")
+        if units not in POLICY_UNITS:
+            raise ValueError(f"LearnedScorer units={units!r}; valid: {POLICY_UNITS}")
         self.net = net
         self.params = params
         self.units = units
@@ -216,8 +218,9 @@ class LearnedScorer:
 
     def unit_ids(self, batch: PolicyBatch) -> np.ndarray:
         valid = np.asarray(batch["valid"], bool)
-        if self.units == "word":
-            return word_units(np.asarray(batch["word_ids"]), valid)
+        units = policy_units(batch, self.units)
+        if units is not None:
+            return units
         pos = np.arange(valid.shape[1], dtype=np.int32)
         return np.where(valid, pos, -1).astype(np.int32)
 
@@ -227,6 +230,6 @@ class LearnedScorer:
             self.params,
             jnp.asarray(batch["input_ids"], jnp.int32),
             jnp.asarray(batch["valid"], bool),
-            jnp.asarray(unit_ids) if self.units == "word" else None,
+            jnp.asarray(unit_ids) if self.units != "token" else None,
         )
         return np.asarray(scores, np.float32), unit_ids

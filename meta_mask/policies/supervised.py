@@ -44,7 +44,7 @@ import optax
 from meta_mask.batches import PolicyTrainBatch, TripleBatch
 from meta_mask.config import SupervisedConfig, to_dict
 from meta_mask.data.contexts import policy_triples
-from meta_mask.policies.heuristic import collate, word_units
+from meta_mask.policies.heuristic import collate, policy_units
 from meta_mask.policies.net import LearnedScorer, PolicyNet
 from meta_mask.policies.sampler import BatchRng, Scorer, sample_mask_np
 from meta_mask.special_tokens import SpecialTokens
@@ -130,7 +130,7 @@ def make_policy_batches(
     units: str = "token",
 ) -> Iterator[PolicyTrainBatch]:
     """Fixed-shape training batches (batches.PolicyTrainBatch) for steps start_step,
-    start_step + 1, ..., with whole-word "unit_ids" when units == "word". Order:
+    start_step + 1, ..., with "unit_ids" (heuristic.policy_units) unless units == "token". Order:
     `step_indices`."""
     step = start_step
     while num_steps is None or step < start_step + num_steps:
@@ -141,8 +141,9 @@ def make_policy_batches(
             "valid": host["valid"],
             "labels": host["labels"].astype(np.float32),
         }
-        if units == "word":
-            batch["unit_ids"] = word_units(host["word_ids"], host["valid"])
+        unit_ids = policy_units(host, units)
+        if unit_ids is not None:
+            batch["unit_ids"] = unit_ids
         yield batch
         step += 1
 
@@ -385,7 +386,7 @@ def supervised_learner(
             "input_ids": b["input_ids"],
             "valid": b["valid"],
             "labels": b["labels"].astype(np.float32),
-            **({"unit_ids": word_units(b["word_ids"], b["valid"])} if cfg.units == "word" else {}),
+            **({"unit_ids": policy_units(b, cfg.units)} if cfg.units != "token" else {}),
         }
         for b in dev_batches
     ]
@@ -448,16 +449,19 @@ def supervised_triples(
     cfg: SupervisedConfig,
     *,
     corpus_sentences: Iterable[str | dict] | None = None,
+    ner_labels: Sequence[str] | None = None,
     **corpus_kw: Any,
 ) -> list[dict[str, Any]]:
     """Token-level triples of a split's examples (their contexts, cut into answer sentences
     unless cfg.sentence_level is False, plus corpus sentences that mention an answer when
-    `corpus_sentences` is given), tokenized to cfg.max_length."""
+    `corpus_sentences` is given), tokenized to cfg.max_length; `ner_labels`: NER entities for
+    triples without gold ones (entity units)."""
     return policy_triples(
         examples,
         corpus_sentences=corpus_sentences,
         tokenizer=tokenizer,
         max_length=cfg.max_length,
         sentence_level=cfg.sentence_level,
+        ner_labels=ner_labels,
         **corpus_kw,
     )

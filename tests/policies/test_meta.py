@@ -34,6 +34,8 @@ PAD, MASK_ID = 1, V - 1
 SPECIAL = SpecialTokens(pad=PAD, eos=2, bos=0, mask=MASK_ID, decoder_start=2)
 KEY_IDS = (10, 11, 12, 13, 14)  # the toy's rewarded ids
 
+RATE = 0.15  # the sampler's mask rate inside the meta step (the learner resolves it)
+
 
 @contextlib.contextmanager
 def x64():
@@ -268,7 +270,13 @@ def _assert_meta_gradient_matches_finite_differences(cfg, b=B):
 def test_outer_loss_depends_on_phi_only_through_the_weights():
     """Without the reference, the weights are 1 in value: the meta loss equals the plain MLM
     unroll's outer loss at any phi (the forward is exactly the training the policy causes)."""
-    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, entropy_weight=0.0, budget_weight=0.0)
+    cfg = MetaConfig(
+        mask_rate=RATE,
+        inner_steps=2,
+        inner_learning_rate=0.5,
+        entropy_weight=0.0,
+        budget_weight=0.0,
+    )
     setup, phi, theta, inner, outer, noise, _ = make_problem(cfg)
     masks, _ = fixed_masks(setup, phi, inner, noise, None)
     other = jax.tree.map(lambda x: x * 1.7 + 0.1, phi)
@@ -361,7 +369,7 @@ def _leaf_norms(tree):
 def test_every_policy_parameter_gets_meta_gradient(lm):
     """Every leaf of phi receives a finite, non-zero meta-gradient (also through the real Bart,
     float32)."""
-    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, remat=True)
+    cfg = MetaConfig(mask_rate=RATE, inner_steps=2, inner_learning_rate=0.5, remat=True)
     setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, lm=lm)
     grads, loss, metrics = jax.jit(
         lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup)
@@ -377,7 +385,13 @@ def test_heuristic_scores_receive_no_meta_gradient():
     mask: a tabular policy (phi = the scores themselves) gets a non-zero gradient, while the same
     fixed scores used as a heuristic (no dependence on phi) give the same masks and the same meta
     loss with exactly zero gradient, whatever the noise."""
-    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, entropy_weight=0.0, budget_weight=0.0)
+    cfg = MetaConfig(
+        mask_rate=RATE,
+        inner_steps=2,
+        inner_learning_rate=0.5,
+        entropy_weight=0.0,
+        budget_weight=0.0,
+    )
     setup, _, theta, inner, outer, noise, _ = make_problem(cfg, seed=4)
     scores = jax.random.normal(jax.random.key(11), (2 * B, L))
     tabular = lambda phi, ids, valid, u=None: jnp.where(valid, phi["scores"], -jnp.inf)
@@ -463,7 +477,7 @@ def _micro_cfg(micro, **kw):
         budget_weight=1.0,
         mask_rate=0.3,
     )
-    return MetaConfig(**{**base, **kw})
+    return MetaConfig(**{"mask_rate": RATE, **base, **kw})
 
 
 def _assert_trees_close(a, b, rtol, atol_scale=0.0):
@@ -534,9 +548,9 @@ def test_microbatched_meta_gradient_matches_central_finite_differences(k, opt, l
 
 def test_microbatch_errors_name_the_fields():
     with pytest.raises(ValueError, match="inner_microbatches=0 must be >= 1"):
-        MetaConfig(inner_microbatches=0)
+        MetaConfig(mask_rate=RATE, inner_microbatches=0)
     with pytest.raises(ValueError, match="inner_microbatches=4 must divide inner_batch_size=6"):
-        MetaConfig(inner_batch_size=6, inner_microbatches=4)
+        MetaConfig(mask_rate=RATE, inner_batch_size=6, inner_microbatches=4)
     # Batches whose size the config does not describe are checked where they arrive.
     setup, phi, theta, inner, outer, noise, _ = make_problem(_micro_cfg(2))  # B = 3
     with pytest.raises(ValueError, match=r"inner_microbatches=2 must divide.*\(B = 3\)"):
@@ -611,6 +625,7 @@ def test_meta_steps_learn_to_mask_the_rewarded_tokens(estimator):
 def test_meta_step_with_bart_runs_and_lowers_meta_loss():
     """The jitted meta step end to end on the real Bart (float32, K=2, adam inner)."""
     cfg = MetaConfig(
+        mask_rate=RATE,
         inner_steps=2,
         inner_optimizer="adam",
         inner_learning_rate=0.01,
@@ -649,15 +664,18 @@ def test_policy_probabilities_respect_the_budget():
 
 
 def test_errors_name_the_field():
-    cfg = MetaConfig(inner_steps=2)
+    cfg = MetaConfig(mask_rate=RATE, inner_steps=2)
     setup, phi, theta, inner, outer, noise, _ = make_problem(cfg)
     bad = {k: v[:1] for k, v in inner.items()}
     with pytest.raises(ValueError, match="inner_steps=2"):
         meta.meta_loss(phi, theta, bad, outer, noise[:1], setup)
     with pytest.raises(ValueError, match="downstream"):
         s = meta.MetaSetup(
-            MetaConfig(inner_steps=2, downstream_steps=1), setup.policy_fn, tiny_lm_loss, SPECIAL
+            MetaConfig(mask_rate=RATE, inner_steps=2, downstream_steps=1),
+            setup.policy_fn,
+            tiny_lm_loss,
+            SPECIAL,
         )
         meta.meta_loss(phi, theta, inner, outer, noise, s)
     with pytest.raises(ValueError, match="estimator"):
-        MetaConfig(estimator="third_order")
+        MetaConfig(mask_rate=RATE, estimator="third_order")
