@@ -70,7 +70,7 @@ LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which BART checkpoints we
 
 def _erf_gelu(x: Array) -> Array:
     # torch's exact gelu, written as torch writes it: x/2 * (1 + erf(x/sqrt 2)). jax.nn.gelu's
-    # exact form goes through erfc, measured ~2.5% of the whole CPU train step slower.
+    # exact form goes through erfc, measured ~2% of the whole CPU train step slower.
     return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
 
 
@@ -99,7 +99,7 @@ class Dense(nn.Module):
 
     The [..., in] input is flattened to rows first: a 3-D dot_general contracting over (batch,
     time) in the backward pass made XLA CPU compute every kernel gradient from transposed
-    copies at about half the matmul rate (measured 5% of the whole CPU train step).
+    copies at about half the matmul rate (fc1 / fc2 alone: 7% of the whole CPU train step).
     """
 
     config: ModelConfig
