@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from bench.report import table
+from bench.report import cpu_line, table
 from bench.run import SECTIONS, run
 from bench.sizes import BenchSizes, quick_sizes
 
@@ -80,10 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     md = table(res)
     res["table"] = md
     print(md)
+    unreliable = [
+        k
+        for k, v in res.items()
+        if isinstance(v, dict) and not v.get("load", {}).get("reliable", True)
+    ]
     print(
-        f"\nmachine: {res['machine']['cpu']}, {res['machine']['cores']} cores, load average "
+        f"\nmachine: {cpu_line(res['machine'])}; load average "
         f"{res['machine']['load_average']} (start) {res['machine']['load_average_end']} (end); "
         f"jax {res['machine']['jax']}; {res['wall_s']:.0f} s"
+        + (f"\nUNRELIABLE (background load > 1.5): {', '.join(unreliable)}" if unreliable else "")
     )
     if args.out:
         with open(args.out, "w") as f:

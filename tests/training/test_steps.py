@@ -140,6 +140,30 @@ def test_weighted_loss_is_weighted_mean_of_token_losses():
     np.testing.assert_allclose(loss, 0.25 * ce[0, 0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_fused_head_loss_equals_the_logits_path_in_value_and_gradient(label_smoothing):
+    # weighted_loss runs the model's fused LM head + loss (custom_vjp); token_losses the plain
+    # logits -> cross_entropy path that autodiff differentiates. Same numbers, same gradient.
+    model, _, state = tiny_setup()
+    batch = make_batch(5)
+    batch["labels"][0, -3:] = -100  # out-of-range padding labels under zero weight
+    batch["weights"][0, -3:] = 0.0
+
+    def plain(params):
+        ce = steps.token_losses(model, params, batch, label_smoothing=label_smoothing)
+        return jnp.sum(batch["weights"] * ce) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def fused(params):
+        return steps.weighted_loss(model, params, batch, label_smoothing=label_smoothing)[0]
+
+    loss_p, grad_p = jax.jit(jax.value_and_grad(plain))(state.params)
+    loss_f, grad_f = jax.jit(jax.value_and_grad(fused))(state.params)
+    np.testing.assert_allclose(loss_f, loss_p, rtol=1e-6)
+    assert_trees_close(grad_f, grad_p, rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(grad_f["shared"]["embedding"]).max()) > 0
+    assert float(jnp.abs(grad_f["final_logits_bias"]).max()) == 0.0  # a buffer in HF
+
+
 def test_padding_with_zero_weight_changes_neither_loss_nor_gradient():
     model, _, state = tiny_setup()
     short = make_batch(4, src_len=16, tgt_len=16)
