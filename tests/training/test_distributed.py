@@ -1,5 +1,5 @@
 """Multi-host training: when the CLI joins a cluster, and a real two-process jax.distributed run
-on localhost (gloo CPU collectives) that trains through pipeline.train_stage on host-local batch
+on localhost (gloo CPU collectives) that trains through stages.train_stage on host-local batch
 shards and must match one process, with orbax checkpoints saved and restored by both hosts and
 logs written by process 0 only."""
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from meta_mask import pipeline
+from meta_mask import stages
 from meta_mask.config import Config, MeshConfig, PolicyConfig, StageConfig, tiny_model_config
 from meta_mask.context import RunContext
 from meta_mask.data import seq2seq
@@ -127,7 +127,7 @@ _PROCESS_SCRIPT = textwrap.dedent(
         "on", distributed.DistributedArgs(address, num_processes=2, process_id=pid))
     import jax, numpy as np
     from jax.experimental import multihost_utils
-    from meta_mask import pipeline
+    from meta_mask import stages
     from meta_mask.config import MeshConfig
     from meta_mask.training import checkpoint, sharding, steps
     from tests.training.test_distributed import CFG, STAGE, host_batch, stage_context
@@ -136,7 +136,7 @@ _PROCESS_SCRIPT = textwrap.dedent(
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2))
     ctx = stage_context(out / "work", mesh)
-    params = pipeline.train_stage(
+    params = stages.train_stage(
         ctx, "finetune", host_params(CFG, 0), STAGE,
         lambda s: host_batch(s, jax.process_index(), jax.process_count()), rng_salt=2)
     emb = params["shared"]["embedding"]
@@ -156,7 +156,7 @@ _PROCESS_SCRIPT = textwrap.dedent(
             jax.tree.leaves(multihost_utils.process_allgather(restored.params, tiled=True)),
             jax.tree.leaves(whole), strict=True))
     # A rerun skips the finished stage and loads its final params into the same layout.
-    again = pipeline.train_stage(ctx, "finetune", params, STAGE, None, rng_salt=2)
+    again = stages.train_stage(ctx, "finetune", params, STAGE, None, rng_salt=2)
     assert again["shared"]["embedding"].sharding == emb.sharding
     reload_diff = max(
         float(np.max(np.abs(a - b))) for a, b in zip(
@@ -181,7 +181,7 @@ def free_port() -> int:
 def test_two_process_training_matches_one_process(tmp_path):
     # The reference: the same stage in this (single-device) process on the whole global batch.
     mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
-    reference = pipeline.train_stage(
+    reference = stages.train_stage(
         stage_context(tmp_path / "single", mesh),
         "finetune",
         host_params(CFG, 0),

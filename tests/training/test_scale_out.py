@@ -68,7 +68,7 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent(
             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True)
         )
         # The train step from the same start as the single-device run, state created sharded
-        # (as pipeline.train_stage does) with Adam moments laid out like their params.
+        # (as stages.train_stage does) with Adam moments laid out like their params.
         tx = steps.make_optimizer(COMMON_OPTIM)
         start = sharding.place(host_params(CFG, 0), sharding.param_shardings(
             host_params(CFG, 0), mesh, min_size=MIN_SIZE))
