@@ -43,6 +43,8 @@ def records(n=4):
                 "entity_spans": [[1, 2]],
                 "entity_labels": ["PERSON"],
                 "answer_labels": [0, 1] + [0] * words,
+                "text": " ".join(f"w{10 + j}" for j in range(words)),
+                "answer": f"w10-{i}",
             }
         )
     return out
@@ -115,7 +117,14 @@ def test_meta_batches():
     qa = EncodedExamples(
         np.full((6, 5), SPECIAL.pad, np.int32), np.full((6, 4), SPECIAL.pad, np.int32), 0, 0
     )
-    cfg = MetaConfig(inner_steps=2, inner_batch_size=3, outer_batch_size=2, policy_units="word")
+    cfg = MetaConfig(
+        inner_steps=2,
+        inner_batch_size=3,
+        outer_batch_size=2,
+        policy_units="word",
+        mask_rate=0.2,
+        contrastive=False,  # every record is an inner context: none is left to contrast
+    )
     out = meta_batch(triples, qa, 0, cfg, special=SPECIAL, seed=0, length=8)
     assert set(out) == keys_of(batches.MetaBatches)
     assert set(out["inner"]) == keys_of(batches.MaskableBatch, optional={"unit_ids", "example_ids"})

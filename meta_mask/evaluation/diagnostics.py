@@ -104,11 +104,13 @@ def cloze_probe(
     gold: Sequence[Sequence[int]],
     *,
     sentinel: int,
-    eos: int,
+    stop: Sequence[int],
     batch_size: int = 64,
 ) -> float:
     """The fraction of `gold` values the LM reproduces exactly: `generate(params, input_ids)`
-    (greedy, jitted) must emit <sentinel> value </s> after its start token."""
+    (greedy, jitted) must emit <sentinel> value after its start token, the value ending at the
+    first `stop` id (</s>, or the next span's sentinel: an LM trained on several spans per
+    example may go on to guess another)."""
     if not gold:
         return float("nan")
     ids = np.asarray(examples["input_ids"])
@@ -123,7 +125,8 @@ def cloze_probe(
             tokens = row[1:].tolist()  # after the decoder start token
             if tokens and tokens[0] == sentinel:
                 tokens = tokens[1:]
-            got = tokens[: tokens.index(eos)] if eos in tokens else tokens
+            ends = [i for i, t in enumerate(tokens) if t in stop]
+            got = tokens[: ends[0]] if ends else tokens
             hits += got == list(want)
     return hits / len(gold)
 
@@ -168,6 +171,7 @@ def world_diagnostics(
         examples, gold = cloze_examples(test, test["entity_types"], asked, corrupt=corrupt)
         sentinel = special.sentinels[0] if special.sentinels else special.mask
         out["cloze"] = cloze_probe(
-            generate, params, examples, gold, sentinel=sentinel, eos=special.eos
-        )
+            generate, params, examples, gold, sentinel=sentinel,
+            stop=(special.eos, *special.sentinels),
+        )  # fmt: skip
     return out

@@ -70,14 +70,14 @@ def test_cloze_examples_mask_each_asked_value_alone_and_the_probe_scores_exact_s
     np.testing.assert_array_equal(examples["labels"][0][:4], [100, 30, 31, 2])
     assert 100 in examples["input_ids"][0] and 30 not in examples["input_ids"][0]
 
-    def generate(params, input_ids):  # right for the first value, wrong for the second
-        out = np.full((len(input_ids), 5), 1)
+    def generate(params, input_ids):  # right for the first value (then guesses another span)
+        out = np.full((len(input_ids), 7), 1)
         out[:, 0] = 2
-        out[0, 1:5] = [100, 30, 31, 2]
+        out[0, 1:7] = [100, 30, 31, 101, 41, 2]
         out[1, 1:4] = [100, 99, 2]
         return out
 
     score = diagnostics.cloze_probe(
-        generate, None, examples, gold, sentinel=100, eos=2, batch_size=4
+        generate, None, examples, gold, sentinel=100, stop=(2, 100, 101), batch_size=4
     )
     assert score == 0.5

@@ -289,6 +289,7 @@ def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path,
             seed=4,
             special=special,
             labels_of=lambda rows: labels.take(rows).to_pylist(),
+            types_of=lambda rows: [[] for _ in rows],
             random_ids=corrupt.non_special_ids(tokenizer),
         )
 
