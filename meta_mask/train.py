@@ -28,6 +28,12 @@ from meta_mask.errors import UserError
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Folder for this run's stages, checkpoints and results.")
+flags.DEFINE_string(
+    "cache_dir",
+    None,
+    "Folder for what runs share: tokenized corpora and the generic LM of each seed (default: "
+    "<workdir>/cache). Point several sweeps (e.g. variants of one policy) at one to share them.",
+)
 flags.DEFINE_enum(
     "distributed",
     "auto",
@@ -190,13 +196,13 @@ def main(argv: list[str]) -> None:
     from meta_mask import sweep
 
     if grid.print_commands:
-        for line in sweep.commands(cfg, grid, sys.argv, FLAGS.workdir):
+        for line in sweep.commands(cfg, grid, sys.argv, FLAGS.workdir, FLAGS.cache_dir):
             print(line)
         return
     _quiet_libraries()
     _join_cluster()
     try:
-        code = sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv)
+        code = sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv, cache_dir=FLAGS.cache_dir)
     except UserError as e:
         # The message says what to fix; a traceback would only bury it. Anything else is a
         # bug and keeps its traceback.

@@ -194,7 +194,14 @@ def test_a_flagfile_resolves_to_the_config_it_states(path, monkeypatch):
 
 def test_sweep_flags_do_not_change_a_runs_config():
     cfg, grid, _ = _parse([f"--flagfile={WORLD}"])
-    assert grid.policies == ("none", "random_tokens", "salient_spans", "supervised", "meta")
+    assert grid.policies == (
+        "none",
+        "random_tokens",
+        "salient_spans",
+        "supervised",
+        "meta",
+        "oracle",
+    )
     same, other_grid, _ = _parse(
         [f"--flagfile={WORLD}", "--sweep.policies=meta", "--sweep.seeds=4,5",
          "--sweep.tasks=world_qa_dates", "--sweep.transfer", "--sweep.reference=none",
@@ -213,7 +220,7 @@ GRIDS = {
     "no_axis": (["--sweep.policies="], 1, 0),
     "seeds": (["--sweep.policies=", "--sweep.seeds=1,2"], 2, 0),
     "tasks": (["--sweep.policies=", "--sweep.tasks=world_qa,world_qa_dates"], 2, 0),
-    "policies_from_the_flagfile": ([], 5, 0),
+    "policies_from_the_flagfile": ([], 6, 0),
     "policies_overridden": (["--sweep.policies=none,meta"], 2, 0),
     "all_axes": (["--sweep.policies=none,salient_spans", "--sweep.seeds=0,3",
                   "--sweep.tasks=world_qa,world_qa_personal"], 8, 0),
@@ -235,20 +242,29 @@ def test_sweep_commands_reproduce_the_cells(extra, n_cells, n_transfer):
     first, second = sweep.waves(cfg, grid, root)
     assert (len(first), len(second)) == (n_cells, n_transfer)
     lines = sweep.commands(cfg, grid, argv, workdir)
+    generic = sweep.generic_cells(cfg, grid)  # world.flags trains a generic LM per seed
+    assert len(generic) == (0 if grid.is_single() else len(grid.seeds or (cfg.seed,)))
     comments = [i for i, line in enumerate(lines) if line.startswith("#")]
-    # The transfer wave, if any, follows a comment line that says it must wait for the first.
-    assert comments == ([len(first)] if second else [])
+    # Each wave that waits for the one before follows a comment line that says so.
+    expected = []
+    if generic:
+        expected = [0, len(generic) + 1]
+    if second:
+        expected.append(len(generic) + len(first) + len(expected))
+    assert comments == expected
     commands = [line for line in lines if not line.startswith("#")]
-    assert len(commands) == len(first) + len(second)
+    assert len(commands) == len(generic) + len(first) + len(second)
     folders = []
-    for line, (sub, cell) in zip(commands, first + second, strict=True):
+    for line, (sub, cell) in zip(commands, generic + first + second, strict=True):
         args = shlex.split(line)
         assert args[:3] == [sys.executable, "-m", "meta_mask.train"]
+        assert f"--cache_dir={root / 'cache'}" in args  # every run shares one cache
         run_cfg, run_grid, run_workdir = _parse(args[3:])
         assert run_cfg == cell, line
         assert run_grid == config_lib.SweepConfig(), line  # each command is one run
         folders.append(run_workdir)
         assert run_workdir == str(root / sub)
+    folders = folders[len(generic) :]
     assert folders == [str(root / sub) for sub, _ in sweep.cells(cfg, grid, root)]
     assert len(set(folders)) == len(folders)
     first_folders = {str(root / sub) for sub, _ in first}
