@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from meta_mask import batches
 from meta_mask.config import MetaConfig
 from meta_mask.data.seq2seq import EncodedExamples, train_batch
-from meta_mask.policies.corrupt import corrupt_np, corrupt_spans_jax, corrupt_tokens_jax
+from meta_mask.policies.corrupt import corrupt_full_sentence_jax, corrupt_np, corrupt_spans_jax
 from meta_mask.policies.heuristic import collate
 from meta_mask.policies.meta_train import meta_batch
 from meta_mask.policies.mlm_batches import policy_batch
@@ -94,7 +94,6 @@ def test_seq2seq_batches_of_every_producer():
         "corrupt_np": corrupt_np(
             ids, mask, output_format="masked_spans", enc_len=6, dec_len=6, special=SPECIAL
         ),
-        "corrupt_tokens_jax": corrupt_tokens_jax(ids, mask, SPECIAL),
         "train_batch": train_batch(
             EncodedExamples(ids, ids, 0, 0), np.array([1, 0]), special=SPECIAL
         ),
@@ -108,8 +107,12 @@ def test_seq2seq_batches_of_every_producer():
             np.asarray(out["decoder_input_ids"]),
             batches.shift_right(np.asarray(out["labels"]), SPECIAL.decoder_start),
         )
-    spans = corrupt_spans_jax(ids, mask, enc_len=6, dec_len=6, special=SPECIAL)
-    assert set(spans) == keys_of(batches.SpanSeq2SeqBatch)
+    # The jitted corruptions of the meta step also say where each label comes from.
+    for out in (
+        corrupt_spans_jax(ids, mask, enc_len=6, dec_len=6, special=SPECIAL),
+        corrupt_full_sentence_jax(ids, mask, SPECIAL),
+    ):
+        assert set(out) == keys_of(batches.SpanSeq2SeqBatch)
 
 
 def test_meta_batches():

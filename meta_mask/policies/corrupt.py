@@ -12,7 +12,7 @@ Owns the two output formats of the study:
 
 Both return a batches.Seq2SeqBatch (S = enc_len, T = dec_len) padded with special.pad, weights
 1 on real labels and 0 on padding. The ids come from one SpecialTokens (special_tokens.py).
-numpy for the host pipeline (vectorized over the batch); `corrupt_tokens_jax` is the jittable
+numpy for the host pipeline (vectorized over the batch); `corrupt_full_sentence_jax` is the jittable
 same-length full-sentence variant for the learned policy, `corrupt_spans_jax` the jittable
 masked_spans one.
 """
@@ -186,19 +186,32 @@ def corrupt_np(
     }
 
 
-def corrupt_tokens_jax(
-    input_ids: jax.Array, mask: jax.Array, special: SpecialTokens
-) -> Seq2SeqBatch:
-    """Jittable full-sentence example with one <mask> per masked token (same length L): equal to
-    corrupt_np(..., output_format="full_sentence", infill="token", enc_len=dec_len=L)."""
+def corrupt_full_sentence_jax(
+    input_ids: jax.Array, mask: jax.Array, special: SpecialTokens, *, infill: str = "token"
+) -> SpanSeq2SeqBatch:
+    """Jittable full-sentence example (BART's text infilling): equal to corrupt_np(...,
+    output_format="full_sentence", infill=infill, enc_len=dec_len=L). One <mask> per masked
+    token ("token": the encoder keeps the sentence's length) or per masked span ("span": the
+    encoder is shorter, padded back to L); the target is the whole sentence. "label_source"
+    points each masked token's label at its own position (-1 elsewhere)."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, length = input_ids.shape
     real = input_ids != special.pad
-    enc = jnp.where(mask & real, jnp.int32(special.mask), input_ids)
+    mask = jnp.asarray(mask, bool) & real
+    prev = jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+    run_start = mask & ~prev if infill == "span" else mask
+    enc_values = jnp.where(mask & run_start, jnp.int32(special.mask), input_ids)
+    keep = real & ~(mask & ~run_start)
+    pos = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, length)  # length: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+    enc = jnp.full((b, length), special.pad, jnp.int32).at[rows, pos].set(enc_values, mode="drop")
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     return {
         "input_ids": enc,
         "decoder_input_ids": shift_right(input_ids, special.decoder_start),
         "labels": input_ids,
         "weights": real.astype(jnp.float32),
+        "label_source": jnp.where(mask, positions, -1),
     }
 
 

@@ -83,6 +83,11 @@ def policy_learner(
             net, phi, *triples, scfg, special=special, budget=budget, seed=cfg.seed
         )
         return learner, options, scfg.units
+    if cfg.policy.replace_80_10_10:
+        raise UserError(
+            "meta-learning corrupts contexts inside a jitted step, where BERT's 80/10/10 "
+            "replacement has no form: drop --policy.replace_80_10_10 for --policy.name=meta"
+        )
     # Token-level (context, question, answer) triples of the task, at the corpus length.
     scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length)
     train_t, dev_t = (

@@ -21,7 +21,7 @@ the budget holds by construction (sum_i p_i = T). A per-token sigmoid would have
 A mask m (boolean) is drawn from the logits with FIXED Gumbel noise (an input), through the
 stop-gradient of the logits: m is a discrete sample, nothing differentiates through it.
 
-Inner loop. The corrupted batch is `corrupt_tokens_jax` (full-sentence target, <mask> per masked
+Inner loop. The corrupted batch is `corrupt_full_sentence_jax` (full sentence, <mask> per masked
 token); the MLM loss is the cross-entropy on the masked positions, each weighted by
 
     w_i = p_i / stop_gradient(p_i) = exp(log q_i - stop_gradient(log q_i)),
@@ -121,7 +121,7 @@ import jax.numpy as jnp
 import optax
 
 from meta_mask.config import MetaConfig
-from meta_mask.policies.corrupt import corrupt_spans_jax, corrupt_tokens_jax
+from meta_mask.policies.corrupt import corrupt_full_sentence_jax, corrupt_spans_jax
 from meta_mask.policies.sampler import gumbel_noise_jax, sample_mask_jax
 from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training.steps import TrainState, token_losses
@@ -168,7 +168,7 @@ class MetaSetup:
 
     def __post_init__(self) -> None:
         if self.corrupt is None:
-            default = functools.partial(_full_sentence_tokens, special=self.special)
+            default = functools.partial(corrupt_full_sentence_jax, special=self.special)
             object.__setattr__(self, "corrupt", default)
         if not self.cfg.mask_rate > 0:
             raise ValueError(
@@ -293,27 +293,15 @@ def corruption(
     output_format: str, infill: str, special: SpecialTokens, *, enc_len: int, dec_len: int
 ) -> Corrupt:
     """The jittable corruption of the intermediate stage's output format (policies/corrupt.py),
-    so the inner step trains on exactly the examples the stage will: masked_spans (either
-    infill) via corrupt_spans_jax; full_sentence with one <mask> per token via
-    corrupt_tokens_jax (every real token is a label; label_source points masked ones at
-    themselves). BART's span infilling changes the length, which a jitted step cannot: refused.
-    """
+    so the inner step trains on exactly the examples the stage will: masked_spans via
+    corrupt_spans_jax, full_sentence via corrupt_full_sentence_jax (every real token is a
+    label; label_source points the masked ones at themselves). BERT's 80/10/10 replacement
+    has no jitted form (policies/corrupt.py draws it on the host)."""
     if output_format == "masked_spans":
         return functools.partial(
             corrupt_spans_jax, enc_len=enc_len, dec_len=dec_len, special=special, infill=infill
         )
-    if infill != "token":
-        raise ValueError(
-            "meta-learning with output_format='full_sentence' needs --policy.infill=token (one "
-            "<mask> per masked token: the jitted inner step keeps the sentence's length)"
-        )
-    return functools.partial(_full_sentence_tokens, special=special)
-
-
-def _full_sentence_tokens(input_ids: Array, mask: Array, *, special: SpecialTokens) -> dict:
-    ex = corrupt_tokens_jax(input_ids, mask, special)
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), mask.shape)
-    return {**ex, "label_source": jnp.where(mask, positions, -1)}
+    return functools.partial(corrupt_full_sentence_jax, special=special, infill=infill)
 
 
 def mlm_examples(input_ids: Array, mask: Array, weights: Array, setup: MetaSetup) -> dict:

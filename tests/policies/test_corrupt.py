@@ -14,9 +14,9 @@ from meta_mask.batches import shift_right
 from meta_mask.config import PolicyConfig
 from meta_mask.policies.corrupt import (
     corrupt_batch,
+    corrupt_full_sentence_jax,
     corrupt_np,
     corrupt_spans_jax,
-    corrupt_tokens_jax,
     non_special_ids,
 )
 from meta_mask.policies.sampler import BatchRng
@@ -140,7 +140,7 @@ def test_overflowing_target_drops_trailing_spans_whole():
 
 def test_jax_same_length_variant_equals_numpy():
     ref = run("full_sentence", infill="token", enc_len=6, dec_len=6)
-    out = corrupt_tokens_jax(IDS, MASKED, SPECIAL)
+    out = corrupt_full_sentence_jax(IDS, MASKED, SPECIAL)
     for k in ref:
         np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=k)
 
@@ -229,6 +229,21 @@ def test_jax_masked_spans_equal_numpy_including_dropped_spans(infill, dec_len):
         kept = ref["labels"] != 1
         n_span_tokens = (kept & ~np.isin(ref["labels"], [*sentinels, MASK, 2])).sum()
         assert has.sum() == n_span_tokens
+
+
+@pytest.mark.parametrize("infill", ["span", "token"])
+def test_jax_full_sentence_equals_numpy_over_random_masks(infill):
+    ids, mask = random_batch(np.random.default_rng(11))
+    length = ids.shape[1]
+    ref = corrupt_np(
+        ids, mask, output_format="full_sentence", enc_len=length, dec_len=length,
+        special=SPECIAL, infill=infill,
+    )  # fmt: skip
+    out = jax.jit(lambda i, m: corrupt_full_sentence_jax(i, m, SPECIAL, infill=infill))(ids, mask)
+    for k in ref:
+        np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=k)
+    src = np.asarray(out["label_source"])
+    np.testing.assert_array_equal(src >= 0, mask & (ids != SPECIAL.pad))
 
 
 def test_full_sentence_span_infilling_round_trip():

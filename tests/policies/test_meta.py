@@ -26,7 +26,7 @@ from meta_mask.config import MetaConfig, tiny_model_config
 from meta_mask.model.bart import Bart, init_params
 from meta_mask.policies import meta
 from meta_mask.policies import net as netlib
-from meta_mask.policies.corrupt import corrupt_spans_jax, corrupt_tokens_jax
+from meta_mask.policies.corrupt import corrupt_full_sentence_jax, corrupt_spans_jax
 from meta_mask.special_tokens import SpecialTokens
 
 V, L, B, D = 48, 12, 3, 16
@@ -102,7 +102,7 @@ def sentences(rng, shape, length=L, keys_per_sentence=2):
 
 def qa_batch(rng, b):
     """The toy downstream task: recover the key tokens of a sentence where they are masked
-    (corrupt_tokens_jax's format, built in numpy)."""
+    (corrupt_full_sentence_jax's format, built in numpy)."""
     ids, _ = sentences(rng, (b,))
     key = np.isin(ids, KEY_IDS)
     dec = np.concatenate([np.full((b, 1), 2, np.int32), ids[:, :-1]], axis=1)
@@ -293,8 +293,8 @@ def _plain_mlm_unroll(th, inner, outer, masks, setup):
     (full sentence: every token; masked_spans: the sentinels and spans), the example written
     by the policies.corrupt function of that format."""
     for kk in range(masks.shape[0]):
-        if setup.corrupt.func is meta._full_sentence_tokens:
-            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
+        if setup.corrupt.func is corrupt_full_sentence_jax:
+            ex = corrupt_full_sentence_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
         else:
             ex = corrupt_spans_jax(
                 inner["input_ids"][kk], masks[kk], enc_len=L, dec_len=L, special=SPECIAL,
@@ -346,7 +346,7 @@ def _scan_unroll_equals_python_loop(opt):
             log_p = jnp.where(valid, jnp.log(jnp.minimum(1.0, t * q)), 0.0)
             d = jnp.where(masks[kk], log_p - jax.lax.stop_gradient(log_p), 0.0)
             w = jnp.where(masks[kk], jnp.exp(d - jnp.sum(d) / jnp.sum(masks[kk])), 0.0)
-            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
+            ex = corrupt_full_sentence_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
             # Every real token is a label (full sentence); a masked token's label carries w.
             label_w = ex["weights"] * jnp.where(masks[kk], w, 1.0)
             n = jnp.sum(ex["weights"])
@@ -451,7 +451,7 @@ def test_first_order_estimator_matches_definition_and_aligns_with_exact():
             _, _, w = meta.policy_masks(p, inner, noise, setup, masks=masks, leading=1)
             total = 0.0
             for kk in range(cfg.inner_steps):
-                ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
+                ex = corrupt_full_sentence_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
                 label_w = ex["weights"] * jnp.where(masks[kk], w[kk], 1.0)
                 total += jnp.sum(label_w * tiny_lm_loss(t, ex)) / jnp.sum(ex["weights"])
             return total
