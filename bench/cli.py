@@ -1,8 +1,5 @@
-"""The command line of `python -m bench`: the only reader of its flags.
-
-XLA CPU flags: this is a CLI, so it may set XLA_FLAGS before jax is imported; the library
-itself never does. See `_xla_flags` for what is set and why.
-"""
+"""The command line of `python -m bench`: the only reader of its flags. It sets no XLA flags
+(the flags measured are listed in bench/README.md); a user's XLA_FLAGS apply as given."""
 
 from __future__ import annotations
 
@@ -16,12 +13,6 @@ import time
 from bench.report import cpu_line, table
 from bench.run import SECTIONS, run
 from bench.sizes import BenchSizes, quick_sizes
-
-
-def _xla_flags() -> None:
-    # Set before jax is imported (main() calls this first). Nothing is set when the user already
-    # chose XLA_FLAGS. (Kept as a hook: measured flags are listed in bench/README.md.)
-    os.environ.setdefault("XLA_FLAGS", "")
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
@@ -67,7 +58,6 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table (stdout) and progress (stderr); write --out."""
     sz, args = parse_args(argv)
-    _xla_flags()
     t0 = time.time()
     t_start = time.time()
 

@@ -74,7 +74,7 @@ class PolicyTrainBatch(MaskableBatch):
 
 
 class Seq2SeqBatch(TypedDict):
-    """What the train and eval steps and the losses read: one (source, target) per row."""
+    """What the train step and the losses read: one (source, target) per row."""
 
     input_ids: Array  # int32 [B, S]: the encoder input, pad-padded
     decoder_input_ids: Array  # int32 [B, T]: shift_right(labels)

@@ -8,7 +8,6 @@ batch size) that a checkpoint stores and a resumed run passes back. With
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -161,9 +160,3 @@ class CorpusStream:
     def entity_types(self, rows: np.ndarray) -> list[list[str]]:
         """The entity types (world attribute types; "" if none) of dataset `rows`."""
         return self._entity_columns[[int(r) for r in rows]]["entity_types"]
-
-    def iterate(self, position: int = 0) -> Iterator[tuple[int, CorpusBatch]]:
-        """Endless (position, batch) pairs from `position` on; save `position + batch_size`."""
-        while True:
-            yield position, self.batch_at(position)
-            position += self.batch_size

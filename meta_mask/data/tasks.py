@@ -44,7 +44,7 @@ paths looked for; a malformed JSON line names file and line; a row whose columns
 type names file, line/row and the expected schema; rows without a usable answer (no answers,
 only empty strings, TriviaQA's "<unk>") or with an empty source are skipped, counted and logged
 (their ids are in `TaskData.skipped`), and if every row is bad the load raises. Over-long inputs
-are truncated at tokenization time; `truncate_report` says how many will be.
+are kept, truncated at tokenization time to --data.source_length / --data.target_length tokens.
 
 The world tasks (world_qa, world_qa_dates, world_qa_personal, world_summary) are registry
 entries like the others: their rows are made by data/world.py from a `World` that the caller
@@ -55,10 +55,9 @@ from local files in meta_mask's own schema: source, targets, [contexts, id, fact
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -399,11 +398,6 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-def task_names() -> list[str]:
-    """Every registered task name."""
-    return sorted(TASKS)
-
-
 def dev_split(name: str) -> str:
     """The split of task `name` that tunes on it (e.g. a learned policy's dev loss)."""
     spec = get_task(name)
@@ -482,10 +476,6 @@ class TaskData:
     examples: list[Example]
     skipped: dict[str, list[str]]
     origin: str
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(len(ids) for ids in self.skipped.values())
 
 
 def _world_rows(spec: TaskSpec, split: str, world: world_lib.World | None):
@@ -576,65 +566,3 @@ def load_task(
     return read_task(
         name, split, data_dir=data_dir, max_examples=max_examples, world=world
     ).examples
-
-
-# ---------------------------------------------------------------------------------------------
-# Truncation.
-
-
-@dataclass(frozen=True)
-class TruncationReport:
-    """How many sources / target strings exceed the model's lengths (in tokens, with specials)."""
-
-    num_examples: int
-    num_sources_truncated: int
-    max_source_tokens: int
-    num_targets: int
-    num_targets_truncated: int
-    max_target_tokens: int
-
-    @property
-    def fraction_sources_truncated(self) -> float:
-        return self.num_sources_truncated / max(self.num_examples, 1)
-
-
-def truncate_report(
-    examples: Sequence[Example],
-    tokenizer: Callable[..., Mapping[str, Any]],
-    max_source_length: int,
-    max_target_length: int | None = None,
-    *,
-    batch_size: int = 1024,
-) -> TruncationReport:
-    """Count the examples whose source (and target strings) tokenization will truncate.
-
-    `tokenizer` is a Hugging Face tokenizer (called on a list of strings, returning input_ids).
-    """
-
-    def lengths(texts: list[str]) -> list[int]:
-        out: list[int] = []
-        for start in range(0, len(texts), batch_size):
-            ids = tokenizer(texts[start : start + batch_size], add_special_tokens=True)
-            out.extend(len(x) for x in ids["input_ids"])
-        return out
-
-    source_lengths = lengths([ex.source for ex in examples])
-    target_lengths = lengths([t for ex in examples for t in ex.targets])
-    target_limit = math.inf if max_target_length is None else max_target_length
-    report = TruncationReport(
-        num_examples=len(examples),
-        num_sources_truncated=sum(n > max_source_length for n in source_lengths),
-        max_source_tokens=max(source_lengths, default=0),
-        num_targets=len(target_lengths),
-        num_targets_truncated=sum(n > target_limit for n in target_lengths),
-        max_target_tokens=max(target_lengths, default=0),
-    )
-    if report.num_sources_truncated or report.num_targets_truncated:
-        log.warning(
-            "truncation: %d of %d sources exceed %d tokens (longest %d); %d of %d targets exceed "
-            "%s tokens (longest %d)",
-            report.num_sources_truncated, report.num_examples, max_source_length,
-            report.max_source_tokens, report.num_targets_truncated, report.num_targets,
-            max_target_length, report.max_target_tokens,
-        )  # fmt: skip
-    return report

@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meta_mask.batches import PolicyBatch, Seq2SeqBatch, SpanSeq2SeqBatch, shift_right
-from meta_mask.config import PolicyConfig
+from meta_mask.batches import Seq2SeqBatch, SpanSeq2SeqBatch, shift_right
 from meta_mask.policies.sampler import STREAM_CORRUPT, BatchRng
 from meta_mask.special_tokens import SpecialTokens, sentinel_ids
 
@@ -280,29 +279,3 @@ def corrupt_spans_jax(
         "weights": (jnp.arange(dec_len)[None, :] < n_labels[:, None]).astype(jnp.float32),
         "label_source": source,
     }
-
-
-def corrupt_batch(
-    batch: PolicyBatch,
-    mask: np.ndarray,
-    cfg: PolicyConfig,
-    *,
-    enc_len: int,
-    dec_len: int,
-    special: SpecialTokens,
-    rng: BatchRng | None = None,
-    random_ids: np.ndarray | None = None,
-) -> Seq2SeqBatch:
-    """`corrupt_np` on a collated batch with the output format, infill and 80/10/10 of `cfg`."""
-    return corrupt_np(
-        batch["input_ids"],
-        mask,
-        output_format=cfg.output_format,
-        enc_len=enc_len,
-        dec_len=dec_len,
-        special=special,
-        infill=cfg.infill,
-        replace_80_10_10=cfg.replace_80_10_10,
-        rng=rng,
-        random_ids=random_ids,
-    )

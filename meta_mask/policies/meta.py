@@ -1,112 +1,23 @@
-r"""Meta-learning the masking policy: inner MLM updates, the unroll, the meta loss, the meta step.
+"""Meta-learning the masking policy: inner MLM updates, the unroll, the meta loss, the meta step.
 
 Pure functions only (no I/O, no jax.config); `make_meta_step` jits once. phi = the policy's
-parameters, theta = the language model's.
+parameters, theta = the language model's (an input of every meta step, never updated here).
+The derivation, with the reasons for each choice, is docs/meta_gradient.md; in short:
 
-The objective
--------------
-A policy gives each maskable token x_i of a sentence a logit l_i = f_phi(x)_i. Its distribution
-over the sentence is the softmax over the sentence's maskable tokens, scaled to the budget:
-
-    q_i = softmax(l)_i,    p_i = T * q_i   (the expected-count probability; clipped at 1 when read
-                                           as a probability),    T = the sampler's target count.
-
-Why a softmax and not a sigmoid: the shared sampler (policies/sampler.py) draws the mask by
-Gumbel-top-k on the same logits, i.e. T draws without replacement from q. The first draw takes
-token i with probability exactly q_i, and T draws include it with probability ~ T q_i (exact for
-uniform q). Both q and the sampler are invariant to adding a constant to a sentence's logits and
-the budget holds by construction (sum_i p_i = T). A per-token sigmoid would have one direction
-(the common offset) that moves p but never the masks, pinned only by a penalty.
-
-A mask m (boolean) is drawn from the logits with FIXED Gumbel noise (an input), through the
-stop-gradient of the logits: m is a discrete sample, nothing differentiates through it.
-
-Inner loop. The corrupted batch is `corrupt_full_sentence_jax` (full sentence, <mask> per masked
-token); the MLM loss is the cross-entropy on the masked positions, each weighted by
-
-    w_i = p_i / stop_gradient(p_i) = exp(log q_i - stop_gradient(log q_i)),
-
-    L_mlm(theta, phi) = (1/N) sum_{i: m_i} w_i ce_i(theta),    N = number of masked tokens
-
-Why this weight (and not w = p normalized): its VALUE is 1, so the forward inner step is exactly
-the ordinary MLM step on the sampled mask (the training this policy will actually cause, with the
-inner learning rate meaning what it means in the intermediate stage), while its GRADIENT is
-grad_phi log q_i, the likelihood-ratio direction: upweighting token i's loss by (1 + d) to first
-order is what masking it (1 + d) times as often does in expectation (the weight is the importance
-ratio of a perturbed policy to the sampling one). With w = p, the step size would shrink with
-p ~ T/n and the forward would no longer be the MLM step the policy causes.
-
-Baseline. Every MLM step tends to lower the downstream loss a little, so without a baseline every
-sampled token would be reinforced and only the sampling frequency would decide what wins (high
-variance). The implemented weight is centred over the batch's N masked tokens:
-
-    w_i = exp(d_i - mean_{j: m_j} d_j),    d_i = log q_i - stop_gradient(log q_i),
-
-still 1 in value, with gradient grad log q_i - mean_j grad log q_j: a token is reinforced when its
-effect on the outer loss beats the batch average (the usual control variate; the correction's
-expectation sum_i pi_i grad log q_i ~ T sum_i grad q_i = 0 to the order of pi ~ T q).
-
-K inner steps with an optax optimizer (sgd or adam, pure init/update; state in the scan carry;
-each step under jax.checkpoint when cfg.remat):
-
-    theta_{k+1} = theta_k + update_k(grad_theta L_mlm(theta_k, phi; batch_k)),
-
-optionally followed (downstream_steps = 1) by an MLM step on the downstream examples' contexts
-(masked by the same policy) and a step on their question -> answer pairs, as in the papers'
-figure. Outer loss: the teacher-forced answer cross-entropy of theta_K on a held-out batch.
-
-Microbatching (cfg.inner_microbatches = M, gradient accumulation). L_mlm is a sum over the
-batch's sentences, so its gradient is the sum of M microbatches' gradients:
-
-    grad_theta L_mlm = sum_{b=1..M} grad_theta sum_{i in b: m_i} (w_i / N) ce_i(theta),
-
-computed by a lax.scan over microbatches (each microbatch's gradient under jax.checkpoint),
-then ONE optimizer update. It is the unsplit step exactly (up to float summation order) because
-everything batch-level is computed on the FULL inner batch before the split: N (the masked
-tokens of the whole batch), the centring mean_{j: m_j} d_j of the weights, the policy's logits
-and the masks; the LM treats sentences independently. The accumulation is a linear sum inside a
-differentiable scan, so the second-order meta-gradient through it is exact too, and the
-activations live at once are one microbatch's (B / M sentences), in the forward and in the
-meta-gradient's backward pass. The downstream steps (batches of the outer batch size) are not
-split. The first-order estimator runs its per-token jvp one microbatch at a time likewise.
-
-    meta_loss(phi) = L_down(theta_K(phi)) - entropy_weight * H(q) + budget_weight * B(p)
-
-H = mean over sentences of the entropy of q normalized by log(n); B = (mean_i min(1, p_i) -
-sum T / sum n)^2, zero until probability mass concentrates beyond what the budget can spend
-(collapse onto a few tokens). Both keep the policy from collapsing.
-
-Meta-gradients
---------------
-second_order: jax.grad of meta_loss w.r.t. phi through the whole unroll (Hessian-vector
-products of the LM, through the optimizer's update). For K = 1 and SGD at rate a:
-
-    theta_1 = theta_0 - (a/N) sum_{i: m_i} w_i grad ce_i(theta_0),
-    d L_down / d phi = -(a/N) sum_{i: m_i} (c_i - mean_{j: m_j} c_j) grad log q_i,
-    c_i = <grad L_down(theta_1), grad ce_i(theta_0)>:
-
-a masked token's probability rises when training on it moves theta along the downstream loss's
-descent direction more than the batch's average masked token does. first_order replaces
-theta_1 by theta_0 inside grad L_down (error O(a^2)):
-
-    g_FO = -a * d/dphi <grad_theta L_mlm(theta_0, phi), stop_gradient(grad_theta L_down(theta_0))>
-         = -(a/N) sum_k sum_{i: m_i} w_i * stop_gradient(c_i)   differentiated w.r.t. phi,
-
-with c_i = <grad ce_i(theta_0), grad L_down(theta_0)> for every token at once by ONE forward-mode
-product (jax.jvp of the per-token losses along grad L_down): no second-order pass through the LM,
-memory ~ a forward pass. It sums the K inner batches' alignments at theta_0 and ignores the
-inner optimizer's preconditioning (for adam it is the SGD direction) and the downstream steps.
-
-Correctness (tests/policies/test_meta.py): with d taken against a fixed reference phi_ref
-(`reference_phi`: d = log q_phi - log q_phi_ref), S(phi) = meta_loss is an ordinary function
-whose derivative at phi = phi_ref equals the meta-gradient; central finite differences of S in
-float64 match jax.grad, for K = 1 and 3, sgd and adam, with and without remat.
-
-theta: the unroll starts from the caller's LM parameters. They are an input of every meta step,
-never updated here: the caller keeps them fixed for all meta steps (policies/meta_train.py) or
-could refresh them between steps; dropout is off inside.
-Units: by default every maskable token is a unit; inner batches may carry "unit_ids" (e.g. whole
-words), passed to the policy (mean-pooled logits) and the sampler; q is still per token.
+- q = softmax of the policy's logits over a context's maskable tokens (the sampler's own
+  distribution; unit logits mean-pooled); the mask m is drawn from sg(logits) with fixed noise.
+- Each masked token's loss is weighted by w_i = exp(d_i - mean_{j masked} d_j), d = lp - sg(lp),
+  lp = log min(1, T Q_u) (clip_weights; else log q): 1 in value, likelihood-ratio gradient.
+- The inner examples are the intermediate stage's (`corruption`); `label_source` maps w onto
+  the labels, so the inner loss equals that stage's loss in value. K optax steps in a lax.scan
+  (microbatched gradients; optional QA step), then the outer loss on the contexts' own questions
+  minus (contrastive) other contexts' questions.
+- Regularizers: -entropy_weight * H (normalized entropy of q) + budget_weight * B, B =
+  (mean_i min(1, T q_i) - sum T / sum n)^2. Estimators: second_order (jax.grad through the
+  unroll) or first_order, the surrogate -a <grad L_mlm(theta_0, phi), sg(grad L_down(theta_0))>
+  whose per-label alignments come from one jvp. tests/policies/test_meta.py checks the first
+  against central finite differences in float64 (`reference_phi`), the second against its
+  definition.
 """
 
 from __future__ import annotations

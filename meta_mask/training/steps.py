@@ -1,12 +1,11 @@
-"""The one train step, the eval step, the optimizer and the token losses.
+"""The one train step, the optimizer and the token losses.
 
 Owns `TrainState`, the AdamW optimizer with its learning-rate schedule and weight-decay mask,
 the token losses every stage and policy trains on (the cross-entropy itself, plain and fused
-with the LM head, is the model's: meta_mask/model/bart.py), and the factories
-`make_train_step` / `make_eval_step`. Intermediate pre-training (masked-span or full-sentence
-output) and fine-tuning all feed this same step: their batches share one format,
-batches.Seq2SeqBatch, and differ only in content.
-The functions here are pure; jitting, donation and shardings are applied once by the factories.
+with the LM head, is the model's: meta_mask/model/bart.py), and the factory `make_train_step`.
+Intermediate pre-training (masked-span or full-sentence output) and fine-tuning all feed this
+same step: their batches share one format, batches.Seq2SeqBatch, and differ only in content.
+The functions here are pure; jitting, donation and shardings are applied once by the factory.
 """
 
 from __future__ import annotations
@@ -314,45 +313,6 @@ def make_train_step(
         donate_argnums=(0,) if donate else (),
     )
     return _placing(jitted, state_sharding)
-
-
-def make_eval_step(
-    model: nn.Module,
-    *,
-    mesh: Mesh | None = None,
-    jit: bool = True,
-    params_sharding: Sharding | Any = None,
-) -> Callable[[Any, Batch], Metrics]:
-    """`eval_step(params, batch) -> sums`: loss_sum (sum w*ce), weight_sum, tokens, correct.
-
-    Sums rather than means, so the caller aggregates any number of batches exactly:
-    loss = sum(loss_sum) / sum(weight_sum), accuracy = sum(correct) / sum(tokens).
-    No dropout and no label smoothing: this is the true cross-entropy. With jit=True, params
-    are moved to `params_sharding` (default replicated over `mesh`) when they are elsewhere.
-    """
-
-    def eval_step(params: Any, batch: Batch) -> Metrics:
-        ce, correct = _head_cross_entropy(model, params, batch, None, True, 0.0)
-        weights = batch["weights"].astype(jnp.float32)
-        counted = weights > 0
-        return {
-            "loss_sum": jnp.sum(weights * ce),
-            "weight_sum": jnp.sum(weights),
-            "tokens": jnp.sum(counted, dtype=jnp.int32),
-            "correct": jnp.sum(correct & counted, dtype=jnp.int32),
-        }
-
-    if not jit:
-        return eval_step
-    mesh = sharding_lib.make_mesh(MeshConfig()) if mesh is None else mesh
-    repl = sharding_lib.replicated(mesh)
-    params_sharding = repl if params_sharding is None else params_sharding
-    jitted = jax.jit(
-        eval_step,
-        in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
-        out_shardings=repl,
-    )
-    return _placing(jitted, params_sharding)
 
 
 def _placing(jitted: Callable, sharding: Any) -> Callable:

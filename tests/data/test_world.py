@@ -417,7 +417,7 @@ def test_every_task_is_listed_and_registered(world):
     from meta_mask.data import tasks
 
     assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK, GENERIC_QA_TASK}
-    assert set(TASKS) <= set(tasks.task_names())
+    assert set(TASKS) <= set(tasks.TASKS)
     assert tasks.get_task(SUMMARY_TASK).metric == "rouge"
     data = tasks.read_task("world_qa", "test", world=world)
     want = world_task(world, "world_qa")["test"]

@@ -11,9 +11,7 @@ import torch
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from meta_mask.batches import shift_right
-from meta_mask.config import PolicyConfig
 from meta_mask.policies.corrupt import (
-    corrupt_batch,
     corrupt_full_sentence_jax,
     corrupt_np,
     corrupt_spans_jax,
@@ -324,16 +322,3 @@ def test_sentinel_ids_from_a_tokenizer():
     tok.add_special_tokens({"mask_token": "<mask>", "pad_token": "<pad>", "bos_token": "<s>"})
     tok.add_special_tokens({"eos_token": "</s>"})
     assert non_special_ids(tok).tolist() == [5]
-
-
-def test_corrupt_batch_follows_the_policy_config():
-    batch = {"input_ids": IDS}
-    cfg = PolicyConfig(output_format="full_sentence", infill="token")
-    out = corrupt_batch(batch, MASKED, cfg, enc_len=6, dec_len=6, special=SPECIAL)
-    np.testing.assert_array_equal(
-        out["input_ids"], [[0, MASK, 11, MASK, MASK, 2], [0, 20, MASK, 2, 1, 1]]
-    )
-    cfg = PolicyConfig(output_format="masked_spans")
-    special = with_sentinels((S0, S1))
-    out = corrupt_batch(batch, MASKED, cfg, enc_len=8, dec_len=8, special=special)
-    np.testing.assert_array_equal(out["labels"][0], [S0, 10, S1, 12, 13, 2, 1, 1])

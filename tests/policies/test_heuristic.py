@@ -14,7 +14,7 @@ from meta_mask.data.pmi import build_corpus_pmi, find_ngrams
 from meta_mask.data.stream import CorpusStream
 from meta_mask.data.world import build_world
 from meta_mask.data.world_tokenizer import world_tokenizer
-from meta_mask.policies.corrupt import corrupt_batch
+from meta_mask.policies.corrupt import corrupt_np
 from meta_mask.policies.heuristic import (
     FILL_SCORE,
     NoMask,
@@ -405,7 +405,8 @@ def test_real_text_end_to_end_masked_spans_example():
     mask = mask_batch_np(make_scorer(cfg), batch, rng_for(batch, 3), **cfg.budget())
     # The tokenizer names only <unk> and <pad>: BART's layout, with its sentinels.
     special = dataclasses.replace(SPECIAL, sentinels=tuple(sentinel_ids(fast)))
-    out = corrupt_batch(batch, mask, cfg, enc_len=20, dec_len=12, special=special)
+    out = corrupt_np(batch["input_ids"], mask, output_format=cfg.output_format, enc_len=20,
+                     dec_len=12, special=special, infill=cfg.infill)  # fmt: skip
     for i, text in enumerate(TEXTS):
         enc = fast.decode(out["input_ids"][i], skip_special_tokens=False).replace("<pad>", "")
         target = fast.decode(out["labels"][i][out["weights"][i] > 0], skip_special_tokens=False)

@@ -1,4 +1,4 @@
-"""Tests for meta_mask.training.steps: losses, optimizer, schedule, train and eval steps."""
+"""Tests for meta_mask.training.steps: losses, optimizer, schedule, the train step."""
 
 from __future__ import annotations
 
@@ -352,28 +352,6 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     assert metrics["loss"].dtype == jnp.float32
     assert float(metrics["loss"]) < float(first["loss"])
-
-
-# ----------------------------------------------------------------------------- eval step
-
-
-def test_eval_step_sums_aggregate_exactly_across_batches():
-    model, _, state = tiny_setup()
-    batch = make_batch(8, batch=4)
-    eval_step = steps.make_eval_step(model)
-    whole = eval_step(state.params, batch)
-    halves = [
-        eval_step(state.params, {k: v[s] for k, v in batch.items()})
-        for s in (slice(0, 2), slice(2, 4))
-    ]
-    for key in ("loss_sum", "weight_sum"):
-        np.testing.assert_allclose(whole[key], sum(h[key] for h in halves), rtol=1e-5)
-    for key in ("tokens", "correct"):
-        assert int(whole[key]) == sum(int(h[key]) for h in halves)
-    loss, metrics = jax.jit(functools.partial(steps.weighted_loss, model))(state.params, batch)
-    np.testing.assert_allclose(whole["loss_sum"] / whole["weight_sum"], loss, rtol=1e-5)
-    np.testing.assert_allclose(whole["correct"] / whole["tokens"], metrics["accuracy"], rtol=1e-6)
-    assert int(whole["tokens"]) == int((batch["labels"] != PAD).sum())
 
 
 # ----------------------------------------------------------------------------- multi-device
