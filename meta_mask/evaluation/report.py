@@ -302,29 +302,44 @@ def write_mask_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(tokens) + 0.6))
-    ax.set_axis_off()
-    cmap = plt.get_cmap("Reds")
-    for r, (toks, p, v) in enumerate(zip(tokens, probs, valid, strict=True)):
-        x = 0.0
+    # Lines of (label, probability), wrapped at the figure's width; a blank line between rows.
+    lines: list[list[tuple[str, float]]] = []
+    for toks, p, v in zip(tokens, probs, valid, strict=True):
+        if lines:
+            lines.append([])
+        line: list[tuple[str, float]] = []
+        width = 0.0
         for t, q, ok in zip(toks, p, v, strict=False):
             if not ok:
                 continue
             label = t.replace("Ġ", "").replace("▁", "")
+            step = 0.0095 * (len(label) + 2)
+            if line and width + step > 1.0:
+                lines.append(line)
+                line, width = [], 0.0
+            line.append((label, float(q)))
+            width += step
+        lines.append(line)
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(lines) + 0.8))
+    ax.set_axis_off()
+    cmap = plt.get_cmap("Reds")
+    for r, line in enumerate(lines):
+        x = 0.0
+        for label, q in line:
             ax.text(
                 x, -r, label, fontsize=9, family="monospace", va="center",
-                bbox=dict(boxstyle="round,pad=0.2", fc=cmap(0.85 * float(q)), ec="none"),
+                bbox=dict(boxstyle="round,pad=0.2", fc=cmap(0.85 * q), ec="none"),
             )  # fmt: skip
-            x += 0.012 * (len(label) + 2)
+            x += 0.0095 * (len(label) + 2)
     ax.set_xlim(0, 1)
-    ax.set_ylim(-len(tokens) + 0.5, 0.5)
+    ax.set_ylim(-len(lines) + 0.5, 0.5)
     ax.set_title(f"mask probability per token: {title}", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.4 / (0.3 * len(lines) + 0.8), bottom=0.01)
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
 
 
-def write_mask_examples(out: pathlib.Path, batches, tokenizer, policy, num: int = 8) -> None:
+def write_mask_examples(out: pathlib.Path, batches, tokenizer, policy, num: int = 4) -> None:
     """What the policy masks: a heatmap (out: .html, and .png beside it) of per-token mask
     probabilities for the first `num` sentences of the intermediate stage's first batch,
     estimated over many sampler draws, so heuristic and learned policies are shown alike.
