@@ -462,6 +462,7 @@ class EvalConfig:
 
 
 META_ESTIMATORS = ("second_order", "first_order")
+META_SELECTIONS = ("dev_objective", "last")
 INNER_OPTIMIZERS = ("sgd", "adam")
 POLICY_UNITS = ("token", "word", "entity")
 
@@ -502,6 +503,13 @@ class MetaConfig:
         True,
         "Credit a masked unit through log min(1, T * its probability): no credit past "
         "'always masked' (else log q: the policy can collapse onto one unit per sentence).",
+    )
+    select: str = option(
+        "dev_objective",
+        "Which meta step's policy is kept: the best dev meta-objective (the outer loss on the dev "
+        "split's contexts and questions), or the last step. Never gold answer spans: those are "
+        "reported as a diagnostic only.",
+        choices=META_SELECTIONS,
     )
     contrastive: bool = option(
         True,

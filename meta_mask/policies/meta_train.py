@@ -214,7 +214,7 @@ def meta_learner(
         compare=("meta", "budget"),
         evaluate=evaluate,
         eval_every=eval_every,
-        best_key=best_key,
+        best_key=best_key if cfg.select == "dev_objective" else None,
     )
     options = LoopOptions(
         num_steps=cfg.meta_steps,
