@@ -21,7 +21,9 @@ from meta_mask.evaluation.writers import read_metrics
 if TYPE_CHECKING:
     from meta_mask.batches import PolicyBatch
 
-STAGES = ("intermediate", "finetune")
+STAGES = ("learn_policy", "intermediate", "finetune")
+# The dev metric each stage's curve shows (what its loop selects by, when it evaluates).
+DEV_METRICS = ("dev_objective", "dev_span_f1", "dev_em", "dev_rougeL", "dev_accuracy")
 
 
 def _headline(metrics: dict) -> list[str]:
@@ -32,7 +34,8 @@ def _headline(metrics: dict) -> list[str]:
 
 
 def plot_curves(workdir: str | pathlib.Path) -> pathlib.Path | None:
-    """curves.png: training loss per step of each stage that ran; None when none did."""
+    """curves.png: training loss per step of each stage that ran, with its dev evaluations
+    (what the stage selects by) on a second axis; None when no stage ran."""
     workdir = pathlib.Path(workdir)
     series = {s: read_metrics(workdir / s) for s in STAGES}
     series = {s: rows for s, rows in series.items() if rows}
@@ -45,17 +48,20 @@ def plot_curves(workdir: str | pathlib.Path) -> pathlib.Path | None:
 
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
     for ax, (stage, rows) in zip(axes[0], series.items(), strict=True):
-        steps = [r["step"] for r in rows if "loss" in r]
-        ax.plot(steps, [r["loss"] for r in rows if "loss" in r], label="loss")
-        if any("accuracy" in r for r in rows):
+        train = [r for r in rows if "loss" in r]
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
+        dev = next((m for m in DEV_METRICS if any(m in r for r in rows)), None)
+        if dev is not None:  # the loop's dev evaluations (what the stage selects by)
+            evals = [r for r in rows if dev in r]
             ax2 = ax.twinx()
-            ax2.plot(steps, [r.get("accuracy", np.nan) for r in rows if "loss" in r], "C1",
-                     label="token accuracy")  # fmt: skip
-            ax2.set_ylabel("token accuracy", color="C1")
+            ax2.plot([r["step"] for r in evals], [r[dev] for r in evals], "C1o-", ms=3)
+            ax2.set_ylabel(dev, color="C1")
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_yscale("log")
+        # The meta objective is a difference of losses (it can be negative): no log scale.
+        if all(r["loss"] > 0 for r in train):
+            ax.set_yscale("log")
     fig.suptitle(workdir.name)
     fig.tight_layout()
     out = workdir / "curves.png"
