@@ -133,12 +133,12 @@ def _args(flagfile: str, task: str, assets: dict, extra: list[str]) -> list[str]
 
 
 def _check_run(workdir: pathlib.Path, cfg) -> dict:
-    from meta_mask import pipeline
+    from meta_mask.data import tasks
 
     results = json.loads((workdir / "results.json").read_text())
     assert results["task"] == cfg.data.task and results["policy"] == cfg.policy.name
     metrics = results["metrics"]
-    metric = pipeline.task_metric(cfg.data.task)
+    metric = tasks.get_task(cfg.data.task).metric
     assert METRIC_KEYS[metric] <= set(metrics), metrics
     assert metrics["n"] == MAX_EXAMPLES
     for key in METRIC_KEYS[metric] - {"n"}:
