@@ -5,15 +5,13 @@ assert."""
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from bench import cli, flops, profile, sizes, train_step
 from bench import load as load_lib
 from meta_mask.config import ModelConfig
+from tests.processes import run_module
 
 
 def _numbers(tree, path=""):
@@ -150,14 +148,7 @@ def test_flags_are_validated():
 
 
 def test_the_documented_command_runs_from_the_repository_root():
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--help"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("bench", "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python -m bench")
     for flag in ("--quick", "--sections", "--repeats", "--out", "--no_torch", "--seq"):

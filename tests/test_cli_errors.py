@@ -4,14 +4,13 @@ line `error: <message>` with exit status 1 and no traceback; a bug keeps its tra
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from tests.processes import run_module
+
 # The tiny world of world_quick.flags as one run (no sweep) that starts with fine-tuning, so a
 # task's data is read seconds after start.
 QUICK = [
@@ -23,17 +22,11 @@ QUICK = [
 
 
 def _cli(args: list[str], tmp_path: pathlib.Path, base: list[str] = QUICK) -> tuple[int, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "meta_mask.train", *base, f"--workdir={tmp_path / 'run'}", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module(
+        "meta_mask.train", *base, f"--workdir={tmp_path / 'run'}", *args,
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        stderr=subprocess.STDOUT, timeout=600,
+    )  # fmt: skip
     return proc.returncode, proc.stdout
 
 

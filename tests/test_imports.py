@@ -7,7 +7,7 @@ import ast
 import pathlib
 from collections.abc import Mapping
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from tests.processes import REPO
 
 
 def _modules(root: pathlib.Path, package: str) -> dict[str, tuple[pathlib.Path, bool]]:

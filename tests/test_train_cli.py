@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import shlex
-import subprocess
 import sys
 import typing
 
@@ -17,8 +16,8 @@ from absl import flags
 from meta_mask import config as config_lib
 from meta_mask import sweep, train
 from tests.helpers import parse_config
+from tests.processes import REPO, run_module
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 WORLD = REPO / "experiments" / "world.flags"
 FLAGS = flags.FLAGS
 
@@ -57,13 +56,7 @@ def test_every_config_flag_has_a_real_help_line():
 
 
 def test_helpfull_shows_the_fields_help():
-    out = subprocess.run(
-        [sys.executable, "-m", "meta_mask.train", "--helpfull"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    out = run_module("meta_mask.train", "--helpfull", timeout=120).stdout
     assert "--data.corpus: Intermediate corpus" in out
     assert "DataConfig.corpus" not in out
     assert "--policy.name: <none|random_tokens|" in out  # an enum flag lists its choices

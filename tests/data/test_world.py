@@ -1,16 +1,10 @@
 """Tests of the synthetic knowledge world, its tokenizer and the span-aware tokenizer."""
 
 import dataclasses
-import hashlib
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from meta_mask.config import WorldConfig
@@ -27,8 +21,10 @@ from meta_mask.data.world import (
     world_texts,
 )
 from meta_mask.data.world_tokenizer import NUM_SENTINELS, sentinel_token, world_tokenizer
+from tests.data.tokenizer_helpers import bpe_tokenizer
+from tests.data.world_digest import world_digest
+from tests.processes import run_module
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = WorldConfig(num_people=40, num_bios=3)
 
 
@@ -60,26 +56,15 @@ def test_same_seed_same_world_other_seed_other_world():
 def test_world_is_the_same_in_another_process_with_another_hash_seed():
     # Sets and dicts must never decide the world: a fresh interpreter with a different
     # PYTHONHASHSEED builds the identical corpus.
-    code = (
-        "import hashlib, json; from meta_mask.config import WorldConfig; "
-        "from meta_mask.data.world import build_world; "
-        "w = build_world(WorldConfig(num_people=40, num_bios=3)); "
-        "print(hashlib.sha256(json.dumps([w.sentences, w.splits]).encode()).hexdigest())"
-    )
-    digests = {
-        subprocess.run(
-            [sys.executable, "-c", code],
-            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)},
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        for seed in ("1", "2")
-    }
-    w = build_world(SMALL)
-    here = hashlib.sha256(json.dumps([w.sentences, w.splits]).encode()).hexdigest()
-    assert digests == {here}
+    digests = set()
+    for seed in ("1", "2"):
+        proc = run_module(
+            "tests.data.world_digest", SMALL.num_people, SMALL.num_bios,
+            env={"PYTHONHASHSEED": seed}, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        digests.add(proc.stdout.strip())
+    assert digests == {world_digest(build_world(SMALL))}
 
 
 def test_names_unique_and_distinct_from_other_person_values(world):
@@ -362,21 +347,11 @@ def test_token_spans_line_up_with_char_spans(world, tok):
 
 def _tiny_bpe():
     """A BPE tokenizer that splits unseen words into pieces, to test span alignment."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=40, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False
-    )
-    bpe.train_from_iterator(["the cat sat on the mat"] * 5, trainer=trainer)
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
+    return bpe_tokenizer(
+        ["the cat sat on the mat"] * 5,
+        vocab_size=40,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        pre_tokenizer=pre_tokenizers.Whitespace(),
     )
 
 

@@ -4,7 +4,6 @@ offline hub messages, and tokenizer loading."""
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -25,6 +24,7 @@ from meta_mask.model.hf import (
     name_map,
     save_hf,
 )
+from tests.data.tokenizer_helpers import fast_tokenizer
 from tests.model.hf_fixtures import (
     jax_logits,
     make_torch_bart,
@@ -32,6 +32,7 @@ from tests.model.hf_fixtures import (
     save_torch_bart,
     torch_logits,
 )
+from tests.processes import run_module
 
 
 def _perturbed_params(config: ModelConfig, seed: int) -> dict:
@@ -265,15 +266,7 @@ def test_load_tokenizer_from_local_dir(tmp_path):
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "the": 4, "cat": 5, "sat": 6, "<mask>": 7}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
-    tok.save_pretrained(str(tmp_path))
+    fast_tokenizer(backend).save_pretrained(str(tmp_path))
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.is_fast
     assert loaded("the cat sat dog", add_special_tokens=False)["input_ids"] == [4, 5, 6, 3]
@@ -283,13 +276,6 @@ def test_load_tokenizer_from_local_dir(tmp_path):
 
 
 def test_torch_is_not_imported_by_meta_mask():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, meta_mask.model.hf, meta_mask.model.bart; "
-        "sys.exit(int('torch' in sys.modules))"
-    )
-    root = pathlib.Path(__file__).resolve().parents[2]
-    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+    proc = run_module("tests.model.imports_without_torch", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     assert torch.__version__  # the reference is available to the tests only

@@ -19,11 +19,10 @@ from meta_mask.policies.corrupt import (
 )
 from meta_mask.policies.sampler import BatchRng
 from meta_mask.special_tokens import SpecialTokens, sentinel_ids
-from tests.helpers import BART_SPECIAL
+from tests.helpers import BART_SPECIAL as SPECIAL  # no sentinels: every span becomes <mask>
 
-MASK = BART_SPECIAL.mask
+MASK = SPECIAL.mask
 S0, S1, S2 = 100, 99, 98  # <extra_id_0>, <extra_id_1>, <extra_id_2> (T5 numbers them downwards)
-SPECIAL = BART_SPECIAL  # no sentinels: every span becomes <mask>
 
 
 def with_sentinels(sentinels) -> SpecialTokens:

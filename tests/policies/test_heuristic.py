@@ -9,7 +9,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from meta_mask.config import HEURISTIC_POLICIES, LEARNED_POLICIES, PolicyConfig, WorldConfig
-from meta_mask.data.corpora import CorpusSource, build_corpus
 from meta_mask.data.pmi import build_corpus_pmi, find_ngrams
 from meta_mask.data.stream import CorpusStream
 from meta_mask.data.world import build_world
@@ -33,10 +32,9 @@ from meta_mask.policies.heuristic import (
 from meta_mask.policies.mlm_batches import policy_batch
 from meta_mask.policies.sampler import BatchRng, mask_batch_np
 from meta_mask.special_tokens import sentinel_ids
+from tests.data.corpus_helpers import world_corpus
 from tests.data.tokenizer_helpers import bpe_tokenizer
-from tests.helpers import BART_SPECIAL
-
-SPECIAL = BART_SPECIAL
+from tests.helpers import BART_SPECIAL as SPECIAL
 
 
 def random_records(rng, n, max_words=20, entity_prob=0.2):
@@ -295,15 +293,14 @@ def test_pmi_scorer_needs_the_corpus_ngrams_and_its_rows():
         scorer(other, rng_for(other))
 
 
-def world_corpus(tmp_path, tokenizer_kind):
+def world_corpus_and_tokenizer(tmp_path, tokenizer_kind):
     """A real small corpus: the synthetic world's sentences, tokenized and cached by
     data.corpora.build_corpus as a run does, with its word-level tokenizer or a tiny BPE (whose
     rare words are several tokens)."""
     world = build_world(WorldConfig(num_people=20, num_bios=2))
     texts = [s["text"] for s in world.sentences]
     tok = world_tokenizer(world) if tokenizer_kind == "word" else bpe_tokenizer(texts)
-    source = CorpusSource(kind="records", records=list(world.sentences), name="world")
-    return build_corpus(source, tok, tmp_path / "corpora", max_length=48), tok
+    return world_corpus(world, tmp_path / "corpora", tok, max_length=48), tok
 
 
 def pmi_units_per_sentence(batch, table):
@@ -325,7 +322,7 @@ def test_pmi_scorer_gathers_the_units_finding_them_per_sentence_gives(tmp_path, 
     """The run's PMI scorer (corpus_scorer: every row's n-grams found once, cached) gives the
     same units (and all-zero scores) as finding each batch sentence's n-grams with the table,
     on stream batches of a real corpus."""
-    corpus, tok = world_corpus(tmp_path, tokenizer_kind)
+    corpus, tok = world_corpus_and_tokenizer(tmp_path, tokenizer_kind)
     cfg = PolicyConfig(name="pmi", pmi_min_count=5)
     scorer = corpus_scorer(cfg, corpus)
     stream = CorpusStream(corpus.dataset, batch_size=16, max_length=48, seed=0, special=SPECIAL)

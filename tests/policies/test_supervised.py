@@ -27,9 +27,7 @@ from meta_mask.policies.net import LearnedScorer, PolicyNet, init_policy_params
 from meta_mask.policies.sampler import BatchRng, mask_batch_np, target_counts_np
 from meta_mask.training import loop
 from meta_mask.training.checkpoint import load_params, save_params
-from tests.helpers import BART_SPECIAL
-
-SPECIAL = BART_SPECIAL  # the world tokenizer's layout
+from tests.helpers import BART_SPECIAL as SPECIAL  # the world tokenizer's layout
 
 L = 16
 RATE = 0.25  # ~2 of a world sentence's 7-10 maskable tokens: an answer is 2 tokens
@@ -69,7 +67,7 @@ def best_span_f1(history):
     return next(e["span_f1"] for e in history["evals"] if e["step"] == history["best_step"])
 
 
-def make_net(vocab_size: int) -> PolicyNet:
+def make_net(vocab_size: int, max_length: int = L) -> PolicyNet:
     return PolicyNet(
         vocab_size=vocab_size,
         pad_id=SPECIAL.pad,
@@ -77,7 +75,7 @@ def make_net(vocab_size: int) -> PolicyNet:
         num_layers=1,
         num_heads=4,
         ffn_dim=64,
-        max_length=L,
+        max_length=max_length,
     )
 
 
@@ -377,15 +375,7 @@ def test_passage_policy_prefers_asked_values_over_names_and_other_values(tmp_pat
     train = sup.supervised_triples(examples["train"], tok, cfg)
     dev = sup.prepare_triples(sup.supervised_triples(examples["dev"], tok, cfg))
     assert all(len(t["answer_token_spans"]) == 2 for t in dev)  # birth city and employer
-    net = PolicyNet(
-        vocab_size=len(tok),
-        pad_id=SPECIAL.pad,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        ffn_dim=64,
-        max_length=length,
-    )
+    net = make_net(len(tok), max_length=length)
     init = init_policy_params(net, jax.random.key(0))
     params, _ = train_policy(net, init, train, dev, cfg, tmp_path, budget={"mask_rate": 0.1})
     docs = {d["text"]: d["entities"] for d in world.documents}
