@@ -256,6 +256,7 @@ def test_learned_policies_on_a_real_task(policy, assets, tmp_path, monkeypatch):
     learned = [
         f"--policy.name={policy}", "--meta.policy_layers=1", "--meta.policy_d_model=16",
         "--meta.policy_heads=2", "--meta.policy_ffn_dim=32", "--meta.meta_steps=3",
+        "--meta.mask_rate=0.15",
         "--meta.inner_batch_size=2", "--meta.outer_batch_size=2", "--supervised.steps=6",
         "--supervised.eval_every=3", "--supervised.batch_size=2",
     ]  # fmt: skip
