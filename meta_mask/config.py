@@ -596,6 +596,7 @@ class MetaConfig:
 
 
 SUPERVISED_OBJECTIVES = ("token", "span")
+SUPERVISED_TARGETS = ("answers", "answers_and_question_entities")
 
 
 @dataclass(frozen=True)
@@ -643,6 +644,13 @@ class SupervisedConfig:
     )
     max_triples: int = option(0, "Cap on training triples (a seeded subset); 0 = all.")
     max_dev_triples: int = option(2000, "Cap on dev triples; 0 = all.")
+    targets: str = option(
+        "answers",
+        "What the policy learns to mask: answers = the answer spans (the paper); "
+        "answers_and_question_entities = also the context's entities named in the question "
+        "(e.g. the person asked about).",
+        choices=SUPERVISED_TARGETS,
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

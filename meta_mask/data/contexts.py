@@ -313,6 +313,7 @@ def policy_triples(
     max_length: int | None = None,
     sentence_level: bool = True,
     ner_labels: Sequence[str] | None = None,
+    question_entities: bool = False,
     **corpus_kw: Any,
 ) -> list[dict[str, Any]]:
     """All triples for a task's examples: from their contexts, then from corpus sentences.
@@ -321,7 +322,9 @@ def policy_triples(
     world's contexts are its corpus sentences). `corpus_kw` goes to `corpus_triples`; with a
     `tokenizer`, `add_token_spans` adds token ids, spans and labels. With `ner_labels`, triples
     without gold entities get spaCy's named entities of those labels (and dates): the entity
-    units of a learned policy on real text are the spans salient-span masking uses.
+    units of a learned policy on real text are the spans salient-span masking uses. With
+    `question_entities`, the entities the question names join the answer spans
+    (`add_question_entities`).
     """
     triples = list(context_triples(examples, sentence_level=sentence_level))
     if corpus_sentences is not None:
@@ -332,9 +335,25 @@ def policy_triples(
                 triples.append(t)
     if ner_labels is not None:
         _add_ner_entities(triples, ner_labels)
+    if question_entities:
+        triples = [add_question_entities(t) for t in triples]
     if tokenizer is not None:
         triples = add_token_spans(triples, tokenizer, max_length=max_length)
     return triples
+
+
+def add_question_entities(triple: dict[str, Any]) -> dict[str, Any]:
+    """The triple with every entity of its text that its question names (the same words, up to
+    case) added to its answer spans: the context's mentions of what the question is about."""
+    text, question = triple["text"], triple["question"]
+    named = [
+        (s, e)
+        for s, e, *_ in triple.get("entities", ())
+        if find_answer_spans(question, [text[s:e]])
+    ]
+    if not named:
+        return triple
+    return triple | {"answer_spans": merge_spans([*triple["answer_spans"], *named])}
 
 
 def _add_ner_entities(triples: list[dict[str, Any]], labels: Sequence[str]) -> None:

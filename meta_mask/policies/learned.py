@@ -89,7 +89,8 @@ def policy_learner(
             "replacement has no form: drop --policy.replace_80_10_10 for --policy.name=meta"
         )
     # Token-level (context, question, answer) triples of the task, at the corpus length.
-    scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length)
+    # (answer spans only: they are the meta policy's diagnostic, never its target)
+    scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length, targets="answers")
     train_t, dev_t = (
         supervised.prepare_triples(
             supervised.supervised_triples(

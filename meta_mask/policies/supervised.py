@@ -455,7 +455,8 @@ def supervised_triples(
     """Token-level triples of a split's examples (their contexts, cut into answer sentences
     unless cfg.sentence_level is False, plus corpus sentences that mention an answer when
     `corpus_sentences` is given), tokenized to cfg.max_length; `ner_labels`: NER entities for
-    triples without gold ones (entity units)."""
+    triples without gold ones (entity units); cfg.targets: whether the question's entities are
+    labelled too."""
     return policy_triples(
         examples,
         corpus_sentences=corpus_sentences,
@@ -463,5 +464,6 @@ def supervised_triples(
         max_length=cfg.max_length,
         sentence_level=cfg.sentence_level,
         ner_labels=ner_labels,
+        question_entities=cfg.targets == "answers_and_question_entities",
         **corpus_kw,
     )

@@ -272,3 +272,30 @@ def test_policy_triples_merge_contexts_and_corpus_without_duplicates():
     ]
     assert all(t["answer_labels"].sum() == 1 for t in triples)
     assert len(policy_triples(examples)) == 1
+
+
+def test_question_entities_join_the_answer_spans_only_when_asked_for():
+    text = "Ada Lovelace was born in London. Ada Lovelace met Babbage."
+    entities = [
+        (0, 12, "PERSON", "name"),
+        (25, 31, "GPE", ""),
+        (33, 45, "PERSON", "name"),
+        (50, 57, "PERSON", ""),
+    ]
+    examples = [
+        ex(
+            "Where was ada lovelace born?",
+            "London",
+            contexts=[{"text": text, "entities": entities}],
+        )
+    ]
+    plain = policy_triples(examples, sentence_level=False)
+    assert plain[0]["answer_spans"] == [(25, 31)]
+    named = policy_triples(examples, sentence_level=False, question_entities=True)
+    # Both mentions of the person asked about (case-insensitive), not the other person.
+    assert named[0]["answer_spans"] == [(0, 12), (25, 31), (33, 45)]
+    assert [named[0]["text"][s:e] for s, e in named[0]["answer_spans"]] == [
+        "Ada Lovelace",
+        "London",
+        "Ada Lovelace",
+    ]
