@@ -194,7 +194,6 @@ def run(
     from meta_mask import pipeline
     from meta_mask.evaluation import report
     from meta_mask.training.loop import NonFiniteLoss, Preempted
-    from meta_mask.workdir import RunConflict
 
     root = pathlib.Path(workdir)
     cache = pathlib.Path(cache_dir) if cache_dir else root / "cache"
@@ -209,7 +208,7 @@ def run(
             except Preempted as e:
                 print(str(e), file=sys.stderr)
                 return 143  # 128 + SIGTERM: the run is not finished; rerun to resume
-            except (NonFiniteLoss, RunConflict) as e:
+            except NonFiniteLoss as e:  # the run diverged: its message names the step
                 print(f"error: {e}", file=sys.stderr)
                 return 1
     # The grid's own cells in grid order (as the command lists the policies); with

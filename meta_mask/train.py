@@ -9,14 +9,17 @@ typed description of an experiment, and a misspelled flag or a bad value fails a
 The fields of meta_mask.config.SweepConfig are the `--sweep.*` flags: they turn one command into
 a grid of runs (policies x seeds x tasks) that runs one after another here, or print one command
 per run for a cluster (`--sweep.print_commands`).
-An error that is the user's to fix (meta_mask.errors.UserError: a bad data file, an unknown
-task, an unreachable hub) prints as one line `error: <message>` and exits with status 1.
+An error that is the user's to fix (a bad flag or flag value, meta_mask.errors.UserError: a bad
+data file, an unknown task, an unreachable hub) prints as one line `error: <message>` and exits
+with status 2; `--debug` (or the environment variable META_MASK_DEBUG=1) shows its traceback.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import typing
 
@@ -28,6 +31,12 @@ from meta_mask.errors import UserError
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Folder for this run's stages, checkpoints and results.")
+flags.DEFINE_bool(
+    "debug",
+    False,
+    "Show the Python traceback of a user error (bad flag, data file, task, hub id) too; "
+    "META_MASK_DEBUG=1 does the same.",
+)
 flags.DEFINE_string(
     "cache_dir",
     None,
@@ -186,6 +195,18 @@ def sweep_from_flags() -> config_lib.SweepConfig:
 
 
 def main(argv: list[str]) -> None:
+    try:
+        code = _main(argv)
+    except (UserError, app.UsageError) as e:
+        # The message says what to fix; a traceback would only bury it. Anything else is a
+        # bug and keeps its traceback.
+        if FLAGS.debug or os.environ.get("META_MASK_DEBUG") == "1":
+            raise
+        _exit_user_error(str(e))
+    sys.exit(code)
+
+
+def _main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
@@ -198,17 +219,25 @@ def main(argv: list[str]) -> None:
     if grid.print_commands:
         for line in sweep.commands(cfg, grid, sys.argv, FLAGS.workdir, FLAGS.cache_dir):
             print(line)
-        return
+        return 0
     _quiet_libraries()
     _join_cluster()
+    return sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv, cache_dir=FLAGS.cache_dir)
+
+
+def _exit_user_error(message: str) -> typing.NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parse, with a bad flag (unknown, misspelled, bad value) as one `error:` line."""
     try:
-        code = sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv, cache_dir=FLAGS.cache_dir)
-    except UserError as e:
-        # The message says what to fix; a traceback would only bury it. Anything else is a
-        # bug and keeps its traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(code)
+        return FLAGS(argv)
+    except flags.Error as e:
+        if "--debug" in argv or os.environ.get("META_MASK_DEBUG") == "1":
+            raise
+        _exit_user_error(f"{e} (--helpfull lists every flag)")
 
 
 def _join_cluster() -> None:
@@ -246,7 +275,7 @@ def _quiet_libraries() -> None:
 
 def run_main() -> None:
     """Console-script entry point."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The command line reports a user's mistake (unknown task, bad data file, offline hub) as one
-line `error: <message>` with exit status 1 and no traceback; a bug keeps its traceback."""
+line `error: <message>` with exit status 2 and no traceback; a bug keeps its traceback."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _cli(args: list[str], tmp_path: pathlib.Path, base: list[str] = QUICK) -> tu
 
 
 def _assert_user_error(code: int, out: str, *expected: str) -> None:
-    assert code == 1, out
+    assert code == 2, out
     assert "Traceback" not in out, out
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, out
@@ -97,6 +97,37 @@ def test_offline_hub_checkpoint(tmp_path):
     )
 
 
+def test_misspelled_flag(tmp_path):
+    code, out = _cli(["--policy.nmae=random_tokens"], tmp_path)
+    _assert_user_error(code, out, "policy.nmae", "policy.name")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_choice_names_the_valid_ones(tmp_path):
+    code, out = _cli(["--policy.name=salient"], tmp_path)
+    _assert_user_error(code, out, "salient", "salient_spans", "random_tokens")
+
+
+def test_init_with_model_flags(tmp_path):
+    code, out = _cli(["--init=facebook/bart-base", "--model.d_model=64"], tmp_path)
+    _assert_user_error(code, out, "--init", "--model.d_model")
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    code, out = _cli(["--data.task=natural_questions", "--debug"], tmp_path)
+    assert code != 0 and "Traceback" in out and "Unknown task 'natural_questions'" in out, out
+
+
+def test_a_stored_run_with_another_config_is_refused(tmp_path):
+    base = ["--data.task=natural_questions"]  # fails after the config check, before any work
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"seed": 12345}')
+    code, out = _cli(base, tmp_path)
+    _assert_user_error(code, out, "holds a run with a different config")
+    assert "seed: 12345 (stored) vs 0 (now)" in out
+    assert (tmp_path / "run" / "config.json").read_text() == '{"seed": 12345}'
+
+
 @pytest.fixture
 def main_with(monkeypatch, tmp_path):
     """train.main on parsed flags, with sweep.run replaced by `run`."""
@@ -115,7 +146,7 @@ def main_with(monkeypatch, tmp_path):
     return call
 
 
-def test_main_prints_a_user_error_and_exits_1(main_with, capsys):
+def test_main_prints_a_user_error_and_exits_2(main_with, capsys):
     from meta_mask.errors import UserError
 
     def run(*args, **kwargs):
@@ -123,7 +154,7 @@ def test_main_prints_a_user_error_and_exits_1(main_with, capsys):
 
     with pytest.raises(SystemExit) as exit_:
         main_with(run)
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2
     assert capsys.readouterr().err == "error: the file x.jsonl:3 is broken\n"
 
 
