@@ -2,7 +2,7 @@
 
 A `UserError` says what is wrong with the user's input (a flag, a data file, a checkpoint
 folder, the network) and how to fix it, in its message alone: the command line prints that
-message without a traceback and exits with status 1. Any other exception is a bug in meta_mask,
+message without a traceback and exits with status 2. Any other exception is a bug in meta_mask,
 and keeps its traceback.
 
 Each module defines its own subclasses next to the code that raises them (e.g.
