@@ -271,6 +271,7 @@ def learn_policy_stage(ctx: RunContext, corpus) -> pathlib.Path:
             source_length=cfg.data.source_length,
             target_length=cfg.data.target_length,
             decoder_start_token_id=ctx.model_cfg.decoder_start_token_id,
+            mesh=ctx.mesh,
         )
         units = cfg.meta.policy_units
     trained = loop.train(learner, folder, options)

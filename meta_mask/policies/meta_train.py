@@ -26,13 +26,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from meta_mask.config import MetaConfig, to_dict
+from meta_mask.config import MeshConfig, MetaConfig, to_dict
 from meta_mask.data import seq2seq
 from meta_mask.errors import UserError
 from meta_mask.policies import meta, supervised
 from meta_mask.policies.heuristic import word_units
 from meta_mask.policies.net import LearnedScorer, PolicyNet
+from meta_mask.training import sharding
 from meta_mask.training.loop import Learner, LoopOptions
 from meta_mask.training.steps import TrainState
 
@@ -76,6 +78,22 @@ def meta_batch(
     return {"inner": inner, "outer": outer}
 
 
+def host_rows(batches: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
+    """This process's contiguous block of every batch dimension (axis 1 of the "inner" [K,B,L]
+    arrays, axis 0 of the others): what `meta.shard_meta_batches` assembles into global
+    arrays. The whole batch in a single-process run."""
+    index, count = jax.process_index(), jax.process_count()
+
+    def rows(value: np.ndarray, dim: int) -> np.ndarray:
+        keep = seq2seq.local_rows(np.arange(value.shape[dim]), index, count)
+        return np.take(value, keep, axis=dim)
+
+    return {
+        name: {k: rows(np.asarray(v), int(name == "inner")) for k, v in part.items()}
+        for name, part in batches.items()
+    }
+
+
 def best_key(record: Mapping[str, float]) -> tuple:
     """Larger is better: dev span-F1, then the earlier step."""
     return (record["span_f1"], -record["step"])
@@ -97,10 +115,16 @@ def meta_learner(
     source_length: int,
     target_length: int,
     decoder_start_token_id: int,
+    mesh: Mesh | None = None,
 ) -> tuple[Learner, LoopOptions]:
     """The meta-learned policy as a `loop.train` learner: cfg.meta_steps meta steps from `phi`
     against the LM `theta` (fixed), evaluated on dev every meta_steps // 10 steps by span-F1
     under `budget` (the intermediate stage's), the best evaluation kept.
+
+    Data parallel over `mesh` (default: every device on the data axis): each meta step's
+    batches are split over the devices (every host builds the step's global batch, which
+    depends only on (seed, step), and contributes its own rows), theta is laid out by
+    `sharding.param_shardings` (FSDP when the mesh has fsdp > 1), the policy state replicated.
 
     `train_triples` / `dev_triples` are token-level triples (data.contexts.add_token_spans:
     input_ids, word_ids, answer_labels, question, answer). cfg.mask_rate is the sampler's rate
@@ -129,7 +153,11 @@ def meta_learner(
         pad_id=pad_id,
         decoder_start_token_id=decoder_start_token_id,
     )
-    meta_step = meta.make_meta_step(setup)
+    mesh = sharding.make_mesh(MeshConfig()) if mesh is None else mesh
+    theta_sharding = sharding.param_shardings(theta, mesh)
+    theta = sharding.place(theta, theta_sharding)
+    meta_step = meta.make_meta_step(setup, mesh=mesh, theta_sharding=theta_sharding)
+    replicated = sharding.replicated(mesh)
     dev_batches = supervised.eval_batches(dev_triples, length, 256, pad_id=pad_id)
     scorer = LearnedScorer(net, phi, units=cfg.policy_units)  # one jitted forward for every eval
 
@@ -142,11 +170,15 @@ def meta_learner(
             train_triples, qa, step, cfg, seed=seed, length=length, pad_id=pad_id,
             decoder_start_token_id=decoder_start_token_id,
         )  # fmt: skip
-        return jax.tree.map(jnp.asarray, batches)
+        return meta.shard_meta_batches(host_rows(batches), mesh)
+
+    def init_state() -> TrainState:
+        state = meta.create_meta_state(jax.tree.map(jnp.array, phi), cfg)
+        return sharding.place(state, jax.tree.map(lambda _: replicated, state))
 
     eval_every = max(cfg.meta_steps // 10, 1)
     learner = Learner(
-        init_state=lambda: meta.create_meta_state(jax.tree.map(jnp.array, phi), cfg),
+        init_state=init_state,
         step=lambda state, batches, rng: meta_step(state, theta, batches, rng),
         batch_for_step=batch_for_step,
         rng=jax.random.fold_in(jax.random.key(seed), 4),

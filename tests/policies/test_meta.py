@@ -180,23 +180,30 @@ def cosine(a, b):
 
 slow = pytest.mark.slow
 FD_CASES = [
-    # (K, inner optimizer, inner lr, remat, downstream steps, entropy / budget weights)
-    (1, "sgd", 0.5, False, 0, 0.0),
-    (3, "adam", 0.05, True, 0, 0.0),
-    pytest.param(3, "sgd", 0.5, True, 0, 0.0, marks=slow),
-    pytest.param(1, "adam", 0.05, False, 0, 0.0, marks=slow),
-    pytest.param(2, "sgd", 0.5, True, 1, 0.5, marks=slow),  # downstream steps + regularizers
+    # (K, inner optimizer, inner lr, remat, remat_segment, downstream steps, entropy / budget
+    # weights)
+    (1, "sgd", 0.5, False, 0, 0, 0.0),
+    (3, "adam", 0.05, True, 0, 0, 0.0),
+    (4, "sgd", 0.5, True, 2, 0, 0.0),  # nested checkpointing: 2 segments of 2
+    (6, "adam", 0.05, True, 4, 0, 0.0),  # a segment of 4 and the remaining 2
+    pytest.param(3, "sgd", 0.5, True, 0, 0, 0.0, marks=slow),
+    pytest.param(1, "adam", 0.05, False, 0, 0, 0.0, marks=slow),
+    pytest.param(2, "sgd", 0.5, True, 0, 1, 0.5, marks=slow),  # downstream steps + regularizers
+    pytest.param(6, "sgd", 0.5, True, 3, 1, 0.5, marks=slow),
 ]
 
 
-@pytest.mark.parametrize("k,opt,lr,remat,downstream_steps,reg", FD_CASES)
-def test_meta_gradient_matches_central_finite_differences(k, opt, lr, remat, downstream_steps, reg):
+@pytest.mark.parametrize("k,opt,lr,remat,segment,downstream_steps,reg", FD_CASES)
+def test_meta_gradient_matches_central_finite_differences(
+    k, opt, lr, remat, segment, downstream_steps, reg
+):
     with x64():
         cfg = MetaConfig(
             inner_steps=k,
             inner_optimizer=opt,
             inner_learning_rate=lr,
             remat=remat,
+            remat_segment=segment,
             downstream_steps=downstream_steps,
             entropy_weight=reg,
             budget_weight=reg,
@@ -342,6 +349,58 @@ def _scan_unroll_equals_python_loop(opt):
     assert tree_norm(g_loop) > 0
     for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11 * tree_norm(g_loop))
+
+
+# ----------------------------------------------------------------------------- rematerialization
+
+REMAT_CASES = [
+    # (K, inner optimizer, remat_segment, microbatches, downstream steps)
+    (4, "sgd", 2, 1, 0),
+    (6, "adam", 4, 2, 1),
+    pytest.param(6, "sgd", 3, 2, 0, marks=slow),
+    pytest.param(5, "adam", 2, 1, 1, marks=slow),
+]
+
+
+@pytest.mark.parametrize("k,opt,segment,micro,downstream_steps", REMAT_CASES)
+def test_recomputed_and_nested_unrolls_equal_the_plain_one(
+    k, opt, segment, micro, downstream_steps
+):
+    """remat (each step's hand-written forward-over-reverse backward pass, the first step's
+    without a Hessian) and nested checkpointing (remat_segment) change nothing but memory and
+    time: theta_K, the meta loss and the meta-gradient equal jax's own differentiation of the
+    plain scan (float64, to rounding)."""
+    with x64():
+        results = {}
+        for remat, seg in ((False, 0), (True, 0), (True, segment)):
+            cfg = _micro_cfg(
+                micro,
+                inner_steps=k,
+                inner_optimizer=opt,
+                inner_learning_rate=0.5 if opt == "sgd" else 0.05,
+                downstream_steps=downstream_steps,
+                remat=remat,
+                remat_segment=seg,
+            )
+            setup, phi, theta, inner, outer, noise, down = make_problem(
+                cfg, seed=11, dtype=jnp.float64, b=MICRO_B
+            )
+
+            @jax.jit
+            def run(phi, setup=setup, theta=theta, inner=inner, noise=noise, down=down):
+                theta_k, _, _ = meta.inner_loop(phi, theta, inner, noise, setup, downstream=down)
+                grads, loss, _ = meta.meta_gradient(
+                    phi, theta, inner, outer, noise, setup, downstream=down
+                )
+                return theta_k, loss, grads
+
+            results[remat, seg] = run(phi)
+        theta_ref, loss_ref, g_ref = results[False, 0]
+        assert tree_norm(g_ref) > 1e-6
+        for theta_k, loss, grads in results.values():
+            _assert_trees_close(theta_k, theta_ref, rtol=1e-12, atol_scale=1e-14)
+            np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-13)
+            _assert_trees_close(grads, g_ref, rtol=1e-10, atol_scale=1e-13)
 
 
 # ----------------------------------------------------------------------------- gradient flow
@@ -658,3 +717,7 @@ def test_errors_name_the_field():
         meta.meta_loss(phi, theta, inner, outer, noise, s)
     with pytest.raises(ValueError, match="estimator"):
         MetaConfig(estimator="third_order")
+    with pytest.raises(ValueError, match="remat_segment=2 needs remat=True"):
+        MetaConfig(remat=False, remat_segment=2)
+    with pytest.raises(ValueError, match="remat_segment=-1 must be >= 0"):
+        MetaConfig(remat_segment=-1)
