@@ -1,8 +1,5 @@
-"""The command line of `python -m bench`: the only reader of its flags.
-
-XLA CPU flags: this is a CLI, so it may set XLA_FLAGS before jax is imported; the library
-itself never does. See `_xla_flags` for what is set and why.
-"""
+"""The command line of `python -m bench`: the only reader of its flags. It sets no XLA flags
+(the flags measured are listed in bench/README.md); a user's XLA_FLAGS apply as given."""
 
 from __future__ import annotations
 
@@ -13,15 +10,9 @@ import os
 import sys
 import time
 
-from bench.report import table
+from bench.report import cpu_line, table
 from bench.run import SECTIONS, run
 from bench.sizes import BenchSizes, quick_sizes
-
-
-def _xla_flags() -> None:
-    # Set before jax is imported (main() calls this first). Nothing is set when the user already
-    # chose XLA_FLAGS. (Kept as a hook: measured flags are listed in bench/README.md.)
-    os.environ.setdefault("XLA_FLAGS", "")
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
@@ -70,7 +61,6 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table (stdout) and progress (stderr); write --out."""
     sz, args = parse_args(argv)
-    _xla_flags()
     t0 = time.time()
     t_start = time.time()
 
@@ -83,10 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     md = table(res)
     res["table"] = md
     print(md)
+    unreliable = [
+        k
+        for k, v in res.items()
+        if isinstance(v, dict) and not v.get("load", {}).get("reliable", True)
+    ]
     print(
-        f"\nmachine: {res['machine']['cpu']}, {res['machine']['cores']} cores, load average "
+        f"\nmachine: {cpu_line(res['machine'])}; load average "
         f"{res['machine']['load_average']} (start) {res['machine']['load_average_end']} (end); "
         f"jax {res['machine']['jax']}; {res['wall_s']:.0f} s"
+        + (f"\nUNRELIABLE (background load > 1.5): {', '.join(unreliable)}" if unreliable else "")
     )
     if args.out:
         with open(args.out, "w") as f:

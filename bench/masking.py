@@ -104,16 +104,17 @@ def mlm_batches(corpus, tokenizer, scorer, policy, sz: BenchSizes):
     `mask_batch`)."""
     from meta_mask.config import DataConfig
     from meta_mask.policies.mlm_batches import for_corpus
+    from meta_mask.special_tokens import SpecialTokens
 
     return for_corpus(
         corpus,
         scorer,
         tokenizer,
+        special=SpecialTokens.of(tokenizer, tokenizer.eos_token_id),
         policy=policy,
         data=DataConfig(mlm_length=sz.seq, mlm_target_length=sz.seq),
         seed=0,
         batch_size=sz.mask_batch,
-        decoder_start_token_id=tokenizer.eos_token_id,
     )
 
 

@@ -28,9 +28,11 @@ def _meta_setup(cfg, sz: BenchSizes, k: int, segment: int = 0):
     from meta_mask.model.bart import Bart, init_params
     from meta_mask.policies import meta
     from meta_mask.policies.net import init_policy_params, policy_net_from_config
+    from meta_mask.special_tokens import SpecialTokens
 
     mcfg = MetaConfig(
         inner_steps=k,
+        mask_rate=0.15,
         estimator="second_order",
         remat=True,
         remat_segment=segment,
@@ -43,13 +45,21 @@ def _meta_setup(cfg, sz: BenchSizes, k: int, segment: int = 0):
     )
     model = Bart(cfg)
     theta = init_params(cfg, jax.random.key(0))
-    net = policy_net_from_config(mcfg, cfg.vocab_size, cfg.d_model)
+    # The model's own ids; <mask> = 3 (a synthetic vocabulary has no tokenizer).
+    special = SpecialTokens(
+        pad=cfg.pad_token_id,
+        eos=cfg.eos_token_id,
+        bos=cfg.bos_token_id,
+        mask=3,
+        decoder_start=cfg.decoder_start_token_id,
+    )
+    net = policy_net_from_config(mcfg, cfg.vocab_size, cfg.d_model, special.pad)
     phi = init_policy_params(net, jax.random.key(2), theta["shared"]["embedding"])
     setup = meta.MetaSetup(
         cfg=mcfg,
         policy_fn=meta.policy_fn_from_net(net),
         lm_loss=meta.bart_lm_loss(model),
-        mask_id=3,
+        special=special,
     )
     rng = np.random.default_rng(0)
     length = sz.meta_len

@@ -7,15 +7,34 @@ import platform
 import sys
 from typing import Any
 
+from bench.load import describe
+
+# The CPU features XLA's and torch's float32 / bf16 kernels dispatch on.
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+)
+
 
 def machine_info() -> dict:
     info: dict[str, Any] = {"platform": platform.platform(), "python": sys.version.split()[0]}
     try:
         with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+            lines = f.read().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
         info["cpu"] = names[0] if names else "unknown"
+        info["cpu_flags"] = [f for f in CPU_FLAGS if f in flags]
     except OSError:
         info["cpu"] = platform.processor() or "unknown"
+        info["cpu_flags"] = []
     info["cores"] = os.cpu_count()
     try:
         info["load_average"] = list(os.getloadavg())
@@ -23,6 +42,16 @@ def machine_info() -> dict:
         pass
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     return info
+
+
+def cpu_line(machine: dict) -> str:
+    """CPU model, cores and the SIMD features that matter, e.g. for the printed summary."""
+    flags = machine.get("cpu_flags", [])
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, {simd} "
+        f"({' '.join(flags) if flags else 'no AVX2 / AVX-512 flags'})"
+    )
 
 
 def _fmt(x: float, unit: str = "") -> str:
@@ -43,8 +72,11 @@ def table(res: dict) -> str:
         f"seq {sz['seq']}+{sz['seq']}, batch {sz['batch']}, {sz['dtype']}"
     )
     rows = [
+        f"CPU: {cpu_line(res['machine'])}",
+        "",
         "| measurement | value | target |",
         "|---|---|---|",
+        f"| (a) + (b) section load | {describe(a['load'])} | background <= 1.5 |",
         f"| (a) ours train step ({cfgs}) | {_fmt(a['ours_tokens_per_s'])} tokens/s "
         f"({a['ours_s'] * 1e3:.0f} ms/step) | |",
     ]
@@ -59,7 +91,7 @@ def table(res: dict) -> str:
     else:
         rows.append(f"| (a) PyTorch | {a['torch']} | |")
     rows += [
-        f"| (b) matmul peak (float32 {m['peak_matmul_n']}^2 jnp.dot) | "
+        f"| (b) matmul peak ({sz['dtype']} {m['peak_matmul_n']}^2 jnp.dot) | "
         f"{_fmt(m['peak_flops_per_s'], 'FLOP/s')} | |",
         f"| (b) model FLOP/s (analytical {_fmt(m['model_flops_per_step'], 'FLOP')}/step; "
         f"XLA cost_analysis {m['xla_over_model']:.2f}x that) | "
@@ -78,6 +110,7 @@ def table(res: dict) -> str:
 
 def _meta_rows(c: dict, sz: dict) -> list[str]:
     rows = [
+        f"| (c) section load | {describe(c['load'])} | background <= 1.5 |",
         f"| (c) plain step, inner batch {sz['meta_batch']}x{sz['meta_len']} | "
         f"{c['plain_s'] * 1e3:.0f} ms | |",
     ]
@@ -108,7 +141,10 @@ def _meta_rows(c: dict, sz: dict) -> list[str]:
 
 
 def _masking_rows(d: dict, sz: dict) -> list[str]:
-    rows = [f"| (d) train step (a) consumes | {d['train_sentences_per_s']:.1f} sentences/s | |"]
+    rows = [
+        f"| (d) section load | {describe(d['load'])} | background <= 1.5 |",
+        f"| (d) train step (a) consumes | {d['train_sentences_per_s']:.1f} sentences/s | |",
+    ]
     for name, p in d["policies"].items():
         rows.append(
             f"| (d) masking `{name}` (MlmBatches: stream, scorer, sampler, corrupt; batch "
@@ -124,7 +160,7 @@ def _masking_rows(d: dict, sz: dict) -> list[str]:
 
 
 def _generation_rows(g: dict, sz: dict) -> list[str]:
-    rows = []
+    rows = [f"| (e) section load | {describe(g['load'])} | background <= 1.5 |"]
     for name, r in g["searches"].items():
         rows.append(
             f"| (e) generate {name}, batch {g['batch']}, src {sz['gen_src']}, "

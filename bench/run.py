@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.generation import generation_section
+from bench.load import measure
 from bench.masking import masking_section
 from bench.meta_step import meta_section
 from bench.report import machine_info
@@ -31,12 +32,20 @@ def run(
     results: dict[str, Any] = {"sizes": dataclasses.asdict(sz), "machine": machine_info()}
     results["machine"]["jax"] = jax.__version__
     results["machine"]["devices"] = [str(d) for d in jax.devices()]
-    results |= train_section(cfg, sz, with_torch, log)
+    # Every section carries its load record ("load": load averages before / after, background
+    # load, reliable); see bench/load.py.
+    train, load = measure(lambda: train_section(cfg, sz, with_torch, log))
+    for part in train.values():
+        part["load"] = load
+    results |= train
     if "meta" in sections:
-        results["meta"] = meta_section(cfg, sz, log)
+        results["meta"], load = measure(lambda: meta_section(cfg, sz, log))
+        results["meta"]["load"] = load
     if "masking" in sections:
         consumed = sz.batch / results["train_vs_torch"]["ours_s"]  # sentences/s of the step
-        results["masking"] = masking_section(sz, consumed, log)
+        results["masking"], load = measure(lambda: masking_section(sz, consumed, log))
+        results["masking"]["load"] = load
     if "generation" in sections:
-        results["generation"] = generation_section(cfg, sz, log)
+        results["generation"], load = measure(lambda: generation_section(cfg, sz, log))
+        results["generation"]["load"] = load
     return results

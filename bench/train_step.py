@@ -11,13 +11,13 @@ from bench.sizes import BenchSizes
 from bench.timing import interleave, median, timed
 
 
-def make_peak(n: int) -> tuple[Callable[[], float], float]:
-    """(fn returning seconds of one n x n float32 matmul, its FLOPs)."""
+def make_peak(n: int, dtype: str = "float32") -> tuple[Callable[[], float], float]:
+    """(fn returning seconds of one n x n matmul in `dtype`, the step's compute dtype; FLOPs)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
     return (lambda: timed(lambda: dot(a, b).block_until_ready(), 2)), 2.0 * n**3
@@ -27,15 +27,14 @@ def synthetic_batch(cfg, batch: int, src: int, tgt: int, seed: int = 0) -> dict:
     """A full (no padding) seq2seq batch in the train step's format (numpy)."""
     import numpy as np
 
+    from meta_mask.batches import shift_right
+
     rng = np.random.default_rng(seed)
     ids = rng.integers(4, cfg.vocab_size, size=(batch, src), dtype=np.int32)
     labels = rng.integers(4, cfg.vocab_size, size=(batch, tgt), dtype=np.int32)
-    dec = np.concatenate(
-        [np.full((batch, 1), cfg.decoder_start_token_id, np.int32), labels[:, :-1]], axis=1
-    )
     return {
         "input_ids": ids,
-        "decoder_input_ids": dec,
+        "decoder_input_ids": shift_right(labels, cfg.decoder_start_token_id),
         "labels": labels,
         "weights": np.ones((batch, tgt), np.float32),
     }
@@ -134,7 +133,7 @@ def train_section(cfg, sz: BenchSizes, with_torch: bool, log: Callable[[str], No
     log("building train steps ...")
     batch = synthetic_batch(cfg, b, s, s)
     ours = OurStep(cfg, batch, sz.iters)
-    peak_fn, peak_flops = make_peak(sz.peak_n)
+    peak_fn, peak_flops = make_peak(sz.peak_n, sz.dtype)
     fns: dict[str, Callable[[], float]] = {"ours": ours.run, "peak": peak_fn}
     torch_step = None
     if with_torch and torch_available():
@@ -165,7 +164,11 @@ def train_section(cfg, sz: BenchSizes, with_torch: bool, log: Callable[[str], No
             torch_mfu=flops / t_torch / peak,
         )
     else:
-        a["torch"] = "skipped: torch not installed (pip install -e '.[test]' has torch==2.13.0)"
+        a["torch"] = (
+            "skipped: torch not installed (pip install -e '.[test]' has torch==2.13.0)"
+            if with_torch
+            else "skipped: --no_torch"
+        )
     a["times"] = times
     xla = ours.xla_flops()
     mfu = {

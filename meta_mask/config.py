@@ -178,7 +178,10 @@ HEURISTIC_POLICIES = (
     "pmi",
 )
 LEARNED_POLICIES = ("supervised", "meta")
-POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES
+# Analysis policies are reported as ceilings, never as baselines: "oracle" masks exactly the
+# values the task asks about (the synthetic world's typed gold entities).
+ANALYSIS_POLICIES = ("oracle",)
+POLICIES = HEURISTIC_POLICIES + LEARNED_POLICIES + ANALYSIS_POLICIES
 OUTPUT_FORMATS = ("masked_spans", "full_sentence")
 SPAN_DISTRIBUTIONS = ("geometric", "poisson")
 SPAN_ATOMS = ("word", "token")
@@ -278,6 +281,9 @@ class PolicyConfig:
         return {"mask_rate": self.mask_rate, "truncate_last_unit": self.truncate_last_unit}
 
 
+WORLD_UNITS = ("sentence", "passage")
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """The synthetic knowledge world (meta_mask/data/world.py): its size knobs and seed.
@@ -291,7 +297,21 @@ class WorldConfig:
     # 200 people with 1 distractor per bio: salient-span masking stores the facts in ~2-3k
     # steps of a d_model-128 BART (held-out world_qa EM ~0.4; none: 0). 300 people with 2
     # distractors took far longer (EM 0 after 1.5k steps).
-    num_people: int = option(200, "People in the world (split into train / dev / test people).")
+    num_people: int = option(
+        200, "People in the world: the generic population, then train / dev / test people."
+    )
+    generic_people: int = option(
+        0,
+        "People of a generic population: never in the task's corpus and never asked by its "
+        "tasks. The generic stage (the world's stand-in for pre-trained BART) learns their "
+        "biographies; the meta-learned policy's LM is QA-fine-tuned on their questions.",
+    )
+    corpus_unit: str = option(
+        "sentence",
+        "What one corpus row (and one masking budget) is: a biography sentence, or a whole "
+        "biography (passage), where a policy chooses which facts to mask.",
+        choices=WORLD_UNITS,
+    )
     num_bios: int = option(4, "Paraphrased biographies per person.")
     templates_per_attribute: int = option(3, "Bio sentence templates used per attribute (max 4).")
     question_templates: int = option(2, "Question templates used per asked attribute (max 3).")
@@ -313,7 +333,7 @@ class WorldConfig:
         "answer (closed-book QA cannot be solved from the answer prior).",
     )
     split_fractions: tuple[float, float, float] = option(
-        (0.5, 0.1, 0.4), "Fractions of the people in train / dev / test."
+        (0.5, 0.1, 0.4), "Fractions of the (non-generic) people in train / dev / test."
     )
     first_names: int = option(80, "Pool size of first names.")
     last_names: int = option(80, "Pool size of last names.")
@@ -322,6 +342,7 @@ class WorldConfig:
     common_words: int = option(50, "Pool size of common words (hobbies and the like).")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in (
             "num_people",
             "num_bios",
@@ -339,6 +360,11 @@ class WorldConfig:
             raise ValueError(
                 f"WorldConfig.distractors_per_bio={self.distractors_per_bio} must lie in "
                 f"[0, len(distractors)={len(self.distractors)}]"
+            )
+        if not 0 <= self.generic_people < self.num_people:
+            raise ValueError(
+                f"WorldConfig.generic_people={self.generic_people} must lie in "
+                f"[0, num_people={self.num_people})"
             )
         fr = self.split_fractions
         if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
@@ -379,6 +405,45 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint_every: int = option(200, "Save a resumable checkpoint every this many steps.")
     log_every: int = option(25, "Log the training metrics every this many steps.")
+    eval_every: int = option(
+        0,
+        "Fine-tuning: score the task's dev split (by generation, the task's metric) every this "
+        "many steps and keep the best step; 0 = no dev evaluation, keep the last step.",
+    )
+    patience: int = option(
+        0, "Dev evaluations without a gain before the stage stops early; 0 = never stop early."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("steps", "eval_every", "patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"StageConfig.{name}={getattr(self, name)} must be >= 0")
+        decay_steps = self.optim.total_steps or self.steps
+        if self.steps and self.optim.warmup_steps > decay_steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} exceeds the schedule's "
+                f"{decay_steps} steps (optim.total_steps, 0 = the stage's steps={self.steps})"
+            )
+
+
+@dataclass(frozen=True)
+class GenericConfig:
+    """The generic stage: MLM on the synthetic world's generic population (WorldConfig.
+    generic_people), the world's stand-in for a pre-trained BART (with --init, the loaded
+    checkpoint plays that part and this stage does not run). Every run of a seed starts its
+    intermediate stage (or, for policy "none", its fine-tuning) from it; it is trained once per
+    seed and shared by every policy's run of a sweep. `qa` then fine-tunes it on the generic
+    population's questions: the LM the meta-learned policy is learned against (it answers
+    questions, but knows nothing of the task's people)."""
+
+    train: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch_size=16))
+    policy: PolicyConfig = field(
+        default_factory=lambda: PolicyConfig(name="salient_spans", mask_rate=0.3)
+    )
+    qa: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch_size=32))
 
 
 @dataclass(frozen=True)
@@ -397,8 +462,9 @@ class EvalConfig:
 
 
 META_ESTIMATORS = ("second_order", "first_order")
+META_SELECTIONS = ("dev_objective", "last")
 INNER_OPTIMIZERS = ("sgd", "adam")
-POLICY_UNITS = ("token", "word")
+POLICY_UNITS = ("token", "word", "entity")
 
 
 @dataclass(frozen=True)
@@ -406,12 +472,15 @@ class MetaConfig:
     """The meta-learned masking policy: its scorer network (policies/net.py) and the
     meta-learning of its parameters phi against a downstream loss (policies/meta.py).
 
-    Inner loop: `inner_steps` (K) differentiable updates of the LM on policy-masked MLM batches
-    with `inner_optimizer` at `inner_learning_rate` (then `downstream_steps` = 1 adds an MLM
-    step on the downstream example's context and a step on its question/answer). Outer: the
-    downstream loss of the updated LM; the policy's Adam at `learning_rate` descends its
-    `estimator` gradient (second_order: exact, through the unroll; first_order: the alignment of
-    the MLM gradient with the downstream gradient, for models too large to unroll).
+    Inner loop: `inner_steps` (K) differentiable updates of the LM on the task's contexts,
+    masked by the policy at `mask_rate` and corrupted exactly as the intermediate stage
+    corrupts its corpus, with `inner_optimizer` at `inner_learning_rate` (`downstream_steps`
+    = 1 adds a QA step on other training questions). Outer: the loss of the contexts' own
+    questions under the updated LM, minus (`contrastive`) that of questions about other
+    contexts; the policy's Adam at `learning_rate` descends its `estimator` gradient
+    (second_order: exact, through the unroll; first_order: the alignment of the MLM gradient
+    with the downstream gradient, for models too large to unroll). The policy kept is the one
+    with the best dev meta-objective (the same loss on the dev split's contexts and questions).
     """
 
     inner_steps: int = option(1, "K: differentiable LM updates on policy-masked MLM batches.")
@@ -430,16 +499,34 @@ class MetaConfig:
     entropy_weight: float = option(
         0.01, "Reward for the entropy of the policy's per-sentence softmax."
     )
+    clip_weights: bool = option(
+        True,
+        "Credit a masked unit through log min(1, T * its probability): no credit past "
+        "'always masked' (else log q: the policy can collapse onto one unit per sentence).",
+    )
+    select: str = option(
+        "dev_objective",
+        "Which meta step's policy is kept: the best dev meta-objective (the outer loss on the dev "
+        "split's contexts and questions), or the last step. Never gold answer spans: those are "
+        "reported as a diagnostic only.",
+        choices=META_SELECTIONS,
+    )
+    contrastive: bool = option(
+        True,
+        "Outer loss = the contexts' own questions' loss minus other contexts' questions' loss "
+        "(cancels what an MLM step does for every question alike).",
+    )
     budget_weight: float = option(
         1.0, "Penalty weight of (mean clipped probability - target rate)^2."
     )
     mask_rate: float = option(
         0.0,
-        "The sampler's mask rate during meta-learning; 0 = the intermediate stage's "
-        "(--policy.mask_rate). Deployment always uses the policy's budget.",
+        "The exploration rate: the sampler's mask rate during meta-learning (masking more than "
+        "the deployment budget shows the policy more units per step); 0 = the intermediate "
+        "stage's --policy.mask_rate. Deployment always uses the policy's own budget.",
     )
     meta_steps: int = option(1000, "Outer (policy) updates.")
-    inner_batch_size: int = option(8, "Sentences per inner MLM step.")
+    inner_batch_size: int = option(8, "Contexts (sentences or passages) per inner MLM step.")
     # Gradient accumulation, one optimizer update: same result, memory ~ one microbatch.
     inner_microbatches: int = option(
         1, "Microbatches per inner step whose gradients are summed (must divide the batch)."
@@ -457,7 +544,8 @@ class MetaConfig:
     )
     downstream_steps: int = option(
         0,
-        "1: after the MLM steps, an MLM step on the downstream context then a QA step; 0: none.",
+        "1: after the MLM steps, one step on other training questions (the in-loop QA step of "
+        "the paper's figure: the LM learns to answer before its questions are scored); 0: none.",
         choices=(0, 1),
     )
     # The LM theta the inner loop starts from is the caller's, fixed for all meta steps
@@ -470,7 +558,8 @@ class MetaConfig:
     policy_max_length: int = option(1024, "Policy network: learned positions (longest input).")
     policy_units: str = option(
         "token",
-        "Policy network: one logit per token, or per word (logits mean-pooled over each word).",
+        "Policy network: one logit per token, per word, or per entity (gold entity spans on the "
+        "world, NER spans on real text; other words alone), logits mean-pooled over a unit.",
         choices=POLICY_UNITS,
     )
     use_lm_embeddings: bool = option(
@@ -551,7 +640,8 @@ class SupervisedConfig:
     )
     units: str = option(
         "token",
-        "One logit per token, or per word (logits mean-pooled over each word, as LearnedScorer).",
+        "One logit per token, per word, or per entity (entity spans; other words alone), logits "
+        "mean-pooled over a unit, as LearnedScorer pools them.",
         choices=POLICY_UNITS,
     )
     eval_every: int = option(100, "Measure dev span-F1 every this many steps.")
@@ -575,7 +665,7 @@ class SupervisedConfig:
                 raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 0")
 
 
-STAGES = ("learn_policy", "intermediate", "finetune", "evaluate")
+STAGES = ("generic", "learn_policy", "intermediate", "finetune", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -585,6 +675,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    generic: GenericConfig = field(default_factory=GenericConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     intermediate: StageConfig = field(default_factory=StageConfig)
     finetune: StageConfig = field(default_factory=StageConfig)
@@ -606,6 +697,19 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.generic.train.steps and (self.init or not self.world.generic_people):
+            raise ValueError(
+                "generic.train.steps > 0 trains the generic stage on the world's generic "
+                "population: it needs --world.generic_people > 0 and no --init (a loaded "
+                "checkpoint is the generic LM)"
+            )
+        if self.generic.train.eval_every or self.generic.qa.eval_every:
+            raise ValueError("generic.*.eval_every: the generic stages train their steps")
+        if self.intermediate.eval_every or self.intermediate.patience:
+            raise ValueError(
+                "intermediate.eval_every / intermediate.patience: dev selection applies to "
+                "fine-tuning only (the intermediate stage trains its steps)"
+            )
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 A grid (config.SweepConfig) with no axes is a single run in the workdir itself. Otherwise each
 cell runs in `workdir/<task>/<policy>/seed<k>` (sharing one corpus cache in `workdir/cache`),
 finished cells are skipped on rerun, and the finished runs are aggregated into
-`workdir/summary.md` (mean +- std over seeds), which is also printed. A cell is an ordinary
-Config: the grid it came from is not part of it (nor of its config.json).
+`workdir/summary.md`, which is also printed: mean +- std over seeds, and each policy's paired
+difference from --sweep.reference with a bootstrap CI (evaluation/report.py, stats.py). A cell
+is an ordinary Config: the grid it came from is not part of it (nor of its config.json).
 """
 
 from __future__ import annotations
@@ -67,20 +68,46 @@ def cells(cfg: Config, grid: SweepConfig, root: pathlib.Path | None = None) -> l
     return first + second
 
 
+GENERIC_WAVE = (
+    "# The generic LM of each seed (the generic stage), which every run below starts from: "
+    "start those once these have finished."
+)
+RUNS_WAVE = "# The runs."
 TRANSFER_WAVE = (
     "# Transfer runs: each reads the policy that a run above learns (--policy.checkpoint), "
     "so start them once those have finished."
 )
 
 
-def commands(cfg: Config, grid: SweepConfig, argv: Sequence[str], workdir: str) -> list[str]:
-    """One shell command per cell of the grid (for a cluster scheduler), in the folders that
-    `cells` gives; the transfer cells come after a comment line (TRANSFER_WAVE).
+def generic_cells(cfg: Config, grid: SweepConfig) -> list[Cell]:
+    """One run of the generic stage alone (--stages=generic) per seed of the grid, in
+    `generic/seed<k>`, when the config trains one; [] otherwise."""
+    if not cfg.generic.train.steps or grid.is_single():
+        return []
+    seeds = grid.seeds or (cfg.seed,)
+    return [
+        (f"generic/seed{seed}", dataclasses.replace(cfg, seed=seed, stages=("generic",)))
+        for seed in seeds
+    ]
 
-    Each command is this process's `argv` (without its --workdir and --sweep.* flags), then the
-    flags that turn `cfg` into the cell's config, then resets of the --sweep.* values (which a
-    flagfile may set) and the cell's --workdir."""
+
+def commands(
+    cfg: Config,
+    grid: SweepConfig,
+    argv: Sequence[str],
+    workdir: str,
+    cache_dir: str | None = None,
+) -> list[str]:
+    """One shell command per cell of the grid (for a cluster scheduler), in the folders that
+    `cells` gives, all sharing one --cache_dir (default <workdir>/cache); when the config trains
+    a generic stage, one command per seed trains it first (GENERIC_WAVE), and the transfer cells
+    come last (TRANSFER_WAVE): each wave after a comment line saying what it waits for.
+
+    Each command is this process's `argv` (without its --workdir, --cache_dir and --sweep.*
+    flags), then the flags that turn `cfg` into the cell's config, then resets of the --sweep.*
+    values (which a flagfile may set), the shared --cache_dir and the cell's --workdir."""
     root = pathlib.Path(workdir)
+    cache = pathlib.Path(cache_dir) if cache_dir else root / "cache"
     kept, dropped = _split_sweep_and_workdir(argv[1:])
     base = [sys.executable, "-m", "meta_mask.train", *kept]
     # Each command is one run: every --sweep.* value that the kept arguments may still set (in
@@ -92,12 +119,16 @@ def commands(cfg: Config, grid: SweepConfig, argv: Sequence[str], workdir: str) 
         if getattr(grid, f.name) != getattr(empty, f.name) or f.name in dropped
     ]
     out = []
-    for i, wave in enumerate(waves(cfg, grid, root)):
-        if i and wave:
-            out.append(TRANSFER_WAVE)
+    generic = generic_cells(cfg, grid)
+    first, second = waves(cfg, grid, root)
+    for note, wave in ((GENERIC_WAVE, generic), (RUNS_WAVE if generic else "", first),
+                       (TRANSFER_WAVE, second)):  # fmt: skip
+        if wave and note:
+            out.append(note)
         for sub, cell in wave:
             args = _flag_args(to_dict(cfg), to_dict(cell))
-            out.append(shlex.join([*base, *args, *resets, f"--workdir={root / sub}"]))
+            shared = [f"--cache_dir={cache}", f"--workdir={root / sub}"]
+            out.append(shlex.join([*base, *args, *resets, *shared]))
     return out
 
 
@@ -126,7 +157,8 @@ _SWEEP_BOOLS = {f.name for f in dataclasses.fields(SweepConfig) if isinstance(f.
 
 
 def _split_sweep_and_workdir(args: Sequence[str]) -> tuple[list[str], set[str]]:
-    """(`args` without its --workdir and --sweep.* flags, the SweepConfig fields those set).
+    """(`args` without its --workdir, --cache_dir and --sweep.* flags, the SweepConfig fields
+    those set).
 
     Flags come as --flag=v, --flag v or --[no]flag (booleans); each command sets its own."""
     kept, dropped, skip_value = [], set(), False
@@ -137,11 +169,11 @@ def _split_sweep_and_workdir(args: Sequence[str]) -> tuple[list[str], set[str]]:
         name = arg.lstrip("-").split("=", 1)[0]
         field = name.removeprefix("no").removeprefix("sweep.")
         if not arg.startswith("-") or not (
-            name == "workdir" or name.startswith(("sweep.", "nosweep."))
+            name in ("workdir", "cache_dir") or name.startswith(("sweep.", "nosweep."))
         ):
             kept.append(arg)
             continue
-        if name != "workdir":
+        if name not in ("workdir", "cache_dir"):
             dropped.add(field)
         # A value flag without "=" takes the next argument as its value.
         skip_value = "=" not in arg and field not in _SWEEP_BOOLS
@@ -154,14 +186,18 @@ def run(
     workdir: str,
     *,
     argv: Sequence[str] | None = None,
+    cache_dir: str | None = None,
 ) -> int:
-    """Run every cell (skipping finished ones), then print the aggregate table; exit code."""
+    """Run every cell (skipping finished ones), then print the aggregate table; exit code.
+    The cells share `cache_dir` (default <workdir>/cache): tokenized corpora and each seed's
+    generic LM are computed once."""
     from meta_mask import pipeline
     from meta_mask.evaluation import report
     from meta_mask.training.loop import NonFiniteLoss, Preempted
     from meta_mask.workdir import RunConflict
 
     root = pathlib.Path(workdir)
+    cache = pathlib.Path(cache_dir) if cache_dir else root / "cache"
     if not grid.aggregate_only:
         todo = cells(cfg, grid, root)
         for i, (sub, cell) in enumerate(todo):
@@ -169,9 +205,7 @@ def run(
             if len(todo) > 1:
                 print(f"[{i + 1}/{len(todo)}] {sub}", flush=True)
             try:
-                pipeline.run(
-                    cell, where, cache_dir=root / "cache", argv=list(argv) if argv else None
-                )
+                pipeline.run(cell, where, cache_dir=cache, argv=list(argv) if argv else None)
             except Preempted as e:
                 print(str(e), file=sys.stderr)
                 return 143  # 128 + SIGTERM: the run is not finished; rerun to resume
@@ -186,10 +220,13 @@ def run(
         else sorted(root.glob("**/results.json"))
     )
     results = [json.loads(f.read_text()) for f in files if f.exists()]
+    if cfg.stages == ("generic",) and not grid.aggregate_only:
+        print(f"the generic stage is done (under {cache / 'generic'})")
+        return 0
     if not results:
         print(f"no finished runs under {root}")
         return 0
-    table = report.results_table(results)
+    table = report.results_table(results, reference=grid.reference)
     if grid.transfer:
         table += "\n\nTransfer (rows: the task the policy was learned on; columns: the task):\n\n"
         table += report.transfer_table(results)

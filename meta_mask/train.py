@@ -9,6 +9,8 @@ typed description of an experiment, and a misspelled flag or a bad value fails a
 The fields of meta_mask.config.SweepConfig are the `--sweep.*` flags: they turn one command into
 a grid of runs (policies x seeds x tasks) that runs one after another here, or print one command
 per run for a cluster (`--sweep.print_commands`).
+An error that is the user's to fix (meta_mask.errors.UserError: a bad data file, an unknown
+task, an unreachable hub) prints as one line `error: <message>` and exits with status 1.
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ import typing
 from absl import app, flags
 
 from meta_mask import config as config_lib
+from meta_mask.errors import UserError
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Folder for this run's stages, checkpoints and results.")
+flags.DEFINE_string(
+    "cache_dir",
+    None,
+    "Folder for what runs share: tokenized corpora and the generic LM of each seed (default: "
+    "<workdir>/cache). Point several sweeps (e.g. variants of one policy) at one to share them.",
+)
 flags.DEFINE_enum(
     "distributed",
     "auto",
@@ -42,19 +51,23 @@ flags.DEFINE_integer("process_id", None, "This process's index (default: detecte
 _OPTIONAL_INT = int | None
 
 
-def _define(prefix: str, cls) -> list[str]:
+def _define(prefix: str, cls, defaults=None) -> list[str]:
     """Define one flag per (nested) dataclass field, with the field's help, and a parse-time
-    check of its value (type and choices); returns the flag names."""
+    check of its value (type and choices); returns the flag names. Defaults come from
+    `defaults` (an instance of `cls`; the class's own defaults when None), so a section whose
+    parent sets other defaults (e.g. the generic stage's policy) shows those."""
     names = []
     hints = typing.get_type_hints(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         name, kind = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(kind):
-            names += _define(name + ".", kind)
+            names += _define(name + ".", kind, getattr(defaults, f.name))
             continue
         if not f.metadata.get("help"):
             raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with config.option")
-        help_, choices, default = f.metadata["help"], f.metadata.get("choices"), f.default
+        help_, choices = f.metadata["help"], f.metadata.get("choices")
+        default = getattr(defaults, f.name)
         if kind is bool:
             flags.DEFINE_bool(name, default, help_)
         elif kind is int:
@@ -183,12 +196,19 @@ def main(argv: list[str]) -> None:
     from meta_mask import sweep
 
     if grid.print_commands:
-        for line in sweep.commands(cfg, grid, sys.argv, FLAGS.workdir):
+        for line in sweep.commands(cfg, grid, sys.argv, FLAGS.workdir, FLAGS.cache_dir):
             print(line)
         return
     _quiet_libraries()
     _join_cluster()
-    sys.exit(sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv))
+    try:
+        code = sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv, cache_dir=FLAGS.cache_dir)
+    except UserError as e:
+        # The message says what to fix; a traceback would only bury it. Anything else is a
+        # bug and keeps its traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
 
 
 def _join_cluster() -> None:

@@ -111,6 +111,14 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
         write_json_atomic(path, obj)
 
 
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able value (e.g. the configs a shared stage depends on)."""
+    import hashlib
+
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def stage_done(stage_dir: pathlib.Path) -> dict | None:
     """The finished stage's done.json, or None."""
     done = stage_dir / "done.json"

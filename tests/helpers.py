@@ -1,6 +1,12 @@
-"""Helpers shared by the top-level pipeline tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
+
+from meta_mask.special_tokens import SpecialTokens
+
+# BART's special ids as the test tokenizers lay them out (tests/data/tokenizer_helpers.py, the
+# world's): <s>=0 <pad>=1 </s>=2 <mask>=4, decoder inputs starting with </s>; no sentinels.
+BART_SPECIAL = SpecialTokens(pad=1, eos=2, bos=0, mask=4, decoder_start=2)
 
 
 def parse_config(args: list[str]):

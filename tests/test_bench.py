@@ -5,14 +5,13 @@ assert."""
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-from bench import cli, flops, train_step
+from bench import cli, flops, profile, sizes, train_step
+from bench import load as load_lib
 from meta_mask.config import ModelConfig
+from tests.processes import run_module
 
 
 def _numbers(tree, path=""):
@@ -67,9 +66,35 @@ def test_quick_run_writes_every_section(results):
     assert "| (b) MFU |" in results["table"]
 
 
+def test_every_section_records_its_load_and_the_cpu_is_described(results):
+    for section in ("train_vs_torch", "mfu", "meta", "masking", "generation"):
+        load = results[section]["load"]
+        assert len(load["load_average_before"]) == len(load["load_average_after"]) == 3
+        assert load["wall_s"] > 0 and load["background_load"] >= 0
+        assert load["reliable"] == (load["background_load"] <= 1.5)
+        if not load["reliable"]:
+            assert "**UNRELIABLE**" in results["table"]
+    machine = results["machine"]
+    assert machine["cpu"] and isinstance(machine["cpu_flags"], list)
+    assert results["table"].startswith(f"CPU: {machine['cpu']}")
+    assert ("AVX-512" in results["table"]) == ("avx512f" in machine["cpu_flags"])
+
+
+def test_unreliable_load_is_flagged():
+    record = {"load_average_before": [3.0, 2, 1], "load_average_after": [3.5, 2, 1]}
+    assert "**UNRELIABLE**" in load_lib.describe(
+        {**record, "background_load": 2.0, "reliable": False}
+    )
+    assert "UNRELIABLE" not in load_lib.describe(
+        {**record, "background_load": 0.2, "reliable": True}
+    )
+    _, measured = load_lib.measure(lambda: sum(range(10_000)))
+    assert measured["reliable"] == (measured["background_load"] <= load_lib.UNRELIABLE_LOAD)
+
+
 def test_every_measurement_is_finite_and_positive(results):
     # Skipped: the config echo, the machine (load average), memory breakdowns (alias may be 0).
-    skip = ("/sizes/", "/machine/", "memory_bytes/")
+    skip = ("/sizes/", "/machine/", "memory_bytes/", "/load/")
     numbers = [(p, x) for p, x in _numbers(results) if not any(s in p for s in skip)]
     assert len(numbers) > 40
     for path, x in numbers:
@@ -78,6 +103,22 @@ def test_every_measurement_is_finite_and_positive(results):
     for mem in memories:
         assert mem["peak"] > 0 and mem["argument"] > 0 and mem["output"] > 0, mem
         assert mem["temp"] >= 0 and mem["alias"] >= 0, mem
+
+
+def test_profile_finds_every_matmul_flop_of_the_step(tmp_path):
+    # The traced dot thunks' FLOPs (from the compiled HLO) add up to the analytical count: every
+    # matmul of the step was timed and categorized, none twice.
+    out = tmp_path / "profile.json"
+    assert profile.main(["--quick", "--steps=1", f"--out={out}"]) == 0
+    res = json.loads(out.read_text())
+    cats = res["categories"]
+    sz = sizes.quick_sizes()
+    expected = flops.train_flops(sizes.model_config(sz), sz.batch, sz.seq, sz.seq)
+    traced = sum(c["gflop_per_step"] for c in cats.values()) * 1e9
+    assert traced == pytest.approx(expected, rel=1e-9)
+    assert {"matmul: dense", "matmul: attention", "matmul: LM head", "dropout rng"} <= set(cats)
+    assert sum(c["share"] for c in cats.values()) == pytest.approx(1.0)
+    assert res["peak_flops_per_s"] > 0 and res["ops"][0]["ms_per_step"] > 0
 
 
 def test_flop_formula_matches_hand_count():
@@ -110,14 +151,7 @@ def test_flags_are_validated():
 
 
 def test_the_documented_command_runs_from_the_repository_root():
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--help"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("bench", "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python -m bench")
     for flag in ("--quick", "--sections", "--repeats", "--out", "--no_torch", "--seq"):

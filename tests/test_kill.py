@@ -6,26 +6,21 @@ checkpoint and exits with 143. The signals come from tests/kill_at_step.py, not 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from tests.helpers import parse_config
-from tests.test_pipeline import LEARNED, TINY
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from tests.processes import run_module
+from tests.tiny_run import LEARNED, TINY
 
 
 def cli_with_signal(desc: str, step: int, signal_name: str, args: list[str]):
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "tests.kill_at_step", desc, str(step), signal_name, "--", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    return run_module(
+        "tests.kill_at_step", desc, step, signal_name, "--", *args,
+        env={"JAX_PLATFORMS": "cpu"}, timeout=600,
     )  # fmt: skip
 
 

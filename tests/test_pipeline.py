@@ -5,72 +5,14 @@ test_kill.py)."""
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tests.helpers import parse_config
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-TINY = [
-    "--data.task=world_qa",
-    "--data.corpus=world",
-    "--world.num_people=40",
-    "--world.num_bios=2",
-    "--data.mlm_length=24",
-    "--data.mlm_target_length=12",
-    "--data.source_length=16",
-    "--data.target_length=8",
-    "--model.d_model=32",
-    "--model.encoder_layers=1",
-    "--model.decoder_layers=1",
-    "--model.encoder_attention_heads=4",
-    "--model.decoder_attention_heads=4",
-    "--model.encoder_ffn_dim=64",
-    "--model.decoder_ffn_dim=64",
-    "--model.max_position_embeddings=32",
-    "--model.vocab_size=0",
-    "--model.dropout=0.1",  # dropout on: resume must reproduce its randomness too
-    "--policy.name=salient_spans",
-    "--policy.spans_per_sentence=1",
-    "--intermediate.batch_size=8",
-    "--intermediate.optim.learning_rate=1e-3",
-    "--finetune.batch_size=8",
-    "--finetune.steps=4",
-    "--finetune.checkpoint_every=2",
-    "--eval.max_examples=16",
-    "--eval.batch_size=8",
-]
-
-
-def _env(tmp_path: pathlib.Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
-
-
-def _cli(args: list[str], tmp_path: pathlib.Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "meta_mask.train", *args],
-        cwd=REPO,
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
-
-
-def _final_params(stage_dir: pathlib.Path):
-    from meta_mask.training.checkpoint import load_params
-
-    return load_params(stage_dir / "final")
+from tests.processes import REPO, run_module
+from tests.tiny_run import LEARNED, TINY
 
 
 def _assert_trees_equal(a, b):
@@ -91,8 +33,11 @@ def test_every_flagfile_parses():
 
 
 def test_misspelled_flag_fails_at_parse_time(tmp_path):
-    proc = _cli(["--workdir", str(tmp_path), "--policy.nmae=x"], tmp_path)
-    out, _ = proc.communicate(timeout=120)
+    proc = run_module(
+        "meta_mask.train", "--workdir", tmp_path, "--policy.nmae=x",
+        stderr=subprocess.STDOUT, timeout=120,
+    )  # fmt: skip
+    out = proc.stdout
     assert proc.returncode != 0
     assert "policy.nmae" in out and "policy.name" in out
 
@@ -143,21 +88,6 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, capsys):
     assert steps and max(steps) < bad_step
 
 
-LEARNED = [
-    "--meta.policy_d_model=16",
-    "--meta.policy_ffn_dim=32",
-    "--meta.policy_layers=1",
-    "--meta.policy_heads=2",
-    "--supervised.steps=20",
-    "--supervised.eval_every=10",
-    "--meta.meta_steps=4",
-    "--meta.inner_batch_size=4",
-    "--meta.outer_batch_size=4",
-    "--intermediate.steps=3",
-    "--stages=learn_policy,intermediate",
-]
-
-
 @pytest.mark.parametrize("policy", ["supervised", "meta"])
 def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy):
     from meta_mask import pipeline
@@ -203,6 +133,33 @@ def test_sweep_table_aggregates_seeds():
     ]  # fmt: skip
     table = report.results_table(runs)
     assert "0.300 ± 0.141" in table and "| 2 |" in table
+
+
+def test_sweep_summary_compares_policies_with_the_reference(tmp_path, capsys):
+    from meta_mask import sweep
+    from meta_mask.config import SweepConfig
+
+    facts = [f"{p}:employer" for p in range(6)]
+    for policy, shift in (("salient_spans", 0.0), ("meta", 0.5)):
+        for seed in (0, 1):
+            scores = {f: (i % 2) * 0.5 + shift for i, f in enumerate(facts)}
+            result = {"task": "world_qa", "policy": policy, "policy_task": "",
+                      "output_format": "masked_spans", "seed": seed, "seconds": {},
+                      "metrics": {"em": float(np.mean(list(scores.values())))},
+                      "facts": {"metric": "em", "scores": scores}}  # fmt: skip
+            folder = tmp_path / "world_qa" / policy / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps(result))
+    cfg = parse_config(TINY)
+    grid = SweepConfig(policies=("salient_spans", "meta"), seeds=(0, 1), aggregate_only=True)
+    assert sweep.run(cfg, grid, str(tmp_path)) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    row = "| world_qa | meta | masked_spans | 2 | 0.750 ± 0.000 | 0.0 | +0.500 [+0.500, +0.500] * |"
+    assert row in summary
+    assert summary.strip() in capsys.readouterr().out
+    other = SweepConfig(policies=("meta",), seeds=(0, 1), aggregate_only=True, reference="pmi")
+    assert sweep.run(cfg, other, str(tmp_path)) == 0
+    assert "No pmi runs among these" in (tmp_path / "summary.md").read_text()
 
 
 def test_transfer_grid_cells_and_matrix(tmp_path):

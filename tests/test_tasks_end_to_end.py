@@ -7,20 +7,18 @@ policy, output format and metric meet in one run; not that the numbers are good.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tests.data import fixtures
+from tests.data.tokenizer_helpers import fast_tokenizer
 from tests.helpers import parse_config
+from tests.processes import REPO, run_module
 
 pytestmark = pytest.mark.slow
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Sentences with named entities and dates, so spaCy finds salient spans, and repeated n-grams,
 # so PMI finds units ("the novel", "was born in").
@@ -71,7 +69,6 @@ def _tokenizer(texts: list[str]):
     """A byte-level BPE with BART's special tokens (<s>=0 <pad>=1 </s>=2 <unk>=3, <mask>) and
     BART's <s> .. </s> post-processor, as a fast transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -86,14 +83,7 @@ def _tokenizer(texts: list[str]):
     backend.post_processor = processors.RobertaProcessing(
         ("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
+    return fast_tokenizer(backend)
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +133,12 @@ def _args(flagfile: str, task: str, assets: dict, extra: list[str]) -> list[str]
 
 
 def _check_run(workdir: pathlib.Path, cfg) -> dict:
-    from meta_mask import pipeline
+    from meta_mask.data import tasks
 
     results = json.loads((workdir / "results.json").read_text())
     assert results["task"] == cfg.data.task and results["policy"] == cfg.policy.name
     metrics = results["metrics"]
-    metric = pipeline.task_metric(cfg.data.task)
+    metric = tasks.get_task(cfg.data.task).metric
     assert METRIC_KEYS[metric] <= set(metrics), metrics
     assert metrics["n"] == MAX_EXAMPLES
     for key in METRIC_KEYS[metric] - {"n"}:
@@ -245,17 +235,9 @@ def test_cli_runs_a_nested_flagfile(assets, tmp_path):
     """The real command line, from the repository root, on a variant flagfile that includes
     its task's flagfile (xsum_salient -> xsum): the nested path resolves and the run finishes."""
     workdir = tmp_path / "cli"
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     args = _args("xsum_salient.flags", "xsum", assets, [f"--workdir={workdir}"])
     args[0] = "--flagfile=experiments/xsum_salient.flags"
-    proc = subprocess.run(
-        [sys.executable, "-m", "meta_mask.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module("meta_mask.train", *args, env={"JAX_PLATFORMS": "cpu"}, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     config = json.loads((workdir / "config.json").read_text())
     assert config["policy"]["name"] == "salient_spans"
@@ -274,6 +256,7 @@ def test_learned_policies_on_a_real_task(policy, assets, tmp_path, monkeypatch):
     learned = [
         f"--policy.name={policy}", "--meta.policy_layers=1", "--meta.policy_d_model=16",
         "--meta.policy_heads=2", "--meta.policy_ffn_dim=32", "--meta.meta_steps=3",
+        "--meta.mask_rate=0.15",
         "--meta.inner_batch_size=2", "--meta.outer_batch_size=2", "--supervised.steps=6",
         "--supervised.eval_every=3", "--supervised.batch_size=2",
     ]  # fmt: skip

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import shlex
-import subprocess
 import sys
 import typing
 
@@ -17,8 +16,8 @@ from absl import flags
 from meta_mask import config as config_lib
 from meta_mask import sweep, train
 from tests.helpers import parse_config
+from tests.processes import REPO, run_module
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 WORLD = REPO / "experiments" / "world.flags"
 FLAGS = flags.FLAGS
 
@@ -57,13 +56,7 @@ def test_every_config_flag_has_a_real_help_line():
 
 
 def test_helpfull_shows_the_fields_help():
-    out = subprocess.run(
-        [sys.executable, "-m", "meta_mask.train", "--helpfull"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    out = run_module("meta_mask.train", "--helpfull", timeout=120).stdout
     assert "--data.corpus: Intermediate corpus" in out
     assert "DataConfig.corpus" not in out
     assert "--policy.name: <none|random_tokens|" in out  # an enum flag lists its choices
@@ -194,7 +187,14 @@ def test_a_flagfile_resolves_to_the_config_it_states(path, monkeypatch):
 
 def test_sweep_flags_do_not_change_a_runs_config():
     cfg, grid, _ = _parse([f"--flagfile={WORLD}"])
-    assert grid.policies == ("none", "random_tokens", "salient_spans", "supervised", "meta")
+    assert grid.policies == (
+        "none",
+        "random_tokens",
+        "salient_spans",
+        "supervised",
+        "meta",
+        "oracle",
+    )
     same, other_grid, _ = _parse(
         [f"--flagfile={WORLD}", "--sweep.policies=meta", "--sweep.seeds=4,5",
          "--sweep.tasks=world_qa_dates", "--sweep.transfer", "--sweep.reference=none",
@@ -213,7 +213,7 @@ GRIDS = {
     "no_axis": (["--sweep.policies="], 1, 0),
     "seeds": (["--sweep.policies=", "--sweep.seeds=1,2"], 2, 0),
     "tasks": (["--sweep.policies=", "--sweep.tasks=world_qa,world_qa_dates"], 2, 0),
-    "policies_from_the_flagfile": ([], 5, 0),
+    "policies_from_the_flagfile": ([], 6, 0),
     "policies_overridden": (["--sweep.policies=none,meta"], 2, 0),
     "all_axes": (["--sweep.policies=none,salient_spans", "--sweep.seeds=0,3",
                   "--sweep.tasks=world_qa,world_qa_personal"], 8, 0),
@@ -228,27 +228,36 @@ GRIDS = {
 @pytest.mark.parametrize(("extra", "n_cells", "n_transfer"), GRIDS.values(), ids=GRIDS.keys())
 def test_sweep_commands_reproduce_the_cells(extra, n_cells, n_transfer):
     argv = ["prog", f"--flagfile={WORLD}", *extra, "--sweep.print_commands", "--sweep.reference",
-            "none", "--workdir", "runs/w", "--finetune.steps=7"]  # fmt: skip
+            "none", "--workdir", "runs/w", "--finetune.steps=77"]  # fmt: skip
     cfg, grid, workdir = _parse(argv[1:])
     assert grid.print_commands and workdir == "runs/w"
     root = pathlib.Path(workdir)
     first, second = sweep.waves(cfg, grid, root)
     assert (len(first), len(second)) == (n_cells, n_transfer)
     lines = sweep.commands(cfg, grid, argv, workdir)
+    generic = sweep.generic_cells(cfg, grid)  # world.flags trains a generic LM per seed
+    assert len(generic) == (0 if grid.is_single() else len(grid.seeds or (cfg.seed,)))
     comments = [i for i, line in enumerate(lines) if line.startswith("#")]
-    # The transfer wave, if any, follows a comment line that says it must wait for the first.
-    assert comments == ([len(first)] if second else [])
+    # Each wave that waits for the one before follows a comment line that says so.
+    expected = []
+    if generic:
+        expected = [0, len(generic) + 1]
+    if second:
+        expected.append(len(generic) + len(first) + len(expected))
+    assert comments == expected
     commands = [line for line in lines if not line.startswith("#")]
-    assert len(commands) == len(first) + len(second)
+    assert len(commands) == len(generic) + len(first) + len(second)
     folders = []
-    for line, (sub, cell) in zip(commands, first + second, strict=True):
+    for line, (sub, cell) in zip(commands, generic + first + second, strict=True):
         args = shlex.split(line)
         assert args[:3] == [sys.executable, "-m", "meta_mask.train"]
+        assert f"--cache_dir={root / 'cache'}" in args  # every run shares one cache
         run_cfg, run_grid, run_workdir = _parse(args[3:])
         assert run_cfg == cell, line
         assert run_grid == config_lib.SweepConfig(), line  # each command is one run
         folders.append(run_workdir)
         assert run_workdir == str(root / sub)
+    folders = folders[len(generic) :]
     assert folders == [str(root / sub) for sub, _ in sweep.cells(cfg, grid, root)]
     assert len(set(folders)) == len(folders)
     first_folders = {str(root / sub) for sub, _ in first}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -132,8 +132,10 @@ def find_answer_spans(text: str, answers: Sequence[str]) -> list[tuple[int, int]
     return merge_spans((m.start, m.end) for m in index.find(text))
 
 
-def _triple(example: Any, text: str, spans: list[tuple[int, int]], origin: str) -> dict:
-    return {
+def _triple(
+    example: Any, text: str, spans: list[tuple[int, int]], origin: str, entities=None
+) -> dict:
+    triple = {
         "text": text,
         "question": example.source,
         "answer": example.targets[0],
@@ -142,6 +144,9 @@ def _triple(example: Any, text: str, spans: list[tuple[int, int]], origin: str) 
         "example_id": str(example.id),
         "origin": origin,
     }
+    if entities:
+        triple["entities"] = [tuple(e) for e in entities]
+    return triple
 
 
 def context_triples(
@@ -152,7 +157,9 @@ def context_triples(
     A context's `answer_spans` are used when given; otherwise its answers (all targets) are
     searched for. With `sentence_level` a context is cut into sentences and each sentence
     holding a whole answer span becomes one triple (spans shifted to the sentence); otherwise
-    the whole context is the triple's text. Contexts without any answer yield nothing.
+    the whole context is the triple's text. Contexts without any answer yield nothing. A
+    context's gold "entities" (char spans) are kept on triples of the whole context, and
+    shifted onto each sentence that holds them whole.
     """
     counts = {"contexts": 0, "without_answer": 0, "triples": 0}
     for ex in examples:
@@ -164,15 +171,17 @@ def context_triples(
             if not spans:
                 counts["without_answer"] += 1
                 continue
+            entities = ctx.get("entities") or ()
             if not sentence_level:
                 counts["triples"] += 1
-                yield _triple(ex, text, spans, "context")
+                yield _triple(ex, text, spans, "context", entities)
                 continue
             for a, b in sentence_spans(text):
                 inside = [(s - a, e - a) for s, e in spans if a <= s and e <= b]
                 if inside:
                     counts["triples"] += 1
-                    yield _triple(ex, text[a:b], inside, "context")
+                    ents = [(s - a, e - a, *rest) for s, e, *rest in entities if a <= s and e <= b]
+                    yield _triple(ex, text[a:b], inside, "context", ents)
     logger.info(
         "context triples: %d from %d contexts (%d contexts without an answer)",
         counts["triples"],
@@ -246,24 +255,41 @@ def add_token_spans(
     Uses `meta_mask.data.tokenize.tokenize_sentences` (the answers passed as entities), so the
     ids are exactly those of the tokenized corpus. Triples whose answers are all cut off by
     `max_length` are dropped (logged). Adds "input_ids", "word_ids", "answer_token_spans"
-    int32 [K, 2] and "answer_labels" int32 [L] (1 on tokens inside an answer span).
+    int32 [K, 2] and "answer_labels" int32 [L] (1 on tokens inside an answer span); a triple
+    with gold "entities" (char spans) also gets their token spans as "entity_spans" int32
+    [E, 2], with "entity_labels" and "entity_types" (what policies.heuristic.collate reads).
     """
     from meta_mask.data.tokenize import tokenize_sentences  # another helper's module
 
-    records = [
-        {"text": t["text"], "entities": [(s, e, "ANSWER") for s, e in t["answer_spans"]]}
-        for t in triples
-    ]
+    def entities(t: Mapping[str, Any]) -> list[tuple]:
+        answers = [(s, e, "ANSWER", "") for s, e in t["answer_spans"]]
+        gold = [
+            (s, e, label, kind[0] if kind else "") for s, e, label, *kind in t.get("entities", ())
+        ]
+        return answers + gold
+
+    records = [{"text": t["text"], "entities": entities(t)} for t in triples]
     tokenized = tokenize_sentences(records, tokenizer, max_length=max_length)
     out, dropped = [], 0
     for triple, tok in zip(triples, tokenized, strict=True):
-        spans = np.asarray(tok["entity_spans"], np.int32).reshape(-1, 2)
+        all_spans = np.asarray(tok["entity_spans"], np.int32).reshape(-1, 2)
+        is_answer = np.asarray([lab == "ANSWER" for lab in tok["entity_labels"]], bool)
+        spans = all_spans[is_answer] if len(all_spans) else all_spans
         if len(spans) == 0:
             dropped += 1
             continue
         labels = np.zeros(len(tok["input_ids"]), np.int32)
         for s, e in spans:
             labels[s:e] = 1
+        extra = {}
+        if triple.get("entities"):
+            keep = np.flatnonzero(~is_answer)
+            kinds = tok.get("entity_attributes") or [""] * len(is_answer)
+            extra = {
+                "entity_spans": all_spans[keep],
+                "entity_labels": [tok["entity_labels"][i] for i in keep],
+                "entity_types": [str(kinds[i] or "") for i in keep],
+            }
         out.append(
             triple
             | {
@@ -271,6 +297,7 @@ def add_token_spans(
                 "word_ids": np.asarray(tok["word_ids"], np.int32),
                 "answer_token_spans": spans,
                 "answer_labels": labels,
+                **extra,
             }
         )
     if dropped:
@@ -285,13 +312,16 @@ def policy_triples(
     tokenizer: Any = None,
     max_length: int | None = None,
     sentence_level: bool = True,
+    ner_labels: Sequence[str] | None = None,
     **corpus_kw: Any,
 ) -> list[dict[str, Any]]:
     """All triples for a task's examples: from their contexts, then from corpus sentences.
 
     A corpus triple with the same example and text as a context triple is dropped (the
     world's contexts are its corpus sentences). `corpus_kw` goes to `corpus_triples`; with a
-    `tokenizer`, `add_token_spans` adds token ids, spans and labels.
+    `tokenizer`, `add_token_spans` adds token ids, spans and labels. With `ner_labels`, triples
+    without gold entities get spaCy's named entities of those labels (and dates): the entity
+    units of a learned policy on real text are the spans salient-span masking uses.
     """
     triples = list(context_triples(examples, sentence_level=sentence_level))
     if corpus_sentences is not None:
@@ -300,6 +330,19 @@ def policy_triples(
             if (t["example_id"], t["text"]) not in seen:
                 seen.add((t["example_id"], t["text"]))
                 triples.append(t)
+    if ner_labels is not None:
+        _add_ner_entities(triples, ner_labels)
     if tokenizer is not None:
         triples = add_token_spans(triples, tokenizer, max_length=max_length)
     return triples
+
+
+def _add_ner_entities(triples: list[dict[str, Any]], labels: Sequence[str]) -> None:
+    from meta_mask.data import ner
+
+    todo = [t for t in triples if not t.get("entities")]
+    if not todo:
+        return
+    result = ner.annotate_texts([t["text"] for t in todo], nlp=ner.load_spacy(), labels=labels)
+    for triple, spans in zip(todo, result.spans, strict=True):
+        triple["entities"] = [(s, e, label, "ner") for s, e, label in spans]

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from meta_mask.data.sentences import sentence_spans
+from meta_mask.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,20 @@ WIKIPEDIA_CONFIG = "20231101.en"
 SOURCE_KINDS = ("wikipedia", "file", "task", "records")
 TXT_UNITS = ("line", "paragraph")
 TASK_FIELDS = ("auto", "contexts", "source")
+
+
+class CorpusError(UserError, ValueError):
+    """A corpus file, spec or source is unusable; the message names the file and line or the fix."""
+
+
+class CorpusFileNotFoundError(CorpusError, FileNotFoundError):
+    """A corpus file (or data_files pattern) does not exist."""
+
+
+class CorpusOfflineError(UserError, ConnectionError):
+    """Wikipedia cannot be streamed from the hub; the message says how to use local files."""
+
+
 # Bump when the cached columns or the tokenization/truncation rules change, so old caches are
 # never mistaken for new ones.
 CACHE_FORMAT_VERSION = 1
@@ -186,7 +201,7 @@ def wikipedia_documents(
             )
         for row in stream:
             if not isinstance(row.get("text"), str) or row.get("id") is None:
-                raise ValueError(
+                raise CorpusError(
                     f"Wikipedia rows from {data_files or dataset} need columns id, url, title, "
                     f"text (text a string); got columns {sorted(row)}"
                 )
@@ -194,20 +209,20 @@ def wikipedia_documents(
     except (ConnectionError, OSError) as err:
         if data_files is not None:
             raise
-        raise ConnectionError(
+        raise CorpusOfflineError(
             f"Could not stream {dataset} (config {config!r}) from the Hugging Face hub: {err}. "
             "Without network access, download the parquet shards elsewhere (columns id, url, "
             "title, text) and pass them as local files: corpus source 'wikipedia' with "
             "data_files='/path/to/*.parquet' (CorpusSource(kind='wikipedia', "
             "data_files=...)), or use a local .txt/.jsonl corpus (kind='file', path=...)."
-        ) from err
+        ) from None
 
 
 def _parse_jsonl_entities(value: Any, where: str, field_name: str) -> list[tuple]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise ValueError(f"{where}: field {field_name!r} must be a list of [start, end, label]")
+        raise CorpusError(f"{where}: field {field_name!r} must be a list of [start, end, label]")
     out = []
     for ent in value:
         if (
@@ -215,7 +230,7 @@ def _parse_jsonl_entities(value: Any, where: str, field_name: str) -> list[tuple
             or len(ent) < 3
             or not all(isinstance(x, int) for x in ent[:2])
         ):
-            raise ValueError(
+            raise CorpusError(
                 f"{where}: each entry of {field_name!r} must be [start, end, label, ...] with "
                 f"integer character offsets; got {ent!r}"
             )
@@ -242,6 +257,10 @@ def file_documents(
     """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".txt"):
+        raise CorpusError(f"{path}: unsupported corpus file type {suffix!r}; valid: .txt, .jsonl")
+    if not path.is_file():
+        raise CorpusFileNotFoundError(f"corpus file {path} does not exist")
     if suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -251,9 +270,9 @@ def file_documents(
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: malformed JSON ({err.msg})") from err
+                    raise CorpusError(f"{where}: malformed JSON ({err.msg})") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise ValueError(
+                    raise CorpusError(
                         f"{where}: expected an object with a string field {text_field!r} "
                         "(set text_field to the field that holds the text)"
                     )
@@ -264,7 +283,7 @@ def file_documents(
                         obj.get(entities_field), where, entities_field
                     ),
                 }
-    elif suffix == ".txt":
+    else:
         if txt_unit not in TXT_UNITS:
             raise ValueError(f"txt_unit={txt_unit!r}; valid: {TXT_UNITS}")
         with path.open(encoding="utf-8") as f:
@@ -284,8 +303,6 @@ def file_documents(
                         block, first = [], 0
                 if block:
                     yield {"text": " ".join(block), "doc_id": f"{path.name}:{first}"}
-    else:
-        raise ValueError(f"{path}: unsupported corpus file type {suffix!r}; valid: .txt, .jsonl")
 
 
 def task_documents(
@@ -307,6 +324,12 @@ def task_documents(
 
     if field not in TASK_FIELDS:
         raise ValueError(f"field={field!r}; valid: {TASK_FIELDS}")
+    if data_dir is None and tasks.get_task(task).world_variant is not None:
+        raise CorpusError(
+            f"task {task!r} is made from the synthetic world, which a task corpus does not "
+            "build: use the world's own sentences as the corpus (corpus 'world'), or give "
+            "data_dir= holding the task's files"
+        )
     examples = tasks.load_task(task, split, data_dir=data_dir)
     if field == "auto":
         if any(ex.contexts for ex in examples):
@@ -314,7 +337,7 @@ def task_documents(
         elif tasks.get_task(task).category == "summarization":
             field = "source"
         else:
-            raise ValueError(
+            raise CorpusError(
                 f"task {task!r} split {split!r} has no contexts (evidence / provenance "
                 "passages) and is not a summarization task, so it has no in-domain documents; "
                 "set the task field to 'source' to use its inputs (questions) anyway"
@@ -412,7 +435,7 @@ class CorpusSource:
             name, _, split = rest.partition(":")
             fields = {"task": name, "split": split or "train"} if name else {}
             return cls(kind=kind, **(kw | fields))
-        raise ValueError(
+        raise CorpusError(
             f"corpus spec {spec!r}; valid forms: 'wikipedia[:CONFIG]', '<files>.parquet', "
             "'file:PATH', '<path>.txt', '<path>.jsonl', 'task[:NAME[:SPLIT]]' (in-memory "
             "records, e.g. the synthetic world, are passed as CorpusSource(kind='records'))"
@@ -437,13 +460,15 @@ class CorpusSource:
                 for pattern in self.data_files:
                     matches = sorted(glob.glob(os.path.expanduser(pattern)))
                     if not matches:
-                        raise FileNotFoundError(
+                        raise CorpusFileNotFoundError(
                             f"corpus data_files pattern {pattern!r} matches no file"
                         )
                     files += [_file_identity(f) for f in matches]
                 return {"kind": "wikipedia", "files": files}
             return {"kind": "wikipedia", "dataset": self.dataset, "config": self.config}
         if self.kind == "file":
+            if not pathlib.Path(self.path).is_file():
+                raise CorpusFileNotFoundError(f"corpus file {self.path} does not exist")
             return {
                 "kind": "file",
                 "file": _file_identity(self.path),
@@ -492,14 +517,22 @@ class CorpusSource:
         return iter(self.records)
 
 
-def source_for(corpus: str, *, task: str = "", data_dir: str = "", world: Any = None):
-    """The source `DataConfig.corpus` names: "world" (the sentences of the run's synthetic
-    world), "task" (the run's own task's documents) or a spec (`CorpusSource.from_spec`)."""
+def source_for(
+    corpus: str, *, task: str = "", data_dir: str = "", world: Any = None, population: str = "task"
+):
+    """The source `DataConfig.corpus` names: "world" (the rows of the run's synthetic world:
+    its task people's, or with population="generic" its generic population's), "task" (the
+    run's own task's documents) or a spec (`CorpusSource.from_spec`)."""
     if corpus == "world":
         if world is None:
             raise ValueError("data.corpus='world' needs the run's world")
         name = f"world-{world.config.seed}"
-        return CorpusSource(kind="records", records=list(world.sentences), name=name)
+        if population != "task" or world.config.corpus_unit != "sentence":
+            name += f"-{population}-{world.config.corpus_unit}"
+        records = world.corpus_records(population)
+        return CorpusSource(kind="records", records=records, name=name)
+    if population != "task":
+        raise ValueError(f"population={population!r} needs data.corpus='world'")
     if corpus == "task":
         return CorpusSource(kind="task", task=task, data_dir=data_dir)
     return CorpusSource.from_spec(corpus)

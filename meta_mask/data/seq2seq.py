@@ -10,10 +10,13 @@ exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from meta_mask.batches import Seq2SeqBatch, shift_right
+from meta_mask.special_tokens import SpecialTokens
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +46,17 @@ def _pad_truncate(seqs: Sequence[Sequence[int]], length: int, pad_id: int, eos_i
 
 
 def encode_examples(
-    examples: Sequence, tokenizer, *, source_length: int, target_length: int
+    examples: Sequence,
+    tokenizer,
+    *,
+    special: SpecialTokens,
+    source_length: int,
+    target_length: int,
 ) -> EncodedExamples:
     """Tokenize `examples` (objects with .source and .targets) for training or generation."""
     if not examples:
         raise ValueError("encode_examples: no examples")
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id, eos_id = special.pad, special.eos
     sources = tokenizer([ex.source for ex in examples], add_special_tokens=True)["input_ids"]
     targets = tokenizer([ex.targets[0] for ex in examples], add_special_tokens=True)["input_ids"]
     input_ids, n_src = _pad_truncate(sources, source_length, pad_id, eos_id)
@@ -99,27 +107,20 @@ def local_rows(rows: np.ndarray, process_index: int, process_count: int) -> np.n
     return rows[process_index * b : (process_index + 1) * b]
 
 
-def train_batch(
-    data: EncodedExamples,
-    rows: np.ndarray,
-    *,
-    pad_id: int,
-    decoder_start_token_id: int,
-) -> dict[str, np.ndarray]:
-    """The train-step batch of `rows`: {"input_ids","decoder_input_ids","labels","weights"}."""
+def train_batch(data: EncodedExamples, rows: np.ndarray, *, special: SpecialTokens) -> Seq2SeqBatch:
+    """The train-step batch of `rows` (weights 1 on every real label)."""
     labels = data.labels[rows]
-    decoder_input_ids = np.empty_like(labels)
-    decoder_input_ids[:, 0] = decoder_start_token_id
-    decoder_input_ids[:, 1:] = labels[:, :-1]
     return {
         "input_ids": data.input_ids[rows],
-        "decoder_input_ids": decoder_input_ids,
+        "decoder_input_ids": shift_right(labels, special.decoder_start),
         "labels": labels,
-        "weights": (labels != pad_id).astype(np.float32),
+        "weights": (labels != special.pad).astype(np.float32),
     }
 
 
-def eval_batches(data: EncodedExamples, batch_size: int, pad_id: int):
+def eval_batches(
+    data: EncodedExamples, batch_size: int, *, special: SpecialTokens
+) -> Iterator[tuple[np.ndarray, int]]:
     """Fixed-shape batches over all examples in order; the last is padded with pad rows.
 
     Yields (input_ids [batch_size, S], number of real rows)."""
@@ -128,7 +129,7 @@ def eval_batches(data: EncodedExamples, batch_size: int, pad_id: int):
         chunk = data.input_ids[start : start + batch_size]
         real = len(chunk)
         if real < batch_size:
-            pad = np.full((batch_size - real, chunk.shape[1]), pad_id, np.int32)
+            pad = np.full((batch_size - real, chunk.shape[1]), special.pad, np.int32)
             pad[:, 0] = chunk[0, 0]  # a pad row still needs one real token to attend to
             chunk = np.concatenate([chunk, pad])
         yield chunk, real

@@ -8,12 +8,13 @@ batch size) that a checkpoint stores and a resumed run passes back. With
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from meta_mask.batches import CorpusBatch
 from meta_mask.data.corpora import Corpus
+from meta_mask.special_tokens import SpecialTokens
 
 
 def _ragged(column: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -38,10 +39,8 @@ class CorpusStream:
     With ``process_count > 1`` every host builds the same global batch and keeps rows
     ``[process_index * b, (process_index + 1) * b)`` where b = global batch / process_count.
 
-    Each batch is a dict of numpy arrays: input_ids int32 [b, L] (padded with `pad_id`),
-    word_ids int32 [b, L] (-1 on padding), lengths int32 [b], entity_spans int32 [b, E, 2]
-    (padded with empty [0, 0) spans; at most `max_entities` per sentence), num_entities
-    int32 [b] and indices int64 [b] (dataset rows; `entity_labels(indices)` gives the labels).
+    Each batch is a batches.CorpusBatch of b rows (padded with special.pad, at most
+    `max_entities` entity spans per sentence).
     """
 
     def __init__(
@@ -51,11 +50,13 @@ class CorpusStream:
         batch_size: int,
         max_length: int,
         seed: int,
+        special: SpecialTokens,
         process_index: int = 0,
         process_count: int = 1,
         max_entities: int = 16,
-        pad_id: int = 1,
     ) -> None:
+        """`max_entities` is a lower bound: a corpus with more entities in a row gets that many
+        (a passage names its person in every sentence), so no entity is ever dropped."""
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(
                 f"process_index={process_index} must lie in [0, process_count={process_count})"
@@ -91,10 +92,10 @@ class CorpusStream:
         self.batch_size = batch_size
         self.local_batch_size = batch_size // process_count
         self.max_length = max_length
-        self.max_entities = max_entities
+        self.max_entities = max(max_entities, int(np.diff(self._ent_offsets).max(initial=0)))
         self.seed = seed
         self.process_index = process_index
-        self.pad_id = pad_id
+        self.special = special
         self.batches_per_epoch = n // batch_size
         # Memo of the last epoch's permutation (a pure function of seed and epoch), so a step
         # does not redraw a permutation of the whole corpus.
@@ -120,11 +121,14 @@ class CorpusStream:
         start = within * self.batch_size + self.process_index * self.local_batch_size
         return self.permutation(epoch)[start : start + self.local_batch_size].astype(np.int64)
 
-    def batch_at(self, position: int) -> dict[str, np.ndarray]:
+    def batch_at(self, position: int) -> CorpusBatch:
         """The padded batch for this host at global `position`."""
-        rows = self.indices_at(position)
+        return self.rows_batch(self.indices_at(position))
+
+    def rows_batch(self, rows: np.ndarray) -> CorpusBatch:
+        """The padded batch of dataset `rows`, in that order."""
         b, length, e_max = len(rows), self.max_length, self.max_entities
-        input_ids = np.full((b, length), self.pad_id, np.int32)
+        input_ids = np.full((b, length), self.special.pad, np.int32)
         word_ids = np.full((b, length), -1, np.int32)
         spans = np.zeros((b, e_max, 2), np.int32)
         lengths = np.zeros(b, np.int32)
@@ -156,9 +160,3 @@ class CorpusStream:
     def entity_types(self, rows: np.ndarray) -> list[list[str]]:
         """The entity types (world attribute types; "" if none) of dataset `rows`."""
         return self._entity_columns[[int(r) for r in rows]]["entity_types"]
-
-    def iterate(self, position: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Endless (position, batch) pairs from `position` on; save `position + batch_size`."""
-        while True:
-            yield position, self.batch_at(position)
-            position += self.batch_size

@@ -6,13 +6,12 @@ files of `split` (`find_local_files`; the first group of names that matches anyt
 layout `<split>/*.parquet`, then the dataset's own file names from `TaskSpec.local_names`),
 validates them before `datasets` reads them, and returns the rows with a location for each
 (file and line for JSON lines, file and record / row index otherwise) so that a row that does not
-fit the task's schema is reported where it is. A malformed JSON line is named by file and line
-(`validate_jsonl`); when pyarrow rejects a JSON file as a whole, the first record the task's own
-mapping rejects is named instead of pyarrow's message.
+fit the task's schema is reported where it is. A malformed JSON line, or one that is not UTF-8,
+is named by file and line (`validate_jsonl`); when pyarrow rejects a JSON file as a whole, the
+first record the task's own mapping rejects is named instead of pyarrow's message.
 
-tasks.py imports this module, so this module does not import tasks.py at run time: the errors
-both raise (`TaskDataError`, and `_RowError` from the row converters) and the constants the file
-search uses live here, and `TaskSpec` is only a type annotation.
+`TaskSpec`, `Example` and the errors come from data/task_spec.py; this module knows nothing of
+the registry (data/tasks.py imports it, not the other way round).
 """
 
 from __future__ import annotations
@@ -20,24 +19,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
 
-if TYPE_CHECKING:
-    from meta_mask.data.tasks import TaskSpec
+from meta_mask.data.task_spec import RowError, TaskDataError, TaskFileNotFoundError, TaskSpec
 
 LOCAL_EXTENSIONS = ("jsonl", "json", "parquet", "csv")
 # The CLI flag (DataConfig.data_dir) that passes `data_dir`; error messages name it.
 DATA_DIR_FLAG = "--data.data_dir"
 _BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
-
-
-class TaskDataError(ValueError):
-    """A task's files or rows are unusable; the message names the file, line/row and the fix."""
-
-
-class _RowError(Exception):
-    """A raw row does not fit the schema (wrapped with its file and line by the loader)."""
 
 
 def _candidate_patterns(spec: TaskSpec, split: str) -> list[list[str]]:
@@ -55,7 +44,7 @@ def find_local_files(spec: TaskSpec, split: str, data_dir: str | os.PathLike) ->
     """The files holding `split` under `data_dir`; errors name what was looked for and found."""
     root = pathlib.Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise TaskFileNotFoundError(
             f"{DATA_DIR_FLAG}={root} is not a directory (task {spec.name!r}, split {split!r})"
         )
     tried: list[str] = []
@@ -72,7 +61,7 @@ def find_local_files(spec: TaskSpec, split: str, data_dir: str | os.PathLike) ->
             )
         return found
     present = sorted(p.name for p in root.iterdir())
-    raise FileNotFoundError(
+    raise TaskFileNotFoundError(
         f"No file for split {split!r} of task {spec.name!r} in {root}: looked for "
         f"{', '.join(tried)}. Present: {present or 'nothing'}. Expected columns "
         f"({spec.schema_text()})."
@@ -86,33 +75,53 @@ def _extension(path: pathlib.Path) -> str:
     return suffix
 
 
-def _jsonl_records(path: str | os.PathLike):
+def _not_utf8(path: str | os.PathLike, lineno: int, line: bytes, start: int) -> TaskDataError:
+    """The error for the byte at `start` of `line` (1-based `lineno`) that is not UTF-8."""
+    return TaskDataError(
+        f"{path}:{lineno}: not UTF-8 (byte 0x{line[start]:02x} at byte {start + 1} of the line); "
+        "save the file as UTF-8"
+    )
+
+
+def _jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line; a bad line raises with file and line.
 
     Lines end at "\\n" only, as in pyarrow's reader: a JSON string may hold a raw U+2028,
-    which Python's universal newlines would treat as a line break.
+    which Python's universal newlines would treat as a line break. Each line is decoded on its
+    own, so a byte that is not UTF-8 is reported on its own line (a text-mode file decodes
+    ahead of the line it returns).
     """
-    lineno = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, lineno, raw, e.start) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskDataError(
+                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                    "each line must be one JSON object"
+                ) from None
+            if not isinstance(record, dict):
+                raise TaskDataError(
+                    f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}"
+                )
+            yield lineno, record
+
+
+def _read_text(path: pathlib.Path) -> str:
+    """The file's text; a byte that is not UTF-8 raises with file and line."""
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8", newline="\n") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(
-                        f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                        "each line must be one JSON object"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise TaskDataError(
-                        f"{path}:{lineno}: expected a JSON object per line, "
-                        f"got {type(record).__name__}"
-                    )
-                yield lineno, record
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise TaskDataError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
+        first = data.rfind(b"\n", 0, e.start) + 1  # where the bad byte's line starts
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise _not_utf8(path, lineno, data[first:], e.start - first) from None
 
 
 def validate_jsonl(path: str | os.PathLike) -> list[int]:
@@ -126,7 +135,7 @@ def validate_jsonl(path: str | os.PathLike) -> list[int]:
 
 def _validate_json(path: pathlib.Path) -> list[str] | None:
     """Row locations of a .json file: a JSON array of objects, or JSON lines."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -164,7 +173,7 @@ def _raise_first_bad_record(spec: TaskSpec, files: Sequence[pathlib.Path], split
     """When pyarrow rejects a JSON file (e.g. a column's type differs between rows), find the
     first record our own mapping rejects and name its line; return if every record maps."""
     for path in files:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         try:
             data = json.loads(text)
             data = [data] if isinstance(data, dict) else data
@@ -174,13 +183,14 @@ def _raise_first_bad_record(spec: TaskSpec, files: Sequence[pathlib.Path], split
         for where, record in records:
             try:
                 spec.to_example(record, f"{split}-0")
-            except _RowError as e:
+            except RowError as e:
                 raise TaskDataError(
                     f"{where}: {e} (task {spec.name!r} expects {spec.schema_text()})"
                 ) from None
 
 
 def read_local(spec: TaskSpec, split: str, data_dir: str | os.PathLike):
+    """(rows, row index -> location, origin) of `split` of `spec` under `data_dir`."""
     import datasets
 
     files = find_local_files(spec, split, data_dir)
@@ -205,7 +215,7 @@ def read_local(spec: TaskSpec, split: str, data_dir: str | os.PathLike):
         raise TaskDataError(
             f"could not read {[str(p) for p in files]} as {ext} for task {spec.name!r} "
             f"(expected columns {spec.schema_text()}): {type(e).__name__}: {e}"
-        ) from e
+        ) from None
     missing = [c for c in spec.columns if c not in ds.column_names]
     if missing:
         raise TaskDataError(

@@ -44,120 +44,45 @@ paths looked for; a malformed JSON line names file and line; a row whose columns
 type names file, line/row and the expected schema; rows without a usable answer (no answers,
 only empty strings, TriviaQA's "<unk>") or with an empty source are skipped, counted and logged
 (their ids are in `TaskData.skipped`), and if every row is bad the load raises. Over-long inputs
-are truncated at tokenization time; `truncate_report` says how many will be.
+are kept, truncated at tokenization time to --data.source_length / --data.target_length tokens.
 
-Synthetic tasks (the knowledge world, data/world.py) join through `register_task` with a
-`loader` returning {split: [dicts with source, targets, contexts, ...]}. `get_task` imports the
-modules in `PLUGIN_MODULES` on a miss, so world tasks resolve by name without this module
-importing world.py at import time (no cycle).
+The world tasks (world_qa, world_qa_dates, world_qa_personal, world_summary) are registry
+entries like the others: their rows are made by data/world.py from a `World` that the caller
+builds once per run from its WorldConfig and passes as `load_task(..., world=world)` (or read
+from local files in meta_mask's own schema: source, targets, [contexts, id, fact]).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import math
 import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-# TaskDataError and _RowError (raised by the row converters below) are defined with the
-# local-file reader, which must not import this module.
-from meta_mask.data.task_files import DATA_DIR_FLAG, TaskDataError, _RowError, read_local
+from meta_mask.data import world as world_lib
+from meta_mask.data.task_files import DATA_DIR_FLAG, read_local
+from meta_mask.data.task_spec import Example, RowConverter, RowError, TaskDataError, TaskSpec
+from meta_mask.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CATEGORIES = ("closed_book_qa", "knowledge", "summarization", "synthetic")
-# Must match meta_mask.evaluation.metrics.METRICS (data/ does not import evaluation/).
-METRIC_NAMES = ("em_f1", "accuracy", "kilt_em", "rouge")
-# Modules that register tasks on import; tried in order when a name is not yet registered.
-PLUGIN_MODULES = ("meta_mask.data.world",)
 
-
-class TaskOfflineError(ConnectionError):
+class TaskOfflineError(UserError, ConnectionError):
     """The hub is unreachable; the message says how to load the same task from local files."""
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """An unknown task or split; the message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError would print the message's repr
         return str(self.args[0]) if self.args else ""
 
 
-@dataclass(frozen=True)
-class Example:
-    """One downstream example.
-
-    source: the encoder input (question, claim, "subject [SEP] relation", document).
-    targets: every gold answer / alias / reference summary (first one is the training target).
-    id: the dataset's id, or "<split>-<row>" when it has none.
-    contexts: optional passages [{"text": str, "answer_spans": [(start, end), ...]}] with
-        character-level half-open spans of the answer inside `text`.
-    meta: anything else kept from the row (KILT provenance, world person_id/attribute).
-    """
-
-    source: str
-    targets: list[str]
-    id: str
-    contexts: list[dict[str, Any]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-RowConverter = Callable[[Mapping[str, Any], str], Example]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """How to get one task: where it lives, its raw columns, its mapping and its metric.
-
-    schema: the required raw columns and their types, as on the hub (also used in errors).
-    to_example: maps one raw row (and a fallback id) to an `Example`; raises on a wrong type.
-    splits: the split names the dataset has (None: whatever `loader` returns).
-    local_names: (split, file name) pairs of the dataset's own file names, e.g. KILT's
-        ("validation", "fever-dev-kilt.jsonl").
-    loader: in-memory source for synthetic tasks: () -> {split: [row dicts]}.
-    """
-
-    name: str
-    category: str
-    metric: str
-    schema: tuple[tuple[str, str], ...]
-    to_example: RowConverter
-    splits: tuple[str, ...] | None = ("train", "validation", "test")
-    hub_id: str | None = None
-    hub_config: str | None = None
-    revision: str | None = None
-    hub_data_dir: str | None = None
-    local_names: tuple[tuple[str, str], ...] = ()
-    loader: Callable[[], Mapping[str, Sequence[Mapping[str, Any]]]] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("TaskSpec.name must be non-empty")
-        if self.category not in CATEGORIES:
-            raise ValueError(
-                f"task {self.name!r}: category={self.category!r}; valid: {', '.join(CATEGORIES)}"
-            )
-        if self.metric not in METRIC_NAMES:
-            raise ValueError(
-                f"task {self.name!r}: metric={self.metric!r}; valid: {', '.join(METRIC_NAMES)}"
-            )
-        if (self.hub_id is None) == (self.loader is None):
-            raise ValueError(f"task {self.name!r}: give exactly one of hub_id and loader")
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.schema)
-
-    def schema_text(self) -> str:
-        return ", ".join(f"{name}: {kind}" for name, kind in self.schema)
-
-
 # ---------------------------------------------------------------------------------------------
-# Row converters: raw hub rows -> Example. Wrong types raise _RowError; missing answers give an
+# Row converters: raw hub rows -> Example. Wrong types raise RowError; missing answers give an
 # Example with no targets, which the loader skips and counts.
 
 
@@ -166,7 +91,7 @@ def _string(row: Mapping[str, Any], column: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _RowError(f"column {column!r} must be a string, got {type(value).__name__}")
+        raise RowError(f"column {column!r} must be a string, got {type(value).__name__}")
     return value
 
 
@@ -174,10 +99,10 @@ def _string_list(value: Any, column: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise _RowError(f"column {column!r} must be a list of strings, got {type(value).__name__}")
+        raise RowError(f"column {column!r} must be a list of strings, got {type(value).__name__}")
     for item in value:
         if item is not None and not isinstance(item, str):
-            raise _RowError(
+            raise RowError(
                 f"column {column!r} must be a list of strings, has a {type(item).__name__}"
             )
     return [item for item in value if item is not None]
@@ -217,13 +142,13 @@ def tqa_example(row: Mapping[str, Any], fallback_id: str) -> Example:
     if answer is None:
         answer = {}
     if not isinstance(answer, Mapping):
-        raise _RowError(
+        raise RowError(
             "column 'answer' must be a dict {value, aliases, normalized_aliases, ...}, "
             f"got {type(answer).__name__}"
         )
     value = answer.get("value")
     if value is not None and not isinstance(value, str):
-        raise _RowError(f"answer.value must be a string, got {type(value).__name__}")
+        raise RowError(f"answer.value must be a string, got {type(value).__name__}")
     golds = [value or ""] + _string_list(answer.get("aliases"), "answer.aliases")
     return Example(
         source=_string(row, "question"),
@@ -245,7 +170,7 @@ def wq_example(row: Mapping[str, Any], fallback_id: str) -> Example:
 def _provenance(output: Mapping[str, Any]) -> list[dict[str, Any]]:
     provenance = output.get("provenance") or []
     if not isinstance(provenance, Sequence) or isinstance(provenance, str):
-        raise _RowError("output[].provenance must be a list of dicts")
+        raise RowError("output[].provenance must be a list of dicts")
     return [dict(p) for p in provenance if isinstance(p, Mapping)]
 
 
@@ -260,7 +185,7 @@ def kilt_example(row: Mapping[str, Any], fallback_id: str) -> Example:
     if outputs is None:
         outputs = []
     if isinstance(outputs, str) or not isinstance(outputs, Sequence):
-        raise _RowError(
+        raise RowError(
             f"column 'output' must be a list of {{answer, provenance}} dicts, "
             f"got {type(outputs).__name__}"
         )
@@ -268,10 +193,10 @@ def kilt_example(row: Mapping[str, Any], fallback_id: str) -> Example:
     provenance: list[dict[str, Any]] = []
     for output in outputs:
         if not isinstance(output, Mapping):
-            raise _RowError(f"output entries must be dicts, got {type(output).__name__}")
+            raise RowError(f"output entries must be dicts, got {type(output).__name__}")
         answer = output.get("answer")
         if answer is not None and not isinstance(answer, str):
-            raise _RowError(f"output[].answer must be a string, got {type(answer).__name__}")
+            raise RowError(f"output[].answer must be a string, got {type(answer).__name__}")
         answers.append(answer or "")
         provenance.extend(_provenance(output))
     return Example(
@@ -298,31 +223,45 @@ def _contexts(value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise _RowError("column 'contexts' must be a list of {text, answer_spans} dicts")
+        raise RowError("column 'contexts' must be a list of {text, answer_spans} dicts")
     contexts = []
     for ctx in value:
         if not isinstance(ctx, Mapping) or not isinstance(ctx.get("text"), str):
-            raise _RowError("each context must be a dict with a string 'text'")
+            raise RowError("each context must be a dict with a string 'text'")
         text = ctx["text"]
         spans = []
         for span in ctx.get("answer_spans") or []:
             if len(span) != 2 or not all(isinstance(x, numbers.Integral) for x in span):
-                raise _RowError(f"answer span {span!r} must be a pair of ints (start, end)")
+                raise RowError(f"answer span {span!r} must be a pair of ints (start, end)")
             start, end = int(span[0]), int(span[1])
             if not 0 <= start <= end <= len(text):
-                raise _RowError(
+                raise RowError(
                     f"answer span {span!r} lies outside its context text of {len(text)} chars"
                 )
             spans.append((start, end))
-        contexts.append({"text": text, "answer_spans": spans})
+        context: dict[str, Any] = {"text": text, "answer_spans": spans}
+        if ctx.get("entities"):
+            context["entities"] = [_entity(e, text) for e in ctx["entities"]]
+        contexts.append(context)
     return contexts
 
 
-_EXAMPLE_KEYS = ("source", "targets", "contexts", "id")
+def _entity(entity: Any, text: str) -> tuple:
+    """A context's gold entity: (start, end, label[, type]) in characters of its text."""
+    if not 3 <= len(entity) <= 4 or not all(isinstance(x, numbers.Integral) for x in entity[:2]):
+        raise RowError(f"entity {entity!r} must be (start, end, label[, type])")
+    start, end = int(entity[0]), int(entity[1])
+    if not 0 <= start < end <= len(text):
+        raise RowError(f"entity {entity!r} lies outside its context text of {len(text)} chars")
+    return (start, end, *entity[2:])
+
+
+_EXAMPLE_KEYS = ("source", "targets", "contexts", "id", "fact")
 
 
 def example_from_dict(row: Mapping[str, Any], fallback_id: str) -> Example:
-    """meta_mask's own schema (synthetic world, custom tasks): source, targets, [contexts, id].
+    """meta_mask's own schema (synthetic world, custom tasks): source, targets, [contexts, id,
+    fact].
 
     Every other key (e.g. the world's person_id, attribute) is kept in `meta`.
     """
@@ -332,6 +271,7 @@ def example_from_dict(row: Mapping[str, Any], fallback_id: str) -> Example:
         id=_row_id(row, "id", fallback_id),
         contexts=_contexts(row.get("contexts")),
         meta={k: v for k, v in row.items() if k not in _EXAMPLE_KEYS},
+        fact=_string(row, "fact"),
     )
 
 
@@ -359,8 +299,21 @@ def _kilt(name: str, config: str, metric: str) -> TaskSpec:
     )
 
 
+def _world(variant: str, metric: str, splits=world_lib.SPLITS, dev: str | None = "dev") -> TaskSpec:
+    return TaskSpec(
+        name=variant,
+        category="synthetic",
+        metric=metric,
+        schema=(("source", "str"), ("targets", "list[str]")),
+        to_example=example_from_dict,
+        splits=splits,
+        dev_split=dev,
+        world_variant=variant,
+    )
+
+
 def builtin_tasks() -> dict[str, TaskSpec]:
-    """The nine real-data tasks, freshly built."""
+    """The nine real-data tasks and the synthetic world's tasks, freshly built."""
     specs = [
         TaskSpec(
             name="nq",
@@ -392,6 +345,7 @@ def builtin_tasks() -> dict[str, TaskSpec]:
             schema=(("question", "str"), ("answers", "list[str]")),
             to_example=wq_example,
             splits=("train", "test"),
+            dev_split=None,
             hub_id="stanfordnlp/web_questions",
         ),
         _kilt("fever", "fever", "accuracy"),
@@ -426,62 +380,32 @@ def builtin_tasks() -> dict[str, TaskSpec]:
             revision="refs/convert/parquet",
             hub_data_dir="samsum",
         ),
+        *(_world(variant, "em_f1") for variant in world_lib.QA_VARIANTS),
+        _world(world_lib.SUMMARY_TASK, "rouge"),
+        _world(world_lib.GENERIC_QA_TASK, "em_f1", splits=("train",), dev=None),
     ]
     return {spec.name: spec for spec in specs}
 
 
-# The one registry. Plugins (world.py) add to it through `register_task`.
-TASKS: dict[str, TaskSpec] = builtin_tasks()
-
-
-def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
-    """Add a task to the registry (replace=True to redefine an existing name)."""
-    if spec.name in TASKS and not replace and TASKS[spec.name] is not spec:
-        raise ValueError(f"task {spec.name!r} is already registered; pass replace=True")
-    TASKS[spec.name] = spec
-    return spec
-
-
-def synthetic_task(
-    name: str,
-    loader: Callable[[], Mapping[str, Sequence[Mapping[str, Any]]]],
-    *,
-    metric: str = "em_f1",
-) -> TaskSpec:
-    """A synthetic task whose rows (source, targets, contexts, ...) come from `loader()`."""
-    return TaskSpec(
-        name=name,
-        category="synthetic",
-        metric=metric,
-        schema=(("source", "str"), ("targets", "list[str]")),
-        to_example=example_from_dict,
-        splits=None,
-        loader=loader,
-    )
-
-
-def _import_plugins() -> None:
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # the plugin exists but one of its imports is missing
-                raise
+# The one registry, read-only.
+TASKS: Mapping[str, TaskSpec] = MappingProxyType(builtin_tasks())
 
 
 def get_task(name: str) -> TaskSpec:
     """The registered task `name`; an unknown name lists the valid ones."""
     if name not in TASKS:
-        _import_plugins()
-    if name not in TASKS:
         raise UnknownNameError(f"Unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 
 
-def task_names() -> list[str]:
-    """Every registered task name, plugins' included."""
-    _import_plugins()
-    return sorted(TASKS)
+def dev_split(name: str) -> str:
+    """The split of task `name` that tunes on it (e.g. a learned policy's dev loss)."""
+    spec = get_task(name)
+    if spec.dev_split is None:
+        raise UnknownNameError(
+            f"task {name!r} has no dev split (its splits: {', '.join(spec.splits)})"
+        )
+    return spec.dev_split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +460,7 @@ def _read_hub(spec: TaskSpec, split: str):
             raise TaskOfflineError(
                 f"Cannot load task {spec.name!r} split {split!r} from the Hugging Face hub "
                 f"({spec.hub_id}): {reason}. {offline_help(spec, split)}"
-            ) from e
+            ) from None
         raise
     return ds, (lambda r: f"{spec.hub_id} {split} row {r}"), spec.hub_id
 
@@ -553,18 +477,16 @@ class TaskData:
     skipped: dict[str, list[str]]
     origin: str
 
-    @property
-    def num_skipped(self) -> int:
-        return sum(len(ids) for ids in self.skipped.values())
 
-
-def _synthetic_rows(spec: TaskSpec, split: str):
-    splits = spec.loader()
-    if split not in splits:
-        raise UnknownNameError(
-            f"task {spec.name!r} has no split {split!r}; valid: {', '.join(sorted(splits))}"
+def _world_rows(spec: TaskSpec, split: str, world: world_lib.World | None):
+    if world is None:
+        raise ValueError(
+            f"task {spec.name!r} is made from the synthetic world: pass world= (the run's "
+            "world.build_world(WorldConfig)), or data_dir= holding its files"
         )
-    return splits[split], (lambda r: f"{spec.name} {split} row {r}"), f"{spec.name} (in memory)"
+    rows = world_lib.world_task(world, spec.world_variant)[split]
+    origin = f"{spec.name} (world of seed {world.config.seed})"
+    return rows, (lambda r: f"{spec.name} {split} row {r}"), origin
 
 
 def read_task(
@@ -573,10 +495,12 @@ def read_task(
     *,
     data_dir: str | os.PathLike | None = None,
     max_examples: int | None = None,
+    world: world_lib.World | None = None,
 ) -> TaskData:
-    """Read `split` of task `name` (local files when `data_dir` is given, else hub / loader)."""
+    """Read `split` of task `name`: local files when `data_dir` is given, else the hub, or for
+    a world task (`TaskSpec.world_variant`) the rows that `world` makes."""
     spec = get_task(name)
-    if spec.splits is not None and split not in spec.splits:
+    if split not in spec.splits:
         raise UnknownNameError(
             f"task {name!r} has no split {split!r}; valid: {', '.join(spec.splits)}"
         )
@@ -584,8 +508,8 @@ def read_task(
         raise ValueError(f"max_examples={max_examples}; must be >= 1 or None")
     if data_dir is not None:
         rows, where, origin = read_local(spec, split, data_dir)
-    elif spec.loader is not None:
-        rows, where, origin = _synthetic_rows(spec, split)
+    elif spec.world_variant is not None:
+        rows, where, origin = _world_rows(spec, split, world)
     else:
         rows, where, origin = _read_hub(spec, split)
 
@@ -596,7 +520,7 @@ def read_task(
         num_rows += 1
         try:
             example = spec.to_example(row, f"{split}-{r}")
-        except _RowError as e:
+        except RowError as e:
             raise TaskDataError(
                 f"{where(r)}: {e} (task {name!r} expects {spec.schema_text()})"
             ) from None
@@ -632,68 +556,13 @@ def load_task(
     *,
     data_dir: str | os.PathLike | None = None,
     max_examples: int | None = None,
+    world: world_lib.World | None = None,
 ) -> list[Example]:
-    """The usable examples of `split` of task `name` (skipped rows are logged; see read_task)."""
-    return read_task(name, split, data_dir=data_dir, max_examples=max_examples).examples
+    """The usable examples of `split` of task `name`, at most `max_examples` of them.
 
-
-# ---------------------------------------------------------------------------------------------
-# Truncation.
-
-
-@dataclass(frozen=True)
-class TruncationReport:
-    """How many sources / target strings exceed the model's lengths (in tokens, with specials)."""
-
-    num_examples: int
-    num_sources_truncated: int
-    max_source_tokens: int
-    num_targets: int
-    num_targets_truncated: int
-    max_target_tokens: int
-
-    @property
-    def fraction_sources_truncated(self) -> float:
-        return self.num_sources_truncated / max(self.num_examples, 1)
-
-
-def truncate_report(
-    examples: Sequence[Example],
-    tokenizer: Callable[..., Mapping[str, Any]],
-    max_source_length: int,
-    max_target_length: int | None = None,
-    *,
-    batch_size: int = 1024,
-) -> TruncationReport:
-    """Count the examples whose source (and target strings) tokenization will truncate.
-
-    `tokenizer` is a Hugging Face tokenizer (called on a list of strings, returning input_ids).
+    Hub and local tasks and world tasks alike; a world task needs the run's `world` unless
+    `data_dir` holds its files. Skipped rows are logged (see read_task).
     """
-
-    def lengths(texts: list[str]) -> list[int]:
-        out: list[int] = []
-        for start in range(0, len(texts), batch_size):
-            ids = tokenizer(texts[start : start + batch_size], add_special_tokens=True)
-            out.extend(len(x) for x in ids["input_ids"])
-        return out
-
-    source_lengths = lengths([ex.source for ex in examples])
-    target_lengths = lengths([t for ex in examples for t in ex.targets])
-    target_limit = math.inf if max_target_length is None else max_target_length
-    report = TruncationReport(
-        num_examples=len(examples),
-        num_sources_truncated=sum(n > max_source_length for n in source_lengths),
-        max_source_tokens=max(source_lengths, default=0),
-        num_targets=len(target_lengths),
-        num_targets_truncated=sum(n > target_limit for n in target_lengths),
-        max_target_tokens=max(target_lengths, default=0),
-    )
-    if report.num_sources_truncated or report.num_targets_truncated:
-        log.warning(
-            "truncation: %d of %d sources exceed %d tokens (longest %d); %d of %d targets exceed "
-            "%s tokens (longest %d)",
-            report.num_sources_truncated, report.num_examples, max_source_length,
-            report.max_source_tokens, report.num_targets_truncated, report.num_targets,
-            max_target_length, report.max_target_tokens,
-        )  # fmt: skip
-    return report
+    return read_task(
+        name, split, data_dir=data_dir, max_examples=max_examples, world=world
+    ).examples

@@ -9,17 +9,23 @@ summarization task whose needed facts are in the input.
 Questions are split by person: a test person's facts appear only in the corpus, so
 held-out exact match measures knowledge stored during intermediate pre-training.
 Everything is a pure function of `WorldConfig` (seeded `random.Random`, no global state).
+The task registry (data/tasks.py) lists these tasks by their variant names (`TASKS`) and loads
+them through `world_task`; this module does not know the registry.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from meta_mask.config import WorldConfig
+from meta_mask.errors import UserError
+
+
+class WorldConfigError(UserError, ValueError):
+    """The WorldConfig (--world.* flags) cannot make the world or task asked for."""
 
 
 @dataclass(frozen=True)
@@ -182,8 +188,13 @@ QA_VARIANTS: dict[str, tuple[str, ...]] = {
     "world_qa_personal": ("spouse", "hobby"),
 }
 SUMMARY_TASK = "world_summary"
-TASKS: tuple[str, ...] = (*QA_VARIANTS, SUMMARY_TASK)
+# Questions about the generic population, on every attribute that has questions: what the
+# meta-learned policy's LM is QA-fine-tuned on (it then answers questions in general, but knows
+# nothing of the task's people). One split: the generic population is never evaluated on.
+GENERIC_QA_TASK = "world_generic_qa"
+TASKS: tuple[str, ...] = (*QA_VARIANTS, SUMMARY_TASK, GENERIC_QA_TASK)
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
+GENERIC = "generic"  # the split of the generic population
 
 # Fixed second words of multi-word values: the first word is a generated pseudo-word.
 _SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -231,7 +242,8 @@ class World:
     "value_span": (start, end), "entities": [(start, end, label, attribute)]}, spans in
     characters, half-open; `attribute` is "name" for the person's own name. A document
     record has "text", "doc_id", "person_id", "entities" (offsets into the document) and
-    "sentence_ids". `splits` maps train/dev/test to person ids.
+    "sentence_ids". `splits` maps train/dev/test (the task's people) and "generic" (the
+    generic population, WorldConfig.generic_people) to person ids.
     """
 
     config: WorldConfig
@@ -246,32 +258,55 @@ class World:
         out = [v for v, attrs in QA_VARIANTS.items() if set(attrs) <= have]
         if set(self.config.summary_attributes) <= have:
             out.append(SUMMARY_TASK)
+        if self.splits[GENERIC]:
+            out.append(GENERIC_QA_TASK)
         return tuple(out)
+
+    def person_rows(self, person_ids: Iterable[int]) -> set[int]:
+        """The doc_ids of these people's biographies (what their corpus rows carry)."""
+        return {d["doc_id"] for p in person_ids for d in self.bios(p)}
+
+    def bios(self, person_id: int) -> tuple[dict, ...]:
+        """The person's biographies (documents), in order."""
+        n = self.config.num_bios
+        return self.documents[person_id * n : (person_id + 1) * n]
+
+    def corpus_records(self, population: str = "task") -> list[dict]:
+        """The corpus rows of the task's people (train + dev + test) or of the generic
+        population: their biography sentences, or whole biographies when
+        WorldConfig.corpus_unit is "passage". Each row has "text", "doc_id", "person_id" and
+        gold "entities" [(start, end, label, attribute)]."""
+        if population not in ("task", GENERIC):
+            raise ValueError(f"population={population!r}; valid: task, {GENERIC}")
+        generic = set(self.splits[GENERIC])
+        keep = (lambda p: p in generic) if population == GENERIC else (lambda p: p not in generic)
+        unit = self.documents if self.config.corpus_unit == "passage" else self.sentences
+        return [dict(r) for r in unit if keep(r["person_id"])]
 
 
 def _check_config(cfg: WorldConfig) -> None:
     for field_name in ("attributes", "distractors", "summary_attributes"):
         for a in getattr(cfg, field_name):
             if a not in ATTRIBUTES:
-                raise ValueError(
+                raise WorldConfigError(
                     f"WorldConfig.{field_name} has unknown attribute {a!r}; "
                     f"valid: {sorted(ATTRIBUTES)}"
                 )
     overlap = set(cfg.attributes) & set(cfg.distractors)
     if overlap:
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig: {sorted(overlap)} is in both `attributes` and `distractors`"
         )
     most = min(len(s.bio_templates) for s in ATTRIBUTES.values())
     if cfg.templates_per_attribute > most:
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig.templates_per_attribute={cfg.templates_per_attribute}; at most {most}"
         )
     most_q = min(
         len(ATTRIBUTES[a].question_templates) for a in itertools.chain(*QA_VARIANTS.values())
     )
     if cfg.question_templates > most_q:
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig.question_templates={cfg.question_templates}; at most {most_q}"
         )
 
@@ -294,7 +329,7 @@ def _pseudo_words(rng: random.Random, counts: Mapping[str, int]) -> dict[str, li
     reserved = _reserved_words()
     capacity = len(syllables) ** 2 * len(set(_CODAS)) // 2  # keep rejection sampling quick
     if sum(counts.values()) > capacity:
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig word pools {dict(counts)} ask for {sum(counts.values())} pseudo-words; "
             f"at most {capacity} in all (first_names, last_names, place_words, org_words, "
             "common_words)"
@@ -334,7 +369,7 @@ def _sample_values(
     if not unique:
         return [rng.choice(space) for _ in range(n)]
     if n > len(space):
-        raise ValueError(
+        raise WorldConfigError(
             f"WorldConfig: {what} needs {n} distinct values but only {len(space)} exist; "
             + (f"raise {knob}, " if knob else "")
             + "lower num_people, or set unique_values=False"
@@ -458,10 +493,12 @@ def _make_bios(
 def _split_people(cfg: WorldConfig, rng: random.Random) -> dict[str, tuple[int, ...]]:
     ids = list(range(cfg.num_people))
     rng.shuffle(ids)
-    n_train = round(cfg.split_fractions[0] * cfg.num_people)
-    n_dev = round(cfg.split_fractions[1] * cfg.num_people)
+    generic, ids = ids[: cfg.generic_people], ids[cfg.generic_people :]
+    n_train = round(cfg.split_fractions[0] * len(ids))
+    n_dev = round(cfg.split_fractions[1] * len(ids))
     parts = (ids[:n_train], ids[n_train : n_train + n_dev], ids[n_train + n_dev :])
-    return {name: tuple(sorted(part)) for name, part in zip(SPLITS, parts, strict=True)}
+    splits = {name: tuple(sorted(part)) for name, part in zip(SPLITS, parts, strict=True)}
+    return {**splits, GENERIC: tuple(sorted(generic))}
 
 
 def build_world(cfg: WorldConfig | None = None) -> World:
@@ -477,14 +514,23 @@ def build_world(cfg: WorldConfig | None = None) -> World:
 
 
 def _contexts(world: World, person_id: int, attribute: str) -> list[dict]:
-    """The distinct corpus sentences that state `attribute` of a person, with answer spans."""
+    """The distinct corpus rows that state `attribute` of a person (sentences, or whole
+    biographies when WorldConfig.corpus_unit is "passage"), with the answer's spans and the
+    row's gold entities [(start, end, label, attribute)]."""
     out, seen = [], set()
-    for doc in world.documents[person_id * world.config.num_bios :][: world.config.num_bios]:
-        for sid in doc["sentence_ids"]:
-            s = world.sentences[sid]
-            if s["attribute"] == attribute and s["text"] not in seen:
-                seen.add(s["text"])
-                out.append({"text": s["text"], "answer_spans": [s["value_span"]]})
+    for doc in world.bios(person_id):
+        if world.config.corpus_unit == "passage":
+            spans = [(s, e) for s, e, _, a in doc["entities"] if a == attribute]
+            rows = [(doc, spans)] if spans else []
+        else:
+            stating = [world.sentences[i] for i in doc["sentence_ids"]]
+            rows = [(s, [s["value_span"]]) for s in stating if s["attribute"] == attribute]
+        for row, spans in rows:
+            if row["text"] not in seen:
+                seen.add(row["text"])
+                out.append(
+                    {"text": row["text"], "answer_spans": spans, "entities": row["entities"]}
+                )
     return out
 
 
@@ -497,11 +543,22 @@ def summary_of(world: World, person: Person) -> str:
     return ", ".join([person.name, *phrases]) + "."
 
 
+def asked_attributes(world: World, variant: str) -> tuple[str, ...]:
+    """The attributes a QA variant asks about (the generic QA: every attribute with questions;
+    the summary: the summary's attributes)."""
+    if variant == SUMMARY_TASK:
+        return tuple(world.config.summary_attributes)
+    if variant == GENERIC_QA_TASK:
+        attrs = (*world.config.attributes, *world.config.distractors)
+        return tuple(a for a in attrs if ATTRIBUTES[a].question_templates)
+    return QA_VARIANTS[variant]
+
+
 def _qa_examples(world: World, variant: str, person_ids: tuple[int, ...]) -> list[dict]:
     examples = []
     for pid in person_ids:
         person = world.people[pid]
-        for a in QA_VARIANTS[variant]:
+        for a in asked_attributes(world, variant):
             spec = ATTRIBUTES[a]
             contexts = _contexts(world, pid, a)
             for template in spec.question_templates[: world.config.question_templates]:
@@ -511,6 +568,7 @@ def _qa_examples(world: World, variant: str, person_ids: tuple[int, ...]) -> lis
                         "targets": [person.attributes[a]],
                         "person_id": pid,
                         "attribute": a,
+                        "fact": f"{pid}:{a}",  # shared by the paraphrased questions
                         "contexts": [dict(c) for c in contexts],
                     }
                 )
@@ -523,7 +581,7 @@ def _summary_examples(world: World, person_ids: tuple[int, ...]) -> list[dict]:
     for pid in person_ids:
         person = world.people[pid]
         target = summary_of(world, person)
-        for doc in world.documents[pid * world.config.num_bios :][: world.config.num_bios]:
+        for doc in world.bios(pid):
             spans = [(s, e) for s, e, _, a in doc["entities"] if a in attrs]
             examples.append(
                 {
@@ -531,6 +589,7 @@ def _summary_examples(world: World, person_ids: tuple[int, ...]) -> list[dict]:
                     "targets": [target],
                     "person_id": pid,
                     "attribute": "summary",
+                    "fact": f"{pid}:summary",  # every bio of a person has the same summary
                     "contexts": [{"text": doc["text"], "answer_spans": spans}],
                 }
             )
@@ -541,20 +600,30 @@ def world_task(world: World, variant: str) -> dict[str, list[dict]]:
     """Examples of one task variant, split by person: {"train"|"dev"|"test": [example]}.
 
     Example: {"source": str, "targets": [str], "person_id": int, "attribute": str,
-    "contexts": [{"text": str, "answer_spans": [(start, end)]}]}; QA contexts are the
-    corpus sentences stating the answer (what the learned policies train on).
+    "fact": "<person_id>:<attribute>", "contexts": [{"text": str, "answer_spans": [(start,
+    end)], "entities": [...]}]}; QA contexts are the corpus rows stating the answer (what the
+    learned policies train on). Examples with one fact id (a QA fact's paraphrased questions; a
+    person's bios, which share one summary) are scored as one fact. The generic QA task
+    (GENERIC_QA_TASK) has only a "train" split, of the generic population.
     """
     if variant not in TASKS:
         raise ValueError(f"unknown world task {variant!r}; valid: {TASKS}")
+    if variant == GENERIC_QA_TASK and not world.splits[GENERIC]:
+        raise WorldConfigError(
+            f"world task {variant!r} asks about the generic population, but "
+            "WorldConfig.generic_people=0: set --world.generic_people"
+        )
     if variant not in world.available_tasks():
         need = QA_VARIANTS.get(variant, world.config.summary_attributes)
-        raise ValueError(
+        raise WorldConfigError(
             f"world task {variant!r} asks {need}, but WorldConfig.attributes="
             f"{world.config.attributes} lacks some; add them or pick one of "
             f"{world.available_tasks()}"
         )
     if variant == SUMMARY_TASK:
         return {s: _summary_examples(world, world.splits[s]) for s in SPLITS}
+    if variant == GENERIC_QA_TASK:
+        return {"train": _qa_examples(world, variant, world.splits[GENERIC])}
     return {s: _qa_examples(world, variant, world.splits[s]) for s in SPLITS}
 
 
@@ -580,24 +649,3 @@ def world_template_texts(world: World) -> Iterator[str]:
         spec = ATTRIBUTES[a]
         for t in (*spec.bio_templates, *spec.question_templates, spec.summary_phrase):
             yield t.replace("{name}", "").replace("{value}", "")
-
-
-def _default_world_rows(variant: str) -> dict[str, list[dict]]:
-    return world_task(build_world(WorldConfig()), variant)
-
-
-def _register_tasks() -> None:
-    """Name the world's tasks (on the default WorldConfig) in data/tasks.py's registry.
-
-    The pipeline builds tasks from the run's own world (`world_task`); the registry entry
-    lets generic tooling (task listings, `read_task`) resolve the names too.
-    """
-    from meta_mask.data import tasks  # a plugin of tasks.py; imported lazily there too
-
-    for name in TASKS:
-        metric = "rouge" if name == SUMMARY_TASK else "em_f1"
-        loader = functools.partial(_default_world_rows, name)
-        tasks.register_task(tasks.synthetic_task(name, loader, metric=metric), replace=True)
-
-
-_register_tasks()

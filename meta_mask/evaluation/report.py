@@ -1,8 +1,9 @@
 """Reports a person reads: result tables (markdown), training curves (PNG), sweep aggregates.
 
-Tables aggregate finished runs by (task, policy, output format) with mean +- std over seeds,
-so a comparison of policies is one glance; curves plot each stage's loss from its
-metrics.jsonl.
+Tables aggregate finished runs by (task, policy, output format) with mean +- std over seeds
+and, against a reference policy, the paired difference with its bootstrap CI (the statistics
+are evaluation/stats.py's), so a comparison of policies is one glance; curves plot each
+stage's loss from its metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -10,12 +11,19 @@ from __future__ import annotations
 import pathlib
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from meta_mask.evaluation import stats
 from meta_mask.evaluation.writers import read_metrics
 
-STAGES = ("intermediate", "finetune")
+if TYPE_CHECKING:
+    from meta_mask.batches import PolicyBatch
+
+STAGES = ("learn_policy", "intermediate", "finetune")
+# The dev metric each stage's curve shows (what its loop selects by, when it evaluates).
+DEV_METRICS = ("dev_objective", "dev_span_f1", "dev_em", "dev_rougeL", "dev_accuracy")
 
 
 def _headline(metrics: dict) -> list[str]:
@@ -26,7 +34,8 @@ def _headline(metrics: dict) -> list[str]:
 
 
 def plot_curves(workdir: str | pathlib.Path) -> pathlib.Path | None:
-    """curves.png: training loss per step of each stage that ran; None when none did."""
+    """curves.png: training loss per step of each stage that ran, with its dev evaluations
+    (what the stage selects by) on a second axis; None when no stage ran."""
     workdir = pathlib.Path(workdir)
     series = {s: read_metrics(workdir / s) for s in STAGES}
     series = {s: rows for s, rows in series.items() if rows}
@@ -39,17 +48,20 @@ def plot_curves(workdir: str | pathlib.Path) -> pathlib.Path | None:
 
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
     for ax, (stage, rows) in zip(axes[0], series.items(), strict=True):
-        steps = [r["step"] for r in rows if "loss" in r]
-        ax.plot(steps, [r["loss"] for r in rows if "loss" in r], label="loss")
-        if any("accuracy" in r for r in rows):
+        train = [r for r in rows if "loss" in r]
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
+        dev = next((m for m in DEV_METRICS if any(m in r for r in rows)), None)
+        if dev is not None:  # the loop's dev evaluations (what the stage selects by)
+            evals = [r for r in rows if dev in r]
             ax2 = ax.twinx()
-            ax2.plot(steps, [r.get("accuracy", np.nan) for r in rows if "loss" in r], "C1",
-                     label="token accuracy")  # fmt: skip
-            ax2.set_ylabel("token accuracy", color="C1")
+            ax2.plot([r["step"] for r in evals], [r[dev] for r in evals], "C1o-", ms=3)
+            ax2.set_ylabel(dev, color="C1")
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_yscale("log")
+        # The meta objective is a difference of losses (it can be negative): no log scale.
+        if all(r["loss"] > 0 for r in train):
+            ax.set_yscale("log")
     fig.suptitle(workdir.name)
     fig.tight_layout()
     out = workdir / "curves.png"
@@ -75,29 +87,154 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
-def results_table(results: Sequence[dict]) -> str:
-    """Markdown table: one row per (task, policy, output format), mean +- std over seeds."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+Group = tuple[str, str, str]  # (task, policy as shown, output format)
+
+
+def _groups(results: Sequence[dict]) -> dict[Group, list[dict]]:
+    """The runs of each (task, policy, output format), in the order they first appear; a run
+    of a policy learned on another task is its own policy, "<policy> (from <task>)"."""
+    groups: dict[Group, list[dict]] = defaultdict(list)
     for r in results:
         policy = r["policy"]
         if r.get("policy_task") and r["policy_task"] != r["task"]:
             policy = f"{policy} (from {r['policy_task']})"
         groups[(r["task"], policy, r.get("output_format", ""))].append(r)
+    return groups
+
+
+def _row(group: Group, runs: Sequence[dict]) -> list[str]:
+    return [*group, str(len(runs))]
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def results_table(results: Sequence[dict], *, reference: str | None = None) -> str:
+    """Markdown: one row per (task, policy, output format) with its number of seeds and each
+    headline metric's mean +- std over seeds.
+
+    With `reference` (a policy name), also a column of each row's paired difference from the
+    runs of that policy with the same task and output format (`_difference`) and a legend
+    under the table; when the reference has no runs, a line that says so instead of both.
+    Runs with "diagnostics" in their results add a second table (`diagnostics_table`)."""
+    groups = _groups(results)
     metric_names: list[str] = []
     for r in results:
         for k in _headline(r.get("metrics", {})):
             if k not in metric_names:
                 metric_names.append(k)
+    compare = reference is not None and any(policy == reference for _, policy, _ in groups)
     header = ["task", "policy", "format", "seeds", *metric_names, "minutes"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (task, policy, fmt), runs in groups.items():
-        cells = [task, policy, fmt, str(len(runs))]
+    if compare:
+        header.append(f"Δ vs {reference} [{stats.CONFIDENCE:.0%} CI]")
+    rows, compared = [], set()
+    for group, runs in groups.items():
+        cells = _row(group, runs)
         for m in metric_names:
             cells.append(mean_std([r["metrics"][m] for r in runs if m in r.get("metrics", {})]))
         minutes = [sum(r.get("seconds", {}).values()) / 60 for r in runs]
         cells.append(f"{np.mean(minutes):.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        task, policy, fmt = group
+        if compare and policy == reference:
+            cells.append("(reference)")
+        elif compare:
+            ref_group = (task, reference, fmt)
+            cell, metric = _difference(group, runs, ref_group, groups.get(ref_group, []))
+            cells.append(cell)
+            compared |= {metric} - {""}
+        rows.append(cells)
+    table = _markdown(header, rows)
+    if compare:
+        table += "\n\n" + _legend(reference, sorted(compared))
+    elif reference is not None:
+        table += (
+            f"\n\nNo {reference} runs among these, so no paired differences (--sweep.reference "
+            "names the policy to compare against)."
+        )
+    diagnostics = diagnostics_table(results)
+    if diagnostics:
+        table += f"\n\nDiagnostics (mean over seeds):\n\n{diagnostics}"
+    return table
+
+
+def _legend(reference: str, metrics: Sequence[str]) -> str:
+    return (
+        f"Δ: the difference of the main metric ({', '.join(metrics) or 'none compared'}) from "
+        f"{reference}, paired by seed (same task and format) and by fact, averaged over seeds "
+        f"and facts, with the {stats.CONFIDENCE:.0%} CI of a two-way bootstrap (seeds and "
+        f"facts resampled, {stats.REPLICATES:,} replicates); * the CI excludes 0; "
+        "(k seeds) when fewer seeds than the row's are paired."
+    )
+
+
+def _difference(
+    group: Group, runs: Sequence[dict], ref_group: Group, reference: Sequence[dict]
+) -> tuple[str, str]:
+    """(the cell, the metric compared): `runs` minus `reference`, the runs of the reference
+    policy with the same task and output format (stats.paired_difference)."""
+    if not reference:
+        return "no reference runs", ""
+    if any("facts" not in r for r in (*runs, *reference)):
+        return "no per-fact scores", ""
+    metrics = {r["facts"]["metric"] for r in (*runs, *reference)}
+    if len(metrics) > 1:
+        raise stats.PairingError(
+            f"{_name(group)} vs {_name(ref_group)}: per-fact scores of different metrics "
+            f"{sorted(metrics)} cannot be compared"
+        )
+    diff = stats.paired_difference(
+        _scores_by_seed(group, runs),
+        _scores_by_seed(ref_group, reference),
+        names=(_name(group), _name(ref_group)),
+    )
+    if diff is None:
+        return "no paired seeds", ""
+    cell = f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]"
+    cell += " *" if diff.excludes_zero else ""
+    cell += f" ({diff.seeds} seeds)" if diff.seeds < len(runs) else ""
+    return cell, metrics.pop()
+
+
+def _name(group: Group) -> str:
+    return " / ".join(part for part in group if part)
+
+
+def _scores_by_seed(group: Group, runs: Sequence[dict]) -> dict[int, dict[str, float]]:
+    """{seed: per-fact scores} of one group's runs; two runs of one seed are an error."""
+    out: dict[int, dict[str, float]] = {}
+    for r in runs:
+        seed = r.get("seed")
+        if seed in out:
+            raise stats.PairingError(
+                f"two runs of {_name(group)} with seed {seed}: which one to pair is ambiguous; "
+                "keep one of their results.json"
+            )
+        out[seed] = r["facts"]["scores"]
+    return out
+
+
+def diagnostics_table(results: Sequence[dict]) -> str:
+    """Markdown: the mean over seeds of each per-run diagnostic (results' "diagnostics", a
+    flat {name: float}) per (task, policy, output format); "" when no run has any."""
+    groups = {
+        g: runs for g, runs in _groups(results).items() if any(r.get("diagnostics") for r in runs)
+    }
+    names: list[str] = []
+    for runs in groups.values():
+        for r in runs:
+            names += [k for k in r.get("diagnostics", {}) if k not in names]
+    if not names:
+        return ""
+    rows = []
+    for group, runs in groups.items():
+        cells = _row(group, runs)
+        for name in names:
+            values = [r["diagnostics"][name] for r in runs if name in r.get("diagnostics", {})]
+            cells.append(f"{np.mean(values):.3f}" if values else "")
+        rows.append(cells)
+    return _markdown(["task", "policy", "format", "seeds", *names], rows)
 
 
 def transfer_table(results: Sequence[dict], metric: str = "") -> str:
@@ -122,7 +259,9 @@ def transfer_table(results: Sequence[dict], metric: str = "") -> str:
     return f"{metric}:\n\n" + "\n".join(lines)
 
 
-def mask_probabilities(scorer, batch: dict, budget: dict, *, draws: int = 200, seed: int = 0):
+def mask_probabilities(
+    scorer, batch: PolicyBatch, budget: dict, *, draws: int = 200, seed: int = 0
+):
     """Each token's probability of being masked by `scorer` under `budget`, estimated over
     `draws` sampler draws (float [B, L]). Works for every policy, heuristic or learned."""
     from meta_mask.policies.sampler import BatchRng, mask_batch_np
@@ -169,29 +308,44 @@ def write_mask_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(tokens) + 0.6))
-    ax.set_axis_off()
-    cmap = plt.get_cmap("Reds")
-    for r, (toks, p, v) in enumerate(zip(tokens, probs, valid, strict=True)):
-        x = 0.0
+    # Lines of (label, probability), wrapped at the figure's width; a blank line between rows.
+    lines: list[list[tuple[str, float]]] = []
+    for toks, p, v in zip(tokens, probs, valid, strict=True):
+        if lines:
+            lines.append([])
+        line: list[tuple[str, float]] = []
+        width = 0.0
         for t, q, ok in zip(toks, p, v, strict=False):
             if not ok:
                 continue
             label = t.replace("Ġ", "").replace("▁", "")
+            step = 0.0095 * (len(label) + 2)
+            if line and width + step > 1.0:
+                lines.append(line)
+                line, width = [], 0.0
+            line.append((label, float(q)))
+            width += step
+        lines.append(line)
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(lines) + 0.8))
+    ax.set_axis_off()
+    cmap = plt.get_cmap("Reds")
+    for r, line in enumerate(lines):
+        x = 0.0
+        for label, q in line:
             ax.text(
                 x, -r, label, fontsize=9, family="monospace", va="center",
-                bbox=dict(boxstyle="round,pad=0.2", fc=cmap(0.85 * float(q)), ec="none"),
+                bbox=dict(boxstyle="round,pad=0.2", fc=cmap(0.85 * q), ec="none"),
             )  # fmt: skip
-            x += 0.012 * (len(label) + 2)
+            x += 0.0095 * (len(label) + 2)
     ax.set_xlim(0, 1)
-    ax.set_ylim(-len(tokens) + 0.5, 0.5)
+    ax.set_ylim(-len(lines) + 0.5, 0.5)
     ax.set_title(f"mask probability per token: {title}", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.4 / (0.3 * len(lines) + 0.8), bottom=0.01)
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
 
 
-def write_mask_examples(out: pathlib.Path, batches, tokenizer, policy, num: int = 8) -> None:
+def write_mask_examples(out: pathlib.Path, batches, tokenizer, policy, num: int = 4) -> None:
     """What the policy masks: a heatmap (out: .html, and .png beside it) of per-token mask
     probabilities for the first `num` sentences of the intermediate stage's first batch,
     estimated over many sampler draws, so heuristic and learned policies are shown alike.

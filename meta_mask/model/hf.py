@@ -11,6 +11,9 @@ Layout conventions: torch Linear weights are [out, in]; our Dense kernels are [i
 (transposed). HF's `final_logits_bias` is [1, V]; ours is [V]. HF ties `lm_head.weight`,
 `model.encoder.embed_tokens.weight` and `model.decoder.embed_tokens.weight` to
 `model.shared.weight`; when a checkpoint stores them they must equal the shared table.
+
+The errors a user fixes (meta_mask.errors.UserError) are `CheckpointNotFoundError` (no such
+folder or file, or the hub could not give it) and `CheckpointError` (it does not fit our BART).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from meta_mask.config import ModelConfig
+from meta_mask.errors import UserError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -73,8 +77,12 @@ _TIED_ALIASES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint does not match our BART (unused/missing key, shape, unsupported flag)."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """A checkpoint or tokenizer folder is missing, lacks a file, or the hub could not give it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,18 +313,19 @@ def resolve_dir(path_or_id: str, allow_patterns: list[str], flag: str = "path_or
     if path.is_dir():
         return path
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
-        raise FileNotFoundError(f"{flag}={path_or_id!r}: no such directory")
+        raise CheckpointNotFoundError(f"{flag}={path_or_id!r}: no such directory")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=path_or_id, allow_patterns=allow_patterns))
     except Exception as err:  # offline mode, no network, unknown repo: all need the same fix
-        raise OSError(
-            f"could not fetch {path_or_id!r} from the Hugging Face hub "
-            f"({type(err).__name__}: {err}). If this machine is offline, download the folder "
-            f"elsewhere (e.g. `hf download {path_or_id} --local-dir DIR`), copy it here and pass "
-            f"its local path as {flag}=DIR."
-        ) from err
+        # The hub's own traceback adds nothing to its message, which is kept here.
+        raise CheckpointNotFoundError(
+            f"{flag}={path_or_id!r} is not a local folder, and fetching it from the Hugging Face "
+            f"hub failed ({type(err).__name__}: {err}). If this machine is offline, download the "
+            f"folder elsewhere (e.g. `hf download {path_or_id} --local-dir DIR`), copy it here "
+            f"and pass its local path as {flag}=DIR."
+        ) from None
 
 
 def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
@@ -327,7 +336,7 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     elif index.is_file():
         files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
     else:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{folder} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} (pytorch_model.bin is "
             "not supported: convert it to safetensors)"
         )
@@ -352,7 +361,7 @@ def load_hf(
     folder = resolve_dir(path_or_id, HUB_PATTERNS, flag)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found ({flag}={path_or_id!r})")
+        raise CheckpointNotFoundError(f"{config_file} not found ({flag}={path_or_id!r})")
     try:
         config = config_from_hf(json.loads(config_file.read_text()), **config_overrides)
     except ValueError as err:  # CheckpointError or ModelConfig's own field validation
@@ -397,9 +406,14 @@ def load_tokenizer(path_or_id: str, *, flag: str = "path_or_id") -> Any:
     from transformers import AutoTokenizer
 
     folder = resolve_dir(path_or_id, TOKENIZER_PATTERNS, flag)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:  # no or unreadable tokenizer files
+        raise CheckpointNotFoundError(
+            f"{flag}={path_or_id!r}: no usable tokenizer in {folder} ({err})"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
+        raise CheckpointError(
             f"{flag}={path_or_id!r} gives a slow tokenizer ({type(tokenizer).__name__}); "
             "meta_mask needs a fast one (tokenizer.json) for offsets and word ids"
         )

@@ -10,35 +10,25 @@ Owns the two output formats of the study:
   <s> ... </s>. Optionally BERT's 80/10/10: each masked span/token is replaced by <mask> with
   probability 0.8, by random tokens (same length) with 0.1, and left unchanged with 0.1.
 
-Both return {"input_ids" int32 [B, enc_len], "decoder_input_ids" int32 [B, dec_len],
-"labels" int32 [B, dec_len], "weights" float32 [B, dec_len]} with pad_id padding, weights 1 on
-real labels and 0 on padding, and decoder_input_ids = shift_right(labels) starting with
-decoder_start_token_id. numpy for the host pipeline (vectorized over the batch);
-`corrupt_tokens_jax` is the jittable same-length full-sentence variant for the learned policy.
+Both return a batches.Seq2SeqBatch (S = enc_len, T = dec_len) padded with special.pad, weights
+1 on real labels and 0 on padding. The ids come from one SpecialTokens (special_tokens.py).
+numpy for the host pipeline (vectorized over the batch); `corrupt_full_sentence_jax` is the jittable
+same-length full-sentence variant for the learned policy, `corrupt_spans_jax` the jittable
+masked_spans one.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meta_mask.config import PolicyConfig
+from meta_mask.batches import Seq2SeqBatch, SpanSeq2SeqBatch, shift_right
 from meta_mask.policies.sampler import STREAM_CORRUPT, BatchRng
+from meta_mask.special_tokens import SpecialTokens, sentinel_ids
 
 REPLACE_PROBS = (0.8, 0.1, 0.1)  # <mask>, random tokens, unchanged
 _MASK, _RANDOM, _KEEP = 0, 1, 2
-
-
-def sentinel_ids(tokenizer) -> list[int]:
-    """Ids of <extra_id_0>, <extra_id_1>, ... in the tokenizer's vocabulary (empty if none)."""
-    vocab = tokenizer.get_vocab()
-    out = []
-    while f"<extra_id_{len(out)}>" in vocab:
-        out.append(vocab[f"<extra_id_{len(out)}>"])
-    return out
 
 
 def non_special_ids(tokenizer) -> np.ndarray:
@@ -46,14 +36,6 @@ def non_special_ids(tokenizer) -> np.ndarray:
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids) | set(sentinel_ids(tokenizer))
     return np.asarray(sorted(set(vocab.values()) - special), np.int32)
-
-
-def shift_right(labels: np.ndarray, decoder_start_token_id: int = 2) -> np.ndarray:
-    """decoder_input_ids: labels moved one step right, decoder_start_token_id first."""
-    out = np.empty_like(labels)
-    out[:, 0] = decoder_start_token_id
-    out[:, 1:] = labels[:, :-1]
-    return out
 
 
 def _scatter_rows(values, keep, width, pad_id, name) -> np.ndarray:
@@ -108,19 +90,15 @@ def corrupt_np(
     output_format: str,
     enc_len: int,
     dec_len: int,
-    mask_id: int,
-    sentinels: Sequence[int] = (),
+    special: SpecialTokens,
     infill: str = "span",
     replace_80_10_10: bool = False,
     rng: BatchRng | None = None,
     random_ids: np.ndarray | None = None,
-    pad_id: int = 1,
-    eos_id: int = 2,
-    decoder_start_token_id: int = 2,
     overflow: str = "drop_spans",
-) -> dict[str, np.ndarray]:
-    """One training example per row of `input_ids` [B, L] (with <s> .. </s>, pad_id padding at
-    the end) masked by `mask` [B, L] (bool); see the module docstring for the formats.
+) -> Seq2SeqBatch:
+    """One training example per row of `input_ids` [B, L] (with <s> .. </s>, special.pad
+    padding at the end) masked by `mask` [B, L] (bool); see the module docstring for the formats.
 
     replace_80_10_10 (full_sentence only) needs `rng` (draws use the STREAM_CORRUPT stream of
     each example) and `random_ids`, the ids a random replacement draws from uniformly (e.g.
@@ -140,6 +118,7 @@ def corrupt_np(
         raise ValueError(f"mask shape {np.shape(mask)} != input_ids shape {input_ids.shape}")
     if overflow not in ("drop_spans", "error"):
         raise ValueError(f"overflow={overflow!r}; valid: drop_spans, error")
+    pad_id, sentinels = special.pad, special.sentinels
     real = input_ids != pad_id
     mask = np.asarray(mask, bool) & real
     run_start, run_idx = _runs(mask, infill)
@@ -173,7 +152,7 @@ def corrupt_np(
             )
         symbol = np.asarray(sentinels, np.int32)[np.maximum(run_idx, 0)]
     else:
-        symbol = np.full(input_ids.shape, mask_id, np.int32)
+        symbol = np.full(input_ids.shape, special.mask, np.int32)
     enc_values = np.where(masked_out & run_start, symbol, enc_values)
     enc_keep = real & ~(masked_out & ~run_start)
     enc = _scatter_rows(enc_values, enc_keep, enc_len, pad_id, "enc_len")
@@ -196,61 +175,107 @@ def corrupt_np(
         labels[rows, end[rows, cols] - 1] = input_ids[rows, cols]
         rows, cols = np.nonzero(run_start)
         labels[rows, end[rows, cols] - 2] = symbol[rows, cols]
-        labels[np.arange(len(labels)), n_labels - 1] = eos_id
+        labels[np.arange(len(labels)), n_labels - 1] = special.eos
     weights = (np.arange(dec_len)[None, :] < n_labels[:, None]).astype(np.float32)
     return {
         "input_ids": enc,
-        "decoder_input_ids": shift_right(labels, decoder_start_token_id),
+        "decoder_input_ids": shift_right(labels, special.decoder_start),
         "labels": labels,
         "weights": weights,
     }
 
 
-def corrupt_tokens_jax(
-    input_ids: jax.Array,
-    mask: jax.Array,
-    mask_id: int,
-    *,
-    pad_id: int = 1,
-    decoder_start_token_id: int = 2,
-) -> dict[str, jax.Array]:
-    """Jittable full-sentence example with one <mask> per masked token (same length L): equal to
-    corrupt_np(..., output_format="full_sentence", infill="token", enc_len=dec_len=L)."""
+def corrupt_full_sentence_jax(
+    input_ids: jax.Array, mask: jax.Array, special: SpecialTokens, *, infill: str = "token"
+) -> SpanSeq2SeqBatch:
+    """Jittable full-sentence example (BART's text infilling): equal to corrupt_np(...,
+    output_format="full_sentence", infill=infill, enc_len=dec_len=L). One <mask> per masked
+    token ("token": the encoder keeps the sentence's length) or per masked span ("span": the
+    encoder is shorter, padded back to L); the target is the whole sentence. "label_source"
+    points each masked token's label at its own position (-1 elsewhere)."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    real = input_ids != pad_id
-    enc = jnp.where(mask & real, jnp.int32(mask_id), input_ids)
-    start = jnp.full((input_ids.shape[0], 1), decoder_start_token_id, jnp.int32)
+    b, length = input_ids.shape
+    real = input_ids != special.pad
+    mask = jnp.asarray(mask, bool) & real
+    prev = jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+    run_start = mask & ~prev if infill == "span" else mask
+    enc_values = jnp.where(mask & run_start, jnp.int32(special.mask), input_ids)
+    keep = real & ~(mask & ~run_start)
+    pos = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, length)  # length: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+    enc = jnp.full((b, length), special.pad, jnp.int32).at[rows, pos].set(enc_values, mode="drop")
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     return {
         "input_ids": enc,
-        "decoder_input_ids": jnp.concatenate([start, input_ids[:, :-1]], axis=1),
+        "decoder_input_ids": shift_right(input_ids, special.decoder_start),
         "labels": input_ids,
         "weights": real.astype(jnp.float32),
+        "label_source": jnp.where(mask, positions, -1),
     }
 
 
-def corrupt_batch(
-    batch: dict,
-    mask: np.ndarray,
-    cfg: PolicyConfig,
+def corrupt_spans_jax(
+    input_ids: jax.Array,
+    mask: jax.Array,
     *,
     enc_len: int,
     dec_len: int,
-    mask_id: int,
-    sentinels: Sequence[int] = (),
-    rng: BatchRng | None = None,
-    random_ids: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """`corrupt_np` on a collated batch with the output format, infill and 80/10/10 of `cfg`."""
-    return corrupt_np(
-        batch["input_ids"],
-        mask,
-        output_format=cfg.output_format,
-        enc_len=enc_len,
-        dec_len=dec_len,
-        mask_id=mask_id,
-        sentinels=sentinels,
-        infill=cfg.infill,
-        replace_80_10_10=cfg.replace_80_10_10,
-        rng=rng,
-        random_ids=random_ids,
+    special: SpecialTokens,
+    infill: str = "span",
+) -> SpanSeq2SeqBatch:
+    """Jittable masked_spans example, equal to corrupt_np(..., output_format="masked_spans",
+    overflow="drop_spans") on every row whose corrupt_np would not raise (enc_len >= L; at most
+    len(sentinels) spans), so a policy meta-learned through it is trained on exactly the
+    examples the intermediate stage writes. Also returns "label_source" int32 [B, dec_len]: the
+    input position each label reproduces (-1 for sentinels, </s> and padding), which maps
+    per-token weights onto the target."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, length = input_ids.shape
+    pad_id, sentinels = special.pad, special.sentinels
+    real = input_ids != pad_id
+    mask = jnp.asarray(mask, bool) & real
+
+    def runs(m):
+        prev = jnp.pad(m, ((0, 0), (1, 0)))[:, :-1]
+        start = m & ~prev if infill == "span" else m
+        return start, jnp.cumsum(start, axis=1) - 1
+
+    run_start, run_idx = runs(mask)
+    # Drop the trailing runs whose target (sentinel + tokens, then </s>) would not fit: a run
+    # fits iff the target slots used up to its last token leave room for </s>.
+    end = jnp.cumsum(mask.astype(jnp.int32) + run_start, axis=1)
+    slot = jnp.where(mask, run_idx, length)  # unmasked tokens go to a spare segment
+    run_end = jax.vmap(lambda e, r: jax.ops.segment_max(e, r, num_segments=length + 1))(
+        jnp.where(mask, end, 0), slot
     )
+    mask = mask & (jnp.take_along_axis(run_end, slot, axis=1) <= dec_len - 1)
+    run_start, run_idx = runs(mask)
+
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+    if len(sentinels):
+        table = jnp.asarray(sentinels, jnp.int32)
+        symbol = table[jnp.clip(run_idx, 0, len(sentinels) - 1)]
+    else:
+        symbol = jnp.full((b, length), special.mask, jnp.int32)
+    enc_values = jnp.where(mask & run_start, symbol, input_ids)
+    keep = real & ~(mask & ~run_start)
+    enc_pos = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, enc_len)  # enc_len: dropped
+    enc = jnp.full((b, enc_len), pad_id, jnp.int32).at[rows, enc_pos].set(enc_values, mode="drop")
+
+    end = jnp.cumsum(mask.astype(jnp.int32) + run_start, axis=1)  # one past each token's slot
+    n_labels = end[:, -1] + 1  # + </s>
+    token_pos = jnp.where(mask, end - 1, dec_len)
+    sentinel_pos = jnp.where(mask & run_start, end - 2, dec_len)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    labels = jnp.full((b, dec_len), pad_id, jnp.int32)
+    labels = labels.at[rows, token_pos].set(input_ids, mode="drop")
+    labels = labels.at[rows, sentinel_pos].set(symbol, mode="drop")
+    labels = labels.at[jnp.arange(b), n_labels - 1].set(special.eos, mode="drop")
+    source = jnp.full((b, dec_len), -1, jnp.int32).at[rows, token_pos].set(positions, mode="drop")
+    return {
+        "input_ids": enc,
+        "decoder_input_ids": shift_right(labels, special.decoder_start),
+        "labels": labels,
+        "weights": (jnp.arange(dec_len)[None, :] < n_labels[:, None]).astype(jnp.float32),
+        "label_source": source,
+    }

@@ -27,14 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from meta_mask.batches import PolicyBatch
 from meta_mask.config import PolicyConfig
 from meta_mask.data.pmi import CorpusPmi, corpus_pmi
+from meta_mask.errors import UserError
 from meta_mask.policies.sampler import STREAM_SCORER, BatchRng, Scorer
+from meta_mask.special_tokens import SpecialTokens
 
 if TYPE_CHECKING:
     from meta_mask.data.corpora import Corpus
 
-SPECIAL_IDS = (0, 1, 2)  # <s>, <pad>, </s>: never maskable even if a record's word_ids says so
 FILL_SCORE = -1e4  # far below any Gumbel draw: filler units come strictly after real ones
 
 
@@ -51,16 +53,12 @@ def collate(
     records: Sequence[Mapping[str, Any]],
     length: int | None = None,
     *,
-    pad_id: int = 1,
-    special_ids: Sequence[int] = SPECIAL_IDS,
+    special: SpecialTokens,
     example_ids: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Pad tokenized sentence records into a host batch for scorers, the sampler and corrupt.
-
-    Returns {"input_ids" int32 [B,L] (pad_id), "word_ids" int32 [B,L] (-1 on specials/pad),
-    "valid" bool [B,L] (maskable: a word token, not a special id), "entity_spans" int32 [B,E,2]
-    (-1 padding), "entity_labels" list[list[str]], "example_ids" int64 [B]}.
-    """
+) -> PolicyBatch:
+    """Pad tokenized sentence records ("input_ids", "word_ids", optional "entity_spans" and
+    "entity_labels") into a batches.PolicyBatch for scorers, the sampler and corrupt; example
+    ids default to the records' positions."""
     lengths = [len(r["input_ids"]) for r in records]
     length = max(lengths) if length is None else length
     if max(lengths) > length:
@@ -69,12 +67,12 @@ def collate(
             "truncate when tokenizing or raise the length"
         )
     b = len(records)
-    input_ids = np.full((b, length), pad_id, np.int32)
+    input_ids = np.full((b, length), special.pad, np.int32)
     word_ids = np.full((b, length), -1, np.int32)
     for i, r in enumerate(records):
         input_ids[i, : lengths[i]] = r["input_ids"]
         word_ids[i, : lengths[i]] = r["word_ids"]
-    valid = (word_ids >= 0) & ~np.isin(input_ids, np.asarray(special_ids))
+    valid = (word_ids >= 0) & ~np.isin(input_ids, np.asarray(special.unmaskable))
     return {
         "input_ids": input_ids,
         "word_ids": word_ids,
@@ -108,6 +106,27 @@ def word_units(word_ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return _ids_from_starts(word_starts(word_ids, valid), valid)
 
 
+def entity_units(word_ids: np.ndarray, valid: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """Entity units [B, L]: each entity span [B, E, 2] is one unit, every other word another
+    (a learned policy with entity units chooses whole entities, as salient spans do)."""
+    units = span_units(spans, valid)
+    rest = valid & (units < 0)
+    return np.where(rest, _ids_from_starts(word_starts(word_ids, rest), rest), units).astype(
+        np.int32
+    )
+
+
+def policy_units(batch: PolicyBatch, units: str) -> np.ndarray | None:
+    """The unit ids [B, L] a learned policy with `units` pools its logits over (None for
+    "token": every token is its own unit)."""
+    valid = np.asarray(batch["valid"], bool)
+    if units == "word":
+        return word_units(np.asarray(batch["word_ids"]), valid)
+    if units == "entity":
+        return entity_units(np.asarray(batch["word_ids"]), valid, np.asarray(batch["entity_spans"]))
+    return None
+
+
 def span_units(spans: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Unit ids [B, L] from half-open token spans [B, E, 2] (-1 = no span). Tokens outside every
     span get -1. Overlapping spans are split where they overlap (the later start wins), so every
@@ -123,7 +142,7 @@ def span_units(spans: np.ndarray, valid: np.ndarray) -> np.ndarray:
 # scorers
 
 
-def _zeros(batch: Mapping[str, Any]) -> np.ndarray:
+def _zeros(batch: PolicyBatch) -> np.ndarray:
     return np.zeros(batch["input_ids"].shape, np.float32)
 
 
@@ -131,7 +150,7 @@ def _zeros(batch: Mapping[str, Any]) -> np.ndarray:
 class NoMask:
     """No intermediate pre-training: no units, so the mask is empty (the pipeline skips)."""
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         return _zeros(batch), np.full(batch["input_ids"].shape, -1, np.int32)
 
 
@@ -139,7 +158,7 @@ class NoMask:
 class RandomTokens:
     """BERT: each maskable token is a unit."""
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         valid = batch["valid"]
         pos = np.arange(valid.shape[1], dtype=np.int32)
         return _zeros(batch), np.where(valid, pos, -1).astype(np.int32)
@@ -149,7 +168,7 @@ class RandomTokens:
 class WholeWords:
     """Whole-word masking: each word (all its tokens) is a unit."""
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         return _zeros(batch), word_units(batch["word_ids"], batch["valid"])
 
 
@@ -187,7 +206,7 @@ class RandomSpans:
         if self.over not in ("word", "token"):
             raise ValueError(f"RandomSpans.over={self.over!r}; valid: word, token")
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         valid = batch["valid"]
         b, length = valid.shape
         atom_start = word_starts(batch["word_ids"], valid) if self.over == "word" else valid
@@ -221,7 +240,7 @@ class SalientSpans:
     labels: frozenset[str] | None = None
     fill_with_words: bool = False
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         spans = batch["entity_spans"]
         if self.labels is not None:
             keep = np.zeros(spans.shape[:2], bool)
@@ -240,6 +259,26 @@ class SalientSpans:
 
 
 @dataclass(frozen=True)
+class Oracle:
+    """An analysis policy, never a baseline: the values of the attributes the task asks about
+    (gold entity spans typed by attribute: the synthetic world's "entity_types") are the only
+    units, so within the budget it masks exactly what the task will ask. The ceiling of what
+    choosing which facts to mask can give."""
+
+    attributes: frozenset[str]
+
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+        if "entity_types" not in batch:
+            raise ValueError("the oracle policy needs typed entities (the synthetic world's)")
+        spans = batch["entity_spans"]
+        keep = np.zeros(spans.shape[:2], bool)
+        for i, types in enumerate(batch["entity_types"]):
+            keep[i, : len(types)] = [t in self.attributes for t in types]
+        units = span_units(np.where(keep[..., None], spans, -1), batch["valid"])
+        return _zeros(batch), units
+
+
+@dataclass(frozen=True)
 class PmiNgrams:
     """PMI-Masking: the corpus's top-PMI n-grams are units masked whole; every other word is a
     unit. The n-grams of every corpus row were found once (`pmi`, from data.pmi.corpus_pmi);
@@ -248,7 +287,7 @@ class PmiNgrams:
 
     pmi: CorpusPmi
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         spans = self.pmi.batch_spans(batch["example_ids"], batch["word_ids"])
         valid = batch["valid"]
         units = span_units(spans, valid)
@@ -257,9 +296,12 @@ class PmiNgrams:
         return _zeros(batch), np.where(rest, words, units)
 
 
-def make_scorer(cfg: PolicyConfig, pmi: CorpusPmi | None = None) -> Scorer:
+def make_scorer(
+    cfg: PolicyConfig, pmi: CorpusPmi | None = None, asked: Sequence[str] = ()
+) -> Scorer:
     """The scorer named by cfg.name (budget: cfg.budget(); output format: policies.corrupt).
-    The pmi policy needs its corpus's n-grams, `pmi`: `corpus_scorer` finds (or loads) them."""
+    The pmi policy needs its corpus's n-grams, `pmi`: `corpus_scorer` finds (or loads) them;
+    the oracle needs the attributes the task asks about, `asked`."""
     if cfg.name == "none":
         return NoMask()
     if cfg.name == "random_tokens":
@@ -286,14 +328,22 @@ def make_scorer(cfg: PolicyConfig, pmi: CorpusPmi | None = None) -> Scorer:
                 "data.pmi.CorpusPmi (build_corpus_pmi(records) for in-memory records)"
             )
         return PmiNgrams(pmi)
+    if cfg.name == "oracle":
+        if not asked:
+            raise UserError(
+                "the oracle policy masks the values a synthetic-world task asks about: it needs "
+                "a world task (--data.task=world_qa, ...)"
+            )
+        return Oracle(frozenset(asked))
     raise ValueError(f"PolicyConfig.name={cfg.name!r} has no scorer")
 
 
-def corpus_scorer(cfg: PolicyConfig, corpus: Corpus) -> Scorer:
+def corpus_scorer(cfg: PolicyConfig, corpus: Corpus, asked: Sequence[str] = ()) -> Scorer:
     """The scorer of heuristic policy `cfg` masking the rows of `corpus` (data.corpora.Corpus),
     as a run builds it. The pmi policy's n-grams come from the corpus (data.pmi.corpus_pmi:
-    computed once, cached next to the corpus)."""
+    computed once, cached next to the corpus); the oracle's units are the `asked` attributes'
+    values."""
     if cfg.name != "pmi":
-        return make_scorer(cfg)
+        return make_scorer(cfg, asked=asked)
     pmi = corpus_pmi(corpus, max_n=cfg.pmi_max_n, min_count=cfg.pmi_min_count, top_k=cfg.pmi_top_k)
     return make_scorer(cfg, pmi)

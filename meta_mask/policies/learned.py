@@ -1,5 +1,6 @@
-"""A learned masking policy's life outside its training: its network built for a run's LM,
-and its folder on disk (parameters + policy.json), read back as a Scorer.
+"""A learned masking policy's life around its training: its network built for a run's LM,
+the learner that trains it (supervised or meta-learned), and its folder on disk (parameters +
+policy.json), read back as a Scorer.
 
     learn_policy/policy/       the PolicyNet's parameters (orbax)
     learn_policy/policy.json   which policy, learned on which task, with which units, and the
@@ -8,8 +9,10 @@ and its folder on disk (parameters + policy.json), read back as a Scorer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,8 +20,11 @@ import numpy as np
 
 from meta_mask.config import LEARNED_POLICIES, Config, MetaConfig
 from meta_mask.errors import UserError
+from meta_mask.policies import meta, meta_train, supervised
 from meta_mask.policies import net as net_lib
+from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training import checkpoint
+from meta_mask.training.loop import Learner, LoopOptions
 
 NET_FIELDS = (
     "vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "max_length", "embed_dim",
@@ -43,6 +49,84 @@ def init_policy(
         emb = np.array(embedding)
     key = jax.random.fold_in(jax.random.key(seed), 3)
     return net, net_lib.init_policy_params(net, key, lm_embedding=emb)
+
+
+def policy_learner(
+    cfg: Config,
+    model: Any,
+    theta: Any,
+    net: net_lib.PolicyNet,
+    phi: Any,
+    train: Sequence[Any],
+    dev: Sequence[Any],
+    *,
+    tokenizer: Any,
+    special: SpecialTokens,
+    corpus_sentences: Sequence[str] | None,
+) -> tuple[Learner, LoopOptions, str]:
+    """The learner of the run's learned policy (cfg.policy.name: supervised or meta) on the
+    task's train / dev examples (their contexts, or `corpus_sentences` that mention an answer),
+    its loop options and the units it scores."""
+    budget = cfg.policy.budget()
+    units = cfg.supervised.units if cfg.policy.name == "supervised" else cfg.meta.policy_units
+    # Entity units: gold entities where the task's contexts carry them, else NER spans.
+    ner = cfg.policy.salient_labels if units == "entity" else None
+    if cfg.policy.name == "supervised":
+        scfg = cfg.supervised
+        triples = [
+            supervised.supervised_triples(
+                x, tokenizer, scfg, corpus_sentences=corpus_sentences, ner_labels=ner
+            )
+            for x in (train, dev)
+        ]
+        learner, options = supervised.supervised_learner(
+            net, phi, *triples, scfg, special=special, budget=budget, seed=cfg.seed
+        )
+        return learner, options, scfg.units
+    if cfg.policy.replace_80_10_10:
+        raise UserError(
+            "meta-learning corrupts contexts inside a jitted step, where BERT's 80/10/10 "
+            "replacement has no form: drop --policy.replace_80_10_10 for --policy.name=meta"
+        )
+    # Token-level (context, question, answer) triples of the task, at the corpus length.
+    scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length)
+    train_t, dev_t = (
+        supervised.prepare_triples(
+            supervised.supervised_triples(
+                x, tokenizer, scfg, corpus_sentences=corpus_sentences, ner_labels=ner
+            ),
+            max_triples=cap,
+            seed=cfg.seed,
+        )
+        for x, cap in ((train, 0), (dev, cfg.supervised.max_dev_triples))
+    )
+    learner, options = meta_train.meta_learner(
+        model,
+        theta,
+        net,
+        phi,
+        train_t,
+        dev_t,
+        tokenizer=tokenizer,
+        special=special,
+        cfg=cfg.meta,
+        # The inner step writes exactly the examples the intermediate stage will.
+        corrupt=meta.corruption(
+            cfg.policy.output_format,
+            cfg.policy.infill,
+            special,
+            enc_len=cfg.data.mlm_length,
+            dec_len=cfg.data.mlm_length
+            if cfg.policy.output_format == "full_sentence"
+            else cfg.data.mlm_target_length,
+        ),
+        budget=budget,
+        seed=cfg.seed,
+        length=cfg.data.mlm_length,
+        source_length=cfg.data.source_length,
+        target_length=cfg.data.target_length,
+    )
+    return learner, options, cfg.meta.policy_units
 
 
 def save_policy(

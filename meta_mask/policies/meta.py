@@ -1,128 +1,28 @@
-r"""Meta-learning the masking policy: inner MLM updates, the unroll, the meta loss, the meta step.
+"""Meta-learning the masking policy: inner MLM updates, the unroll, the meta loss, the meta step.
 
 Pure functions only (no I/O, no jax.config); `make_meta_step` jits once. phi = the policy's
-parameters, theta = the language model's.
+parameters, theta = the language model's (an input of every meta step, never updated here).
+The derivation, with the reasons for each choice, is docs/meta_gradient.md; in short:
 
-The objective
--------------
-A policy gives each maskable token x_i of a sentence a logit l_i = f_phi(x)_i. Its distribution
-over the sentence is the softmax over the sentence's maskable tokens, scaled to the budget:
-
-    q_i = softmax(l)_i,    p_i = T * q_i   (the expected-count probability; clipped at 1 when read
-                                           as a probability),    T = the sampler's target count.
-
-Why a softmax and not a sigmoid: the shared sampler (policies/sampler.py) draws the mask by
-Gumbel-top-k on the same logits, i.e. T draws without replacement from q. The first draw takes
-token i with probability exactly q_i, and T draws include it with probability ~ T q_i (exact for
-uniform q). Both q and the sampler are invariant to adding a constant to a sentence's logits and
-the budget holds by construction (sum_i p_i = T). A per-token sigmoid would have one direction
-(the common offset) that moves p but never the masks, pinned only by a penalty.
-
-A mask m (boolean) is drawn from the logits with FIXED Gumbel noise (an input), through the
-stop-gradient of the logits: m is a discrete sample, nothing differentiates through it.
-
-Inner loop. The corrupted batch is `corrupt_tokens_jax` (full-sentence target, <mask> per masked
-token); the MLM loss is the cross-entropy on the masked positions, each weighted by
-
-    w_i = p_i / stop_gradient(p_i) = exp(log q_i - stop_gradient(log q_i)),
-
-    L_mlm(theta, phi) = (1/N) sum_{i: m_i} w_i ce_i(theta),    N = number of masked tokens
-
-Why this weight (and not w = p normalized): its VALUE is 1, so the forward inner step is exactly
-the ordinary MLM step on the sampled mask (the training this policy will actually cause, with the
-inner learning rate meaning what it means in the intermediate stage), while its GRADIENT is
-grad_phi log q_i, the likelihood-ratio direction: upweighting token i's loss by (1 + d) to first
-order is what masking it (1 + d) times as often does in expectation (the weight is the importance
-ratio of a perturbed policy to the sampling one). With w = p, the step size would shrink with
-p ~ T/n and the forward would no longer be the MLM step the policy causes.
-
-Baseline. Every MLM step tends to lower the downstream loss a little, so without a baseline every
-sampled token would be reinforced and only the sampling frequency would decide what wins (high
-variance). The implemented weight is centred over the batch's N masked tokens:
-
-    w_i = exp(d_i - mean_{j: m_j} d_j),    d_i = log q_i - stop_gradient(log q_i),
-
-still 1 in value, with gradient grad log q_i - mean_j grad log q_j: a token is reinforced when its
-effect on the outer loss beats the batch average (the usual control variate; the correction's
-expectation sum_i pi_i grad log q_i ~ T sum_i grad q_i = 0 to the order of pi ~ T q).
-
-K inner steps with an optax optimizer (sgd or adam, pure init/update; state in the scan carry;
-with cfg.remat each step recomputed in the backward pass, see "Memory and time" below):
-
-    theta_{k+1} = theta_k + update_k(grad_theta L_mlm(theta_k, phi; batch_k)),
-
-optionally followed (downstream_steps = 1) by an MLM step on the downstream examples' contexts
-(masked by the same policy) and a step on their question -> answer pairs, as in the papers'
-figure. Outer loss: the teacher-forced answer cross-entropy of theta_K on a held-out batch.
-
-Microbatching (cfg.inner_microbatches = M, gradient accumulation). L_mlm is a sum over the
-batch's sentences, so its gradient is the sum of M microbatches' gradients:
-
-    grad_theta L_mlm = sum_{b=1..M} grad_theta sum_{i in b: m_i} (w_i / N) ce_i(theta),
-
-computed by a lax.scan over microbatches (each microbatch's gradient under jax.checkpoint),
-then ONE optimizer update. Microbatch m holds rows m, m + M, ... (strided), so that a batch split
-over devices splits evenly on each. It is the unsplit step exactly (up to float summation order) because
-everything batch-level is computed on the FULL inner batch before the split: N (the masked
-tokens of the whole batch), the centring mean_{j: m_j} d_j of the weights, the policy's logits
-and the masks; the LM treats sentences independently. The accumulation is a linear sum inside a
-differentiable scan, so the second-order meta-gradient through it is exact too, and the
-activations live at once are one microbatch's (B / M sentences), in the forward and in the
-meta-gradient's backward pass. The downstream steps (batches of the outer batch size) are not
-split. The first-order estimator runs its per-token jvp one microbatch at a time likewise.
-
-    meta_loss(phi) = L_down(theta_K(phi)) - entropy_weight * H(q) + budget_weight * B(p)
-
-H = mean over sentences of the entropy of q normalized by log(n); B = (mean_i min(1, p_i) -
-sum T / sum n)^2, zero until probability mass concentrates beyond what the budget can spend
-(collapse onto a few tokens). Both keep the policy from collapsing.
-
-Meta-gradients
---------------
-second_order: jax.grad of meta_loss w.r.t. phi through the whole unroll (Hessian-vector
-products of the LM, through the optimizer's update). For K = 1 and SGD at rate a:
-
-    theta_1 = theta_0 - (a/N) sum_{i: m_i} w_i grad ce_i(theta_0),
-    d L_down / d phi = -(a/N) sum_{i: m_i} (c_i - mean_{j: m_j} c_j) grad log q_i,
-    c_i = <grad L_down(theta_1), grad ce_i(theta_0)>:
-
-a masked token's probability rises when training on it moves theta along the downstream loss's
-descent direction more than the batch's average masked token does. first_order replaces
-theta_1 by theta_0 inside grad L_down (error O(a^2)):
-
-    g_FO = -a * d/dphi <grad_theta L_mlm(theta_0, phi), stop_gradient(grad_theta L_down(theta_0))>
-         = -(a/N) sum_k sum_{i: m_i} w_i * stop_gradient(c_i)   differentiated w.r.t. phi,
-
-with c_i = <grad ce_i(theta_0), grad L_down(theta_0)> for every token at once by ONE forward-mode
-product (jax.jvp of the per-token losses along grad L_down): no second-order pass through the LM,
-memory ~ a forward pass. It sums the K inner batches' alignments at theta_0 and ignores the
-inner optimizer's preconditioning (for adam it is the SGD direction) and the downstream steps.
-
-Memory and time
----------------
-With cfg.remat each inner step's backward pass keeps only (theta_k, optimizer state, batch) and
-recomputes the step (`recomputed_inner_step`): theta_k's cotangent needs a Hessian-vector
-product, taken forward-over-reverse (one jax.linearize of theta -> (gradient, per-token losses)),
-which XLA runs 1.6x faster on CPU than jax's reverse-over-reverse for the same FLOPs. The first
-step needs no Hessian (theta_0 does not depend on phi). cfg.remat_segment = S nests the scan:
-theta kept every S steps only (training/remat.py). training/memory.py counts the bytes.
-
-Data parallel (make_meta_step with a mesh): the inner and outer batches are split over every
-device along their batch dimension, theta replicated or FSDP-sharded; every batch-level sum (N,
-the weights' centring, the inner gradients, the policy's gradient) is all-reduced by XLA.
-
-Correctness (tests/policies/test_meta.py): with d taken against a fixed reference phi_ref
-(`reference_phi`: d = log q_phi - log q_phi_ref), S(phi) = meta_loss is an ordinary function
-whose derivative at phi = phi_ref equals the meta-gradient; central finite differences of S in
-float64 match jax.grad, for K = 1, 3, 4 and 6, sgd and adam, with and without remat and nested
-checkpointing; the recomputed and nested unrolls equal jax's own differentiation of the plain
-scan to rounding.
-
-theta: the unroll starts from the caller's LM parameters. They are an input of every meta step,
-never updated here: the caller keeps them fixed for all meta steps (policies/meta_train.py) or
-could refresh them between steps; dropout is off inside.
-Units: by default every maskable token is a unit; inner batches may carry "unit_ids" (e.g. whole
-words), passed to the policy (mean-pooled logits) and the sampler; q is still per token.
+- q = softmax of the policy's logits over a context's maskable tokens (the sampler's own
+  distribution; unit logits mean-pooled); the mask m is drawn from sg(logits) with fixed noise.
+- Each masked token's loss is weighted by w_i = exp(d_i - mean_{j masked} d_j), d = lp - sg(lp),
+  lp = log min(1, T Q_u) (clip_weights; else log q): 1 in value, likelihood-ratio gradient.
+- The inner examples are the intermediate stage's (`corruption`); `label_source` maps w onto
+  the labels, so the inner loss equals that stage's loss in value. K optax steps in a lax.scan
+  (microbatched gradients; optional QA step), then the outer loss on the contexts' own questions
+  minus (contrastive) other contexts' questions.
+- Regularizers: -entropy_weight * H (normalized entropy of q) + budget_weight * B, B =
+  (mean_i min(1, T q_i) - sum T / sum n)^2. Estimators: second_order (jax.grad through the
+  unroll) or first_order, the surrogate -a <grad L_mlm(theta_0, phi), sg(grad L_down(theta_0))>
+  whose per-label alignments come from one jvp. tests/policies/test_meta.py checks the first
+  against central finite differences in float64 (`reference_phi`), the second against its
+  definition.
+- Memory and time (cfg.remat): each inner step's backward pass keeps only (theta_k, optimizer
+  state, batch) and recomputes the step, forward-over-reverse (`recomputed_inner_step`; the
+  first step needs no Hessian-vector product, theta_0 not depending on phi); remat_segment
+  nests the scan (training/remat.py); training/memory.py counts the bytes. With a mesh the
+  meta step is data parallel (`make_meta_step`).
 """
 
 from __future__ import annotations
@@ -139,8 +39,9 @@ from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.sharding import Mesh
 
 from meta_mask.config import MeshConfig, MetaConfig
-from meta_mask.policies.corrupt import corrupt_tokens_jax
+from meta_mask.policies.corrupt import corrupt_full_sentence_jax, corrupt_spans_jax
 from meta_mask.policies.sampler import gumbel_noise_jax, sample_mask_jax
+from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training import remat
 from meta_mask.training import sharding as sharding_lib
 from meta_mask.training.steps import TrainState, token_losses
@@ -153,6 +54,8 @@ Metrics = dict[str, Array]
 PolicyFn = Callable[[PyTree, Array, Array, Array | None], Array]
 # (theta, batch) -> per-token cross-entropy [B,T] of batch["labels"]
 LmLoss = Callable[[PyTree, Batch], Array]
+# (input_ids [B,L], mask [B,L]) -> a SpanSeq2SeqBatch (with "label_source")
+Corrupt = Callable[[Array, Array], Mapping[str, Array]]
 
 # optax.adam's eps_root: sqrt(nu + eps_root) keeps the derivative of the Adam update finite
 # where nu = 0 (parameters with zero gradient); with 0 the second-order meta-gradient is NaN.
@@ -178,9 +81,20 @@ class MetaSetup:
     cfg: MetaConfig
     policy_fn: PolicyFn
     lm_loss: LmLoss
-    mask_id: int
-    pad_id: int = 1
-    decoder_start_token_id: int = 2
+    special: SpecialTokens
+    # (input_ids [B, L], mask [B, L]) -> the corrupted example with "label_source" (see
+    # `corruption`); default: full sentence, one <mask> per masked token.
+    corrupt: Corrupt | None = None
+
+    def __post_init__(self) -> None:
+        if self.corrupt is None:
+            default = functools.partial(corrupt_full_sentence_jax, special=self.special)
+            object.__setattr__(self, "corrupt", default)
+        if not self.cfg.mask_rate > 0:
+            raise ValueError(
+                "MetaSetup needs the sampling rate: MetaConfig.mask_rate > 0 (the meta learner "
+                "resolves 0 to the intermediate stage's --policy.mask_rate)"
+            )
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -241,6 +155,39 @@ def sample_masks(
     )
 
 
+def unit_mass(q: Array, valid: Array, unit_ids: Array | None) -> Array:
+    """Q [..., L]: each token's unit's total probability under q (q itself for token units).
+    Unit ids are positions in [0, L) (-1 off valid), as the sampler reads them."""
+    if unit_ids is None:
+        return q
+    length = q.shape[-1]
+    ids = jnp.where(valid, unit_ids, length).reshape((-1, length))  # a spare segment off valid
+
+    def per_row(qr: Array, idr: Array) -> Array:
+        sums = jax.ops.segment_sum(qr, idr, num_segments=length + 1)
+        return sums[idr]
+
+    return jnp.where(valid, jax.vmap(per_row)(q.reshape((-1, length)), ids).reshape(q.shape), 0.0)
+
+
+def log_inclusion(
+    logits: Array, valid: Array, unit_ids: Array | None, mask_rate: float, clip: bool
+) -> Array:
+    """The log-probability whose change a masked token's weight carries (0 off valid).
+
+    clip=False: log q_i (the sampler's first-draw probability). clip=True: log min(1, T Q_u),
+    T the target count, Q_u the token's unit's total probability: the unit's approximate
+    chance to be masked at all, so a unit that is already always masked (T Q_u >= 1) gets no
+    more credit, and the policy cannot pour its mass into one unit per sentence.
+    """
+    log_q, q = policy_distribution(logits, valid)
+    if not clip:
+        return log_q
+    t = target_counts(valid.sum(-1), mask_rate).astype(q.dtype)[..., None]
+    p = jnp.minimum(1.0, t * unit_mass(q, valid, unit_ids))
+    return jnp.where(valid, jnp.log(jnp.maximum(p, 1e-30)), 0.0)
+
+
 def mask_weights(log_q: Array, mask: Array, log_q_ref: Array | None = None) -> Array:
     """w_i = exp(d_i - mean_{j masked} d_j) on masked tokens (0 elsewhere), d = log q - log q_ref,
     the mean over each batch's masked tokens (last two axes). q_ref = stop_gradient(q) by
@@ -262,21 +209,32 @@ def make_inner_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
     return optax.adam(cfg.inner_learning_rate, eps_root=ADAM_EPS_ROOT)
 
 
-def _corrupt(input_ids: Array, mask: Array, setup: MetaSetup) -> dict:
-    return corrupt_tokens_jax(
-        input_ids,
-        mask,
-        setup.mask_id,
-        pad_id=setup.pad_id,
-        decoder_start_token_id=setup.decoder_start_token_id,
-    )
+def corruption(
+    output_format: str, infill: str, special: SpecialTokens, *, enc_len: int, dec_len: int
+) -> Corrupt:
+    """The jittable corruption of the intermediate stage's output format (policies/corrupt.py),
+    so the inner step trains on exactly the examples the stage will: masked_spans via
+    corrupt_spans_jax, full_sentence via corrupt_full_sentence_jax (every real token is a
+    label; label_source points the masked ones at themselves). BERT's 80/10/10 replacement
+    has no jitted form (policies/corrupt.py draws it on the host)."""
+    if output_format == "masked_spans":
+        return functools.partial(
+            corrupt_spans_jax, enc_len=enc_len, dec_len=dec_len, special=special, infill=infill
+        )
+    return functools.partial(corrupt_full_sentence_jax, special=special, infill=infill)
 
 
 def mlm_examples(input_ids: Array, mask: Array, weights: Array, setup: MetaSetup) -> dict:
-    """Full-sentence MLM batch [B, L] whose "weights" are mask * w / N (loss = sum w * ce)."""
-    ex = _corrupt(input_ids, mask, setup)
-    count = jnp.maximum(jnp.sum(mask), 1).astype(weights.dtype)  # a constant: no gradient
-    return {**ex, "weights": weights / count}
+    """The MLM batch of `input_ids` masked by `mask`, corrupted as the intermediate stage does
+    (setup.corrupt), with "weights" = (the reconstruction of masked token i: w_i; any other
+    label: 1) / N, N its real labels (a constant): sum(weights * ce) is the stage's mean
+    loss in value, and carries w's gradient on the masked tokens' own labels."""
+    ex = dict(setup.corrupt(input_ids, mask))
+    source = ex.pop("label_source")
+    on_label = jnp.take_along_axis(weights, jnp.maximum(source, 0), axis=-1)
+    w = ex["weights"] * jnp.where(source >= 0, on_label, 1.0).astype(weights.dtype)
+    count = jnp.maximum(jnp.sum(ex["weights"]), 1).astype(weights.dtype)  # no gradient
+    return {**ex, "weights": w / count}
 
 
 def normalized(batch: Batch) -> dict:
@@ -569,26 +527,29 @@ def policy_masks(
     leading: int = 0,
 ) -> tuple[Array, Array, Array]:
     """(logits, masks, weights) for a policy-masked batch: masks from fixed noise unless given;
-    weights relative to `reference_phi` when given (else stop_gradient)."""
+    weights (on masked tokens) from `log_inclusion`, relative to `reference_phi` when given
+    (else stop_gradient)."""
+    cfg = setup.cfg
     logits = _policy_logits(setup, phi, batch, leading)
-    valid = batch["valid"]
-    log_q, _ = policy_distribution(logits, valid)
+    valid, units = batch["valid"], batch.get("unit_ids")
+    flat = (lambda x: x) if not leading else _flat
     if masks is None:
-        flat = (lambda x: x) if not leading else _flat
-        units = batch.get("unit_ids")
         masks = sample_masks(
             flat(logits),
             flat(valid),
             flat(noise),
-            setup.cfg.mask_rate,
+            cfg.mask_rate,
             None if units is None else flat(units),
         )
         masks = _unflat(masks, valid.shape) if leading else masks
-    log_q_ref = None
+
+    def log_p(lg: Array) -> Array:
+        return log_inclusion(lg, valid, units, cfg.mask_rate, cfg.clip_weights)
+
+    log_p_ref = None
     if reference_phi is not None:
-        ref_logits = _policy_logits(setup, reference_phi, batch, leading)
-        log_q_ref = policy_distribution(ref_logits, valid)[0]
-    return logits, masks, mask_weights(log_q, masks, log_q_ref)
+        log_p_ref = log_p(_policy_logits(setup, reference_phi, batch, leading))
+    return logits, masks, mask_weights(log_p(logits), masks, log_p_ref)
 
 
 def _regularizers(
@@ -609,43 +570,42 @@ def inner_loop(
     *,
     masks: Array | None = None,
     reference_phi: PyTree | None = None,
-    downstream: Mapping[str, Any] | None = None,
+    qa: Batch | None = None,
 ) -> tuple[PyTree, Array, Metrics]:
     """theta_K(phi), the policy's regularizer loss and metrics.
 
-    inner_batches: {"input_ids" int32 [K,B,L], "valid" bool [K,B,L] (maskable tokens),
-    optional "unit_ids" [K,B,L]}; noise: Gumbel [K,B,L]; masks: optional fixed masks [K,B,L].
-    downstream (needed iff cfg.downstream_steps = 1): {"context": {"input_ids", "valid"} [B,L],
-    "context_noise" [B,L], optional "context_mask", "qa": a supervised batch}.
+    inner_batches: batches.MaskableBatch [K,B,L] (with optional "unit_ids"); noise: Gumbel
+    [K,B,L]; masks: optional fixed masks [K,B,L]. qa (needed iff cfg.downstream_steps = 1): a
+    Seq2SeqBatch of question -> answer pairs for one QA step after the MLM steps.
     """
     cfg = setup.cfg
     _check_inner(setup, inner_batches, noise)
-    if cfg.downstream_steps and downstream is None:
-        raise ValueError("MetaConfig.downstream_steps=1 needs `downstream` batches (context + qa)")
+    if cfg.downstream_steps and qa is None:
+        raise ValueError("MetaConfig.downstream_steps=1 needs a `qa` batch (the QA step)")
     logits, masks, weights = policy_masks(
         phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
     )
     examples = jax.vmap(lambda i, m, w: mlm_examples(i, m, w, setup))(
         inner_batches["input_ids"], masks, weights
     )
-    extra: tuple = ()
-    if cfg.downstream_steps:
-        context = downstream["context"]
-        _, c_mask, c_weights = policy_masks(
-            phi,
-            context,
-            downstream["context_noise"],
-            setup,
-            masks=downstream.get("context_mask"),
-            reference_phi=reference_phi,
-        )
-        extra = (
-            mlm_examples(context["input_ids"], c_mask, c_weights, setup),
-            normalized(downstream["qa"]),
-        )
+    extra = (normalized(qa),) if cfg.downstream_steps else ()
     theta_k = unroll(setup, theta, examples, extra)
     reg, metrics = _regularizers(logits, masks, inner_batches["valid"], cfg)
     return theta_k, reg, metrics
+
+
+def downstream_loss(
+    lm_loss: LmLoss, theta: PyTree, outer_batch: Batch, contrast: Batch | None = None
+) -> tuple[Array, Metrics]:
+    """The outer objective: the questions' loss, minus (contrastive) the loss of questions
+    about other contexts. Anything an MLM step does for every question alike (answer format,
+    output-embedding drift) cancels in the difference; what remains is what the masked
+    contexts taught about their own questions."""
+    own = outer_loss(lm_loss, theta, outer_batch)
+    if contrast is None:
+        return own, {"outer_loss": own}
+    other = outer_loss(lm_loss, theta, contrast)
+    return own - other, {"outer_loss": own - other, "outer_own": own, "outer_contrast": other}
 
 
 def meta_loss(
@@ -658,21 +618,15 @@ def meta_loss(
     *,
     masks: Array | None = None,
     reference_phi: PyTree | None = None,
-    downstream: Mapping[str, Any] | None = None,
+    contrast: Batch | None = None,
+    qa: Batch | None = None,
 ) -> tuple[Array, Metrics]:
     """L_down(theta_K(phi)) + regularizers, and metrics (outer_loss, entropy, mean_p, ...)."""
     theta_k, reg, metrics = inner_loop(
-        phi,
-        theta,
-        inner_batches,
-        noise,
-        setup,
-        masks=masks,
-        reference_phi=reference_phi,
-        downstream=downstream,
+        phi, theta, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, qa=qa
     )
-    out = outer_loss(setup.lm_loss, theta_k, outer_batch)
-    return out + reg, {**metrics, "outer_loss": out}
+    out, out_metrics = downstream_loss(setup.lm_loss, theta_k, outer_batch, contrast)
+    return out + reg, {**metrics, **out_metrics}
 
 
 def first_order_loss(
@@ -685,6 +639,7 @@ def first_order_loss(
     *,
     masks: Array | None = None,
     reference_phi: PyTree | None = None,
+    contrast: Batch | None = None,
 ) -> tuple[Array, Metrics]:
     """The first-order surrogate -a <grad L_mlm(theta, phi), sg(grad L_down(theta))> + regs;
     its phi-gradient is the first-order meta-gradient (module docstring). Metrics carry
@@ -692,25 +647,28 @@ def first_order_loss(
     cfg = setup.cfg
     _check_inner(setup, inner_batches, noise)
     lm_loss = setup.lm_loss
-    down, down_grad = jax.value_and_grad(functools.partial(outer_loss, lm_loss))(theta, outer_batch)
+    (down, down_metrics), down_grad = jax.value_and_grad(
+        lambda th: downstream_loss(lm_loss, th, outer_batch, contrast), has_aux=True
+    )(theta)
     down_grad = jax.lax.stop_gradient(down_grad)
     logits, masks, weights = policy_masks(
         phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
     )
-    examples = jax.vmap(lambda i, m: _corrupt(i, m, setup))(inner_batches["input_ids"], masks)
+    examples = jax.vmap(lambda i, m, w: mlm_examples(i, m, w, setup))(
+        inner_batches["input_ids"], masks, weights
+    )
+    label_weights = examples["weights"]
 
-    def per_token_alignment(ex: Batch) -> Array:
-        # c_i = <grad ce_i(theta), grad L_down(theta)> for every token: one jvp per microbatch.
+    def per_label_alignment(ex: Batch) -> Array:
+        # c_j = <grad ce_j(theta), grad L_down(theta)> for every label: one jvp per microbatch.
         ce = lambda th: microbatched_losses(lm_loss, th, ex, cfg.inner_microbatches)  # noqa: E731
         return jax.jvp(ce, (theta,), (down_grad,))[1]
 
-    align_tokens = jax.lax.map(per_token_alignment, examples)  # [K, B, T]
-    align_tokens = jax.lax.stop_gradient(align_tokens)
-    counts = jnp.maximum(jnp.sum(masks, axis=(1, 2)), 1).astype(weights.dtype)
-    alignment = jnp.sum(weights * align_tokens / counts[:, None, None])
+    align = jax.lax.map(per_label_alignment, jax.lax.stop_gradient(examples))  # [K, B, T]
+    alignment = jnp.sum(label_weights * jax.lax.stop_gradient(align))
     reg, metrics = _regularizers(logits, masks, inner_batches["valid"], cfg)
     surrogate = -cfg.inner_learning_rate * alignment
-    return surrogate + reg, {**metrics, "outer_loss": down, "alignment": alignment}
+    return surrogate + reg, {**metrics, **down_metrics, "alignment": alignment}
 
 
 def meta_gradient(
@@ -721,13 +679,19 @@ def meta_gradient(
     noise: Array,
     setup: MetaSetup,
     *,
-    downstream: Mapping[str, Any] | None = None,
+    contrast: Batch | None = None,
+    qa: Batch | None = None,
 ) -> tuple[PyTree, Array, Metrics]:
     """(d objective / d phi, objective, metrics) with the estimator of setup.cfg.estimator."""
     if setup.cfg.estimator == "second_order":
-        fn = functools.partial(meta_loss, setup=setup, downstream=downstream)
+        fn = functools.partial(meta_loss, setup=setup, contrast=contrast, qa=qa)
     else:
-        fn = functools.partial(first_order_loss, setup=setup)
+        if setup.cfg.downstream_steps:
+            raise ValueError(
+                "MetaConfig.downstream_steps=1 needs estimator='second_order' (the first-order "
+                "estimator evaluates the downstream gradient at theta_0, before any step)"
+            )
+        fn = functools.partial(first_order_loss, setup=setup, contrast=contrast)
     (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(
         phi, theta, inner_batches, outer_batch, noise
     )
@@ -756,13 +720,18 @@ def create_meta_state(phi: PyTree, cfg: MetaConfig) -> TrainState:
 def batch_noise(rng: Array, step: Array, batches: Mapping[str, Any]) -> Array:
     """Gumbel noise [K, B, L] for the inner batches: batch k uses the sampler's per-example
     stream gumbel_noise_jax(fold_in(rng, k), step, example_ids[k], L); example_ids default to
-    0..B-1. The context (downstream) uses index K."""
+    0..B-1."""
     inner = batches["inner"]
     kk, b, length = inner["input_ids"].shape
     ids = inner.get("example_ids", jnp.broadcast_to(jnp.arange(b), (kk, b)))
     return jax.vmap(lambda i, e: gumbel_noise_jax(jax.random.fold_in(rng, i), step, e, length))(
         jnp.arange(kk), ids
     )
+
+
+def _split(batches: Mapping[str, Any]) -> tuple[dict, Batch, Batch | None, Batch | None]:
+    inner = {k: v for k, v in batches["inner"].items() if k != "example_ids"}
+    return inner, batches["outer"], batches.get("contrast"), batches.get("qa")
 
 
 def make_meta_step(
@@ -775,12 +744,13 @@ def make_meta_step(
 ) -> Callable[[TrainState, PyTree, Mapping[str, Any], Array], tuple[TrainState, Metrics]]:
     """`meta_step(meta_state, theta, batches, rng) -> (meta_state, metrics)`: one policy update.
 
-    batches: {"inner": {"input_ids", "valid" [K,B,L], optional "unit_ids", "example_ids" [K,B]},
-    "outer": a supervised batch, and with downstream_steps = 1 "context": {"input_ids", "valid"
-    [B,L]} and "qa": a supervised batch}. `rng` is the run's base key (the same every step);
-    the masks' noise is derived from (rng, step) as in the sampler. theta is read, never
-    updated. Metrics: loss, outer_loss, entropy, mean_p, budget_penalty, mask_rate, grad_norm
-    (and alignment for first_order).
+    batches: batches.MetaBatches: "inner" [K,B,L] (with "example_ids" [K,B]), "outer" (the
+    inner contexts' questions), optional "contrast" (other contexts' questions: the
+    contrastive outer loss) and, with downstream_steps = 1, "qa" (the in-loop QA step). `rng`
+    is the run's base key (the same every step); the masks' noise is derived from (rng, step)
+    as in the sampler. theta is read, never updated. Metrics: loss, outer_loss (outer_own,
+    outer_contrast), entropy, mean_p, budget_penalty, mask_rate, grad_norm (and alignment for
+    first_order).
 
     Data parallel with jit=True: the policy state, rng and metrics are replicated over `mesh`
     (default: every device on the data axis), theta is laid out as `theta_sharding` (default
@@ -796,29 +766,10 @@ def make_meta_step(
     def meta_step(
         state: TrainState, theta: PyTree, batches: Mapping[str, Any], rng: Array
     ) -> tuple[TrainState, Metrics]:
-        inner = batches["inner"]
         noise = batch_noise(rng, state.step, batches)
-        downstream = None
-        if cfg.downstream_steps:
-            if "context" not in batches or "qa" not in batches:
-                raise ValueError(
-                    "MetaConfig.downstream_steps=1: batches need 'context' and 'qa' entries"
-                )
-            context = batches["context"]
-            b, length = context["input_ids"].shape
-            c_ids = context.get("example_ids", jnp.arange(b))
-            c_noise = gumbel_noise_jax(
-                jax.random.fold_in(rng, cfg.inner_steps), state.step, c_ids, length
-            )
-            downstream = {"context": context, "context_noise": c_noise, "qa": batches["qa"]}
+        inner, outer, contrast, qa = _split(batches)
         grads, loss, metrics = meta_gradient(
-            state.params,
-            theta,
-            {k: v for k, v in inner.items() if k != "example_ids"},
-            batches["outer"],
-            noise,
-            setup,
-            downstream=downstream,
+            state.params, theta, inner, outer, noise, setup, contrast=contrast, qa=qa
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -839,9 +790,26 @@ def make_meta_step(
 
 
 def shard_meta_batches(batches: Mapping[str, Any], mesh: Mesh) -> dict:
-    """Host batches (this process's rows of each batch dimension) as global arrays laid out by
-    `meta_batch_shardings` (sharding.shard_batch on each part)."""
+    """Host batches (this process's rows of each batch dimension) as global arrays over `mesh`:
+    `sharding.shard_batch` of each part, along axis 1 of the inner [K,B,L] arrays."""
     return {
         name: sharding_lib.shard_batch(part, mesh, dim=int(name == "inner"))
         for name, part in batches.items()
     }
+
+
+def make_meta_objective(
+    setup: MetaSetup,
+) -> Callable[[PyTree, PyTree, Mapping[str, Any], Array, int], Metrics]:
+    """`objective(phi, theta, batches, rng, step) -> metrics`: the meta step's forward (the
+    same masks, inner steps and outer loss, no gradient), jitted once: the dev meta-objective
+    a policy is selected by (metrics["outer_loss"], lower is better). Its inputs' layout
+    decides where it runs (data parallel on batches from `shard_meta_batches`)."""
+
+    def objective(phi, theta, batches, rng, step):
+        noise = batch_noise(rng, step, batches)
+        inner, outer, contrast, qa = _split(batches)
+        _, metrics = meta_loss(phi, theta, inner, outer, noise, setup, contrast=contrast, qa=qa)
+        return metrics
+
+    return jax.jit(objective)

@@ -9,22 +9,29 @@ learned, goes through exactly this path, so comparing policies changes nothing e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 
+from meta_mask.batches import CorpusBatch, PolicyBatch, Seq2SeqBatch
 from meta_mask.config import DataConfig, PolicyConfig
 from meta_mask.data.stream import CorpusStream
-from meta_mask.policies.corrupt import corrupt_np, non_special_ids, sentinel_ids
-from meta_mask.policies.heuristic import SPECIAL_IDS
+from meta_mask.policies.corrupt import corrupt_np, non_special_ids
 from meta_mask.policies.sampler import BatchRng, Scorer, mask_batch_np
+from meta_mask.special_tokens import SpecialTokens
 
 
-def policy_batch(stream_batch: Mapping[str, np.ndarray], entity_labels: Sequence[Sequence[str]]):
-    """A corpus stream batch in the scorers' batch format (policies.heuristic.collate's)."""
+def policy_batch(
+    stream_batch: CorpusBatch,
+    entity_labels: Sequence[Sequence[str]],
+    special: SpecialTokens,
+    entity_types: Sequence[Sequence[str]] | None = None,
+) -> PolicyBatch:
+    """A corpus stream batch as the scorers read it (what heuristic.collate makes of records);
+    with `entity_types` (the world's attribute of each span) also "entity_types"."""
     input_ids, word_ids = stream_batch["input_ids"], stream_batch["word_ids"]
     spans = stream_batch["entity_spans"].copy()
     n_max = spans.shape[1]
@@ -33,10 +40,15 @@ def policy_batch(stream_batch: Mapping[str, np.ndarray], entity_labels: Sequence
     return {
         "input_ids": input_ids,
         "word_ids": word_ids,
-        "valid": (word_ids >= 0) & ~np.isin(input_ids, np.asarray(SPECIAL_IDS)),
+        "valid": (word_ids >= 0) & ~np.isin(input_ids, np.asarray(special.unmaskable)),
         "entity_spans": spans,
         "entity_labels": [list(labels)[:n_max] for labels in entity_labels],
         "example_ids": stream_batch["indices"].astype(np.int64),
+        **(
+            {"entity_types": [list(types)[:n_max] for types in entity_types]}
+            if entity_types is not None
+            else {}
+        ),
     }
 
 
@@ -44,10 +56,10 @@ def policy_batch(stream_batch: Mapping[str, np.ndarray], entity_labels: Sequence
 class MlmBatches:
     """`batches(step)` -> the intermediate-stage train batch of `step` (pure in (seed, step)).
 
-    `stream` is a data.stream.CorpusStream; `labels_of(rows)` returns the entity labels of
-    corpus rows (for label-filtered salient spans); `sentinels` are the tokenizer's
-    <extra_id_i> ids (policies.corrupt.sentinel_ids); `random_ids` the ids an 80/10/10 random
-    replacement draws from.
+    `stream` is a data.stream.CorpusStream; `labels_of(rows)` / `types_of(rows)` return the
+    entity labels (for label-filtered salient spans) / types (the world's attribute of each
+    span, for the oracle and diagnostics) of corpus rows; `special` the run's special ids;
+    `random_ids` the ids an 80/10/10 random replacement draws from.
     """
 
     stream: Any
@@ -55,23 +67,25 @@ class MlmBatches:
     policy: PolicyConfig
     data: DataConfig
     seed: int
-    mask_id: int
-    sentinels: Sequence[int]
+    special: SpecialTokens
     labels_of: Callable[[np.ndarray], list[list[str]]]
+    types_of: Callable[[np.ndarray], list[list[str]]]
     random_ids: np.ndarray | None = None
-    pad_id: int = 1
-    eos_id: int = 2
-    decoder_start_token_id: int = 2
 
-    def masked(self, step: int) -> tuple[dict, np.ndarray]:
+    def rows(self, rows: np.ndarray) -> PolicyBatch:
+        """The policy batch of corpus `rows` (example ids = the rows)."""
+        sb = self.stream.rows_batch(np.asarray(rows))
+        return policy_batch(sb, self.labels_of(sb["indices"]), self.special,
+                            self.types_of(sb["indices"]))  # fmt: skip
+
+    def masked(self, step: int) -> tuple[PolicyBatch, np.ndarray]:
         """The step's policy batch and its mask [B, L] (for inspection and heatmaps)."""
-        sb = self.stream.batch_at(step * self.stream.batch_size)
-        batch = policy_batch(sb, self.labels_of(sb["indices"]))
+        batch = self.rows(self.stream.indices_at(step * self.stream.batch_size))
         rng = BatchRng(self.seed, step, batch["example_ids"])
         mask = mask_batch_np(self.scorer, batch, rng, **self.policy.budget())
         return batch, mask
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
+    def __call__(self, step: int) -> Seq2SeqBatch:
         batch, mask = self.masked(step)
         full = self.policy.output_format == "full_sentence"
         return corrupt_np(
@@ -80,15 +94,11 @@ class MlmBatches:
             output_format=self.policy.output_format,
             enc_len=self.data.mlm_length,
             dec_len=self.data.mlm_length if full else self.data.mlm_target_length,
-            mask_id=self.mask_id,
-            sentinels=self.sentinels,
+            special=self.special,
             infill=self.policy.infill,
             replace_80_10_10=self.policy.replace_80_10_10,
             rng=BatchRng(self.seed, step, batch["example_ids"]),
             random_ids=self.random_ids,
-            pad_id=self.pad_id,
-            eos_id=self.eos_id,
-            decoder_start_token_id=self.decoder_start_token_id,
         )
 
 
@@ -97,35 +107,34 @@ def for_corpus(
     scorer: Scorer,
     tokenizer: Any,
     *,
+    special: SpecialTokens,
     policy: PolicyConfig,
     data: DataConfig,
     seed: int,
     batch_size: int,
-    decoder_start_token_id: int,
 ) -> MlmBatches:
     """The intermediate stage's batches over a built corpus (data.corpora.Corpus): this
-    process's block of every global batch (data.stream.CorpusStream), masked by `scorer`."""
+    process's block of every global batch (data.stream.CorpusStream), masked by `scorer`;
+    80/10/10 replacements draw from `tokenizer`'s non-special ids."""
     stream = CorpusStream(
         corpus.dataset,
         batch_size=batch_size,
         max_length=data.mlm_length,
         seed=seed,
+        special=special,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        pad_id=tokenizer.pad_token_id,
     )
     labels_column = corpus.dataset.data.column("entity_labels")
+    types_column = corpus.dataset.data.column("entity_types")
     return MlmBatches(
         stream=stream,
         scorer=scorer,
         policy=policy,
         data=data,
         seed=seed,
-        mask_id=tokenizer.mask_token_id,
-        sentinels=sentinel_ids(tokenizer),
+        special=special,
         labels_of=lambda rows: labels_column.take(rows).to_pylist(),
+        types_of=lambda rows: types_column.take(rows).to_pylist(),
         random_ids=non_special_ids(tokenizer),
-        pad_id=tokenizer.pad_token_id,
-        eos_id=tokenizer.eos_token_id,
-        decoder_start_token_id=decoder_start_token_id,
     )

@@ -34,7 +34,6 @@ default MetaConfig (2 layers, d_model 128, 4 heads, ffn 512, 1024 positions):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -42,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meta_mask.config import MetaConfig
-from meta_mask.policies.heuristic import word_units
+from meta_mask.batches import PolicyBatch
+from meta_mask.config import POLICY_UNITS, MetaConfig
+from meta_mask.policies.heuristic import policy_units
 from meta_mask.policies.sampler import BatchRng
 
 Array = jax.Array
@@ -91,9 +91,12 @@ class PolicyNet(nn.Module):
 
     `embed_dim` is the token table's width: 0 = d_model; the LM's d_model when the table is
     (initialized from) the LM's shared embedding, followed by a projection to d_model.
+    `pad_id` (the tokenizer's, SpecialTokens.pad) is a plain int: a module attribute, saved
+    in the policy's policy.json with the other fields.
     """
 
     vocab_size: int
+    pad_id: int
     d_model: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -101,7 +104,6 @@ class PolicyNet(nn.Module):
     max_length: int = 1024
     embed_dim: int = 0
     freeze_embeddings: bool = False
-    pad_id: int = 1
 
     @nn.compact
     def __call__(self, input_ids: Array, valid: Array, unit_ids: Array | None = None) -> Array:
@@ -142,7 +144,7 @@ class PolicyNet(nn.Module):
 
 
 def policy_net_from_config(
-    cfg: MetaConfig, vocab_size: int, lm_d_model: int, pad_id: int = 1
+    cfg: MetaConfig, vocab_size: int, lm_d_model: int, pad_id: int
 ) -> PolicyNet:
     """The PolicyNet a MetaConfig describes, for an LM with `vocab_size` and `lm_d_model`."""
     return PolicyNet(
@@ -197,14 +199,16 @@ class LearnedScorer:
     """A trained PolicyNet as a Scorer: (padded host batch, BatchRng) -> (scores, unit_ids).
 
     scores are the network's logits (float32 [B, L], -inf off `valid`); unit_ids are token
-    positions (units="token") or whole words (units="word", logits mean-pooled per word, needs
-    batch["word_ids"]). The forward pass is jitted once per padded shape; the scorer draws no
-    randomness of its own (the sampler's Gumbel noise does the sampling).
+    positions (units="token"), whole words (units="word", logits mean-pooled per word, needs
+    batch["word_ids"]) or entities (units="entity": each batch["entity_spans"] span one unit,
+    every other word another; logits mean-pooled per unit). The forward pass is jitted once per
+    padded shape; the scorer draws no randomness of its own (the sampler's Gumbel noise does
+    the sampling).
     """
 
     def __init__(self, net: PolicyNet, params: PyTree, *, units: str = "token") -> None:
-        if units not in ("token", "word"):
-            raise ValueError(f"LearnedScorer units={units!r}; valid: token, word")
+        if units not in POLICY_UNITS:
+            raise ValueError(f"LearnedScorer units={units!r}; valid: {POLICY_UNITS}")
         self.net = net
         self.params = params
         self.units = units
@@ -212,19 +216,20 @@ class LearnedScorer:
             lambda p, ids, valid, unit_ids: net.apply({"params": p}, ids, valid, unit_ids)
         )
 
-    def unit_ids(self, batch: Mapping[str, Any]) -> np.ndarray:
+    def unit_ids(self, batch: PolicyBatch) -> np.ndarray:
         valid = np.asarray(batch["valid"], bool)
-        if self.units == "word":
-            return word_units(np.asarray(batch["word_ids"]), valid)
+        units = policy_units(batch, self.units)
+        if units is not None:
+            return units
         pos = np.arange(valid.shape[1], dtype=np.int32)
         return np.where(valid, pos, -1).astype(np.int32)
 
-    def __call__(self, batch: Mapping[str, Any], rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]:
         unit_ids = self.unit_ids(batch)
         scores = self._forward(
             self.params,
             jnp.asarray(batch["input_ids"], jnp.int32),
             jnp.asarray(batch["valid"], bool),
-            jnp.asarray(unit_ids) if self.units == "word" else None,
+            jnp.asarray(unit_ids) if self.units != "token" else None,
         )
         return np.asarray(scores, np.float32), unit_ids

@@ -43,13 +43,15 @@ which the tests check.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from meta_mask.batches import PolicyBatch
 
 _RATE_SCALE = 1_000_000  # mask rates are resolved to parts per million for exact integer rounding
 
@@ -79,14 +81,11 @@ def _check_shapes(**arrays) -> tuple[int, int]:
 
 
 class Scorer(Protocol):
-    """What every policy is. `batch` is a padded host batch (policies.heuristic.collate: at least
-    "input_ids", "word_ids", "valid" [B, L]); returns (scores float32 [B, L] logits,
-    unit_ids int32 [B, L], -1 = never masked). A learned policy's per-token logits drop in as
-    `scores` with `unit_ids = where(valid, arange(L), -1)` (or whole-word units)."""
+    """What every policy is. `batch` is a batches.PolicyBatch; returns (scores float32 [B, L]
+    logits, unit_ids int32 [B, L], -1 = never masked). A learned policy's per-token logits drop
+    in as `scores` with `unit_ids = where(valid, arange(L), -1)` (or whole-word units)."""
 
-    def __call__(
-        self, batch: Mapping[str, Any], rng: BatchRng
-    ) -> tuple[np.ndarray, np.ndarray]: ...
+    def __call__(self, batch: PolicyBatch, rng: BatchRng) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def sample_mask_jax(
 
 def mask_batch_np(
     scorer: Scorer,
-    batch: Mapping[str, Any],
+    batch: PolicyBatch,
     rng: BatchRng,
     *,
     mask_rate: float | None = None,

@@ -41,11 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from meta_mask.batches import PolicyTrainBatch, TripleBatch
 from meta_mask.config import SupervisedConfig, to_dict
 from meta_mask.data.contexts import policy_triples
-from meta_mask.policies.heuristic import collate, word_units
+from meta_mask.policies.heuristic import collate, policy_units
 from meta_mask.policies.net import LearnedScorer, PolicyNet
 from meta_mask.policies.sampler import BatchRng, Scorer, sample_mask_np
+from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training.loop import Learner, LoopOptions, patience_stop
 from meta_mask.training.steps import TrainState
 
@@ -89,12 +91,11 @@ def collate_triples(
     triples: Sequence[Mapping[str, Any]],
     length: int,
     *,
-    pad_id: int = 1,
+    special: SpecialTokens,
     example_ids: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """`heuristic.collate` of the triples plus "labels" int32 [B, L]: 1 on answer tokens that
-    are maskable (valid), 0 elsewhere."""
-    batch = collate(triples, length, pad_id=pad_id, example_ids=example_ids)
+) -> TripleBatch:
+    """`heuristic.collate` of the triples plus their answer "labels" (batches.TripleBatch)."""
+    batch = collate(triples, length, special=special, example_ids=example_ids)
     labels = np.zeros(batch["input_ids"].shape, np.int32)
     for i, t in enumerate(triples):
         lab = np.asarray(t["answer_labels"], np.int32)
@@ -122,34 +123,37 @@ def make_policy_batches(
     length: int,
     batch_size: int,
     *,
+    special: SpecialTokens,
     seed: int,
     start_step: int = 0,
     num_steps: int | None = None,
     units: str = "token",
-    pad_id: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-shape training batches for steps start_step, start_step + 1, ...:
-    {"input_ids" int32 [B, L], "valid" bool [B, L], "labels" float32 [B, L]} plus "unit_ids"
-    int32 [B, L] (whole words) when units == "word". Order: `step_indices`."""
+) -> Iterator[PolicyTrainBatch]:
+    """Fixed-shape training batches (batches.PolicyTrainBatch) for steps start_step,
+    start_step + 1, ..., with "unit_ids" (heuristic.policy_units) unless units == "token". Order:
+    `step_indices`."""
     step = start_step
     while num_steps is None or step < start_step + num_steps:
         idx = step_indices(len(triples), batch_size, seed=seed, step=step)
-        host = collate_triples([triples[i] for i in idx], length, pad_id=pad_id)
+        host = collate_triples([triples[i] for i in idx], length, special=special)
         batch = {
             "input_ids": host["input_ids"],
             "valid": host["valid"],
             "labels": host["labels"].astype(np.float32),
         }
-        if units == "word":
-            batch["unit_ids"] = word_units(host["word_ids"], host["valid"])
+        unit_ids = policy_units(host, units)
+        if unit_ids is not None:
+            batch["unit_ids"] = unit_ids
         yield batch
         step += 1
 
 
-def auto_pos_weight(triples: Iterable[Mapping[str, Any]], length: int, pad_id: int = 1) -> float:
+def auto_pos_weight(
+    triples: Iterable[Mapping[str, Any]], length: int, *, special: SpecialTokens
+) -> float:
     """n_negative / n_positive over the maskable tokens of the triples (1.0 without positives)."""
     triples = list(triples)
-    batch = collate_triples(triples, length, pad_id=pad_id)
+    batch = collate_triples(triples, length, special=special)
     valid = batch["valid"]
     pos = int(batch["labels"].sum())
     return float((int(valid.sum()) - pos) / pos) if pos else 1.0
@@ -196,7 +200,7 @@ def span_softmax_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array) ->
 def policy_loss_terms(
     net: PolicyNet,
     params: PyTree,
-    batch: Mapping[str, jax.Array],
+    batch: PolicyTrainBatch,
     *,
     objective: str,
     pos_weight: float = 1.0,
@@ -216,7 +220,7 @@ def policy_loss_terms(
 def policy_loss(
     net: PolicyNet,
     params: PyTree,
-    batch: Mapping[str, jax.Array],
+    batch: PolicyTrainBatch,
     *,
     objective: str,
     pos_weight: float = 1.0,
@@ -236,7 +240,7 @@ def make_optimizer(cfg: SupervisedConfig) -> optax.GradientTransformation:
 
 def make_supervised_step(
     net: PolicyNet, optimizer: optax.GradientTransformation, *, objective: str, pos_weight: float
-) -> Callable[[PyTree, PyTree, Mapping[str, jax.Array]], tuple[PyTree, PyTree, jax.Array]]:
+) -> Callable[[PyTree, PyTree, PolicyTrainBatch], tuple[PyTree, PyTree, jax.Array]]:
     """Pure `step(params, opt_state, batch) -> (params, opt_state, loss)` (jit it)."""
 
     def step(params, opt_state, batch):
@@ -263,8 +267,8 @@ def mask_f1(mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def eval_batches(
-    triples: Sequence[Mapping[str, Any]], length: int, batch_size: int, *, pad_id: int = 1
-) -> list[dict[str, Any]]:
+    triples: Sequence[Mapping[str, Any]], length: int, batch_size: int, *, special: SpecialTokens
+) -> list[TripleBatch]:
     """Host batches of `batch_size` rows (the last padded with empty rows, "rows" = real rows)
     so a jitted scorer sees one shape; example ids are the triples' positions."""
     out = []
@@ -272,10 +276,14 @@ def eval_batches(
         chunk = list(triples[lo : lo + batch_size])
         rows = len(chunk)
         # Empty filler rows: only specials, so nothing in them is maskable or gold.
-        filler = {"input_ids": [0, 2], "word_ids": [-1, -1], "answer_labels": [0, 0]}
+        filler = {
+            "input_ids": [special.bos, special.eos],
+            "word_ids": [-1, -1],
+            "answer_labels": [0, 0],
+        }
         chunk += [filler] * (batch_size - rows)
         ids = range(lo, lo + batch_size)
-        batch = collate_triples(chunk, length, pad_id=pad_id, example_ids=ids)
+        batch = collate_triples(chunk, length, special=special, example_ids=ids)
         batch["rows"] = rows
         out.append(batch)
     return out
@@ -283,7 +291,7 @@ def eval_batches(
 
 def evaluate_scorer(
     scorer: Scorer,
-    batches: Sequence[Mapping[str, Any]],
+    batches: Sequence[TripleBatch],
     budget: Mapping[str, Any],
     *,
     draws: int = 0,
@@ -336,6 +344,7 @@ def supervised_learner(
     dev_triples: Sequence[Mapping[str, Any]],
     cfg: SupervisedConfig,
     *,
+    special: SpecialTokens,
     budget: Mapping[str, Any],
     seed: int,
 ) -> tuple[Learner, LoopOptions]:
@@ -356,8 +365,11 @@ def supervised_learner(
             f"SupervisedConfig.max_length={cfg.max_length} > the PolicyNet's max_length="
             f"{net.max_length} (MetaConfig.policy_max_length)"
         )
-    pad_id = net.pad_id
-    pos_weight = cfg.pos_weight if cfg.pos_weight > 0 else auto_pos_weight(train, cfg.max_length)
+    pos_weight = (
+        cfg.pos_weight
+        if cfg.pos_weight > 0
+        else auto_pos_weight(train, cfg.max_length, special=special)
+    )
     optimizer = make_optimizer(cfg)
     update = make_supervised_step(net, optimizer, objective=cfg.objective, pos_weight=pos_weight)
 
@@ -368,13 +380,13 @@ def supervised_learner(
     terms_fn = jax.jit(
         lambda p, b: policy_loss_terms(net, p, b, objective=cfg.objective, pos_weight=pos_weight)
     )
-    dev_batches = eval_batches(dev, cfg.max_length, cfg.eval_batch_size, pad_id=pad_id)
+    dev_batches = eval_batches(dev, cfg.max_length, cfg.eval_batch_size, special=special)
     dev_arrays = [
         {
             "input_ids": b["input_ids"],
             "valid": b["valid"],
             "labels": b["labels"].astype(np.float32),
-            **({"unit_ids": word_units(b["word_ids"], b["valid"])} if cfg.units == "word" else {}),
+            **({"unit_ids": policy_units(b, cfg.units)} if cfg.units != "token" else {}),
         }
         for b in dev_batches
     ]
@@ -391,11 +403,11 @@ def supervised_learner(
         own = jax.tree.map(jnp.array, params)  # our own buffers: the caller's are not donated
         return TrainState(step=jnp.zeros((), jnp.int32), params=own, opt_state=optimizer.init(own))
 
-    def batch_for_step(step: int) -> dict[str, np.ndarray]:
+    def batch_for_step(step: int) -> PolicyTrainBatch:
         return next(
             make_policy_batches(
                 train, cfg.max_length, cfg.batch_size, seed=seed, start_step=step,
-                num_steps=1, units=cfg.units, pad_id=pad_id,
+                num_steps=1, units=cfg.units, special=special,
             )
         )  # fmt: skip
 
@@ -437,16 +449,19 @@ def supervised_triples(
     cfg: SupervisedConfig,
     *,
     corpus_sentences: Iterable[str | dict] | None = None,
+    ner_labels: Sequence[str] | None = None,
     **corpus_kw: Any,
 ) -> list[dict[str, Any]]:
     """Token-level triples of a split's examples (their contexts, cut into answer sentences
     unless cfg.sentence_level is False, plus corpus sentences that mention an answer when
-    `corpus_sentences` is given), tokenized to cfg.max_length."""
+    `corpus_sentences` is given), tokenized to cfg.max_length; `ner_labels`: NER entities for
+    triples without gold ones (entity units)."""
     return policy_triples(
         examples,
         corpus_sentences=corpus_sentences,
         tokenizer=tokenizer,
         max_length=cfg.max_length,
         sentence_level=cfg.sentence_level,
+        ner_labels=ner_labels,
         **corpus_kw,
     )

@@ -16,7 +16,7 @@ import jax
 
 from meta_mask import config as config_lib
 from meta_mask.training import sharding, steps
-from meta_mask.training.loop import Learner, LoopOptions
+from meta_mask.training.loop import Learner, LoopOptions, patience_stop
 
 
 def resolved(stage_cfg: config_lib.StageConfig) -> config_lib.StageConfig:
@@ -46,13 +46,18 @@ def lm_learner(
     batch_for_step: Callable[[int], Mapping[str, Any]],
     rng: jax.Array,
     metadata: Mapping[str, Any],
-    evaluate: Callable[[Any], Mapping[str, float]] | None = None,
-    eval_every: int = 0,
+    dev_score: Callable[[Any], Mapping[str, float]] | None = None,
+    select_by: str = "",
 ) -> Learner:
     """A Learner training `params` with AdamW under `stage_cfg` (already `resolved`) on
     `batch_for_step(step)` (this host's rows of the global batch, host numpy). `metadata`
     must hold "model" and "stage_config": a checkpoint of another model or stage config is
-    refused on resume."""
+    refused on resume.
+
+    With stage_cfg.eval_every > 0, `dev_score(params)` (the task's metrics on its dev split)
+    is evaluated every eval_every steps; the step with the highest `select_by` metric (the
+    earliest among ties) is returned, and the stage stops after stage_cfg.patience
+    evaluations without a gain (0: never)."""
     tx = steps.make_optimizer(stage_cfg.optim)
     shardings = sharding.param_shardings(params, mesh)
 
@@ -74,6 +79,19 @@ def lm_learner(
         rng=rng,
         metadata=metadata,
         compare=("model", "stage_config"),
-        evaluate=evaluate,
-        eval_every=eval_every,
+        **_selection(stage_cfg, dev_score, select_by),
     )
+
+
+def _selection(stage_cfg, dev_score, select_by: str) -> dict[str, Any]:
+    if not stage_cfg.eval_every:
+        return {}
+    if dev_score is None or not select_by:
+        raise ValueError("StageConfig.eval_every > 0 needs a dev_score and the metric to select by")
+    best_key = lambda record: (record[select_by], -record["step"])  # noqa: E731
+    return {
+        "evaluate": lambda state: dev_score(state.params),
+        "eval_every": stage_cfg.eval_every,
+        "best_key": best_key,
+        "should_stop": patience_stop(best_key, stage_cfg.patience),
+    }

@@ -150,8 +150,10 @@ def meta_step_memory(
     - activations: the largest of one inner microbatch's forward-and-backward pass (the
       step's gradient), the outer loss's, and for K >= 2 the second-order backward pass of a
       step, which keeps the step's forward and backward activations for its tangents (twice
-      the first). K = 1 has no such pass: theta_0 does not depend on the policy, so its step's
-      backward is a forward-mode product. Without meta.remat every step's residuals stay live.
+      the first; three times with inner Adam, whose update also needs the gradient's value,
+      as XLA's memory_analysis shows). K = 1 has no such pass: theta_0 does not depend on the
+      policy, so its step's backward is a forward-mode product. Without meta.remat every
+      step's residuals stay live.
     """
     theta = F32 * num_params(cfg) // fsdp
     phi = F32 * policy_params
@@ -162,7 +164,7 @@ def meta_step_memory(
         cfg, max(meta.outer_batch_size // devices, 1), outer_src, outer_tgt
     )
     k = meta.inner_steps
-    second_order = 2 * step if k >= 2 else 0
+    second_order = (3 if meta.inner_optimizer == "adam" else 2) * step if k >= 2 else 0
     if meta.remat:
         activations = max(step, outer, second_order)
         stored = stored_thetas(k, meta.remat_segment)

@@ -1,17 +1,17 @@
-"""The one train step, the eval step, the optimizer and the token losses.
+"""The one train step, the optimizer and the token losses.
 
 Owns `TrainState`, the AdamW optimizer with its learning-rate schedule and weight-decay mask,
-the per-token cross-entropy every stage and policy trains on, and the factories
-`make_train_step` / `make_eval_step`. Intermediate pre-training (masked-span or full-sentence
-output) and fine-tuning all feed this same step: their batches share one format,
-{"input_ids", "decoder_input_ids", "labels", "weights"}, and differ only in content.
-The functions here are pure; jitting, donation and shardings are applied once by the factories.
+the token losses every stage and policy trains on (the cross-entropy itself, plain and fused
+with the LM head, is the model's: meta_mask/model/bart.py), and the factory `make_train_step`.
+Intermediate pre-training (masked-span or full-sentence output) and fine-tuning all feed this
+same step: their batches share one format, batches.Seq2SeqBatch, and differ only in content.
+The functions here are pure; jitting, donation and shardings are applied once by the factory.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, Sharding
 
+from meta_mask.batches import Seq2SeqBatch
 from meta_mask.config import MeshConfig, OptimConfig
+from meta_mask.model.bart import cross_entropy
 from meta_mask.training import sharding as sharding_lib
 
-Batch = Mapping[str, jax.Array]
+Batch = Seq2SeqBatch
 Metrics = dict[str, jax.Array]
 # loss_fn(params, batch, dropout_rng) -> (scalar loss, metrics); the hook of make_train_step.
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
@@ -122,55 +124,60 @@ def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainSt
 # ----------------------------------------------------------------------------- losses
 
 
-def _logits(
-    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, deterministic: bool
-) -> jax.Array:
+def _apply(
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array | None,
+    deterministic: bool,
+    method: str = "__call__",
+    **kwargs: Any,
+) -> Any:
     if not deterministic and rng is None:
         raise ValueError("deterministic=False needs an rng for dropout")
     rngs = {"dropout": rng} if rng is not None else {}
     # Optional explicit masks pass through; by default the model masks <pad> itself.
     masks = {k: batch[k] for k in ("attention_mask", "decoder_attention_mask") if k in batch}
-    logits = model.apply(
+    return model.apply(
         {"params": params},
         batch["input_ids"],
         batch["decoder_input_ids"],
         deterministic=deterministic,
         rngs=rngs,
+        method=method,
         **masks,
+        **kwargs,
     )
+
+
+def _logits(
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, deterministic: bool
+) -> jax.Array:
+    logits = _apply(model, params, batch, rng, deterministic)
     # Loss math in at least float32 whatever the compute dtype (float64 stays float64, so
     # finite-difference checks can run the loss in double precision).
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
-def _cross_entropy(
-    logits: jax.Array, labels: jax.Array, label_smoothing: float
+def _head_cross_entropy(
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array | None,
+    deterministic: bool,
+    label_smoothing: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy [B,T] (float32) and whether the argmax is right [B,T].
-
-    Written as one pass over the [B,T,V] logits, the largest array of the step: the label's
-    logit is picked with a one-hot select (take_along_axis's gradient is a scatter into a zeroed
-    [B,T,V] buffer) and "argmax == label" is "label logit == max logit", reusing the log-sum-exp's
-    max (argmax is a variadic reduce, slow on CPU). On an exact tie for the max, a label among
-    the tied tokens counts as correct (argmax would pick the first).
-    """
-    vocab = logits.shape[-1]
-    # Padding labels may carry an out-of-range id (HF's -100); their weight is 0, and clipping
-    # keeps the pick in range so no NaN or garbage leaks in.
-    safe_labels = jnp.clip(labels, 0, vocab - 1)
-    # The max cancels exactly in lse - picked, so stopping its gradient changes no derivative.
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    shifted = logits - top
-    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-    one_hot = safe_labels[..., None] == jnp.arange(vocab, dtype=safe_labels.dtype)
-    picked = jnp.sum(jnp.where(one_hot, shifted, 0.0), axis=-1)
-    nll = lse - picked
-    if label_smoothing:
-        # Smoothed target (1-eps)*onehot + eps/V, as fairseq's and optax.smooth_labels:
-        # -mean(log p) = lse - mean(shifted).
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - jnp.mean(shifted, axis=-1))
-    correct = (picked >= 0.0) & (labels == safe_labels)
-    return nll, correct
+    """(ce [B,T], correct [B,T]) through the model's fused LM head + loss (reverse mode only)."""
+    return _apply(
+        model,
+        params,
+        batch,
+        rng,
+        deterministic,
+        method="token_cross_entropy",
+        labels=batch["labels"],
+        label_smoothing=label_smoothing,
+    )
 
 
 def token_losses(
@@ -185,9 +192,11 @@ def token_losses(
     """Per-token cross-entropy [B,T] (float32; float64 for a float64 model) of `labels`.
 
     The meta-learned policy reweights these; `weighted_loss` is the ordinary reduction.
+    Differentiable in any mode (the meta estimators take its jvp), unlike the fused head of
+    `weighted_loss`: the same values, computed from the materialized logits.
     """
     logits = _logits(model, params, batch, rng, deterministic)
-    return _cross_entropy(logits, batch["labels"], label_smoothing)[0]
+    return cross_entropy(logits, batch["labels"], label_smoothing)[0]
 
 
 def _reduce(ce: jax.Array, correct: jax.Array, weights: jax.Array) -> tuple[jax.Array, Metrics]:
@@ -214,9 +223,9 @@ def weighted_loss(
 
     Metrics: loss, accuracy (argmax == label over tokens with w > 0), tokens (count of w > 0)
     and weight_sum. Zero weights make padding (or any ignored label) invisible to the loss.
+    The LM head and the loss are the model's fused `token_cross_entropy` (reverse mode only).
     """
-    logits = _logits(model, params, batch, rng, deterministic)
-    ce, correct = _cross_entropy(logits, batch["labels"], label_smoothing)
+    ce, correct = _head_cross_entropy(model, params, batch, rng, deterministic, label_smoothing)
     return _reduce(ce, correct, batch["weights"])
 
 
@@ -304,46 +313,6 @@ def make_train_step(
         donate_argnums=(0,) if donate else (),
     )
     return _placing(jitted, state_sharding)
-
-
-def make_eval_step(
-    model: nn.Module,
-    *,
-    mesh: Mesh | None = None,
-    jit: bool = True,
-    params_sharding: Sharding | Any = None,
-) -> Callable[[Any, Batch], Metrics]:
-    """`eval_step(params, batch) -> sums`: loss_sum (sum w*ce), weight_sum, tokens, correct.
-
-    Sums rather than means, so the caller aggregates any number of batches exactly:
-    loss = sum(loss_sum) / sum(weight_sum), accuracy = sum(correct) / sum(tokens).
-    No dropout and no label smoothing: this is the true cross-entropy. With jit=True, params
-    are moved to `params_sharding` (default replicated over `mesh`) when they are elsewhere.
-    """
-
-    def eval_step(params: Any, batch: Batch) -> Metrics:
-        logits = _logits(model, params, batch, None, True)
-        ce, correct = _cross_entropy(logits, batch["labels"], 0.0)
-        weights = batch["weights"].astype(jnp.float32)
-        counted = weights > 0
-        return {
-            "loss_sum": jnp.sum(weights * ce),
-            "weight_sum": jnp.sum(weights),
-            "tokens": jnp.sum(counted, dtype=jnp.int32),
-            "correct": jnp.sum(correct & counted, dtype=jnp.int32),
-        }
-
-    if not jit:
-        return eval_step
-    mesh = sharding_lib.make_mesh(MeshConfig()) if mesh is None else mesh
-    repl = sharding_lib.replicated(mesh)
-    params_sharding = repl if params_sharding is None else params_sharding
-    jitted = jax.jit(
-        eval_step,
-        in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
-        out_shardings=repl,
-    )
-    return _placing(jitted, params_sharding)
 
 
 def _placing(jitted: Callable, sharding: Any) -> Callable:

@@ -9,10 +9,10 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import PreTrainedTokenizerFast
 
 from meta_mask.data import corpora
 from meta_mask.data.corpora import (
+    CorpusError,
     CorpusSource,
     SentenceFilter,
     build_corpus,
@@ -25,42 +25,11 @@ from meta_mask.data.corpora import (
 )
 from meta_mask.data.sentences import split_sentences
 from meta_mask.data.tokenize import tokenize_sentences
+from tests.data.corpus_helpers import SENTENCES, world_corpus, world_like_records
 from tests.data.tokenizer_helpers import word_tokenizer
 
 # ------------------------------------------------------------------------------------------
 # Helpers
-
-SENTENCES = [
-    "Alice Moreau was born in Lyon in 1950.",
-    "She worked for the Acme company for ten years.",
-    "Bob Stone lives in Paris with his two cats.",
-    "The river flows north through the old town.",
-    "Carol Diaz studied music at the city school.",
-    "Every summer the family visited the sea coast.",
-    "Dan Brown wrote several long books about art.",
-    "The museum opened its doors in the spring of 1901.",
-    "Eve Adams plays chess on Sunday mornings in the park.",
-    "The bridge was built from stone and iron beams.",
-]
-
-
-def world_like_records() -> list[dict]:
-    """Sentence records in world.py's format, with gold entity spans."""
-    records = []
-    for i, text in enumerate(SENTENCES):
-        words = text.split()
-        name = " ".join(words[:2])
-        ents = [(0, len(name), "PERSON", "name")] if words[0][0].isupper() and i % 2 == 0 else []
-        if "Lyon" in text:
-            s = text.index("Lyon")
-            ents.append((s, s + 4, "GPE", "birth_city"))
-        records.append({"text": text, "doc_id": i // 2, "person_id": i // 2, "entities": ents})
-    return records
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return word_tokenizer(SENTENCES)
 
 
 def counting(fn):
@@ -218,8 +187,6 @@ def test_wikipedia_hub_offline_error_says_how_to_use_local_files(monkeypatch):
 
 
 def test_task_documents_contexts_summaries_and_qa_without_contexts(tmp_path):
-    from meta_mask.data import tasks
-
     rows = {
         "train": [
             {
@@ -237,9 +204,16 @@ def test_task_documents_contexts_summaries_and_qa_without_contexts(tmp_path):
             },
         ]
     }
-    tasks.register_task(tasks.synthetic_task("corpora_test_ctx", lambda: rows), replace=True)
-    docs = list(task_documents("corpora_test_ctx", "train"))
+    # A task in meta_mask's own schema (a world task's files), contexts included.
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "train.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows["train"])
+    )
+    docs = list(task_documents("world_qa", "train", data_dir=tmp_path / "own"))
     assert [d["text"] for d in docs] == ["Alice was born in Lyon.", "Alice grew up in Lyon."]
+    # Without files a world task has no documents of its own: the world's corpus is the world.
+    with pytest.raises(CorpusError, match="synthetic world.*corpus 'world'"):
+        list(task_documents("world_qa", "train"))
 
     (tmp_path / "train.jsonl").write_text(
         "\n".join(
@@ -286,22 +260,24 @@ def test_corpus_source_specs_and_validation(tmp_path):
 # Tokenize once, cache on disk
 
 
-def test_build_corpus_matches_tokenize_sentences_and_counts_truncation(tmp_path, tokenizer):
+def test_build_corpus_matches_tokenize_sentences_and_counts_truncation(
+    tmp_path, sentence_tokenizer
+):
     records = world_like_records()
     src = CorpusSource(kind="records", records=records, name="world")
     corpus = build_corpus(
-        src, tokenizer, tmp_path, sentence_filter=SentenceFilter(min_words=1), max_length=9
+        src, sentence_tokenizer, tmp_path, sentence_filter=SentenceFilter(min_words=1), max_length=9
     )
     ds = corpus.dataset
     assert len(ds) == len(records)
-    ref = tokenize_sentences(records, tokenizer)
+    ref = tokenize_sentences(records, sentence_tokenizer)
     n_trunc = 0
     for row, r, rec in zip(ds, ref, records, strict=True):
         assert row["text"] == rec["text"] and row["doc_id"] == str(rec["doc_id"])
         full = list(r["input_ids"])
         if len(full) > 9:
             n_trunc += 1
-            assert row["input_ids"] == full[:8] + [tokenizer.eos_token_id]
+            assert row["input_ids"] == full[:8] + [sentence_tokenizer.eos_token_id]
             assert row["truncated"]
         else:
             assert row["input_ids"] == full
@@ -324,7 +300,7 @@ def test_build_corpus_matches_tokenize_sentences_and_counts_truncation(tmp_path,
 
 
 def test_cache_reloads_without_retokenizing_and_rebuilds_on_changes(
-    tmp_path, tokenizer, monkeypatch, caplog
+    tmp_path, sentence_tokenizer, monkeypatch, caplog
 ):
     corpus_file = tmp_path / "c.txt"
     corpus_file.write_text("\n".join(SENTENCES) + "\n")
@@ -341,7 +317,7 @@ def test_cache_reloads_without_retokenizing_and_rebuilds_on_changes(
     monkeypatch.setattr(corpora, "file_documents", counting_reader)
 
     def build(**kw):
-        tok = kw.pop("tok", tokenizer)
+        tok = kw.pop("tok", sentence_tokenizer)
         args = {"sentence_filter": SentenceFilter(), "max_length": 16, "tokenize_fn": fn}
         return build_corpus(src, tok, cache, **(args | kw))
 
@@ -381,50 +357,54 @@ def test_cache_reloads_without_retokenizing_and_rebuilds_on_changes(
     assert not changed.from_cache and len(changed.dataset) == 5
 
 
-def test_tokenizer_fingerprint_depends_on_content_not_object(tokenizer):
+def test_tokenizer_fingerprint_depends_on_content_not_object(sentence_tokenizer):
     same = word_tokenizer(SENTENCES)
     other = word_tokenizer(SENTENCES[:3])
-    assert tokenizer_fingerprint(same) == tokenizer_fingerprint(tokenizer)
-    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(same) == tokenizer_fingerprint(sentence_tokenizer)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(sentence_tokenizer)
 
 
-def test_build_from_local_wikipedia_parquet(tmp_path, tokenizer):
+def test_build_from_local_wikipedia_parquet(tmp_path, sentence_tokenizer):
     path = tmp_path / "wiki.parquet"
     write_wiki_parquet(path, [" ".join(SENTENCES[:5]), "Heading\n" + " ".join(SENTENCES[5:])])
     src = CorpusSource.from_spec(str(tmp_path / "wik*.parquet"))
-    corpus = build_corpus(src, tokenizer, tmp_path / "cache", max_sentences=7, max_length=32)
+    corpus = build_corpus(
+        src, sentence_tokenizer, tmp_path / "cache", max_sentences=7, max_length=32
+    )
     assert corpus.dataset["text"] == SENTENCES[:7]  # "Heading" is filtered out by length
     assert corpus.dataset["doc_id"] == ["100"] * 5 + ["101"] * 2
     assert corpus.stats["counts"]["too_few_chars"] == 1
     with pytest.raises(FileNotFoundError, match="matches no file"):
-        build_corpus(CorpusSource.from_spec(str(tmp_path / "none-*.parquet")), tokenizer, tmp_path)
+        build_corpus(
+            CorpusSource.from_spec(str(tmp_path / "none-*.parquet")), sentence_tokenizer, tmp_path
+        )
 
 
-def test_multiprocess_build_reloads_from_its_shards(tmp_path, tokenizer):
+def test_multiprocess_build_reloads_from_its_shards(tmp_path, sentence_tokenizer):
     src = CorpusSource(kind="records", records=world_like_records(), name="mp")
     kw = {"sentence_filter": SentenceFilter(min_words=1), "max_length": 16, "num_proc": 2}
-    built = build_corpus(src, tokenizer, tmp_path, **kw)
+    built = build_corpus(src, sentence_tokenizer, tmp_path, **kw)
     assert len(built.files) == 2 and all(f.exists() for f in built.files)
     fn, calls = counting(tokenize_sentences)
-    again = build_corpus(src, tokenizer, tmp_path, tokenize_fn=fn, **kw)
+    again = build_corpus(src, sentence_tokenizer, tmp_path, tokenize_fn=fn, **kw)
     assert again.from_cache and calls["sentences"] == 0
     assert again.dataset["input_ids"] == built.dataset["input_ids"]
-    single = build_corpus(src, tokenizer, tmp_path / "one", **(kw | {"num_proc": None}))
+    single = build_corpus(src, sentence_tokenizer, tmp_path / "one", **(kw | {"num_proc": None}))
     assert single.dataset["input_ids"] == built.dataset["input_ids"]
     assert single.fingerprint == built.fingerprint  # num_proc changes how, not what
 
 
-def test_build_corpus_surfaces_the_readers_own_errors(tmp_path, tokenizer, monkeypatch):
+def test_build_corpus_surfaces_the_readers_own_errors(tmp_path, sentence_tokenizer, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "A fine first sentence here."}) + "\n{oops\n")
     with pytest.raises(ValueError, match=rf"{bad}:2: malformed JSON"):
-        build_corpus(CorpusSource.from_spec(str(bad)), tokenizer, tmp_path / "cache")
+        build_corpus(CorpusSource.from_spec(str(bad)), sentence_tokenizer, tmp_path / "cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError, match="data_files="):
-        build_corpus(CorpusSource.from_spec("wikipedia"), tokenizer, tmp_path / "cache")
+        build_corpus(CorpusSource.from_spec("wikipedia"), sentence_tokenizer, tmp_path / "cache")
     # A failed build leaves no cache entry behind: after fixing the file it builds.
     bad.write_text(json.dumps({"text": "A fine first sentence here."}) + "\n")
-    fixed = build_corpus(CorpusSource.from_spec(str(bad)), tokenizer, tmp_path / "cache")
+    fixed = build_corpus(CorpusSource.from_spec(str(bad)), sentence_tokenizer, tmp_path / "cache")
     assert fixed.dataset["text"] == ["A fine first sentence here."]
 
 
@@ -435,8 +415,7 @@ def test_world_sentences_as_a_records_corpus(tmp_path):
 
     world = build_world(WorldConfig(num_people=6))
     tok = world_tokenizer(world)
-    src = CorpusSource(kind="records", records=world.sentences, name="world")
-    corpus = build_corpus(src, tok, tmp_path, sentence_filter=SentenceFilter(min_words=1))
+    corpus = world_corpus(world, tmp_path, tok, sentence_filter=SentenceFilter(min_words=1))
     assert len(corpus) == len(world.sentences) and corpus.stats["truncated"] == 0
     for row, rec in zip(corpus.dataset, world.sentences, strict=True):
         types = [t for *_, t in rec["entities"]]

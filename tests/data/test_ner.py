@@ -1,11 +1,9 @@
 """Salient spans: the REAL spaCy pipeline on a few sentences, the date pattern, span merging,
-label choice, gold spans kept, and the install hint when no pipeline is there."""
+label choice, and the install hint when no pipeline is there."""
 
 import pytest
 
-from meta_mask.data import ner
 from meta_mask.data.ner import (
-    annotate_records,
     annotate_texts,
     find_dates,
     load_spacy,
@@ -76,32 +74,6 @@ def test_merge_spans_unions_overlaps_keeping_longest_label():
     assert merge_spans(spans) == [(0, 5, "PERSON"), (6, 14, "EVENT"), (20, 24, "GPE")]
     assert merge_spans([(4, 8, "DATE"), (0, 6, "DATE")]) == [(0, 8, "DATE")]
     assert merge_spans([]) == []
-
-
-def test_records_keep_gold_spans_and_annotate_the_rest(nlp):
-    records = [
-        {"text": TEXTS[0], "entity_spans": [[0, 6]], "entity_labels": ["PERSON"]},
-        {"text": TEXTS[1]},
-    ]
-    out, result = annotate_records(records, nlp=nlp)
-    assert out[0]["entity_spans"] == [[0, 6]] and out[0]["entity_labels"] == ["PERSON"]
-    pairs = zip(out[1]["entity_spans"], out[1]["entity_labels"], strict=True)
-    spans = [(s, e, lab) for (s, e), lab in pairs]
-    assert ("Marie Curie", "PERSON") in texts_of(TEXTS[1], spans)
-    assert len(result.spans) == 1  # only the record without gold went through spaCy
-    assert "entity_spans" not in records[1]  # inputs untouched
-    # use_gold=False re-annotates every record.
-    out, result = annotate_records(records, nlp=nlp, use_gold=False)
-    assert len(result.spans) == 2 and out[0]["entity_labels"][0] == "PERSON"
-
-
-def test_all_gold_never_loads_spacy(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("spaCy loaded")
-
-    monkeypatch.setattr(ner, "load_spacy", fail)
-    out, _ = annotate_records([{"text": "x", "entity_spans": [], "entity_labels": []}])
-    assert out[0]["entity_spans"] == []
 
 
 def test_missing_pipeline_says_how_to_install():

@@ -10,7 +10,6 @@ import pytest
 
 from meta_mask.config import WorldConfig
 from meta_mask.data import pmi
-from meta_mask.data.corpora import CorpusSource, build_corpus
 from meta_mask.data.pmi import (
     build_corpus_pmi,
     build_pmi_table,
@@ -24,7 +23,7 @@ from meta_mask.data.pmi import (
     save_corpus_pmi,
 )
 from meta_mask.data.world import build_world
-from meta_mask.data.world_tokenizer import world_tokenizer
+from tests.data.corpus_helpers import world_corpus
 
 
 def rec(words):
@@ -147,14 +146,14 @@ def test_batch_spans_are_each_rows_spans_and_rows_are_checked():
         built.batch_spans(np.array([300]), word_ids[:1])
 
 
-def world_corpus(cache_dir):
-    world = build_world(WorldConfig(num_people=10, num_bios=2))
-    source = CorpusSource(kind="records", records=list(world.sentences), name="world")
-    return build_corpus(source, world_tokenizer(world), cache_dir, max_length=48)
+def small_world_corpus(cache_dir):
+    return world_corpus(
+        build_world(WorldConfig(num_people=10, num_bios=2)), cache_dir, max_length=48
+    )
 
 
 def test_corpus_pmi_is_cached_next_to_the_corpus(tmp_path, monkeypatch):
-    corpus = world_corpus(tmp_path)
+    corpus = small_world_corpus(tmp_path)
     params = {"max_n": 4, "min_count": 3, "top_k": 50}
     first = corpus_pmi(corpus, **params)
     assert first.table.ngrams and len(first) == len(corpus)
@@ -169,7 +168,7 @@ def test_corpus_pmi_is_cached_next_to_the_corpus(tmp_path, monkeypatch):
         return build_corpus_pmi(*args)
 
     monkeypatch.setattr(pmi, "build_corpus_pmi", counting_build)
-    again = world_corpus(tmp_path)
+    again = small_world_corpus(tmp_path)
     assert again.from_cache and again.fingerprint == corpus.fingerprint
     assert_same_corpus_pmi(corpus_pmi(again, **params), first)
     assert calls == []

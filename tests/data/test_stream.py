@@ -4,47 +4,34 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from transformers import PreTrainedTokenizerFast
 
-from meta_mask.data.corpora import CorpusSource, SentenceFilter, build_corpus
 from meta_mask.data.stream import CorpusStream
-from tests.data.test_corpora import SENTENCES, world_like_records
-from tests.data.tokenizer_helpers import word_tokenizer
+from tests.helpers import BART_SPECIAL as SPECIAL  # word_tokenizer's ids
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return word_tokenizer(SENTENCES)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer):
-    records = world_like_records() * 3  # 30 sentences
-    src = CorpusSource(kind="records", records=records, name="stream")
-    return build_corpus(
-        src,
-        tokenizer,
-        tmp_path_factory.mktemp("stream"),
-        sentence_filter=SentenceFilter(min_words=1),
-        max_length=16,
+def test_stream_resume_equals_uninterrupted_pass(records_corpus):
+    stream = CorpusStream(
+        records_corpus.dataset, batch_size=4, max_length=16, seed=3, special=SPECIAL
     )
-
-
-def test_stream_resume_equals_uninterrupted_pass(corpus):
-    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3)
-    full = [b for _, b in zip(range(20), stream.iterate(0), strict=False)]
+    full = [stream.batch_at(4 * i) for i in range(20)]
     resumed_at = 9 * 4  # crosses the epoch boundary (7 batches per epoch)
-    fresh = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=3)
-    tail = [b for _, b in zip(range(11), fresh.iterate(resumed_at), strict=False)]
-    for (_, a), (_, b) in zip(full[9:], tail, strict=True):
+    fresh = CorpusStream(
+        records_corpus.dataset, batch_size=4, max_length=16, seed=3, special=SPECIAL
+    )
+    tail = [fresh.batch_at(resumed_at + 4 * i) for i in range(11)]
+    for a, b in zip(full[9:], tail, strict=True):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
-    other_seed = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=4)
+    other_seed = CorpusStream(
+        records_corpus.dataset, batch_size=4, max_length=16, seed=4, special=SPECIAL
+    )
     assert not np.array_equal(other_seed.batch_at(0)["indices"], stream.batch_at(0)["indices"])
 
 
-def test_stream_epochs_are_permutations(corpus):
-    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0)
+def test_stream_epochs_are_permutations(records_corpus):
+    stream = CorpusStream(
+        records_corpus.dataset, batch_size=4, max_length=16, seed=0, special=SPECIAL
+    )
     assert stream.batches_per_epoch == 7
     for epoch in range(2):
         rows = np.concatenate([stream.indices_at((epoch * 7 + s) * 4) for s in range(7)])
@@ -53,21 +40,24 @@ def test_stream_epochs_are_permutations(corpus):
     assert not np.array_equal(stream.permutation(0), stream.permutation(1))
 
 
-def test_stream_batches_are_padded_rows_of_the_corpus(corpus, tokenizer):
-    ds = corpus.dataset
-    stream = CorpusStream(ds, batch_size=6, max_length=16, seed=1, max_entities=1)
+def test_stream_batches_are_padded_rows_of_the_corpus(records_corpus, sentence_tokenizer):
+    ds = records_corpus.dataset
+    # max_entities is a lower bound: no row's entity is ever dropped.
+    most = max(len(spans) for spans in ds["entity_spans"])
+    assert most > 1
+    stream = CorpusStream(ds, batch_size=6, max_length=16, seed=1, max_entities=1, special=SPECIAL)
     batch = stream.batch_at(12)
     assert batch["input_ids"].shape == (6, 16) and batch["input_ids"].dtype == np.int32
-    assert batch["entity_spans"].shape == (6, 1, 2)
+    assert batch["entity_spans"].shape == (6, most, 2)
     for i, r in enumerate(batch["indices"]):
         row = ds[int(r)]
         n = len(row["input_ids"])
         assert batch["lengths"][i] == n
         assert batch["input_ids"][i, :n].tolist() == row["input_ids"]
-        assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
+        assert (batch["input_ids"][i, n:] == sentence_tokenizer.pad_token_id).all()
         assert batch["word_ids"][i, :n].tolist() == row["word_ids"]
         assert (batch["word_ids"][i, n:] == -1).all()
-        e = min(len(row["entity_spans"]), 1)
+        e = len(row["entity_spans"])
         assert batch["num_entities"][i] == e
         assert batch["entity_spans"][i, :e].tolist() == row["entity_spans"][:e]
     assert stream.entity_labels(batch["indices"]) == [
@@ -78,11 +68,19 @@ def test_stream_batches_are_padded_rows_of_the_corpus(corpus, tokenizer):
     ]
 
 
-def test_stream_hosts_get_disjoint_shards_of_each_global_batch(corpus):
-    glob = CorpusStream(corpus.dataset, batch_size=6, max_length=16, seed=5)
+def test_stream_hosts_get_disjoint_shards_of_each_global_batch(records_corpus):
+    glob = CorpusStream(
+        records_corpus.dataset, batch_size=6, max_length=16, seed=5, special=SPECIAL
+    )
     hosts = [
         CorpusStream(
-            corpus.dataset, batch_size=6, max_length=16, seed=5, process_index=i, process_count=3
+            records_corpus.dataset,
+            batch_size=6,
+            max_length=16,
+            seed=5,
+            process_index=i,
+            process_count=3,
+            special=SPECIAL,
         )
         for i in range(3)
     ]
@@ -94,28 +92,41 @@ def test_stream_hosts_get_disjoint_shards_of_each_global_batch(corpus):
         np.testing.assert_array_equal(joined, glob.batch_at(pos)["indices"])
 
 
-def test_stream_errors(corpus):
-    stream = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0)
+def test_stream_errors(records_corpus):
+    stream = CorpusStream(
+        records_corpus.dataset, batch_size=4, max_length=16, seed=0, special=SPECIAL
+    )
     with pytest.raises(ValueError, match="multiple of the global batch_size=4"):
         stream.batch_at(6)
     with pytest.raises(ValueError, match="max_length=5 is shorter"):
-        CorpusStream(corpus.dataset, batch_size=4, max_length=5, seed=0)
+        CorpusStream(records_corpus.dataset, batch_size=4, max_length=5, seed=0, special=SPECIAL)
     with pytest.raises(ValueError, match="not divisible by process_count=3"):
-        CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=0, process_count=3)
+        CorpusStream(
+            records_corpus.dataset,
+            batch_size=4,
+            max_length=16,
+            seed=0,
+            process_count=3,
+            special=SPECIAL,
+        )
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        CorpusStream(corpus.dataset, batch_size=64, max_length=16, seed=0)
+        CorpusStream(records_corpus.dataset, batch_size=64, max_length=16, seed=0, special=SPECIAL)
 
 
-def test_stream_accepts_a_corpus_and_a_selected_view(corpus):
-    from_corpus = CorpusStream(corpus, batch_size=4, max_length=16, seed=2)
-    from_dataset = CorpusStream(corpus.dataset, batch_size=4, max_length=16, seed=2)
+def test_stream_accepts_a_corpus_and_a_selected_view(records_corpus):
+    from_corpus = CorpusStream(records_corpus, batch_size=4, max_length=16, seed=2, special=SPECIAL)
+    from_dataset = CorpusStream(
+        records_corpus.dataset, batch_size=4, max_length=16, seed=2, special=SPECIAL
+    )
     np.testing.assert_array_equal(
         from_corpus.batch_at(8)["input_ids"], from_dataset.batch_at(8)["input_ids"]
     )
     rows = [3, 7, 11, 12, 20, 25]
-    view = corpus.dataset.select(rows)
-    stream = CorpusStream(view, batch_size=6, max_length=16, seed=0)
+    view = records_corpus.dataset.select(rows)
+    stream = CorpusStream(view, batch_size=6, max_length=16, seed=0, special=SPECIAL)
     batch = stream.batch_at(0)
     for i, r in enumerate(batch["indices"]):
         n = batch["lengths"][i]
-        assert batch["input_ids"][i, :n].tolist() == corpus.dataset[rows[int(r)]]["input_ids"]
+        assert (
+            batch["input_ids"][i, :n].tolist() == records_corpus.dataset[rows[int(r)]]["input_ids"]
+        )

@@ -7,25 +7,15 @@ import logging
 
 import pytest
 
-from meta_mask.data import task_files, tasks
-from meta_mask.data.tasks import (
-    DATA_DIR_FLAG,
-    Example,
-    TaskDataError,
-    TaskOfflineError,
-    load_task,
-    read_task,
-)
+from meta_mask.config import WorldConfig
+from meta_mask.data import task_files, task_spec, tasks
+from meta_mask.data.task_files import DATA_DIR_FLAG
+from meta_mask.data.task_spec import Example, TaskDataError
+from meta_mask.data.tasks import TaskOfflineError, UnknownNameError, load_task, read_task
+from meta_mask.data.world import build_world, world_task
+from meta_mask.errors import UserError
 from meta_mask.evaluation import metrics
 from tests.data import fixtures
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """A private copy of the registry so registration tests leave no trace."""
-    copy = dict(tasks.TASKS)
-    monkeypatch.setattr(tasks, "TASKS", copy)
-    return copy
 
 
 def test_registry_has_the_nine_tasks_with_their_categories_and_metrics():
@@ -48,7 +38,7 @@ def test_registry_has_the_nine_tasks_with_their_categories_and_metrics():
     assert tasks.get_task("cnndm").hub_config == "3.0.0"
     # Script-only main branches are read from the hub's parquet export.
     assert tasks.get_task("xsum").revision == "refs/convert/parquet"
-    assert tasks.METRIC_NAMES == metrics.METRICS
+    assert task_spec.METRIC_NAMES == metrics.METRICS
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "json"])
@@ -152,6 +142,47 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
         load_task("nq", "train", data_dir=tmp_path)
 
 
+def test_non_utf8_byte_names_its_own_line(tmp_path):
+    # A text-mode reader decodes ahead in chunks of 8 KiB, so a bad byte on line 2 would be
+    # blamed on line 1; the error must name the line that holds it.
+    d = tmp_path / "d"
+    d.mkdir()
+    path = d / "train.jsonl"
+    path.write_bytes(
+        b'{"question": "q1", "answers": ["a"]}\n{"question": "caf\xe9 \xff", "answers": ["b"]}\n'
+    )
+    with pytest.raises(TaskDataError) as err:
+        load_task("wq", "train", data_dir=d)
+    assert str(err.value).startswith(f"{path}:2: not UTF-8 (byte 0xe9 at byte 18 of the line)")
+    assert isinstance(err.value, UserError)
+    # Far beyond the first 8 KiB: still its own line.
+    good = json.dumps({"question": "q" * 100, "answers": ["a"]}).encode() + b"\n"
+    lines = [good] * 200 + [b'{"question": "\xff", "answers": ["b"]}\n', good]
+    assert sum(map(len, lines[:200])) > 16 * 1024
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(TaskDataError, match=rf"{path}:201: not UTF-8 \(byte 0xff at byte 15 "):
+        load_task("wq", "train", data_dir=d)
+    # A JSON array file (read whole) names the line as well.
+    path.unlink()
+    (d / "train.json").write_bytes(
+        b'[\n{"question": "q", "answers": ["a"]},\n{"question": "\xff"}\n]'
+    )
+    with pytest.raises(
+        TaskDataError, match=rf"{d / 'train.json'}:3: not UTF-8 \(byte 0xff at byte 15"
+    ):
+        load_task("wq", "train", data_dir=d)
+
+
+def test_data_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="Unknown task 'nope'"):
+        tasks.get_task("nope")
+    with pytest.raises(UserError, match="not a directory"):
+        load_task("nq", "train", data_dir=tmp_path / "nope")
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(UserError, match="no rows"):
+        load_task("nq", "train", data_dir=tmp_path)
+
+
 def test_wrong_column_type_names_the_line(tmp_path):
     rows = fixtures.nq_rows("train")
     path = tmp_path / "train.jsonl"
@@ -192,7 +223,6 @@ def test_rows_without_answers_are_skipped_and_counted(tmp_path, caplog):
         data = read_task("tqa", "validation", data_dir=tmp_path)
     assert [ex.id for ex in data.examples] == ["tc_validation_2"]
     assert data.skipped == {"no answer": ["tc_validation_0"], "empty source": ["tc_validation_1"]}
-    assert data.num_skipped == 2
     assert "skipped 1 of 3 rows with no answer" in caplog.text
 
 
@@ -238,47 +268,80 @@ def test_offline_hub_says_how_to_use_local_files(monkeypatch):
         assert expected in message
 
 
-def test_synthetic_task_registration(registry):
-    splits = {
-        "train": [
-            {
-                "source": "Where was Ada Lovi born?",
-                "targets": ["Port Mora"],
-                "contexts": [
-                    {"text": "Ada Lovi was born in Port Mora.", "answer_spans": [[21, 30]]}
-                ],
-                "person_id": 3,
-                "attribute": "birth_city",
-            }
-        ],
-        "test": [{"source": "Who employs Ada Lovi?", "targets": ["Zeta Corp"], "contexts": []}],
+def test_world_tasks_are_ordinary_registry_entries():
+    world = build_world(WorldConfig(num_people=20, num_bios=1))
+    for name, metric in [("world_qa", "em_f1"), ("world_qa_dates", "em_f1"),
+                         ("world_qa_personal", "em_f1"), ("world_summary", "rouge")]:  # fmt: skip
+        spec = tasks.get_task(name)
+        assert name in tasks.TASKS
+        assert (spec.category, spec.metric, spec.world_variant) == ("synthetic", metric, name)
+        assert spec.splits == ("train", "dev", "test") and tasks.dev_split(name) == "dev"
+        for split in spec.splits:
+            rows = world_task(world, name)[split]
+            examples = load_task(name, split, world=world)
+            # The world's rows in order, with the row index as id and the rest in meta.
+            assert examples == [
+                tasks.example_from_dict(r, f"{split}-{i}") for i, r in enumerate(rows)
+            ]
+            assert [(e.source, e.targets, e.id) for e in examples] == [
+                (r["source"], r["targets"], f"{split}-{i}") for i, r in enumerate(rows)
+            ]
+            assert [e.meta for e in examples] == [
+                {"person_id": r["person_id"], "attribute": r["attribute"]} for r in rows
+            ]
+            assert [e.fact_id for e in examples] == [r["fact"] for r in rows]
+        head = load_task(name, "train", world=world, max_examples=3)
+        assert head == load_task(name, "train", world=world)[:3]
+    with pytest.raises(ValueError, match="synthetic world: pass world="):
+        load_task("world_qa", "train")
+    with pytest.raises(KeyError, match="no split 'validation'; valid: train, dev, test"):
+        load_task("world_qa", "validation", world=world)
+
+
+def test_dev_split_comes_from_the_spec():
+    assert tasks.dev_split("nq") == "validation" and tasks.dev_split("fever") == "validation"
+    with pytest.raises(UnknownNameError, match="'wq' has no dev split.*train, test"):
+        tasks.dev_split("wq")
+
+
+def test_example_from_dict_keeps_contexts_and_meta_and_checks_spans():
+    import numpy as np
+
+    row = {
+        "source": "Where was Ada Lovi born?",
+        "targets": ["Port Mora", " Port Mora ", ""],
+        "contexts": [{"text": "Ada Lovi was born in Port Mora.", "answer_spans": [[21, 30]]}],
+        "person_id": 3,
+        "attribute": "birth_city",
     }
-    tasks.register_task(tasks.synthetic_task("toy_world", lambda: splits))
-    (ex,) = load_task("toy_world", "train")
+    ex = tasks.example_from_dict(row, "train-0")
     assert ex.targets == ["Port Mora"] and ex.id == "train-0"
     assert ex.contexts == [{"text": "Ada Lovi was born in Port Mora.", "answer_spans": [(21, 30)]}]
-    text = ex.contexts[0]["text"]
-    assert text[slice(*ex.contexts[0]["answer_spans"][0])] == "Port Mora"
     assert ex.meta == {"person_id": 3, "attribute": "birth_city"}
-    assert tasks.get_task("toy_world").category == "synthetic"
-    assert "toy_world" in tasks.task_names()
-    with pytest.raises(KeyError, match="no split 'validation'; valid: test, train"):
-        load_task("toy_world", "validation")
-    with pytest.raises(ValueError, match="already registered"):
-        tasks.register_task(tasks.synthetic_task("toy_world", lambda: splits))
-    tasks.register_task(tasks.synthetic_task("toy_world", lambda: splits), replace=True)
+    assert ex.fact == "" and ex.fact_id == "train-0"  # no fact id: the example is its own fact
+    ex = tasks.example_from_dict({**row, "fact": "3:birth_city"}, "train-0")
+    assert ex.fact == ex.fact_id == "3:birth_city" and "fact" not in ex.meta
+    with pytest.raises(task_spec.RowError, match="'fact' must be a string"):
+        tasks.example_from_dict({**row, "fact": 3}, "train-0")
+    # numpy integers (e.g. spans from an array) become plain ints.
+    row["contexts"] = [{"text": "ab", "answer_spans": [np.array([1, 2])]}]
+    ex = tasks.example_from_dict(row, "train-0")
+    assert ex.contexts[0]["answer_spans"] == [(1, 2)]
+    assert all(type(x) is int for x in ex.contexts[0]["answer_spans"][0])
+    row["contexts"] = [{"text": "ab", "answer_spans": [[1, 9]]}]
+    with pytest.raises(task_spec.RowError, match="answer span"):
+        tasks.example_from_dict(row, "train-0")
 
-    splits["train"][0]["contexts"][0]["answer_spans"] = [[21, 99]]
-    with pytest.raises(TaskDataError, match="toy_world train row 0: answer span"):
-        load_task("toy_world", "train")
 
-
-def test_synthetic_task_reads_local_files_in_the_example_schema(registry, tmp_path):
-    tasks.register_task(tasks.synthetic_task("toy_world", lambda: {}))
+def test_world_task_reads_local_files_in_the_example_schema(tmp_path):
     row = {"source": "q?", "targets": ["a"], "contexts": [{"text": "xa", "answer_spans": [[1, 2]]}]}
     (tmp_path / "dev.jsonl").write_text(json.dumps(row) + "\n")
-    (ex,) = load_task("toy_world", "dev", data_dir=tmp_path)
+    (ex,) = load_task("world_qa", "dev", data_dir=tmp_path)
     assert ex.contexts[0]["answer_spans"] == [(1, 2)]
+    row["contexts"][0]["answer_spans"] = [[1, 9]]
+    (tmp_path / "dev.jsonl").write_text("\n" + json.dumps(row) + "\n")
+    with pytest.raises(TaskDataError, match=r"dev\.jsonl:2: answer span \[1, 9\] lies outside"):
+        load_task("world_qa", "dev", data_dir=tmp_path)
 
 
 def test_task_spec_validates_its_fields():
@@ -286,42 +349,11 @@ def test_task_spec_validates_its_fields():
         tasks.TaskSpec("x", "qa", "em_f1", (), tasks.nq_example, hub_id="a/b")
     with pytest.raises(ValueError, match="metric='bleu'; valid: em_f1, accuracy, kilt_em, rouge"):
         tasks.TaskSpec("x", "closed_book_qa", "bleu", (), tasks.nq_example, hub_id="a/b")
-    with pytest.raises(ValueError, match="exactly one of hub_id and loader"):
+    with pytest.raises(ValueError, match="exactly one of hub_id and world_variant"):
         tasks.TaskSpec("x", "closed_book_qa", "em_f1", (), tasks.nq_example)
-
-
-def _whitespace_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>",
-    )  # fmt: skip
-
-
-def test_truncate_report_counts_long_sources_and_targets(caplog):
-    examples = [
-        Example(source="a b c", targets=["x"], id="0"),  # 5 tokens with <s> </s>
-        Example(source="a b c d e f", targets=["x y z w", "x"], id="1"),  # 8 tokens
-        Example(source="a", targets=["x y z w v"], id="2"),  # 3 tokens
-    ]
-    with caplog.at_level(logging.WARNING, logger="meta_mask.data.tasks"):
-        report = tasks.truncate_report(examples, _whitespace_tokenizer(), 5, 5, batch_size=2)
-    assert report.num_examples == 3 and report.num_sources_truncated == 1
-    assert report.max_source_tokens == 8
-    assert report.num_targets == 4 and report.num_targets_truncated == 2
-    assert report.max_target_tokens == 7
-    assert report.fraction_sources_truncated == pytest.approx(1 / 3)
-    assert "1 of 3 sources exceed 5 tokens" in caplog.text
-    none = tasks.truncate_report(examples, _whitespace_tokenizer(), 8)
-    assert none.num_sources_truncated == 0 and none.num_targets_truncated == 0
+    with pytest.raises(ValueError, match="dev_split='dev' is not one of its splits"):
+        tasks.TaskSpec("x", "closed_book_qa", "em_f1", (), tasks.nq_example, dev_split="dev",
+                       hub_id="a/b")  # fmt: skip
 
 
 def test_jsonl_with_crlf_and_unicode_line_separator_in_a_string(tmp_path):
@@ -334,17 +366,3 @@ def test_jsonl_with_crlf_and_unicode_line_separator_in_a_string(tmp_path):
     examples = load_task("nq", "train", data_dir=tmp_path)
     assert [ex.source for ex in examples] == ["who wrote\u2028moby dick", "capital of france"]
     assert task_files.validate_jsonl(tmp_path / "train.jsonl") == [1, 2]
-
-
-def test_context_spans_accept_numpy_integers(registry):
-    import numpy as np
-
-    row = {
-        "source": "q",
-        "targets": ["b"],
-        "contexts": [{"text": "ab", "answer_spans": [np.array([1, 2])]}],
-    }
-    tasks.register_task(tasks.synthetic_task("np_world", lambda: {"train": [row]}))
-    (ex,) = load_task("np_world", "train")
-    assert ex.contexts[0]["answer_spans"] == [(1, 2)]
-    assert all(type(x) is int for x in ex.contexts[0]["answer_spans"][0])

@@ -1,32 +1,30 @@
 """Tests of the synthetic knowledge world, its tokenizer and the span-aware tokenizer."""
 
 import dataclasses
-import hashlib
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from meta_mask.config import WorldConfig
 from meta_mask.data.tokenize import char_to_token_span, tokenize_sentences
 from meta_mask.data.world import (
     ATTRIBUTES,
+    GENERIC_QA_TASK,
     QA_VARIANTS,
     SUMMARY_TASK,
     TASKS,
+    WorldConfigError,
     build_world,
     world_task,
     world_texts,
 )
 from meta_mask.data.world_tokenizer import NUM_SENTINELS, sentinel_token, world_tokenizer
+from tests.data.tokenizer_helpers import bpe_tokenizer
+from tests.data.world_digest import world_digest
+from tests.processes import run_module
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = WorldConfig(num_people=40, num_bios=3)
 
 
@@ -58,26 +56,15 @@ def test_same_seed_same_world_other_seed_other_world():
 def test_world_is_the_same_in_another_process_with_another_hash_seed():
     # Sets and dicts must never decide the world: a fresh interpreter with a different
     # PYTHONHASHSEED builds the identical corpus.
-    code = (
-        "import hashlib, json; from meta_mask.config import WorldConfig; "
-        "from meta_mask.data.world import build_world; "
-        "w = build_world(WorldConfig(num_people=40, num_bios=3)); "
-        "print(hashlib.sha256(json.dumps([w.sentences, w.splits]).encode()).hexdigest())"
-    )
-    digests = {
-        subprocess.run(
-            [sys.executable, "-c", code],
-            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)},
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        for seed in ("1", "2")
-    }
-    w = build_world(SMALL)
-    here = hashlib.sha256(json.dumps([w.sentences, w.splits]).encode()).hexdigest()
-    assert digests == {here}
+    digests = set()
+    for seed in ("1", "2"):
+        proc = run_module(
+            "tests.data.world_digest", SMALL.num_people, SMALL.num_bios,
+            env={"PYTHONHASHSEED": seed}, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        digests.add(proc.stdout.strip())
+    assert digests == {world_digest(build_world(SMALL))}
 
 
 def test_names_unique_and_distinct_from_other_person_values(world):
@@ -186,6 +173,23 @@ def test_every_test_answer_is_in_the_corpus_with_its_person(world, variant):
             assert ctx["text"][lo:hi] == answer
 
 
+@pytest.mark.parametrize("variant", list(QA_VARIANTS))
+def test_paraphrased_questions_share_one_fact_id(world, variant):
+    facts: dict[str, list[dict]] = {}
+    for split in ("train", "dev", "test"):
+        for ex in world_task(world, variant)[split]:
+            facts.setdefault(ex["fact"], []).append(ex)
+    asked = QA_VARIANTS[variant]
+    assert len(facts) == world.config.num_people * len(asked)  # one per person and attribute
+    for fact, examples in facts.items():
+        assert fact == f"{examples[0]['person_id']}:{examples[0]['attribute']}"
+        assert len(examples) == world.config.question_templates
+        assert len({ex["source"] for ex in examples}) == len(examples)  # paraphrases
+        assert len({tuple(ex["targets"]) for ex in examples}) == 1  # of one answer
+    summaries = world_task(world, SUMMARY_TASK)["test"]
+    assert {ex["fact"] for ex in summaries} == {f"{p}:summary" for p in world.splits["test"]}
+
+
 def test_variants_ask_disjoint_attributes_and_never_distractors(world):
     asked = [set(attrs) for attrs in QA_VARIANTS.values()]
     assert len(asked) >= 3
@@ -216,7 +220,7 @@ def test_summary_facts_are_in_its_source(world):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="attributes.*'birth_town'"):
+    with pytest.raises(WorldConfigError, match="attributes.*'birth_town'"):
         build_world(WorldConfig(attributes=("birth_town",)))
     with pytest.raises(ValueError, match="place_words"):
         build_world(WorldConfig(num_people=500, place_words=10))
@@ -228,7 +232,7 @@ def test_config_errors_name_the_field():
         WorldConfig(distractors_per_bio=9)
     w = build_world(dataclasses.replace(SMALL, attributes=("birth_city", "employer")))
     assert w.available_tasks() == ("world_qa", SUMMARY_TASK)
-    with pytest.raises(ValueError, match="world_qa_dates.*birth_date"):
+    with pytest.raises(WorldConfigError, match="world_qa_dates.*birth_date"):
         world_task(w, "world_qa_dates")
     with pytest.raises(ValueError, match="valid"):
         world_task(w, "nq")
@@ -343,21 +347,11 @@ def test_token_spans_line_up_with_char_spans(world, tok):
 
 def _tiny_bpe():
     """A BPE tokenizer that splits unseen words into pieces, to test span alignment."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=40, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False
-    )
-    bpe.train_from_iterator(["the cat sat on the mat"] * 5, trainer=trainer)
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
+    return bpe_tokenizer(
+        ["the cat sat on the mat"] * 5,
+        vocab_size=40,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        pre_tokenizer=pre_tokenizers.Whitespace(),
     )
 
 
@@ -397,12 +391,71 @@ def test_char_to_token_span_by_hand():
 def test_every_task_is_listed_and_registered(world):
     from meta_mask.data import tasks
 
-    assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK}
-    assert set(TASKS) <= set(tasks.task_names())
+    assert set(TASKS) == {*QA_VARIANTS, SUMMARY_TASK, GENERIC_QA_TASK}
+    assert set(TASKS) <= set(tasks.TASKS)
     assert tasks.get_task(SUMMARY_TASK).metric == "rouge"
-    data = tasks.read_task("world_qa", "test")
+    data = tasks.read_task("world_qa", "test", world=world)
     want = world_task(world, "world_qa")["test"]
     assert [(e.source, e.targets) for e in data.examples] == [
         (r["source"], r["targets"]) for r in want
     ]
     assert data.examples[0].meta["person_id"] == want[0]["person_id"]
+
+
+V2 = WorldConfig(
+    num_people=40,
+    generic_people=10,
+    num_bios=2,
+    split_fractions=(0.4, 0.2, 0.4),
+    corpus_unit="passage",
+)
+
+
+def test_generic_population_is_never_in_the_task_corpus_and_never_asked():
+    world = build_world(V2)
+    generic = set(world.splits["generic"])
+    assert len(generic) == 10 and sum(len(world.splits[s]) for s in ("train", "dev", "test")) == 30
+    assert not generic & {p for s in ("train", "dev", "test") for p in world.splits[s]}
+    task_rows, generic_rows = world.corpus_records("task"), world.corpus_records("generic")
+    assert {r["person_id"] for r in task_rows}.isdisjoint(generic)
+    assert {r["person_id"] for r in generic_rows} == generic
+    for variant in QA_VARIANTS:
+        for rows in world_task(world, variant).values():
+            assert not {r["person_id"] for r in rows} & generic
+    generic_qa = world_task(world, GENERIC_QA_TASK)
+    assert set(generic_qa) == {"train"}
+    assert {r["person_id"] for r in generic_qa["train"]} == generic
+    # Every attribute with questions is asked about the generic population.
+    assert {r["attribute"] for r in generic_qa["train"]} == set(V2.attributes)
+
+
+def test_passages_are_whole_biographies_with_typed_gold_entities():
+    world = build_world(V2)
+    rows = world.corpus_records("task")
+    assert len(rows) == 30 * V2.num_bios
+    for row in rows[:6]:
+        doc = world.documents[row["doc_id"]]
+        assert row["text"] == doc["text"]
+        kinds = {e[3] for e in row["entities"]}
+        entity_attributes = {a for a in V2.attributes if ATTRIBUTES[a].label}  # not hobbies
+        assert "name" in kinds and entity_attributes <= kinds
+        for start, end, _, kind in row["entities"]:
+            if kind != "name":
+                assert row["text"][start:end] == world.people[row["person_id"]].attributes[kind]
+    # QA contexts are the person's biographies, with the answer's span and the gold entities.
+    ex = world_task(world, "world_qa")["test"][0]
+    assert len(ex["contexts"]) == V2.num_bios
+    for ctx in ex["contexts"]:
+        ((start, end),) = ctx["answer_spans"]
+        assert ctx["text"][start:end] == ex["targets"][0]
+        assert any(e[3] == ex["attribute"] for e in ctx["entities"])
+
+
+def test_without_a_generic_population_the_sentence_world_is_unchanged():
+    # The sentence world (experiments/world_sentences.flags) keeps its people, split and corpus.
+    world = build_world(SMALL)
+    assert world.splits["generic"] == ()
+    assert world.corpus_records("task") == [dict(s) for s in world.sentences]
+    assert GENERIC_QA_TASK not in world.available_tasks()
+    with pytest.raises(WorldConfigError, match="generic_people"):
+        world_task(world, GENERIC_QA_TASK)

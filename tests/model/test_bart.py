@@ -8,17 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
+from meta_mask.batches import shift_right
 from meta_mask.config import tiny_model_config
 from meta_mask.model.bart import (
     Bart,
+    Dropout,
+    cross_entropy,
     decode_step,
+    head_cross_entropy,
     init_cache,
     init_params,
     reorder_cache,
-    shift_right,
 )
 from tests.model.hf_fixtures import (
     jax_logits,
@@ -121,8 +122,8 @@ def test_cache_layout_and_reorder():
     cache = init(params, encode(params, ids, mask), mask)
     heads, head_dim = config.decoder_attention_heads, config.d_model // 4
     layer = cache["decoder"]["layers_1"]
-    assert layer["self_attn"]["cached_key"].shape == (3, 4, heads, head_dim)
-    assert layer["encoder_attn"]["cross_key"].shape == (3, ids.shape[1], heads, head_dim)
+    assert layer["self_attn"]["cached_key"].shape == (3, heads, 4, head_dim)
+    assert layer["encoder_attn"]["cross_key"].shape == (3, heads, ids.shape[1], head_dim)
     # Reordering the batch of the cache == decoding a reordered batch.
     order = jnp.array([2, 0, 0])
     tok = jnp.full((3, 1), config.decoder_start_token_id, jnp.int32)
@@ -192,7 +193,7 @@ def test_remat_gives_identical_logits_and_gradients():
     params = init_params(config, jax.random.PRNGKey(4))
     ids, mask = padded_batch([10, 6], config.vocab_size, seed=11)
     labels, weights = padded_batch([8, 5], config.vocab_size, seed=12)
-    dec = shift_right(labels, config.decoder_start_token_id, config.pad_token_id)
+    dec = shift_right(labels, config.decoder_start_token_id)
 
     def loss_fn(p, cfg):
         logits = Bart(cfg).apply(
@@ -240,13 +241,67 @@ def test_dropout_only_when_not_deterministic():
     assert np.abs(run(False, 0) - run(True, 0)).max() > 1e-4
 
 
-def test_shift_right_matches_hf():
-    labels = np.array([[5, 6, 7, 2], [8, 2, -100, -100]])
-    ours = shift_right(labels, decoder_start_token_id=2, pad_token_id=1)
-    ref = transformers.models.bart.modeling_bart.shift_tokens_right(
-        torch.tensor(labels), pad_token_id=1, decoder_start_token_id=2
-    )
-    np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
+def test_dropout_keeps_the_right_fraction_independently_and_reproducibly():
+    rate, shape = 0.1, (64, 128, 32)
+    x = jnp.ones(shape)
+
+    def drop(seed):
+        return np.asarray(
+            Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+        )
+
+    a = drop(0)
+    kept = a != 0
+    n = kept.size
+    # Keep probability 1 - rate within 5 standard deviations; kept values scaled by its inverse.
+    assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_allclose(a[kept], 1 / (1 - rate), rtol=1e-6)
+    np.testing.assert_array_equal(drop(0), a)  # a pure function of the rng (resume redraws it)
+    b = drop(1) != 0
+    # Another rng: a different mask, uncorrelated with this one; within one mask, neighbours
+    # (along every axis, including the flat index the bits are hashed from) are uncorrelated.
+    assert (kept != b).mean() > 0.1
+    bound = 5 / np.sqrt(n)
+    assert abs(np.corrcoef(kept.ravel(), b.ravel())[0, 1]) < bound
+    for axis in range(3):
+        pairs = np.moveaxis(kept, axis, 0)
+        assert abs(np.corrcoef(pairs[1:].ravel(), pairs[:-1].ravel())[0, 1]) < 2 * bound
+    flat = kept.ravel()
+    for lag in (1, 2, 16, 2**16):
+        assert abs(np.corrcoef(flat[lag:], flat[:-lag])[0, 1]) < 2 * bound
+
+
+def test_head_cross_entropy_equals_autodiff_of_cross_entropy():
+    n, d, v = 24, 16, 40
+    keys = jax.random.split(jax.random.key(0), 4)
+    rows = jax.random.normal(keys[0], (n, d))
+    table = jax.random.normal(keys[1], (v, d))
+    bias = jax.random.normal(keys[2], (v,))
+    labels = jax.random.randint(keys[3], (n,), 0, v)
+    labels = labels.at[:3].set(jnp.array([-100, v, -1]))  # out of range: weight 0 in a batch
+    weights = jnp.where(jnp.arange(n) < 3, 0.0, jnp.linspace(0.5, 1.5, n))
+    top = jnp.argmax(rows @ table.T + bias, axis=-1)
+    labels = labels.at[3:6].set(top[3:6])  # some labels are the argmax: counted correct
+
+    for eps in (0.0, 0.1):
+
+        def plain(rows, table, eps=eps):
+            nll, correct = cross_entropy(rows @ table.T + jax.lax.stop_gradient(bias), labels, eps)
+            return jnp.sum(weights * nll), (nll, correct)
+
+        def fused(rows, table, eps=eps):
+            nll, correct = head_cross_entropy(rows, table, bias, labels, eps)
+            return jnp.sum(weights * nll), (nll, correct)
+
+        (_, (nll_p, ok_p)), grads_p = jax.value_and_grad(plain, (0, 1), has_aux=True)(rows, table)
+        (_, (nll_f, ok_f)), grads_f = jax.value_and_grad(fused, (0, 1), has_aux=True)(rows, table)
+        np.testing.assert_allclose(nll_f, nll_p, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(ok_f, ok_p)
+        assert ok_f[3:6].all() and not ok_f[:3].any()
+        for g_f, g_p in zip(grads_f, grads_p, strict=True):
+            np.testing.assert_allclose(g_f, g_p, rtol=1e-5, atol=1e-5)
+    bias_grad = jax.grad(lambda b: jnp.sum(head_cross_entropy(rows, table, b, labels, 0.0)[0]))
+    assert float(jnp.abs(bias_grad(bias)).max()) == 0.0  # HF's final_logits_bias: a buffer
 
 
 def test_init_params_follow_hf_init():

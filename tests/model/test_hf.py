@@ -4,7 +4,6 @@ offline hub messages, and tokenizer loading."""
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -14,6 +13,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from meta_mask.config import ModelConfig, tiny_model_config
+from meta_mask.errors import UserError
 from meta_mask.model.bart import init_params
 from meta_mask.model.hf import (
     CheckpointError,
@@ -24,6 +24,7 @@ from meta_mask.model.hf import (
     name_map,
     save_hf,
 )
+from tests.data.tokenizer_helpers import fast_tokenizer
 from tests.model.hf_fixtures import (
     jax_logits,
     make_torch_bart,
@@ -31,6 +32,7 @@ from tests.model.hf_fixtures import (
     save_torch_bart,
     torch_logits,
 )
+from tests.processes import run_module
 
 
 def _perturbed_params(config: ModelConfig, seed: int) -> dict:
@@ -250,6 +252,8 @@ def test_hub_id_offline_gives_actionable_error(monkeypatch):
         load_hf("facebook/bart-base-not-cached", flag="--model_name_or_path")
     msg = str(err.value)
     assert "download the folder elsewhere" in msg and "--model_name_or_path=DIR" in msg
+    # One message for the user: not the hub's chain of tracebacks.
+    assert isinstance(err.value, UserError) and err.value.__suppress_context__
     with pytest.raises(OSError, match="--tokenizer=DIR"):
         load_tokenizer("facebook/bart-base-not-cached", flag="--tokenizer")
     with pytest.raises(FileNotFoundError, match="no such directory"):
@@ -262,15 +266,7 @@ def test_load_tokenizer_from_local_dir(tmp_path):
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "the": 4, "cat": 5, "sat": 6, "<mask>": 7}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
-    tok.save_pretrained(str(tmp_path))
+    fast_tokenizer(backend).save_pretrained(str(tmp_path))
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.is_fast
     assert loaded("the cat sat dog", add_special_tokens=False)["input_ids"] == [4, 5, 6, 3]
@@ -280,13 +276,6 @@ def test_load_tokenizer_from_local_dir(tmp_path):
 
 
 def test_torch_is_not_imported_by_meta_mask():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, meta_mask.model.hf, meta_mask.model.bart; "
-        "sys.exit(int('torch' in sys.modules))"
-    )
-    root = pathlib.Path(__file__).resolve().parents[2]
-    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+    proc = run_module("tests.model.imports_without_torch", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     assert torch.__version__  # the reference is available to the tests only

@@ -1,24 +1,33 @@
 """Output formats: hand-written golden examples, round trips over random masks, 80/10/10 law,
 the JAX same-length variant, and shift_right against transformers' BART."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
-from meta_mask.config import PolicyConfig
+from meta_mask.batches import shift_right
 from meta_mask.policies.corrupt import (
-    corrupt_batch,
+    corrupt_full_sentence_jax,
     corrupt_np,
-    corrupt_tokens_jax,
+    corrupt_spans_jax,
     non_special_ids,
-    sentinel_ids,
-    shift_right,
 )
 from meta_mask.policies.sampler import BatchRng
+from meta_mask.special_tokens import SpecialTokens, sentinel_ids
+from tests.helpers import BART_SPECIAL as SPECIAL  # no sentinels: every span becomes <mask>
 
-MASK = 4
+MASK = SPECIAL.mask
 S0, S1, S2 = 100, 99, 98  # <extra_id_0>, <extra_id_1>, <extra_id_2> (T5 numbers them downwards)
+
+
+def with_sentinels(sentinels) -> SpecialTokens:
+    return dataclasses.replace(SPECIAL, sentinels=tuple(sentinels))
+
 
 # <s> A B C D </s>, and a shorter padded sentence <s> E F </s> <pad> <pad>
 IDS = np.array([[0, 10, 11, 12, 13, 2], [0, 20, 21, 2, 1, 1]], np.int32)
@@ -33,8 +42,7 @@ def run(fmt, infill="span", sentinels=(S0, S1, S2), enc_len=8, dec_len=8, **kw):
         output_format=fmt,
         enc_len=enc_len,
         dec_len=dec_len,
-        mask_id=MASK,
-        sentinels=sentinels,
+        special=with_sentinels(sentinels),
         infill=infill,
         **kw,
     )
@@ -113,7 +121,7 @@ def test_overflowing_target_drops_trailing_spans_whole():
     rng = np.random.default_rng(5)
     ids, mask = random_batch(rng)
     sentinels = list(range(200, 180, -1))
-    kw = dict(output_format="masked_spans", enc_len=20, mask_id=MASK, sentinels=sentinels)
+    kw = dict(output_format="masked_spans", enc_len=20, special=with_sentinels(sentinels))
     full = corrupt_np(ids, mask, dec_len=40, **kw)
     short = corrupt_np(ids, mask, dec_len=8, **kw)
     for i in range(len(ids)):
@@ -129,7 +137,7 @@ def test_overflowing_target_drops_trailing_spans_whole():
 
 def test_jax_same_length_variant_equals_numpy():
     ref = run("full_sentence", infill="token", enc_len=6, dec_len=6)
-    out = corrupt_tokens_jax(IDS, MASKED, MASK)
+    out = corrupt_full_sentence_jax(IDS, MASKED, SPECIAL)
     for k in ref:
         np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=k)
 
@@ -138,6 +146,10 @@ def test_shift_right_matches_transformers_bart():
     labels = np.array([[0, 10, 11, 2, 1, 1], [5, 6, 7, 8, 9, 2]], np.int32)
     ref = shift_tokens_right(torch.tensor(labels), pad_token_id=1, decoder_start_token_id=2)
     np.testing.assert_array_equal(shift_right(labels, 2), ref.numpy())
+    # The jax variant (the jitted producers' path): the same ids, a jax array back.
+    out = jax.jit(lambda x: shift_right(x, 2))(jnp.asarray(labels))
+    assert isinstance(out, jax.Array) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), ref.numpy())
 
 
 def random_batch(rng, b=200, length=20):
@@ -175,8 +187,7 @@ def test_masked_spans_round_trip_over_random_masks():
         output_format="masked_spans",
         enc_len=20,
         dec_len=24,
-        mask_id=MASK,
-        sentinels=sentinels,
+        special=with_sentinels(sentinels),
     )
     for i in range(len(ids)):
         real = ids[i][ids[i] != 1].tolist()
@@ -192,10 +203,52 @@ def test_masked_spans_round_trip_over_random_masks():
         assert [t for t in enc if t in sentinels] == sentinels[:runs]
 
 
+@pytest.mark.parametrize("infill", ["span", "token"])
+@pytest.mark.parametrize("dec_len", [24, 9, 4])
+def test_jax_masked_spans_equal_numpy_including_dropped_spans(infill, dec_len):
+    # The meta-learned policy's inner step trains on exactly the examples the intermediate
+    # stage writes: random masks, short targets that drop trailing spans, with and without
+    # sentinels, one token per span or whole spans.
+    rng = np.random.default_rng(7)
+    ids, mask = random_batch(rng)
+    for sentinels in (list(range(200, 180, -1)), []):
+        kw = dict(enc_len=20, dec_len=dec_len, special=with_sentinels(sentinels), infill=infill)
+        ref = corrupt_np(ids, mask, output_format="masked_spans", **kw)
+        out = jax.jit(lambda i, m, kw=kw: corrupt_spans_jax(i, m, **kw))(ids, mask)
+        for k in ref:
+            np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=k)
+        # label_source points every span token of the target at its input position.
+        src = np.asarray(out["label_source"])
+        has = src >= 0
+        np.testing.assert_array_equal(
+            ref["labels"][has], np.take_along_axis(ids, np.maximum(src, 0), 1)[has]
+        )
+        kept = ref["labels"] != 1
+        n_span_tokens = (kept & ~np.isin(ref["labels"], [*sentinels, MASK, 2])).sum()
+        assert has.sum() == n_span_tokens
+
+
+@pytest.mark.parametrize("infill", ["span", "token"])
+def test_jax_full_sentence_equals_numpy_over_random_masks(infill):
+    ids, mask = random_batch(np.random.default_rng(11))
+    length = ids.shape[1]
+    ref = corrupt_np(
+        ids, mask, output_format="full_sentence", enc_len=length, dec_len=length,
+        special=SPECIAL, infill=infill,
+    )  # fmt: skip
+    out = jax.jit(lambda i, m: corrupt_full_sentence_jax(i, m, SPECIAL, infill=infill))(ids, mask)
+    for k in ref:
+        np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=k)
+    src = np.asarray(out["label_source"])
+    np.testing.assert_array_equal(src >= 0, mask & (ids != SPECIAL.pad))
+
+
 def test_full_sentence_span_infilling_round_trip():
     rng = np.random.default_rng(1)
     ids, mask = random_batch(rng)
-    out = corrupt_np(ids, mask, output_format="full_sentence", enc_len=20, dec_len=20, mask_id=MASK)
+    out = corrupt_np(
+        ids, mask, output_format="full_sentence", enc_len=20, dec_len=20, special=SPECIAL
+    )
     np.testing.assert_array_equal(out["labels"], ids)
     for i in range(len(ids)):
         # Collapse each masked run of the original into one <mask>: that is the encoder input.
@@ -220,7 +273,7 @@ def test_80_10_10_replacement_law_and_determinism():
     mask[:, 1:-1] = True
     rng = BatchRng(seed=0, step=0, example_ids=np.arange(b))
     random_ids = np.arange(60, 90)  # disjoint from the sentence, so replacements are visible
-    kw = dict(output_format="full_sentence", enc_len=length, dec_len=length, mask_id=MASK)
+    kw = dict(output_format="full_sentence", enc_len=length, dec_len=length, special=SPECIAL)
     kw.update(infill="token", replace_80_10_10=True, rng=rng, random_ids=random_ids)
     out = corrupt_np(ids, mask, **kw)
     enc = out["input_ids"][:, 1:-1]
@@ -268,15 +321,3 @@ def test_sentinel_ids_from_a_tokenizer():
     tok.add_special_tokens({"mask_token": "<mask>", "pad_token": "<pad>", "bos_token": "<s>"})
     tok.add_special_tokens({"eos_token": "</s>"})
     assert non_special_ids(tok).tolist() == [5]
-
-
-def test_corrupt_batch_follows_the_policy_config():
-    batch = {"input_ids": IDS}
-    cfg = PolicyConfig(output_format="full_sentence", infill="token")
-    out = corrupt_batch(batch, MASKED, cfg, enc_len=6, dec_len=6, mask_id=MASK)
-    np.testing.assert_array_equal(
-        out["input_ids"], [[0, MASK, 11, MASK, MASK, 2], [0, 20, MASK, 2, 1, 1]]
-    )
-    cfg = PolicyConfig(output_format="masked_spans")
-    out = corrupt_batch(batch, MASKED, cfg, enc_len=8, dec_len=8, mask_id=MASK, sentinels=(S0, S1))
-    np.testing.assert_array_equal(out["labels"][0], [S0, 10, S1, 12, 13, 2, 1, 1])

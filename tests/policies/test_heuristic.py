@@ -1,18 +1,19 @@
 """Heuristic scorers + the shared sampler, as properties over many random sentences, and on real
 text tokenized by a tiny fast tokenizer built here."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from meta_mask.config import HEURISTIC_POLICIES, LEARNED_POLICIES, PolicyConfig, WorldConfig
-from meta_mask.data.corpora import CorpusSource, build_corpus
 from meta_mask.data.pmi import build_corpus_pmi, find_ngrams
 from meta_mask.data.stream import CorpusStream
 from meta_mask.data.world import build_world
 from meta_mask.data.world_tokenizer import world_tokenizer
-from meta_mask.policies.corrupt import corrupt_batch, sentinel_ids
+from meta_mask.policies.corrupt import corrupt_np
 from meta_mask.policies.heuristic import (
     FILL_SCORE,
     NoMask,
@@ -30,7 +31,10 @@ from meta_mask.policies.heuristic import (
 )
 from meta_mask.policies.mlm_batches import policy_batch
 from meta_mask.policies.sampler import BatchRng, mask_batch_np
+from meta_mask.special_tokens import sentinel_ids
+from tests.data.corpus_helpers import world_corpus
 from tests.data.tokenizer_helpers import bpe_tokenizer
+from tests.helpers import BART_SPECIAL as SPECIAL
 
 
 def random_records(rng, n, max_words=20, entity_prob=0.2):
@@ -75,7 +79,7 @@ def runs(row_mask):
 
 @pytest.fixture(scope="module")
 def batch():
-    return collate(random_records(np.random.default_rng(0), 400), length=64)
+    return collate(random_records(np.random.default_rng(0), 400), length=64, special=SPECIAL)
 
 
 def rng_for(batch, step=0, seed=0):
@@ -87,7 +91,7 @@ def test_collate_pads_and_marks_specials(batch):
     assert not batch["valid"][np.isin(batch["input_ids"], [0, 1, 2])].any()
     assert (batch["valid"] == (batch["word_ids"] >= 0)).all()
     with pytest.raises(ValueError, match="length=3"):
-        collate(random_records(np.random.default_rng(0), 5), length=3)
+        collate(random_records(np.random.default_rng(0), 5), length=3, special=SPECIAL)
 
 
 def check_common(batch, mask):
@@ -264,7 +268,7 @@ def collocation_corpus(rng, n=600):
 def test_pmi_ngrams_are_masked_whole():
     records = collocation_corpus(np.random.default_rng(0))
     scorer = PmiNgrams(build_corpus_pmi(records, max_n=5, min_count=5, top_k=5))
-    batch = collate(records)  # example_ids: the records' rows
+    batch = collate(records, special=SPECIAL)  # example_ids: the records' rows
     has = np.array([5 in r["input_ids"] for r in records])
     coll = np.isin(batch["input_ids"], [5, 6, 7])
     for step in range(3):
@@ -283,20 +287,20 @@ def test_pmi_scorer_needs_the_corpus_ngrams_and_its_rows():
         make_scorer(PolicyConfig(name="pmi"))
     records = collocation_corpus(np.random.default_rng(0))
     scorer = PmiNgrams(build_corpus_pmi(records, max_n=5, min_count=5, top_k=5))
-    other = collate(random_records(np.random.default_rng(0), 3))  # rows 0..2, other sentences
+    # rows 0..2, other sentences
+    other = collate(random_records(np.random.default_rng(0), 3), special=SPECIAL)
     with pytest.raises(ValueError, match="example_ids"):
         scorer(other, rng_for(other))
 
 
-def world_corpus(tmp_path, tokenizer_kind):
+def world_corpus_and_tokenizer(tmp_path, tokenizer_kind):
     """A real small corpus: the synthetic world's sentences, tokenized and cached by
     data.corpora.build_corpus as a run does, with its word-level tokenizer or a tiny BPE (whose
     rare words are several tokens)."""
     world = build_world(WorldConfig(num_people=20, num_bios=2))
     texts = [s["text"] for s in world.sentences]
     tok = world_tokenizer(world) if tokenizer_kind == "word" else bpe_tokenizer(texts)
-    source = CorpusSource(kind="records", records=list(world.sentences), name="world")
-    return build_corpus(source, tok, tmp_path / "corpora", max_length=48), tok
+    return world_corpus(world, tmp_path / "corpora", tok, max_length=48), tok
 
 
 def pmi_units_per_sentence(batch, table):
@@ -318,14 +322,14 @@ def test_pmi_scorer_gathers_the_units_finding_them_per_sentence_gives(tmp_path, 
     """The run's PMI scorer (corpus_scorer: every row's n-grams found once, cached) gives the
     same units (and all-zero scores) as finding each batch sentence's n-grams with the table,
     on stream batches of a real corpus."""
-    corpus, tok = world_corpus(tmp_path, tokenizer_kind)
+    corpus, tok = world_corpus_and_tokenizer(tmp_path, tokenizer_kind)
     cfg = PolicyConfig(name="pmi", pmi_min_count=5)
     scorer = corpus_scorer(cfg, corpus)
-    stream = CorpusStream(corpus.dataset, batch_size=16, max_length=48, seed=0, pad_id=1)
+    stream = CorpusStream(corpus.dataset, batch_size=16, max_length=48, seed=0, special=SPECIAL)
     multi_word = multi_token_words = 0
     for step in range(2 * stream.batches_per_epoch):  # every row, twice
         sb = stream.batch_at(step * 16)
-        batch = policy_batch(sb, stream.entity_labels(sb["indices"]))
+        batch = policy_batch(sb, stream.entity_labels(sb["indices"]), SPECIAL)
         scores, units = scorer(batch, rng_for(batch, step))
         np.testing.assert_array_equal(units, pmi_units_per_sentence(batch, scorer.pmi.table))
         np.testing.assert_array_equal(scores, np.zeros(units.shape, np.float32))
@@ -379,7 +383,7 @@ def real_text_records():
 
 def test_real_text_salient_spans_with_a_fast_tokenizer():
     fast, records = real_text_records()
-    batch = collate(records)
+    batch = collate(records, special=SPECIAL)
     found = set()
     for step in range(40):
         mask = mask_batch_np(SalientSpans(), batch, rng_for(batch, step), num_units=1)
@@ -393,12 +397,13 @@ def test_real_text_salient_spans_with_a_fast_tokenizer():
 def test_real_text_end_to_end_masked_spans_example():
     """Scorer -> sampler -> corrupt, decoded back to text: the sentinel replaces the entity."""
     fast, records = real_text_records()
-    batch = collate(records, length=20)
+    batch = collate(records, length=20, special=SPECIAL)
     cfg = PolicyConfig(name="salient_spans", spans_per_sentence=1)
     mask = mask_batch_np(make_scorer(cfg), batch, rng_for(batch, 3), **cfg.budget())
-    out = corrupt_batch(
-        batch, mask, cfg, enc_len=20, dec_len=12, mask_id=4, sentinels=sentinel_ids(fast)
-    )
+    # The tokenizer names only <unk> and <pad>: BART's layout, with its sentinels.
+    special = dataclasses.replace(SPECIAL, sentinels=tuple(sentinel_ids(fast)))
+    out = corrupt_np(batch["input_ids"], mask, output_format=cfg.output_format, enc_len=20,
+                     dec_len=12, special=special, infill=cfg.infill)  # fmt: skip
     for i, text in enumerate(TEXTS):
         enc = fast.decode(out["input_ids"][i], skip_special_tokens=False).replace("<pad>", "")
         target = fast.decode(out["labels"][i][out["weights"][i] > 0], skip_special_tokens=False)

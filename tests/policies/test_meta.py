@@ -26,11 +26,15 @@ from meta_mask.config import MetaConfig, tiny_model_config
 from meta_mask.model.bart import Bart, init_params
 from meta_mask.policies import meta
 from meta_mask.policies import net as netlib
-from meta_mask.policies.corrupt import corrupt_tokens_jax
+from meta_mask.policies.corrupt import corrupt_full_sentence_jax, corrupt_spans_jax
+from meta_mask.special_tokens import SpecialTokens
 
 V, L, B, D = 48, 12, 3, 16
 PAD, MASK_ID = 1, V - 1
+SPECIAL = SpecialTokens(pad=PAD, eos=2, bos=0, mask=MASK_ID, decoder_start=2)
 KEY_IDS = (10, 11, 12, 13, 14)  # the toy's rewarded ids
+
+RATE = 0.15  # the sampler's mask rate inside the meta step (the learner resolves it)
 
 
 @contextlib.contextmanager
@@ -98,7 +102,7 @@ def sentences(rng, shape, length=L, keys_per_sentence=2):
 
 def qa_batch(rng, b):
     """The toy downstream task: recover the key tokens of a sentence where they are masked
-    (corrupt_tokens_jax's format, built in numpy)."""
+    (corrupt_full_sentence_jax's format, built in numpy)."""
     ids, _ = sentences(rng, (b,))
     key = np.isin(ids, KEY_IDS)
     dec = np.concatenate([np.full((b, 1), 2, np.int32), ids[:, :-1]], axis=1)
@@ -111,11 +115,16 @@ def qa_batch(rng, b):
 
 
 def policy_net(**kw):
-    base = dict(vocab_size=V, d_model=16, num_layers=1, num_heads=2, ffn_dim=32, max_length=L)
+    base = dict(vocab_size=V, pad_id=PAD, d_model=16, num_layers=1, num_heads=2, ffn_dim=32)
+    base["max_length"] = L
     return netlib.PolicyNet(**{**base, **kw})
 
 
-def make_problem(cfg, seed=0, lm="tiny", dtype=jnp.float32, b=B):
+def make_problem(cfg, seed=0, lm="tiny", dtype=jnp.float32, b=B, spans=False, contrast=False):
+    """A meta problem: (setup, phi, theta, inner, outer, noise, extra) with extra the keyword
+    batches of meta_loss / meta_gradient: "qa" (downstream_steps = 1), "contrast" (with
+    `contrast`). `spans`: the inner step writes masked_spans examples (as an intermediate
+    stage in that format does), else full sentences with one <mask> per token."""
     rng = np.random.default_rng(seed)
     k = cfg.inner_steps
     ids, valid = sentences(rng, (k, b))
@@ -133,34 +142,26 @@ def make_problem(cfg, seed=0, lm="tiny", dtype=jnp.float32, b=B):
     cast = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t))
     phi, theta, noise = cast(phi), cast(theta), noise.astype(dtype)
     outer["weights"] = outer["weights"].astype(dtype)
-    setup = meta.MetaSetup(cfg, meta.policy_fn_from_net(pnet), lm_loss, mask_id=MASK_ID)
-    downstream = None
+    corrupt = (
+        meta.corruption("masked_spans", "span", SPECIAL, enc_len=L, dec_len=L) if spans else None
+    )
+    setup = meta.MetaSetup(cfg, meta.policy_fn_from_net(pnet), lm_loss, SPECIAL, corrupt)
+
+    def qa_of(rng):
+        qa = {k_: jnp.asarray(v) for k_, v in qa_batch(rng, b).items()}
+        return {**qa, "weights": qa["weights"].astype(dtype)}
+
+    extra = {}
     if cfg.downstream_steps:
-        c_ids, c_valid = sentences(rng, (b,))
-        downstream = {
-            "context": {"input_ids": jnp.asarray(c_ids), "valid": jnp.asarray(c_valid)},
-            "context_noise": jnp.asarray(rng.gumbel(size=(b, L)), dtype),
-            "qa": {k_: jnp.asarray(v) for k_, v in qa_batch(rng, b).items()},
-        }
-        downstream["qa"]["weights"] = downstream["qa"]["weights"].astype(dtype)
-    return setup, phi, theta, inner, outer, noise, downstream
+        extra["qa"] = qa_of(rng)
+    if contrast:
+        extra["contrast"] = qa_of(rng)
+    return setup, phi, theta, inner, outer, noise, extra
 
 
-def fixed_masks(setup, phi, inner, noise, downstream):
+def fixed_masks(setup, phi, inner, noise):
     """The masks the policy samples at phi, to hold fixed while phi is perturbed."""
-
-    @jax.jit
-    def masks_of(phi, inner, noise, downstream):
-        _, masks, _ = meta.policy_masks(phi, inner, noise, setup, leading=1)
-        if downstream is None:
-            return masks, None
-        ctx, c_noise = downstream["context"], downstream["context_noise"]
-        return masks, meta.policy_masks(phi, ctx, c_noise, setup)[1]
-
-    masks, c_mask = masks_of(phi, inner, noise, downstream)
-    if downstream is not None:
-        downstream = {**downstream, "context_mask": c_mask}
-    return masks, downstream
+    return jax.jit(lambda p: meta.policy_masks(p, inner, noise, setup, leading=1)[1])(phi)
 
 
 def tree_dot(a, b):
@@ -181,21 +182,24 @@ def cosine(a, b):
 slow = pytest.mark.slow
 FD_CASES = [
     # (K, inner optimizer, inner lr, remat, remat_segment, downstream steps, entropy / budget
-    # weights)
-    (1, "sgd", 0.5, False, 0, 0, 0.0),
-    (3, "adam", 0.05, True, 0, 0, 0.0),
-    (4, "sgd", 0.5, True, 2, 0, 0.0),  # nested checkpointing: 2 segments of 2
-    (6, "adam", 0.05, True, 4, 0, 0.0),  # a segment of 4 and the remaining 2
-    pytest.param(3, "sgd", 0.5, True, 0, 0, 0.0, marks=slow),
-    pytest.param(1, "adam", 0.05, False, 0, 0, 0.0, marks=slow),
-    pytest.param(2, "sgd", 0.5, True, 0, 1, 0.5, marks=slow),  # downstream steps + regularizers
-    pytest.param(6, "sgd", 0.5, True, 3, 1, 0.5, marks=slow),
+    # weights, the study's meta-learning: masked_spans inner examples, clipped weights,
+    # contrastive outer)
+    (1, "sgd", 0.5, False, 0, 0, 0.0, False),
+    (3, "adam", 0.05, True, 0, 0, 0.0, False),
+    (1, "sgd", 0.5, False, 0, 0, 0.05, True),
+    (4, "sgd", 0.5, True, 2, 0, 0.0, False),  # nested checkpointing: 2 segments of 2
+    (6, "adam", 0.05, True, 4, 0, 0.0, False),  # a segment of 4 and the remaining 2
+    pytest.param(3, "sgd", 0.5, True, 0, 0, 0.0, False, marks=slow),
+    pytest.param(1, "adam", 0.05, False, 0, 0, 0.0, False, marks=slow),
+    pytest.param(2, "sgd", 0.5, True, 0, 1, 0.5, False, marks=slow),  # QA step + regularizers
+    pytest.param(2, "sgd", 0.5, True, 0, 1, 0.05, True, marks=slow),
+    pytest.param(6, "sgd", 0.5, True, 3, 1, 0.05, True, marks=slow),
 ]
 
 
-@pytest.mark.parametrize("k,opt,lr,remat,segment,downstream_steps,reg", FD_CASES)
+@pytest.mark.parametrize("k,opt,lr,remat,segment,downstream_steps,reg,study", FD_CASES)
 def test_meta_gradient_matches_central_finite_differences(
-    k, opt, lr, remat, segment, downstream_steps, reg
+    k, opt, lr, remat, segment, downstream_steps, reg, study
 ):
     with x64():
         cfg = MetaConfig(
@@ -208,34 +212,29 @@ def test_meta_gradient_matches_central_finite_differences(
             entropy_weight=reg,
             budget_weight=reg,
             mask_rate=0.3,
+            clip_weights=study,
         )
-        _assert_meta_gradient_matches_finite_differences(cfg)
+        _assert_meta_gradient_matches_finite_differences(cfg, spans=study, contrast=study)
 
 
-def _assert_meta_gradient_matches_finite_differences(cfg, b=B):
+def _assert_meta_gradient_matches_finite_differences(cfg, b=B, spans=False, contrast=False):
     """jax's meta-gradient against central differences of the reference-weighted objective in
     four directions (float64; call inside x64())."""
     k, opt = cfg.inner_steps, cfg.inner_optimizer
-    setup, phi, theta, inner, outer, noise, down = make_problem(cfg, dtype=jnp.float64, b=b)
-    masks, down = fixed_masks(setup, phi, inner, noise, down)
+    setup, phi, theta, inner, outer, noise, extra = make_problem(
+        cfg, dtype=jnp.float64, b=b, spans=spans, contrast=contrast
+    )
+    masks = fixed_masks(setup, phi, inner, noise)
 
     def objective(p):
         loss, _ = meta.meta_loss(
-            p,
-            theta,
-            inner,
-            outer,
-            noise,
-            setup,
-            masks=masks,
-            reference_phi=phi,
-            downstream=down,
+            p, theta, inner, outer, noise, setup, masks=masks, reference_phi=phi, **extra
         )
         return loss
 
     # The gradient meta_step uses (stop_gradient weights, masks from the noise) ...
     grads, loss, _ = jax.jit(
-        lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup, downstream=down)
+        lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup, **extra)
     )(phi)
     # ... is the derivative of the reference-weighted objective at phi_ref = phi.
     f = jax.jit(objective)
@@ -272,26 +271,44 @@ def _assert_meta_gradient_matches_finite_differences(cfg, b=B):
 def test_outer_loss_depends_on_phi_only_through_the_weights():
     """Without the reference, the weights are 1 in value: the meta loss equals the plain MLM
     unroll's outer loss at any phi (the forward is exactly the training the policy causes)."""
-    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, entropy_weight=0.0, budget_weight=0.0)
-    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg)
-    masks, _ = fixed_masks(setup, phi, inner, noise, None)
+    cfg = MetaConfig(
+        mask_rate=RATE,
+        inner_steps=2,
+        inner_learning_rate=0.5,
+        entropy_weight=0.0,
+        budget_weight=0.0,
+    )
+    for spans in (False, True):
+        _assert_weights_are_one_in_value(cfg, spans)
+
+
+def _assert_weights_are_one_in_value(cfg, spans):
+    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, spans=spans)
+    masks = fixed_masks(setup, phi, inner, noise)
     other = jax.tree.map(lambda x: x * 1.7 + 0.1, phi)
     loss = jax.jit(lambda p: meta.meta_loss(p, theta, inner, outer, noise, setup, masks=masks)[0])
-    a, b = loss(phi), loss(other)
+    ref = _plain_mlm_unroll(theta, inner, outer, masks, setup)
+    np.testing.assert_allclose(float(loss(phi)), float(ref), rtol=1e-6)
+    np.testing.assert_allclose(float(loss(other)), float(ref), rtol=1e-6)
 
-    @jax.jit
-    def plain_mlm_unroll(th):
-        """The plain MLM unroll by hand: SGD on the mean CE of the masked tokens."""
-        for kk in range(2):
-            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
-            m = masks[kk].astype(jnp.float32)
-            mean_ce = lambda t, ex=ex, m=m: jnp.sum(m * tiny_lm_loss(t, ex)) / jnp.sum(m)
-            th = jax.tree.map(lambda t, gg: t - 0.5 * gg, th, jax.grad(mean_ce)(th))
-        return meta.outer_loss(tiny_lm_loss, th, outer)
 
-    ref = plain_mlm_unroll(theta)
-    np.testing.assert_allclose(float(a), float(ref), rtol=1e-6)
-    np.testing.assert_allclose(float(b), float(ref), rtol=1e-6)
+@functools.partial(jax.jit, static_argnums=(4,))
+def _plain_mlm_unroll(th, inner, outer, masks, setup):
+    """The intermediate stage's training by hand: SGD on the mean CE of the example's labels
+    (full sentence: every token; masked_spans: the sentinels and spans), the example written
+    by the policies.corrupt function of that format."""
+    for kk in range(masks.shape[0]):
+        if setup.corrupt.func is corrupt_full_sentence_jax:
+            ex = corrupt_full_sentence_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
+        else:
+            ex = corrupt_spans_jax(
+                inner["input_ids"][kk], masks[kk], enc_len=L, dec_len=L, special=SPECIAL,
+                infill="span",
+            )  # fmt: skip
+        w = ex["weights"]
+        mean_ce = lambda t, ex=ex, w=w: jnp.sum(w * tiny_lm_loss(t, ex)) / jnp.sum(w)
+        th = jax.tree.map(lambda t, gg: t - 0.5 * gg, th, jax.grad(mean_ce)(th))
+    return meta.outer_loss(tiny_lm_loss, th, outer)
 
 
 # ----------------------------------------------------------------------------- scan == loop
@@ -327,12 +344,18 @@ def _scan_unroll_equals_python_loop(opt):
         tx = optax.sgd(0.3) if opt == "sgd" else optax.adam(0.03, eps_root=meta.ADAM_EPS_ROOT)
         th, state = theta, tx.init(theta)
         for kk in range(3):
-            log_q, _ = meta.policy_distribution(logits[kk], inner["valid"][kk])
-            d = jnp.where(masks[kk], log_q - jax.lax.stop_gradient(log_q), 0.0)
+            # Clipped: log min(1, T q) (token units), T = the sampler's target count.
+            valid = inner["valid"][kk]
+            _, q = meta.policy_distribution(logits[kk], valid)
+            t = meta.target_counts(valid.sum(-1), 0.3)[:, None].astype(q.dtype)
+            log_p = jnp.where(valid, jnp.log(jnp.minimum(1.0, t * q)), 0.0)
+            d = jnp.where(masks[kk], log_p - jax.lax.stop_gradient(log_p), 0.0)
             w = jnp.where(masks[kk], jnp.exp(d - jnp.sum(d) / jnp.sum(masks[kk])), 0.0)
-            ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
-            n = jnp.sum(masks[kk])
-            g = jax.grad(lambda t, ex=ex, w=w, n=n: jnp.sum(w * tiny_lm_loss(t, ex)) / n)(th)
+            ex = corrupt_full_sentence_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
+            # Every real token is a label (full sentence); a masked token's label carries w.
+            label_w = ex["weights"] * jnp.where(masks[kk], w, 1.0)
+            n = jnp.sum(ex["weights"])
+            g = jax.grad(lambda t, ex=ex, w=label_w, n=n: jnp.sum(w * tiny_lm_loss(t, ex)) / n)(th)
             upd, state = tx.update(g, state, th)
             th = optax.apply_updates(th, upd)
         reg, _ = meta.policy_regularizers(logits, inner["valid"], cfg)
@@ -354,17 +377,17 @@ def _scan_unroll_equals_python_loop(opt):
 # ----------------------------------------------------------------------------- rematerialization
 
 REMAT_CASES = [
-    # (K, inner optimizer, remat_segment, microbatches, downstream steps)
-    (4, "sgd", 2, 1, 0),
-    (6, "adam", 4, 2, 1),
-    pytest.param(6, "sgd", 3, 2, 0, marks=slow),
-    pytest.param(5, "adam", 2, 1, 1, marks=slow),
+    # (K, inner optimizer, remat_segment, microbatches, downstream steps, the study's parts)
+    (4, "sgd", 2, 1, 0, False),
+    pytest.param(6, "adam", 4, 2, 1, True, marks=slow),  # ~1 min on a shared CPU
+    pytest.param(6, "sgd", 3, 2, 0, True, marks=slow),
+    pytest.param(5, "adam", 2, 1, 1, False, marks=slow),
 ]
 
 
-@pytest.mark.parametrize("k,opt,segment,micro,downstream_steps", REMAT_CASES)
+@pytest.mark.parametrize("k,opt,segment,micro,downstream_steps,study", REMAT_CASES)
 def test_recomputed_and_nested_unrolls_equal_the_plain_one(
-    k, opt, segment, micro, downstream_steps
+    k, opt, segment, micro, downstream_steps, study
 ):
     """remat (each step's hand-written forward-over-reverse backward pass, the first step's
     without a Hessian) and nested checkpointing (remat_segment) change nothing but memory and
@@ -381,21 +404,24 @@ def test_recomputed_and_nested_unrolls_equal_the_plain_one(
                 downstream_steps=downstream_steps,
                 remat=remat,
                 remat_segment=seg,
+                clip_weights=study,
             )
-            setup, phi, theta, inner, outer, noise, down = make_problem(
-                cfg, seed=11, dtype=jnp.float64, b=MICRO_B
+            setup, phi, theta, inner, outer, noise, extra = make_problem(
+                cfg, seed=11, dtype=jnp.float64, b=MICRO_B, spans=study, contrast=study
             )
 
             @jax.jit
-            def run(phi, setup=setup, theta=theta, inner=inner, noise=noise, down=down):
-                theta_k, _, _ = meta.inner_loop(phi, theta, inner, noise, setup, downstream=down)
-                grads, loss, _ = meta.meta_gradient(
-                    phi, theta, inner, outer, noise, setup, downstream=down
-                )
+            def run(
+                phi, setup=setup, theta=theta, inner=inner, outer=outer, noise=noise, extra=extra
+            ):
+                qa = extra.get("qa")
+                theta_k, _, _ = meta.inner_loop(phi, theta, inner, noise, setup, qa=qa)
+                grads, loss, _ = meta.meta_gradient(phi, theta, inner, outer, noise, setup, **extra)
                 return theta_k, loss, grads
 
             results[remat, seg] = run(phi)
         theta_ref, loss_ref, g_ref = results[False, 0]
+        assert tree_norm(jax.tree.map(jnp.subtract, theta_ref, theta)) > 1e-3
         assert tree_norm(g_ref) > 1e-6
         for theta_k, loss, grads in results.values():
             _assert_trees_close(theta_k, theta_ref, rtol=1e-12, atol_scale=1e-14)
@@ -417,7 +443,7 @@ def _leaf_norms(tree):
 def test_every_policy_parameter_gets_meta_gradient(lm):
     """Every leaf of phi receives a finite, non-zero meta-gradient (also through the real Bart,
     float32)."""
-    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, remat=True)
+    cfg = MetaConfig(mask_rate=RATE, inner_steps=2, inner_learning_rate=0.5, remat=True)
     setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, lm=lm)
     grads, loss, metrics = jax.jit(
         lambda p: meta.meta_gradient(p, theta, inner, outer, noise, setup)
@@ -433,7 +459,13 @@ def test_heuristic_scores_receive_no_meta_gradient():
     mask: a tabular policy (phi = the scores themselves) gets a non-zero gradient, while the same
     fixed scores used as a heuristic (no dependence on phi) give the same masks and the same meta
     loss with exactly zero gradient, whatever the noise."""
-    cfg = MetaConfig(inner_steps=2, inner_learning_rate=0.5, entropy_weight=0.0, budget_weight=0.0)
+    cfg = MetaConfig(
+        mask_rate=RATE,
+        inner_steps=2,
+        inner_learning_rate=0.5,
+        entropy_weight=0.0,
+        budget_weight=0.0,
+    )
     setup, _, theta, inner, outer, noise, _ = make_problem(cfg, seed=4)
     scores = jax.random.normal(jax.random.key(11), (2 * B, L))
     tabular = lambda phi, ids, valid, u=None: jnp.where(valid, phi["scores"], -jnp.inf)
@@ -441,7 +473,7 @@ def test_heuristic_scores_receive_no_meta_gradient():
     phi = {"scores": scores}
     results = {}
     for name, fn in (("tabular", tabular), ("heuristic", heuristic)):
-        s = meta.MetaSetup(cfg, fn, tiny_lm_loss, mask_id=MASK_ID)
+        s = meta.MetaSetup(cfg, fn, tiny_lm_loss, special=SPECIAL)
         grad_fn = jax.jit(lambda p, nz, s=s: meta.meta_gradient(p, theta, inner, outer, nz, s))
         for n_i, nz in enumerate((noise, noise[:, ::-1])):
             grads, loss, metrics = grad_fn(phi, nz)
@@ -467,20 +499,21 @@ def test_first_order_estimator_matches_definition_and_aligns_with_exact():
             mask_rate=0.3,
         )
         setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=5, dtype=jnp.float64)
-        masks, _ = fixed_masks(setup, phi, inner, noise, None)
+        masks = fixed_masks(setup, phi, inner, noise)
         exact_setup = meta.MetaSetup(
             dataclasses.replace(cfg, estimator="second_order"),
             setup.policy_fn,
             tiny_lm_loss,
-            mask_id=MASK_ID,
+            special=SPECIAL,
         )
 
         def mlm_loss(t, p):
             _, _, w = meta.policy_masks(p, inner, noise, setup, masks=masks, leading=1)
             total = 0.0
             for kk in range(cfg.inner_steps):
-                ex = corrupt_tokens_jax(inner["input_ids"][kk], masks[kk], MASK_ID)
-                total += jnp.sum(w[kk] * tiny_lm_loss(t, ex)) / jnp.sum(masks[kk])
+                ex = corrupt_full_sentence_jax(inner["input_ids"][kk], masks[kk], SPECIAL)
+                label_w = ex["weights"] * jnp.where(masks[kk], w[kk], 1.0)
+                total += jnp.sum(label_w * tiny_lm_loss(t, ex)) / jnp.sum(ex["weights"])
             return total
 
         @jax.jit
@@ -519,7 +552,7 @@ def _micro_cfg(micro, **kw):
         budget_weight=1.0,
         mask_rate=0.3,
     )
-    return MetaConfig(**{**base, **kw})
+    return MetaConfig(**{"mask_rate": RATE, **base, **kw})
 
 
 def _assert_trees_close(a, b, rtol, atol_scale=0.0):
@@ -556,17 +589,18 @@ def test_microbatched_inner_steps_equal_the_unsplit_ones(
         )
         results = []
         for m in (1, micro):
-            setup, phi, theta, inner, outer, noise, down = make_problem(
-                _micro_cfg(m, **kw), seed=9, dtype=jnp.float64, b=MICRO_B
+            setup, phi, theta, inner, outer, noise, extra = make_problem(
+                _micro_cfg(m, **kw), seed=9, dtype=jnp.float64, b=MICRO_B, contrast=True
             )
 
             @jax.jit
             def run(
-                phi, setup=setup, theta=theta, inner=inner, outer=outer, noise=noise, down=down
+                phi, setup=setup, theta=theta, inner=inner, outer=outer, noise=noise, extra=extra
             ):
-                theta_k, _, _ = meta.inner_loop(phi, theta, inner, noise, setup, downstream=down)
+                qa = extra.get("qa")
+                theta_k, _, _ = meta.inner_loop(phi, theta, inner, noise, setup, qa=qa)
                 grads, loss, metrics = meta.meta_gradient(
-                    phi, theta, inner, outer, noise, setup, downstream=down
+                    phi, theta, inner, outer, noise, setup, **extra
                 )
                 return theta_k, loss, grads, metrics
 
@@ -590,9 +624,9 @@ def test_microbatched_meta_gradient_matches_central_finite_differences(k, opt, l
 
 def test_microbatch_errors_name_the_fields():
     with pytest.raises(ValueError, match="inner_microbatches=0 must be >= 1"):
-        MetaConfig(inner_microbatches=0)
+        MetaConfig(mask_rate=RATE, inner_microbatches=0)
     with pytest.raises(ValueError, match="inner_microbatches=4 must divide inner_batch_size=6"):
-        MetaConfig(inner_batch_size=6, inner_microbatches=4)
+        MetaConfig(mask_rate=RATE, inner_batch_size=6, inner_microbatches=4)
     # Batches whose size the config does not describe are checked where they arrive.
     setup, phi, theta, inner, outer, noise, _ = make_problem(_micro_cfg(2))  # B = 3
     with pytest.raises(ValueError, match=r"inner_microbatches=2 must divide.*\(B = 3\)"):
@@ -667,6 +701,7 @@ def test_meta_steps_learn_to_mask_the_rewarded_tokens(estimator):
 def test_meta_step_with_bart_runs_and_lowers_meta_loss():
     """The jitted meta step end to end on the real Bart (float32, K=2, adam inner)."""
     cfg = MetaConfig(
+        mask_rate=RATE,
         inner_steps=2,
         inner_optimizer="adam",
         inner_learning_rate=0.01,
@@ -705,19 +740,63 @@ def test_policy_probabilities_respect_the_budget():
 
 
 def test_errors_name_the_field():
-    cfg = MetaConfig(inner_steps=2)
+    cfg = MetaConfig(mask_rate=RATE, inner_steps=2)
     setup, phi, theta, inner, outer, noise, _ = make_problem(cfg)
     bad = {k: v[:1] for k, v in inner.items()}
     with pytest.raises(ValueError, match="inner_steps=2"):
         meta.meta_loss(phi, theta, bad, outer, noise[:1], setup)
     with pytest.raises(ValueError, match="downstream"):
         s = meta.MetaSetup(
-            MetaConfig(inner_steps=2, downstream_steps=1), setup.policy_fn, tiny_lm_loss, MASK_ID
+            MetaConfig(mask_rate=RATE, inner_steps=2, downstream_steps=1),
+            setup.policy_fn,
+            tiny_lm_loss,
+            SPECIAL,
         )
         meta.meta_loss(phi, theta, inner, outer, noise, s)
     with pytest.raises(ValueError, match="estimator"):
-        MetaConfig(estimator="third_order")
+        MetaConfig(mask_rate=RATE, estimator="third_order")
     with pytest.raises(ValueError, match="remat_segment=2 needs remat=True"):
         MetaConfig(remat=False, remat_segment=2)
     with pytest.raises(ValueError, match="remat_segment=-1 must be >= 0"):
         MetaConfig(remat_segment=-1)
+
+
+# ----------------------------------------------------------------------------- the study's parts
+
+
+def test_clipped_weights_give_no_credit_past_always_masked():
+    """log min(1, T Q_u): a unit already masked at T Q_u >= 1 gets no gradient; below, the
+    gradient is that of log q (and a unit's Q sums its tokens' q)."""
+    valid = jnp.asarray([[False, True, True, True, True, True, True, False]])
+    units = jnp.asarray([[-1, 1, 1, 3, 4, 5, 6, -1]])  # tokens 1-2 form one unit
+    rate = 0.4  # T = round(0.4 * 6) = 2
+
+    def log_p(logits, i):
+        return meta.log_inclusion(logits, valid, units, rate, clip=True)[0, i]
+
+    high = jnp.asarray([[0.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # Q_unit ~ 0.89: T Q > 1
+    assert float(log_p(high, 1)) == 0.0 and float(log_p(high, 2)) == 0.0
+    assert float(jnp.abs(jax.grad(log_p)(high, 1)).max()) == 0.0
+    flat = jnp.zeros((1, 8))  # q = 1/6 each: Q_unit = 1/3, T Q = 2/3 < 1
+    np.testing.assert_allclose(float(log_p(flat, 1)), np.log(2 / 3), rtol=1e-6)
+    np.testing.assert_allclose(float(log_p(flat, 3)), np.log(2 / 6), rtol=1e-6)
+    g = jax.grad(log_p)(flat, 3)
+    g_ref = jax.grad(lambda lg: meta.policy_distribution(lg, valid)[0][0, 3])(flat)
+    np.testing.assert_allclose(g, g_ref, atol=1e-7)
+
+
+def test_contrastive_outer_loss_is_own_minus_contrast():
+    cfg = MetaConfig(mask_rate=RATE, inner_steps=1, inner_learning_rate=0.5)
+    setup, phi, theta, inner, outer, noise, extra = make_problem(cfg, contrast=True)
+    _, metrics = jax.jit(lambda p: meta.meta_loss(p, theta, inner, outer, noise, setup, **extra))(
+        phi
+    )
+    np.testing.assert_allclose(
+        float(metrics["outer_loss"]),
+        float(metrics["outer_own"]) - float(metrics["outer_contrast"]),
+        rtol=1e-6,
+    )
+    objective = meta.make_meta_objective(setup)
+    batches = {"inner": inner, "outer": outer, **extra}
+    evaluated = objective(phi, theta, batches, jax.random.key(0), 0)
+    assert np.isfinite(float(evaluated["outer_loss"]))

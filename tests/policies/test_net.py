@@ -14,6 +14,7 @@ from meta_mask.policies import meta
 from meta_mask.policies import net as netlib
 from meta_mask.policies.heuristic import collate
 from meta_mask.policies.sampler import BatchRng, mask_batch_np, sample_mask_jax, sample_mask_np
+from tests.helpers import BART_SPECIAL
 
 V, L = 64, 16
 
@@ -33,13 +34,14 @@ def records(rng, n=4):
 
 
 def small_net(**kw):
-    base = dict(vocab_size=V, d_model=16, num_layers=2, num_heads=2, ffn_dim=32, max_length=32)
+    base = dict(vocab_size=V, pad_id=BART_SPECIAL.pad, d_model=16, num_layers=2, num_heads=2)
+    base.update(ffn_dim=32, max_length=32)
     return netlib.PolicyNet(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def batch():
-    return collate(records(np.random.default_rng(0)), L)
+    return collate(records(np.random.default_rng(0)), L, special=BART_SPECIAL)
 
 
 def apply(net, params, batch, unit_ids=None):
@@ -62,7 +64,7 @@ def test_real_tokens_do_not_see_padding(batch):
     net = small_net()
     params = netlib.init_policy_params(net, jax.random.key(1))
     short = apply(net, params, batch)
-    longer = collate(records(np.random.default_rng(0)), 24)
+    longer = collate(records(np.random.default_rng(0)), 24, special=BART_SPECIAL)
     long = apply(net, params, longer)
     np.testing.assert_allclose(
         np.asarray(long)[:, :L][batch["valid"]], np.asarray(short)[batch["valid"]], rtol=1e-5
@@ -102,7 +104,7 @@ def test_lm_embeddings_copied_and_frozen(batch):
     cfg = MetaConfig(
         policy_d_model=16, policy_heads=2, policy_ffn_dim=32, policy_max_length=32
     )  # defaults: use_lm_embeddings=True, freeze_embeddings=True
-    net = netlib.policy_net_from_config(cfg, V, mcfg.d_model)
+    net = netlib.policy_net_from_config(cfg, V, mcfg.d_model, BART_SPECIAL.pad)
     params = netlib.init_policy_params(net, jax.random.key(4), lm_embedding=lm_table)
     np.testing.assert_array_equal(params["embed"], lm_table)
     assert params["embed_proj"]["kernel"].shape == (mcfg.d_model, 16)
@@ -151,7 +153,8 @@ def test_word_pooling_scores_whole_words(batch):
 
 
 def test_learned_scorer_through_the_sampler_under_the_budget():
-    batch = collate(records(np.random.default_rng(6), n=8), L, example_ids=range(100, 108))
+    recs = records(np.random.default_rng(6), n=8)
+    batch = collate(recs, L, example_ids=range(100, 108), special=BART_SPECIAL)
     net = small_net()
     scorer = netlib.LearnedScorer(net, netlib.init_policy_params(net, jax.random.key(6)))
     rng = BatchRng(seed=1, step=3, example_ids=batch["example_ids"])
@@ -177,13 +180,13 @@ def test_param_counts_at_bart_base_scale():
     shapes = jax.eval_shape(lambda: Bart(mc).init(jax.random.key(0), ids, ids))["params"]
     lm = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert lm == 139_470_681
-    frozen = netlib.count_params(netlib.policy_net_from_config(MetaConfig(), 50265, 768))
+    frozen = netlib.count_params(netlib.policy_net_from_config(MetaConfig(), 50265, 768, 1))
     assert frozen["trainable"] == 625_152 and frozen["trainable"] / lm < 0.005
     assert frozen["embedding"] == 50265 * 768
     own = MetaConfig(
         use_lm_embeddings=False, freeze_embeddings=False, policy_d_model=64, policy_ffn_dim=256
     )
-    counts = netlib.count_params(netlib.policy_net_from_config(own, 50265, 768))
+    counts = netlib.count_params(netlib.policy_net_from_config(own, 50265, 768, 1))
     assert counts["trainable"] / lm < 0.025
 
 

@@ -27,6 +27,7 @@ from meta_mask.policies.net import LearnedScorer, PolicyNet, init_policy_params
 from meta_mask.policies.sampler import BatchRng, mask_batch_np, target_counts_np
 from meta_mask.training import loop
 from meta_mask.training.checkpoint import load_params, save_params
+from tests.helpers import BART_SPECIAL as SPECIAL  # the world tokenizer's layout
 
 L = 16
 RATE = 0.25  # ~2 of a world sentence's 7-10 maskable tokens: an answer is 2 tokens
@@ -55,7 +56,9 @@ BUDGET = {"mask_rate": RATE}
 
 def train_policy(net, init, train, dev, cfg, directory, *, seed=0, budget=BUDGET):
     """Train through the one loop; returns (the best evaluated params, the history)."""
-    learner, options = sup.supervised_learner(net, init, train, dev, cfg, budget=budget, seed=seed)
+    learner, options = sup.supervised_learner(
+        net, init, train, dev, cfg, special=SPECIAL, budget=budget, seed=seed
+    )
     trained = loop.train(learner, directory, options)
     return trained.state.params, {**learner.metadata, **trained.history()}
 
@@ -64,9 +67,15 @@ def best_span_f1(history):
     return next(e["span_f1"] for e in history["evals"] if e["step"] == history["best_step"])
 
 
-def make_net(vocab_size: int) -> PolicyNet:
+def make_net(vocab_size: int, max_length: int = L) -> PolicyNet:
     return PolicyNet(
-        vocab_size=vocab_size, d_model=32, num_layers=1, num_heads=4, ffn_dim=64, max_length=L
+        vocab_size=vocab_size,
+        pad_id=SPECIAL.pad,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        ffn_dim=64,
+        max_length=max_length,
     )
 
 
@@ -110,7 +119,8 @@ def test_batches_have_fixed_shapes_answer_labels_and_seeded_order(world_data):
     train = world_data["train"]
     n = len(train)
     assert n >= 60 and len(world_data["dev"]) >= 30
-    gen = sup.make_policy_batches(train, L, 8, seed=3, num_steps=n)  # n batches of 8 = 8 epochs
+    # n batches of 8 = 8 epochs
+    gen = sup.make_policy_batches(train, L, 8, seed=3, num_steps=n, special=SPECIAL)
     batches = list(gen)
     for b in batches[:5]:
         assert b["input_ids"].shape == b["valid"].shape == b["labels"].shape == (8, L)
@@ -127,16 +137,16 @@ def test_batches_have_fixed_shapes_answer_labels_and_seeded_order(world_data):
             batches[2]["input_ids"][row, : len(train[i]["input_ids"])], train[i]["input_ids"]
         )
     # A pure function of (seed, step): rebuilt from start_step, same; another seed, different.
-    again = next(sup.make_policy_batches(train, L, 8, seed=3, start_step=2))
+    again = next(sup.make_policy_batches(train, L, 8, seed=3, start_step=2, special=SPECIAL))
     np.testing.assert_array_equal(again["input_ids"], batches[2]["input_ids"])
-    other = next(sup.make_policy_batches(train, L, 8, seed=4, start_step=2))
+    other = next(sup.make_policy_batches(train, L, 8, seed=4, start_step=2, special=SPECIAL))
     assert not np.array_equal(other["input_ids"], batches[2]["input_ids"])
     # Every epoch is a permutation: each triple appears exactly once per n positions.
     order = np.concatenate([sup.step_indices(n, 8, seed=3, step=s) for s in range(n)])
     for e in range(8):
         assert sorted(order[e * n : (e + 1) * n]) == list(range(n))
     # Word units (the world tokenizer is word-level: one unit per maskable token).
-    wb = next(sup.make_policy_batches(train, L, 8, seed=3, units="word"))
+    wb = next(sup.make_policy_batches(train, L, 8, seed=3, units="word", special=SPECIAL))
     np.testing.assert_array_equal(
         wb["unit_ids"], np.where(wb["valid"], np.arange(L), -1).astype(np.int32)
     )
@@ -219,7 +229,7 @@ def scorers(net, params):
 
 def test_supervised_policy_beats_random_and_salient_on_dev(world_data, trained):
     net, _, params, history = trained
-    batches = sup.eval_batches(world_data["dev_entities"], L, 32)
+    batches = sup.eval_batches(world_data["dev_entities"], L, 32, special=SPECIAL)
     # The same budget and the same Gumbel draws for every scorer: what pre-training would mask.
     f1 = {
         name: sup.evaluate_scorer(sc, batches, {"mask_rate": RATE}, draws=8, seed=5)["span_f1"]
@@ -244,7 +254,7 @@ def test_supervised_policy_beats_random_and_salient_on_dev(world_data, trained):
             objective="token",
             pos_weight=history["pos_weight"],
         )
-        for b in sup.eval_batches(world_data["dev"], L, 32)
+        for b in sup.eval_batches(world_data["dev"], L, 32, special=SPECIAL)
     ]
     dev_loss = sum(float(t) for t, _ in terms) / sum(float(c) for _, c in terms)
     np.testing.assert_allclose(dev_loss, best["loss"], rtol=1e-5)
@@ -258,7 +268,9 @@ def test_supervised_policy_beats_random_and_salient_on_dev(world_data, trained):
 @pytest.mark.parametrize("budget", [{"mask_rate": RATE}, {"mask_rate": 0.15}, {"num_units": 1}])
 def test_learned_scorer_masks_exactly_under_budget_and_prefers_answers(world_data, trained, budget):
     net, _, params, _ = trained
-    batch = sup.eval_batches(world_data["dev_entities"], L, len(world_data["dev_entities"]))[0]
+    batch = sup.eval_batches(
+        world_data["dev_entities"], L, len(world_data["dev_entities"]), special=SPECIAL
+    )[0]
     answer_share = {}
     for name, sc in scorers(net, params).items():
         hits = total = 0
@@ -333,7 +345,7 @@ def test_policy_params_save_load_round_trip(world_data, trained, tmp_path):
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    batch = sup.eval_batches(world_data["dev"], L, 8)[0]
+    batch = sup.eval_batches(world_data["dev"], L, 8, special=SPECIAL)[0]
     rng = BatchRng(0, 0, batch["example_ids"])
     np.testing.assert_array_equal(
         LearnedScorer(net, loaded)(batch, rng)[0], LearnedScorer(net, params)(batch, rng)[0]
@@ -363,9 +375,7 @@ def test_passage_policy_prefers_asked_values_over_names_and_other_values(tmp_pat
     train = sup.supervised_triples(examples["train"], tok, cfg)
     dev = sup.prepare_triples(sup.supervised_triples(examples["dev"], tok, cfg))
     assert all(len(t["answer_token_spans"]) == 2 for t in dev)  # birth city and employer
-    net = PolicyNet(
-        vocab_size=len(tok), d_model=32, num_layers=1, num_heads=4, ffn_dim=64, max_length=length
-    )
+    net = make_net(len(tok), max_length=length)
     init = init_policy_params(net, jax.random.key(0))
     params, _ = train_policy(net, init, train, dev, cfg, tmp_path, budget={"mask_rate": 0.1})
     docs = {d["text"]: d["entities"] for d in world.documents}
@@ -376,7 +386,7 @@ def test_passage_policy_prefers_asked_values_over_names_and_other_values(tmp_pat
         t | {"entity_spans": g["entity_spans"], "entity_labels": g["entity_labels"]}
         for t, g in zip(dev, gold, strict=True)
     ]
-    batch = sup.eval_batches(dev, length, len(dev))[0]
+    batch = sup.eval_batches(dev, length, len(dev), special=SPECIAL)[0]
     entity = np.zeros_like(batch["valid"])
     for i, spans in enumerate(batch["entity_spans"]):
         for s, e in spans[spans[:, 0] >= 0]:

@@ -4,42 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from meta_mask.config import Config, MeshConfig, OptimConfig, StageConfig, tiny_model_config
+from meta_mask.config import Config, MeshConfig, OptimConfig, StageConfig
 from meta_mask.model.bart import Bart, init_params
 from meta_mask.training import checkpoint, sharding, steps
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-PAD, EOS, START = 1, 2, 2
-
-
-def make_batch(seed: int, batch: int = 4, length: int = 12, vocab: int = 128):
-    rng = np.random.default_rng(seed)
-    input_ids = rng.integers(4, vocab, (batch, length)).astype(np.int32)
-    input_ids[:, -1] = EOS
-    input_ids[0, length // 2 :] = PAD
-    labels = rng.integers(4, vocab, (batch, length)).astype(np.int32)
-    labels[1, length // 2 :] = PAD
-    decoder_input_ids = np.concatenate([np.full((batch, 1), START, np.int32), labels[:, :-1]], 1)
-    return {
-        "input_ids": input_ids,
-        "decoder_input_ids": decoder_input_ids,
-        "labels": labels,
-        "weights": (labels != PAD).astype(np.float32),
-    }
+from tests.processes import run_module
+from tests.training.helpers import make_batch, one_layer_config
 
 
 def run_config(**model_kw) -> Config:
-    model = tiny_model_config(encoder_layers=1, decoder_layers=1, dropout=0.1, **model_kw)
+    model = one_layer_config(dropout=0.1, **model_kw)
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=2, total_steps=20)
     return Config(model=model, intermediate=StageConfig(optim=optim))
 
@@ -151,31 +130,8 @@ def test_partial_checkpoint_dir_is_ignored_and_cleaned(tmp_path, trained):
     assert not partial.exists()
 
 
-_KILLED_MID_SAVE = textwrap.dedent(
-    """
-    import os, sys
-    import numpy as np
-    from meta_mask.training import checkpoint
-
-    manager = checkpoint.CheckpointManager(sys.argv[1])
-    manager.save(1, {"w": np.full((4, 4), 1.0, np.float32)}, {"model": {"d_model": 4}})
-    manager.wait_until_finished()
-    big = np.random.default_rng(0).standard_normal((2000, 2000)).astype(np.float32)
-    manager.save(2, {"w": big}, {"model": {"d_model": 4}})  # async: returns mid-write
-    os._exit(0)  # the kill: no wait, no close, no atexit
-    """
-)
-
-
 def test_process_killed_mid_save_leaves_only_complete_steps(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_MID_SAVE, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("tests.training.killed_mid_save", tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert any(p.name.startswith("2.orbax-checkpoint-tmp") for p in tmp_path.iterdir())
     target = {"w": jax.ShapeDtypeStruct((4, 4), np.float32)}

@@ -1,30 +1,28 @@
 """Multi-host training: when the CLI joins a cluster, and a real two-process jax.distributed run
-on localhost (gloo CPU collectives) that trains through pipeline.train_stage on host-local batch
+on localhost (gloo CPU collectives) that trains through stages.train_stage on host-local batch
 shards and must match one process, with orbax checkpoints saved and restored by both hosts and
-logs written by process 0 only."""
+logs written by process 0 only; the meta step likewise, each host giving its rows of the meta
+batches."""
 
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import socket
 import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from meta_mask import pipeline
-from meta_mask.config import Config, MeshConfig, PolicyConfig, StageConfig, tiny_model_config
+from meta_mask import stages
+from meta_mask.config import MeshConfig, PolicyConfig
 from meta_mask.data import seq2seq
-from meta_mask.model import bart
 from meta_mask.training import distributed, sharding
-from tests.training.test_steps import COMMON_OPTIM, host_params, make_batch
+from tests.processes import REPO, module_command, python_env, run_module
+from tests.training import meta_steps
+from tests.training.distributed_process import CFG, STAGE, STEPS, host_batch, stage_context
+from tests.training.helpers import host_params
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 DA = distributed.DistributedArgs
 
 
@@ -61,13 +59,8 @@ def test_bad_distributed_arguments_name_the_flag():
 
 
 def test_cli_rejects_contradictory_distributed_flags(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "meta_mask.train", f"--workdir={tmp_path}", "--distributed=off",
-         "--num_processes=2", "--process_id=0"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    flags = ["--distributed=off", "--num_processes=2", "--process_id=0"]
+    proc = run_module("meta_mask.train", f"--workdir={tmp_path}", *flags, timeout=120)
     assert proc.returncode != 0
     assert "with --distributed=off" in proc.stderr
     assert not (tmp_path / "config.json").exists()  # refused before any run started
@@ -84,91 +77,6 @@ def test_local_rows_split_a_global_batch_into_contiguous_host_blocks():
 
 # ----------------------------------------------------------------------------- two processes
 
-STEPS = 3
-GLOBAL_BATCH = 8
-STAGE = StageConfig(
-    steps=STEPS, batch_size=GLOBAL_BATCH, optim=COMMON_OPTIM, checkpoint_every=2, log_every=1
-)
-
-
-# Vocabulary 512 x d_model 32 = sharding.MIN_FSDP_SIZE: the pipeline's own rules split the
-# embedding (and its Adam moments) over "fsdp", across the two processes.
-CFG = tiny_model_config(vocab_size=512, encoder_layers=1, decoder_layers=1)
-
-
-def stage_context(workdir: pathlib.Path, mesh) -> pipeline.RunContext:
-    """The parts of a RunContext that train_stage reads (tiny model, dropout on)."""
-    return pipeline.RunContext(
-        cfg=Config(seed=3),
-        workdir=workdir,
-        cache_dir=workdir / "cache",
-        tokenizer=None,
-        model_cfg=CFG,
-        model=bart.Bart(CFG.replace(dropout=0.1)),
-        init_params=None,
-        mesh=mesh,
-    )
-
-
-def host_batch(step: int, process_index: int, process_count: int) -> dict:
-    """This host's rows of the global batch of `step` (the same global batch on every host)."""
-    rows = seq2seq.local_rows(np.arange(GLOBAL_BATCH), process_index, process_count)
-    return {k: v[rows] for k, v in make_batch(40 + step, batch=GLOBAL_BATCH).items()}
-
-
-_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import json, pathlib, sys
-    out, address, pid = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    from meta_mask.training import distributed
-    assert distributed.initialize(
-        "on", distributed.DistributedArgs(address, num_processes=2, process_id=pid))
-    import jax, numpy as np
-    from jax.experimental import multihost_utils
-    from meta_mask import pipeline
-    from meta_mask.config import MeshConfig
-    from meta_mask.training import checkpoint, sharding, steps
-    from tests.training.test_distributed import CFG, STAGE, host_batch, stage_context
-    from tests.training.test_steps import host_params
-
-    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2))
-    ctx = stage_context(out / "work", mesh)
-    params = pipeline.train_stage(
-        ctx, "finetune", host_params(CFG, 0), STAGE,
-        lambda s: host_batch(s, jax.process_index(), jax.process_count()), rng_salt=2)
-    emb = params["shared"]["embedding"]
-    assert not emb.is_fully_addressable and list(emb.sharding.spec) == ["fsdp", None]
-    whole = multihost_utils.process_allgather(params, tiled=True)
-    # Both hosts restore the last checkpoint into the sharded layout the step uses.
-    tx = steps.make_optimizer(STAGE.optim)
-    target = sharding.sharded_call(lambda p: steps.create_train_state(p, tx), params, mesh=mesh)
-    state_sharding = jax.tree.map(lambda x: x.sharding, target)
-    with checkpoint.CheckpointManager(out / "work" / "finetune" / "checkpoints") as ckpt:
-        steps_saved = ckpt.all_steps()
-        restored = ckpt.restore(jax.eval_shape(lambda: target), sharding=state_sharding)
-    restored_emb = restored.params["shared"]["embedding"]
-    assert restored_emb.sharding == emb.sharding
-    restored_diff = max(
-        float(np.max(np.abs(a - b))) for a, b in zip(
-            jax.tree.leaves(multihost_utils.process_allgather(restored.params, tiled=True)),
-            jax.tree.leaves(whole), strict=True))
-    # A rerun skips the finished stage and loads its final params into the same layout.
-    again = pipeline.train_stage(ctx, "finetune", params, STAGE, None, rng_salt=2)
-    assert again["shared"]["embedding"].sharding == emb.sharding
-    reload_diff = max(
-        float(np.max(np.abs(a - b))) for a, b in zip(
-            jax.tree.leaves(multihost_utils.process_allgather(again, tiled=True)),
-            jax.tree.leaves(whole), strict=True))
-    np.savez(out / f"params{pid}.npz", **{
-        jax.tree_util.keystr(p): np.asarray(x)
-        for p, x in jax.tree_util.tree_flatten_with_path(whole)[0]})
-    json.dump({"steps_saved": steps_saved, "restored_step": int(restored.step),
-               "restored_diff": restored_diff, "reload_diff": reload_diff},
-              open(out / f"facts{pid}.json", "w"))
-    """
-)
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -179,7 +87,7 @@ def free_port() -> int:
 def test_two_process_training_matches_one_process(tmp_path):
     # The reference: the same stage in this (single-device) process on the whole global batch.
     mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
-    reference = pipeline.train_stage(
+    reference = stages.train_stage(
         stage_context(tmp_path / "single", mesh),
         "finetune",
         host_params(CFG, 0),
@@ -191,16 +99,12 @@ def test_two_process_training_matches_one_process(tmp_path):
 
     out = tmp_path / "multi"
     out.mkdir()
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
     address = f"127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _PROCESS_SCRIPT, str(out), address, str(pid)],
+            module_command("tests.training.distributed_process", out, address, pid),
             cwd=REPO,
-            env=env,
+            env=python_env(devices=2),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -242,6 +146,40 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert (out / "work/finetune/done.json").exists()
 
 
+def test_two_process_meta_step_matches_one_process(tmp_path):
+    """Each host contributes its rows of the meta batches (meta_train.host_rows), theta is
+    FSDP-sharded across the two processes: the meta-gradient and metrics match one process."""
+    reference = meta_steps.run(sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1]))
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            module_command("tests.training.meta_steps", tmp_path, address, pid),
+            cwd=REPO,
+            env=python_env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for pid, proc in enumerate(procs):
+        assert proc.returncode == 0, f"process {pid}:\n{logs[pid][-4000:]}"
+    for pid in range(2):
+        with np.load(tmp_path / f"meta{pid}.npz") as multi:
+            multi = dict(multi)
+        assert multi["inner_shard_rows"].tolist() == [2]  # 8 contexts over 4 devices
+        assert bool(multi["theta_sharded"])
+        meta_steps.assert_matches(multi, reference)
+
+
 # ----------------------------------------------------------------------------- host data
 
 
@@ -252,31 +190,23 @@ def test_two_process_training_matches_one_process(tmp_path):
         PolicyConfig(name="random_spans", output_format="full_sentence"),
     ],
 )
-def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path, policy):
+def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(
+    records_corpus, sentence_tokenizer, policy
+):
     """Each host masks only its rows, and the masks depend on (seed, step, row) alone: the
     hosts' batches stacked are exactly the single process's batch."""
     from meta_mask.config import DataConfig
-    from meta_mask.data import corpora
     from meta_mask.data.stream import CorpusStream
     from meta_mask.policies import corrupt, heuristic, mlm_batches
-    from tests.data.test_corpora import SENTENCES, world_like_records
-    from tests.data.tokenizer_helpers import word_tokenizer
+    from meta_mask.special_tokens import SpecialTokens
 
-    tokenizer = word_tokenizer(SENTENCES)
-    corpus = corpora.build_corpus(
-        corpora.CorpusSource(kind="records", records=world_like_records() * 3, name="hosts"),
-        tokenizer,
-        tmp_path,
-        sentence_filter=corpora.SentenceFilter(min_words=1),
-        max_length=16,
-    )
-    labels = corpus.dataset.data.column("entity_labels")
+    labels = records_corpus.dataset.data.column("entity_labels")
+    special = SpecialTokens.of(sentence_tokenizer, decoder_start_token_id=2)
 
     def batches(process_index: int, process_count: int) -> mlm_batches.MlmBatches:
         stream = CorpusStream(
-            corpus.dataset, batch_size=8, max_length=16, seed=4,
+            records_corpus.dataset, batch_size=8, max_length=16, seed=4, special=special,
             process_index=process_index, process_count=process_count,
-            pad_id=tokenizer.pad_token_id,
         )  # fmt: skip
         return mlm_batches.MlmBatches(
             stream=stream,
@@ -284,12 +214,10 @@ def test_intermediate_batches_of_hosts_concatenate_to_the_global_batch(tmp_path,
             policy=policy,
             data=DataConfig(mlm_length=16, mlm_target_length=8),
             seed=4,
-            mask_id=tokenizer.mask_token_id,
-            sentinels=corrupt.sentinel_ids(tokenizer),
+            special=special,
             labels_of=lambda rows: labels.take(rows).to_pylist(),
-            random_ids=corrupt.non_special_ids(tokenizer),
-            pad_id=tokenizer.pad_token_id,
-            eos_id=tokenizer.eos_token_id,
+            types_of=lambda rows: [[] for _ in rows],
+            random_ids=corrupt.non_special_ids(sentence_tokenizer),
         )
 
     whole, hosts = batches(0, 1), [batches(i, 2) for i in range(2)]
@@ -309,16 +237,14 @@ def test_cli_two_processes_run_the_whole_pipeline_like_one(tmp_path):
     """`python -m meta_mask.train --distributed=on ...` in two processes (one CPU device each):
     every stage, resumable files written once, and the same fine-tuned params as one process."""
     from meta_mask.training.checkpoint import load_params
-    from tests.test_pipeline import TINY
+    from tests.tiny_run import TINY
 
     args = [*TINY, "--intermediate.steps=4", "--intermediate.checkpoint_every=2"]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
+    env = python_env(JAX_PLATFORMS="cpu")
 
     def cli(workdir, *extra):
         return subprocess.Popen(
-            [sys.executable, "-m", "meta_mask.train", f"--workdir={workdir}", *args, *extra],
+            module_command("meta_mask.train", f"--workdir={workdir}", *args, *extra),
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 

@@ -1,19 +1,27 @@
-"""Scale-out on 8 simulated CPU devices: path-aware FSDP rules, sharded init, and the train
-step under data parallelism (data=8) and FSDP (data=2 x fsdp=4) against one device."""
+"""Scale-out on 8 simulated CPU devices: path-aware FSDP rules, sharded init, the train step
+under data parallelism (data=8) and FSDP (data=2 x fsdp=4) against one device, and the meta
+step with its batches split over data=2 x fsdp=4 and theta FSDP-sharded."""
 
 from __future__ import annotations
 
 import json
-import textwrap
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec
 
-from meta_mask.config import tiny_model_config
+from meta_mask.config import MeshConfig
 from meta_mask.model import bart
 from meta_mask.training import sharding, steps
-from tests.training.helpers import assert_runs_match, run_on_devices
-from tests.training.test_steps import COMMON_OPTIM, host_params, make_batch
+from tests.training import meta_steps
+from tests.training.helpers import (
+    COMMON_OPTIM,
+    assert_runs_match,
+    host_params,
+    make_batch,
+    run_on_devices,
+)
+from tests.training.scale_out_steps import CFG
 
 
 def test_partition_rules_follow_the_parameter_path():
@@ -36,68 +44,6 @@ def test_partition_rules_follow_the_parameter_path():
     assert sharding.partition_spec("x/kernel", (768, 3072), 1) == PartitionSpec()  # no fsdp
 
 
-_EIGHT_DEVICE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import jax, numpy as np
-    from meta_mask.config import MeshConfig
-    from meta_mask.model import bart
-    from meta_mask.training import sharding, steps
-    from tests.training.test_steps import COMMON_OPTIM, host_params, make_batch
-    from tests.training.test_scale_out import CFG, MIN_SIZE
-
-    assert jax.device_count() == 8, jax.devices()
-    out, facts = {}, {}
-    for name, mesh_cfg in (("data8", MeshConfig(data=8, fsdp=1)),
-                           ("data2_fsdp4", MeshConfig(data=2, fsdp=4))):
-        mesh = sharding.make_mesh(mesh_cfg)
-        # Sharded init: compare with the unsharded init, and record what each device holds.
-        params = sharding.init_sharded_params(CFG, jax.random.key(0), mesh, min_size=MIN_SIZE)
-        emb = params["shared"]["embedding"]
-        kernel = params["encoder"]["layers_0"]["fc1"]["kernel"]
-        facts[name] = {
-            "emb_spec": list(emb.sharding.spec),
-            "emb_shards": sorted({tuple(s.data.shape) for s in emb.addressable_shards}),
-            "fc1_spec": list(kernel.sharding.spec),
-            "fc1_shards": sorted({tuple(s.data.shape) for s in kernel.addressable_shards}),
-            "bias_spec": list(params["final_logits_bias"].sharding.spec),
-        }
-        reference = bart.init_params(CFG, jax.random.key(0))
-        facts[name]["init_max_diff"] = max(
-            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True)
-        )
-        # The train step from the same start as the single-device run, state created sharded
-        # (as pipeline.train_stage does) with Adam moments laid out like their params.
-        tx = steps.make_optimizer(COMMON_OPTIM)
-        start = sharding.place(host_params(CFG, 0), sharding.param_shardings(
-            host_params(CFG, 0), mesh, min_size=MIN_SIZE))
-        state = sharding.sharded_call(lambda p: steps.create_train_state(p, tx), start,
-                                      mesh=mesh, min_size=MIN_SIZE)
-        state_sharding = jax.tree.map(lambda x: x.sharding, state)
-        mu = state.opt_state[1][0].mu["shared"]["embedding"]
-        facts[name]["mu_spec"] = list(mu.sharding.spec)
-        model = bart.Bart(CFG.replace(dropout=0.1))
-        step = steps.make_train_step(model, COMMON_OPTIM, mesh=mesh, state_sharding=state_sharding)
-        for i in range(3):
-            batch = sharding.shard_batch(make_batch(40 + i, batch=8), mesh)
-            state, metrics = step(state, batch, jax.random.key(5))
-        facts[name]["batch_shards"] = len(batch["labels"].addressable_shards)
-        facts[name]["emb_after_spec"] = list(state.params["shared"]["embedding"].sharding.spec)
-        out[name + "/loss"] = np.asarray(metrics["loss"])
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-            out[name + "/" + jax.tree_util.keystr(path)] = np.asarray(leaf)
-    np.savez(sys.argv[1] + ".npz", **out)
-    json.dump(facts, open(sys.argv[1] + ".json", "w"))
-    """
-)
-
-# One layer per side, vocab 128, d_model 32 (embedding 128 x 32, fc1 32 x 64); a low threshold
-# so the tiny matrices are split as BART-base's would be.
-CFG = tiny_model_config(encoder_layers=1, decoder_layers=1)
-MIN_SIZE = 256
-
-
 def test_eight_devices_data_parallel_and_fsdp_equal_one_device(tmp_path):
     model = bart.Bart(CFG.replace(dropout=0.1))
     state = steps.create_train_state(host_params(CFG, 0), steps.make_optimizer(COMMON_OPTIM))
@@ -105,7 +51,7 @@ def test_eight_devices_data_parallel_and_fsdp_equal_one_device(tmp_path):
     for i in range(3):
         state, metrics = train_step(state, make_batch(40 + i, batch=8), jax.random.key(5))
     result = tmp_path / "eight"
-    run_on_devices(_EIGHT_DEVICE_SCRIPT, result, devices=8)
+    run_on_devices("tests.training.scale_out_steps", result, devices=8)
     facts = json.loads(result.with_suffix(".json").read_text())
     # data=8: everything replicated, the batch in 8 pieces.
     assert facts["data8"]["emb_spec"] == [] and facts["data8"]["fc1_spec"] == []
@@ -125,3 +71,15 @@ def test_eight_devices_data_parallel_and_fsdp_equal_one_device(tmp_path):
     assert_runs_match(
         result.with_suffix(".npz"), ("data8", "data2_fsdp4"), metrics["loss"], state.params
     )
+
+
+def test_meta_step_on_eight_devices_equals_one_device(tmp_path):
+    one = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    reference = meta_steps.run(one)
+    result = tmp_path / "meta"
+    run_on_devices("tests.training.meta_steps", result, devices=8)
+    with np.load(result.with_suffix(".npz")) as multi:
+        multi = dict(multi)
+    assert multi["inner_shard_rows"].tolist() == [1]  # 8 contexts: one per device
+    assert bool(multi["theta_sharded"])  # the embedding split over fsdp
+    meta_steps.assert_matches(multi, reference)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import jax
 import numpy as np
@@ -54,42 +53,9 @@ def test_param_shardings_replicate_everything_without_fsdp():
     assert specs == {"big": PartitionSpec(), "bias": PartitionSpec()}
 
 
-_FOUR_DEVICE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import jax, numpy as np
-    from meta_mask.config import MeshConfig
-    from meta_mask.training import sharding
-
-    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2))
-    tree = {
-        "wide": jax.ShapeDtypeStruct((64, 512), np.float32),
-        "tall": np.zeros((512, 64), np.float32),
-        "odd_rows": np.zeros((33, 1000), np.float32),
-        "indivisible": np.zeros((33, 999), np.float32),
-        "small": np.zeros((4, 4), np.float32),
-        "vector": np.zeros((100000,), np.float32),
-    }
-    specs = jax.tree.map(lambda s: list(s.spec), sharding.param_shardings(tree, mesh))
-    placed = sharding.shard_batch({"x": np.arange(16).reshape(8, 2)}, mesh)
-    shards = sorted(
-        (int(s.device.id), np.asarray(s.data).tolist()) for s in placed["x"].addressable_shards
-    )
-    try:
-        sharding.shard_batch({"x": np.zeros((6, 2))}, mesh)
-        error = ""
-    except ValueError as e:
-        error = str(e)
-    two = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:2])
-    json.dump({"mesh": dict(mesh.shape), "specs": specs, "shards": shards, "error": error,
-               "two": dict(two.shape)}, open(sys.argv[1], "w"))
-    """
-)
-
-
 def test_four_device_mesh_batch_and_fsdp_rules(tmp_path):
     out = tmp_path / "facts.json"
-    run_on_devices(_FOUR_DEVICE_SCRIPT, out, devices=4)
+    run_on_devices("tests.training.four_device_mesh", out, devices=4)
     facts = json.loads(out.read_text())
     assert facts["mesh"] == {"data": 2, "fsdp": 2}
     assert facts["two"] == {"data": 2, "fsdp": 1}

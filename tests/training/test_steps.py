@@ -1,10 +1,9 @@
-"""Tests for meta_mask.training.steps: losses, optimizer, schedule, train and eval steps."""
+"""Tests for meta_mask.training.steps: losses, optimizer, schedule, the train step."""
 
 from __future__ import annotations
 
 import functools
 import json
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -12,61 +11,18 @@ import numpy as np
 import optax
 import pytest
 
-from meta_mask.config import MeshConfig, ModelConfig, OptimConfig, tiny_model_config
+from meta_mask.config import OptimConfig
 from meta_mask.model.bart import Bart, init_params
-from meta_mask.training import sharding, steps
-from tests.training.helpers import assert_runs_match, run_on_devices
-
-PAD, EOS, START = 1, 2, 2
-
-
-def make_batch(seed: int, batch: int = 4, src_len: int = 16, tgt_len: int = 16, vocab: int = 128):
-    """A random batch in the train-step format, with ragged lengths padded by <pad>."""
-    rng = np.random.default_rng(seed)
-    input_ids = np.full((batch, src_len), PAD, np.int32)
-    labels = np.full((batch, tgt_len), PAD, np.int32)
-    for b in range(batch):
-        n_src = rng.integers(src_len // 2, src_len + 1)
-        input_ids[b, : n_src - 1] = rng.integers(4, vocab, n_src - 1)
-        input_ids[b, n_src - 1] = EOS
-        n_tgt = rng.integers(tgt_len // 2, tgt_len + 1)
-        labels[b, : n_tgt - 1] = rng.integers(4, vocab, n_tgt - 1)
-        labels[b, n_tgt - 1] = EOS
-    decoder_input_ids = np.concatenate([np.full((batch, 1), START, np.int32), labels[:, :-1]], 1)
-    weights = (labels != PAD).astype(np.float32)
-    return {
-        "input_ids": input_ids,
-        "decoder_input_ids": decoder_input_ids,
-        "labels": labels,
-        "weights": weights,
-    }
-
-
-# Warmup makes the reported learning rates checkable; clip_norm=0.1 is below the gradient norm
-# of a fresh model, so clipping is active.
-COMMON_OPTIM = OptimConfig(learning_rate=1e-3, warmup_steps=4, total_steps=100, clip_norm=0.1)
-
-
-def tiny_setup(dropout: float = 0.1, optim: OptimConfig = COMMON_OPTIM, seed: int = 0):
-    # One layer per side: the step machinery is what is under test, and compiles stay short.
-    cfg = tiny_model_config(dropout=dropout, encoder_layers=1, decoder_layers=1)
-    model = Bart(cfg)
-    params = host_params(cfg.replace(dropout=0.0), seed)
-    state = steps.create_train_state(params, steps.make_optimizer(optim))
-    # Placed where the jitted step keeps the state, so the step donates these very arrays.
-    return model, optim, place(state)
-
-
-@functools.cache
-def host_params(cfg: ModelConfig, seed: int):
-    """Initial parameters as numpy (initialised once per config: init is a compile too)."""
-    return jax.tree.map(np.asarray, init_params(cfg, jax.random.key(seed)))
-
-
-def place(tree):
-    """A fresh copy of `tree` replicated over the default (all-device) mesh."""
-    mesh = sharding.make_mesh(MeshConfig())
-    return jax.device_put(jax.tree.map(np.asarray, tree), sharding.replicated(mesh))
+from meta_mask.training import steps
+from tests.training.helpers import (
+    PAD,
+    assert_runs_match,
+    make_batch,
+    one_layer_config,
+    place,
+    run_on_devices,
+    tiny_setup,
+)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +94,30 @@ def test_weighted_loss_is_weighted_mean_of_token_losses():
     batch["weights"][0, 0] = 0.25
     loss, _ = weighted_loss(state.params, batch)
     np.testing.assert_allclose(loss, 0.25 * ce[0, 0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_fused_head_loss_equals_the_logits_path_in_value_and_gradient(label_smoothing):
+    # weighted_loss runs the model's fused LM head + loss (custom_vjp); token_losses the plain
+    # logits -> cross_entropy path that autodiff differentiates. Same numbers, same gradient.
+    model, _, state = tiny_setup()
+    batch = make_batch(5)
+    batch["labels"][0, -3:] = -100  # out-of-range padding labels under zero weight
+    batch["weights"][0, -3:] = 0.0
+
+    def plain(params):
+        ce = steps.token_losses(model, params, batch, label_smoothing=label_smoothing)
+        return jnp.sum(batch["weights"] * ce) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def fused(params):
+        return steps.weighted_loss(model, params, batch, label_smoothing=label_smoothing)[0]
+
+    loss_p, grad_p = jax.jit(jax.value_and_grad(plain))(state.params)
+    loss_f, grad_f = jax.jit(jax.value_and_grad(fused))(state.params)
+    np.testing.assert_allclose(loss_f, loss_p, rtol=1e-6)
+    assert_trees_close(grad_f, grad_p, rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(grad_f["shared"]["embedding"]).max()) > 0
+    assert float(jnp.abs(grad_f["final_logits_bias"]).max()) == 0.0  # a buffer in HF
 
 
 def test_padding_with_zero_weight_changes_neither_loss_nor_gradient():
@@ -317,7 +297,7 @@ def test_metrics_report_schedule_step_and_clipped_gradients(common):
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
-    cfg = tiny_model_config(encoder_layers=1, decoder_layers=1, dtype="bfloat16")
+    cfg = one_layer_config(dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     state = place(steps.create_train_state(params, steps.make_optimizer(optim)))
     train_step = steps.make_train_step(Bart(cfg), optim)
@@ -330,60 +310,7 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
     assert float(metrics["loss"]) < float(first["loss"])
 
 
-# ----------------------------------------------------------------------------- eval step
-
-
-def test_eval_step_sums_aggregate_exactly_across_batches():
-    model, _, state = tiny_setup()
-    batch = make_batch(8, batch=4)
-    eval_step = steps.make_eval_step(model)
-    whole = eval_step(state.params, batch)
-    halves = [
-        eval_step(state.params, {k: v[s] for k, v in batch.items()})
-        for s in (slice(0, 2), slice(2, 4))
-    ]
-    for key in ("loss_sum", "weight_sum"):
-        np.testing.assert_allclose(whole[key], sum(h[key] for h in halves), rtol=1e-5)
-    for key in ("tokens", "correct"):
-        assert int(whole[key]) == sum(int(h[key]) for h in halves)
-    loss, metrics = jax.jit(functools.partial(steps.weighted_loss, model))(state.params, batch)
-    np.testing.assert_allclose(whole["loss_sum"] / whole["weight_sum"], loss, rtol=1e-5)
-    np.testing.assert_allclose(whole["correct"] / whole["tokens"], metrics["accuracy"], rtol=1e-6)
-    assert int(whole["tokens"]) == int((batch["labels"] != PAD).sum())
-
-
 # ----------------------------------------------------------------------------- multi-device
-
-_MULTI_DEVICE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import jax, numpy as np
-    from meta_mask.config import MeshConfig
-    from meta_mask.training import sharding, steps
-    from tests.training.test_steps import make_batch, tiny_setup
-
-    assert jax.device_count() == 4, jax.devices()
-    out, facts = {}, {}
-    for name, mesh_cfg in (("data4", MeshConfig(data=4, fsdp=1)),
-                           ("data2_fsdp2", MeshConfig(data=2, fsdp=2))):
-        model, optim, state = tiny_setup()
-        mesh = sharding.make_mesh(mesh_cfg)
-        state_sharding = sharding.param_shardings(state, mesh, min_size=1024)
-        state = jax.device_put(state, state_sharding)
-        step = steps.make_train_step(model, optim, mesh=mesh, state_sharding=state_sharding)
-        for i in range(3):
-            batch = sharding.shard_batch(make_batch(40 + i), mesh)
-            state, metrics = step(state, batch, jax.random.key(5))
-        emb = state.params["shared"]["embedding"]
-        facts[name] = {"emb_spec": list(emb.sharding.spec),
-                       "batch_shards": len(batch["labels"].addressable_shards)}
-        out[name + "/loss"] = np.asarray(metrics["loss"])
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-            out[name + "/" + jax.tree_util.keystr(path)] = np.asarray(leaf)
-    np.savez(sys.argv[1] + ".npz", **out)
-    json.dump(facts, open(sys.argv[1] + ".json", "w"))
-    """
-)
 
 
 def test_multi_device_mesh_step_equals_single_device(tmp_path, common):
@@ -392,7 +319,7 @@ def test_multi_device_mesh_step_equals_single_device(tmp_path, common):
     for i in range(3):
         state, metrics = train_step(state, make_batch(40 + i), jax.random.key(5))
     result = tmp_path / "multi"
-    run_on_devices(_MULTI_DEVICE_SCRIPT, result, devices=4)
+    run_on_devices("tests.training.mesh_steps", result, devices=4)
     facts = json.loads(result.with_suffix(".json").read_text())
     # The batch really was split over 4 devices and, with fsdp=2, the embedding over "fsdp".
     assert facts["data4"] == {"emb_spec": [], "batch_shards": 4}
