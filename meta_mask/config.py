@@ -256,6 +256,11 @@ class PolicyConfig:
         "Learned policies: the learn_policy/ folder of another run to use instead of learning "
         "one here (e.g. transfer across tasks); '' = learn it.",
     )
+    oracle_types: tuple[str, ...] = option(
+        (),
+        "oracle: the entity types it masks (world attributes, 'name' for the people's names); "
+        "empty = the attributes the task asks about.",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -301,7 +301,7 @@ def make_scorer(
 ) -> Scorer:
     """The scorer named by cfg.name (budget: cfg.budget(); output format: policies.corrupt).
     The pmi policy needs its corpus's n-grams, `pmi`: `corpus_scorer` finds (or loads) them;
-    the oracle needs the attributes the task asks about, `asked`."""
+    the oracle masks the attributes the task asks about, `asked` (or cfg.oracle_types)."""
     if cfg.name == "none":
         return NoMask()
     if cfg.name == "random_tokens":
@@ -329,6 +329,8 @@ def make_scorer(
             )
         return PmiNgrams(pmi)
     if cfg.name == "oracle":
+        if cfg.oracle_types:
+            return Oracle(frozenset(cfg.oracle_types))
         if not asked:
             raise UserError(
                 "the oracle policy masks the values a synthetic-world task asks about: it needs "

@@ -5,14 +5,32 @@ Bytes per device = training state (fp32 params, fp32 gradients, Adam's two fp32 
 by the fsdp size when sharded) + activations saved for the backward pass (per-device batch).
 
 The activation counts are what jax saves for BART's backward pass, counted per layer from the
-residuals of `jax.vjp` of our model (tests/training/test_memory.py checks them against those
-residuals and against XLA's `memory_analysis()` of the compiled step on tiny configs):
-  encoder layer   B*S*D*(6 f32 + 8 c) + 4c*B*S*F + B*H*S*S*(2 f32 + c)  [+ dropout masks]
-  decoder layer   B*T*D*(9 f32 + 12 c) + 2c*B*S*D + 4c*B*T*F + B*H*(T*T + T*S)*(2 f32 + c)
-  outside layers  B*S*D*(3 f32 + 2 c) + B*T*D*(3 f32 + c) + B*T*V*(2 f32 + 1) (the loss)
-with c the compute dtype's bytes (4 fp32, 2 bf16); dropout adds one byte-mask per dropped
-tensor. With remat each layer keeps only its input; one layer's activations are rebuilt at a
-time during the backward pass, which the peak adds once.
+residuals of `jax.vjp` of our model (tests/training/test_memory.py checks them against every
+batch-shaped residual and against XLA's `memory_analysis()` of the compiled step on tiny configs):
+  encoder layer   B*S*(D*(6 f32 + 8 c + 2 r) + F*(4 c + a) + (8 + 2 H) f32)
+                  + B*H*S*S*(2 f32 + c + 1 + p)
+  decoder layer   B*T*(D*(9 f32 + 11 c + 3 r) + F*(4 c + a) + (12 + 4 H) f32) + 4 c*B*S*D
+                  + B*H*(T*T + T*S)*(2 f32 + c + 1 + p)
+  outside layers  B*S*(D*(3 f32 + r) + 20) + B*T*(D*(3 f32 + c + r) + V f32 + 32)
+with c the compute dtype's bytes (4 fp32, 2 bf16). A dropout keeps its output and a byte mask:
+r = c + 1 with `dropout` (else 0), a = c + 1 with `activation_dropout`, p = f32 + 1 with
+`attention_dropout`. Where that comes from, per layer: each LayerNorm keeps 3 f32 [.., D]
+tensors and 4 f32 statistics per token; every Dense keeps its 2-D input rows (q, k and v each
+their own copy); attention keeps q, k, v split into heads, and per score the masked scores and
+their exp in f32, the probabilities in c and the broadcast boolean mask, plus 2 f32 softmax
+statistics per head and query; gelu (BART's activation) keeps 3 c tensors of [.., F]; the
+decoder's cross-attention keeps the encoder output's k/v rows and heads (the 4 c*B*S*D).
+Outside the layers: the embeddings' LayerNorm, dropout and int32 token ids, then the final
+hidden rows (c), the float32 logits [B*T, V] (the fused LM head + cross-entropy keeps no other
+[B*T, V] array) and per target token the log-sum-exp, label and weight.
+
+With remat each layer keeps only its input (c*B*S*D or c*B*T*D), plus the encoder output the
+decoder layers read and the two boolean [B, 1, 1, S] key masks; one layer's activations are
+rebuilt at a time during the backward pass, which the peak adds once.
+
+The count is an upper bound on what the compiled step keeps: XLA holds one buffer for the copies
+jax saves of one array and fuses elementwise residuals away (on CPU, fp32 without remat, its
+temporaries are 66-76% of gradients + this count, from the tests' tiny configs to BART-base).
 """
 
 from __future__ import annotations
@@ -43,34 +61,52 @@ def _compute_bytes(cfg: ModelConfig) -> int:
     return {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.dtype]
 
 
+def _dropout_bytes(rate: float, nbytes: int) -> int:
+    """Bytes per element a dropout keeps for the backward pass: its output and a byte mask."""
+    return nbytes + 1 if rate > 0 else 0
+
+
 def encoder_layer_bytes(cfg: ModelConfig, batch: int, src: int) -> int:
     """Activations one encoder layer saves for its backward pass (no remat)."""
-    c, d, h = _compute_bytes(cfg), cfg.d_model, cfg.encoder_attention_heads
-    drop = 1 if cfg.dropout > 0 else 0
-    tokens = batch * src
-    per_token = d * (6 * F32 + 8 * c + 2 * drop) + 4 * c * cfg.encoder_ffn_dim
-    return tokens * per_token + batch * h * src * src * (2 * F32 + c + drop)
+    c, d, f, h = _compute_bytes(cfg), cfg.d_model, cfg.encoder_ffn_dim, cfg.encoder_attention_heads
+    r = _dropout_bytes(cfg.dropout, c)
+    per_token = (
+        d * (6 * F32 + 8 * c + 2 * r)
+        + f * (4 * c + _dropout_bytes(cfg.activation_dropout, c))
+        + (8 + 2 * h) * F32
+    )
+    per_score = 2 * F32 + c + 1 + _dropout_bytes(cfg.attention_dropout, F32)
+    return batch * src * per_token + batch * h * src * src * per_score
 
 
 def decoder_layer_bytes(cfg: ModelConfig, batch: int, src: int, tgt: int) -> int:
     """Activations one decoder layer saves for its backward pass (no remat)."""
-    c, d, h = _compute_bytes(cfg), cfg.d_model, cfg.decoder_attention_heads
-    drop = 1 if cfg.dropout > 0 else 0
-    per_token = d * (9 * F32 + 12 * c + 3 * drop) + 4 * c * cfg.decoder_ffn_dim
-    scores = batch * h * (tgt * tgt + tgt * src) * (2 * F32 + c + drop)
-    return batch * tgt * per_token + 2 * c * batch * src * d + scores
+    c, d, f, h = _compute_bytes(cfg), cfg.d_model, cfg.decoder_ffn_dim, cfg.decoder_attention_heads
+    r = _dropout_bytes(cfg.dropout, c)
+    per_token = (
+        d * (9 * F32 + 11 * c + 3 * r)
+        + f * (4 * c + _dropout_bytes(cfg.activation_dropout, c))
+        + (12 + 4 * h) * F32
+    )
+    per_score = 2 * F32 + c + 1 + _dropout_bytes(cfg.attention_dropout, F32)
+    cross_kv = 4 * c * batch * src * d  # the encoder output's k/v: input rows and heads
+    return batch * tgt * per_token + cross_kv + batch * h * (tgt * tgt + tgt * src) * per_score
 
 
 def saved_activation_bytes(cfg: ModelConfig, batch: int, src: int, tgt: int) -> int:
     """Bytes of activations kept from the forward pass until the backward pass needs them."""
     c, d = _compute_bytes(cfg), cfg.d_model
-    drop = 1 if cfg.dropout > 0 else 0
-    # The loss keeps two f32 [B,T,V] arrays (shifted logits and their exp) and a one-hot mask.
-    logits = (2 * F32 + 1) * batch * tgt * cfg.vocab_size
-    embeddings = batch * d * (src * (3 * F32 + 2 * c + drop) + tgt * (3 * F32 + c + drop))
-    outside = embeddings + logits
+    r = _dropout_bytes(cfg.dropout, c)
+    # Embedding LayerNorm (3 f32 [.., D], 4 f32 statistics) and dropout, int32 token ids.
+    embedding = d * (3 * F32 + r) + 4 * F32 + 4
+    # The fused head + loss keeps the hidden rows, the f32 logits and each token's log-sum-exp,
+    # label and weight.
+    head = c * d + F32 * cfg.vocab_size + 3 * 4
+    outside = batch * src * embedding + batch * tgt * (embedding + head)
     if cfg.remat:
-        return outside + batch * d * c * (cfg.encoder_layers * src + cfg.decoder_layers * tgt)
+        # Each layer's input, the encoder output the decoder layers read, two bool key masks.
+        inputs = c * d * batch * (cfg.encoder_layers * src + src + cfg.decoder_layers * tgt)
+        return outside + inputs + 2 * batch * src
     return (
         outside
         + cfg.encoder_layers * encoder_layer_bytes(cfg, batch, src)

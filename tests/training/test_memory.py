@@ -35,8 +35,8 @@ def _batch(b: int, s: int, t: int) -> dict:
     return {**ids, "decoder_input_ids": jnp.ones((b, t), jnp.int32), "weights": jnp.ones((b, t))}
 
 
-def residual_activation_bytes(cfg, b: int, s: int, t: int) -> int:
-    """Bytes of the batch-shaped residuals jax.vjp keeps for the train loss's backward pass."""
+def _residuals(cfg, b: int, s: int, t: int) -> list:
+    """Shapes of the residuals jax.vjp keeps for the train loss's backward pass."""
     loss = steps.default_loss_fn(bart.Bart(cfg))
     abstract_params = jax.eval_shape(lambda: bart.init_params(cfg, jax.random.key(0)))
     batch = _batch(b, s, t)
@@ -44,13 +44,20 @@ def residual_activation_bytes(cfg, b: int, s: int, t: int) -> int:
     def backward_fn(params):
         return jax.vjp(lambda q: loss(q, batch, jax.random.key(0))[0], params)[1]
 
-    residuals = jax.tree.leaves(jax.eval_shape(backward_fn, abstract_params))
-    # Batch-shaped tensors only (parameters saved for the backward are counted as params);
-    # per-token LayerNorm statistics [.., 1] are below the estimate's resolution.
+    return jax.tree.leaves(jax.eval_shape(backward_fn, abstract_params))
+
+
+def residual_activation_bytes(cfg, b: int, s: int, t: int) -> int:
+    """Bytes of every batch-shaped residual: [B, ..], [B*S, ..], [B*T, ..], statistics too.
+
+    A residual is batch-shaped when it grows with the batch (traced again at 2B; the program,
+    and so the order of its residuals, is the same). Parameters and their casts do not grow,
+    and a first-dimension test would take them for activations when a parameter dimension
+    happens to equal B*S (the tiny config's vocab of 128 at B*S = 8*16).
+    """
+    one, two = _residuals(cfg, b, s, t), _residuals(cfg, 2 * b, s, t)
     return sum(
-        int(np.prod(x.shape)) * x.dtype.itemsize
-        for x in residuals
-        if x.ndim >= 2 and x.shape[0] == b and x.shape[-1] != 1
+        x.size * x.dtype.itemsize for x, y in zip(one, two, strict=True) if x.shape != y.shape
     )
 
 
@@ -69,10 +76,25 @@ def test_saved_activations_match_the_backward_residuals(name, shape, dtype, rema
     estimate = memory.saved_activation_bytes(cfg, *shape)
     measured = residual_activation_bytes(cfg, *shape)
     assert estimate == pytest.approx(measured, rel=0.03)
-    # Without dropout jax keeps a few copies fewer; the count (made with dropout) stays close.
+    # Without dropout no dropout output or mask is kept.
     cfg = cfg.replace(dropout=0.0)
     estimate = memory.saved_activation_bytes(cfg, *shape)
     assert 0.95 <= estimate / residual_activation_bytes(cfg, *shape) <= 1.15
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_and_activation_dropout_are_counted(dtype):
+    # Their own rates (off by default): each keeps its output and a byte mask, on the attention
+    # probabilities [B, H, L, L] and on the feed-forward activations [B, L, F].
+    cfg = CONFIGS["tiny"].replace(
+        dtype=dtype, attention_dropout=0.1, activation_dropout=0.2, encoder_attention_heads=2
+    )
+    shape = (3, 12, 8)
+    assert memory.saved_activation_bytes(cfg, *shape) > memory.saved_activation_bytes(
+        cfg.replace(attention_dropout=0.0, activation_dropout=0.0), *shape
+    )
+    estimate = memory.saved_activation_bytes(cfg, *shape)
+    assert estimate == pytest.approx(residual_activation_bytes(cfg, *shape), rel=0.03)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -94,10 +116,13 @@ def test_train_step_estimate_matches_xla_memory_analysis(name):
     state_bytes = est.params + est.optimizer
     assert analysis.argument_size_in_bytes - batch_bytes == pytest.approx(state_bytes, rel=0.01)
     assert analysis.alias_size_in_bytes == pytest.approx(state_bytes, rel=0.01)
-    # Temporaries: gradients + saved activations. XLA fuses some elementwise residuals away
-    # (recomputing them in the backward), so the estimate is a slightly high upper bound.
+    # Temporaries: gradients + saved activations. The estimate counts jax's residuals, an upper
+    # bound: XLA keeps one buffer for the copies jax saves of one array (each Dense reshapes
+    # its input itself, so q, k and v keep three) and fuses elementwise residuals (LayerNorm,
+    # gelu, softmax intermediates) away, recomputing them in the backward. On CPU it needs
+    # 66-71% of the estimate here (76% for BART-base at launch/README.md's batch).
     ratio = analysis.temp_size_in_bytes / (est.gradients + est.activations)
-    assert 0.75 <= ratio <= 1.05, f"XLA temporaries / estimate = {ratio:.3f}"
+    assert 0.6 <= ratio <= 1.05, f"XLA temporaries / estimate = {ratio:.3f}"
 
 
 def test_fsdp_divides_state_and_activations_follow_the_per_device_batch():
