@@ -23,8 +23,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
     defaults = BenchSizes()
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds); for tests")
     for f in dataclasses.fields(BenchSizes):
-        if f.name == "meta_k":
-            p.add_argument("--meta_k", type=str, default=None, help="comma-separated K values")
+        if f.name in ("meta_k", "meta_mem_k"):
+            p.add_argument(f"--{f.name}", type=str, default=None, help="comma-separated K values")
         else:
             p.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=None)
     p.add_argument("--out", default="", help="write the results JSON here")
@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
         for f in dataclasses.fields(BenchSizes)
         if getattr(args, f.name) is not None
     }
-    if isinstance(over.get("meta_k"), str):
-        over["meta_k"] = tuple(int(x) for x in over["meta_k"].split(","))
+    for name in ("meta_k", "meta_mem_k"):
+        if isinstance(over.get(name), str):
+            over[name] = tuple(int(x) for x in over[name].split(","))
     sz = dataclasses.replace(sz, **over)
     if not args.quick and sz.repeats < 5:
         p.error(f"--repeats={sz.repeats}: use >= 5 (medians of interleaved repeats)")
@@ -51,7 +52,9 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
     if bad:
         p.error(f"--sections has {bad}; valid: {SECTIONS}")
     if 1 not in sz.meta_k:
-        p.error(f"--meta_k={sz.meta_k} must include 1 (the memory ratio's denominator)")
+        p.error(f"--meta_k={sz.meta_k} must include 1 (the time ratios' denominator)")
+    if 1 not in sz.meta_mem_k:
+        p.error(f"--meta_mem_k={sz.meta_mem_k} must include 1 (the memory ratio's denominator)")
     return sz, args
 
 

@@ -1,17 +1,25 @@
-"""(c) the second-order meta step (remat) against a plain train step, and its compiled memory."""
+"""(c) the second-order meta step (remat): time(K) / time(1) for the timed K against 1.2 K, each
+over a plain train step, and compiled memory for K = 1.. (flat and nested checkpointing)."""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
 from bench.flops import xla_flops
 from bench.sizes import BenchSizes
-from bench.timing import interleave, median, timed
+from bench.timing import median, timed
 from bench.train_step import OurStep, synthetic_batch
 
 
-def _meta_setup(cfg, sz: BenchSizes, k: int):
+def nested_segment(k: int) -> int:
+    """The remat_segment the benchmark uses for nested checkpointing: round(sqrt(K))."""
+    return max(1, round(math.sqrt(k)))
+
+
+def _meta_setup(cfg, sz: BenchSizes, k: int, segment: int = 0):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -27,6 +35,7 @@ def _meta_setup(cfg, sz: BenchSizes, k: int):
         mask_rate=0.15,
         estimator="second_order",
         remat=True,
+        remat_segment=segment,
         inner_batch_size=sz.meta_batch,
         outer_batch_size=sz.meta_batch,
         policy_d_model=min(128, cfg.d_model),
@@ -100,39 +109,61 @@ class MetaRun:
         return timed(self._one, self.iters)
 
 
-def meta_section(cfg, sz: BenchSizes, log: Callable[[str], None]) -> dict:
-    """(c): meta steps K = 1, 4 against a plain step on the inner batch; compiled memory."""
+def _compiled_memory(cfg, sz: BenchSizes, k: int, segment: int) -> dict[str, int]:
     import jax
 
-    # (c) meta step vs a plain step on the inner batch.
+    fn, state, theta, batches = _meta_setup(cfg, sz, k, segment)
+    return meta_memory(fn.lower(state, theta, batches, jax.random.key(4)).compile())
+
+
+def meta_section(cfg, sz: BenchSizes, log: Callable[[str], None]) -> dict:
+    """(c): meta steps for K in sz.meta_k against a plain step on the inner batch, interleaved,
+    with the load average at every repeat; compiled memory for K in sz.meta_mem_k, flat and
+    with nested checkpointing (remat_segment = round(sqrt K), K >= 4; K > 8 nested only)."""
     log("building meta steps ...")
     meta_batch = synthetic_batch(cfg, sz.meta_batch, sz.meta_len, sz.meta_len, seed=5)
     plain = OurStep(cfg, meta_batch, sz.iters)
-    # Timed: K = 1 and K = 4 (or the largest K asked for, if smaller).
-    metas = {k: MetaRun(cfg, sz, k, sz.iters) for k in sorted({1, min(4, max(sz.meta_k))})}
+    metas = {k: MetaRun(cfg, sz, k, sz.iters) for k in sorted(set(sz.meta_k))}
     log(f"timing meta steps x{sz.repeats} ...")
-    times = interleave(
-        {"plain": plain.run, **{f"meta_k{k}": m.run for k, m in metas.items()}}, sz.repeats
-    )
+    fns = {"plain": plain.run, **{f"meta_k{k}": m.run for k, m in metas.items()}}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    loads: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(sz.repeats):  # interleaved: machine noise hits every contender alike
+        for name, fn in fns.items():
+            times[name].append(fn())
+            loads[name].append(os.getloadavg()[0])
     t_plain = median(times["plain"])
-    c: dict[str, Any] = {"plain_s": t_plain, "times": times, "timed_k": sorted(metas)}
+    c: dict[str, Any] = {"plain_s": t_plain, "times": times, "loadavg": loads}
+    c["timed_k"] = sorted(metas)
     plain_flops = xla_flops(plain.compiled)
+    t1 = median(times["meta_k1"])
     for k in metas:
         c[f"meta_k{k}_s"] = median(times[f"meta_k{k}"])
         c[f"meta_k{k}_over_plain"] = c[f"meta_k{k}_s"] / t_plain
-        # The work ratio (XLA's FLOP count): the time ratio it implies at equal efficiency.
-        # Exact for K = 1; XLA counts a scan (while loop) body once, so K > 1 is undercounted.
-        c[f"meta_k{k}_flops_over_plain"] = xla_flops(metas[k].compiled) / plain_flops
-    memory = {}
-    for k in sz.meta_k:
-        if k in metas:
-            compiled = metas[k].compiled
-        else:
-            fn, state, theta, batches = _meta_setup(cfg, sz, k)
-            compiled = fn.lower(state, theta, batches, jax.random.key(4)).compile()
-        memory[str(k)] = meta_memory(compiled)
+        # Linear cost means time(K) <= 1.2 K time(1). Medians of interleaved repeats, and the
+        # median of the per-repeat ratios (robust to load drifting between repeats).
+        c[f"meta_k{k}_over_k1"] = c[f"meta_k{k}_s"] / t1
+        c[f"meta_k{k}_over_k1_paired"] = median(
+            [t / one for t, one in zip(times[f"meta_k{k}"], times["meta_k1"], strict=True)]
+        )
+        c[f"meta_k{k}_bound"] = 1.2 * k
+    # XLA counts a scan's body once: only K = 1 (no loop) is an exact FLOP count.
+    c["meta_k1_flops_over_plain"] = xla_flops(metas[1].compiled) / plain_flops
+    log("compiling for memory ...")
+    memory: dict[str, dict[str, int]] = {}
+    for k in sz.meta_mem_k:
+        if k <= 8:
+            memory[str(k)] = (
+                meta_memory(metas[k].compiled) if k in metas else _compiled_memory(cfg, sz, k, 0)
+            )
+        if k >= 4 and nested_segment(k) < k:
+            memory[f"{k}/S={nested_segment(k)}"] = _compiled_memory(cfg, sz, k, nested_segment(k))
     c["memory_bytes"] = memory
-    k_max = str(max(sz.meta_k))
-    c["memory_kmax_over_k1"] = memory[k_max]["peak"] / memory["1"]["peak"]
+    k_max = max(k for k in sz.meta_mem_k if k <= 8)
+    c["memory_kmax"] = k_max
+    c["memory_kmax_over_k1"] = memory[str(k_max)]["peak"] / memory["1"]["peak"]
+    nested = f"{k_max}/S={nested_segment(k_max)}"
+    if nested in memory:
+        c["memory_kmax_nested_over_k1"] = memory[nested]["peak"] / memory["1"]["peak"]
     c["plain_memory_bytes"] = meta_memory(plain.compiled)
     return c

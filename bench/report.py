@@ -115,17 +115,27 @@ def _meta_rows(c: dict, sz: dict) -> list[str]:
         f"{c['plain_s'] * 1e3:.0f} ms | |",
     ]
     for k in c["timed_k"]:
+        load = sorted(c["loadavg"][f"meta_k{k}"])[len(c["loadavg"][f"meta_k{k}"]) // 2]
+        over_k1 = (
+            f"; time(K)/time(1) = **{c[f'meta_k{k}_over_k1']:.2f}** "
+            f"(paired {c[f'meta_k{k}_over_k1_paired']:.2f})"
+            if k > 1
+            else f" (XLA FLOPs {c['meta_k1_flops_over_plain']:.2f}x)"
+        )
         rows.append(
-            f"| (c) meta step K={k} (second order, remat) | {c[f'meta_k{k}_s'] * 1e3:.0f} ms "
-            f"= **{c[f'meta_k{k}_over_plain']:.2f}x** plain"
-            + (f" (XLA FLOPs {c['meta_k1_flops_over_plain']:.2f}x)" if k == 1 else "")
-            + f" | {'<= 3x' if k == 1 else ''} |"
+            f"| (c) meta step K={k} (second order, remat; load {load:.1f}) | "
+            f"{c[f'meta_k{k}_s'] * 1e3:.0f} ms = {c[f'meta_k{k}_over_plain']:.2f}x plain"
+            f"{over_k1} | {'<= 3x plain' if k == 1 else f'<= 1.2K = {1.2 * k:.1f}'} |"
         )
     mems = ", ".join(f"K={k}: {v['peak'] / 2**20:.0f}" for k, v in c["memory_bytes"].items())
+    k_max = c["memory_kmax"]
+    nested = c.get("memory_kmax_nested_over_k1")
     rows += [
         f"| (c) compiled peak memory, MiB ({mems}; plain step "
-        f"{c['plain_memory_bytes']['peak'] / 2**20:.0f}) | K={max(sz['meta_k'])} / K=1 = "
-        f"**{c['memory_kmax_over_k1']:.2f}x** | <= 1.5x |",
+        f"{c['plain_memory_bytes']['peak'] / 2**20:.0f}) | K={k_max} / K=1 = "
+        f"**{c['memory_kmax_over_k1']:.2f}x**"
+        + (f" (nested {nested:.2f}x)" if nested is not None else "")
+        + " | <= 1.5x |",
     ]
     return rows
 

@@ -16,7 +16,9 @@ class BenchSizes:
     batch: int = 16
     meta_batch: int = 8  # sentences per inner batch (c)
     meta_len: int = 64  # inner sentence length (c)
-    meta_k: tuple[int, ...] = (1, 2, 4, 8)  # K values whose compiled memory is reported
+    meta_k: tuple[int, ...] = (1, 2, 4, 8)  # K values timed (c)
+    # K values whose compiled memory is reported: flat up to 8, nested from 4 (c)
+    meta_mem_k: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
     mask_batch: int = 64  # sentences per host masking call (d)
     gen_batch: int = 8
     gen_src: int = 64
@@ -41,6 +43,7 @@ def quick_sizes() -> BenchSizes:
         meta_batch=2,
         meta_len=16,
         meta_k=(1, 2),
+        meta_mem_k=(1, 2, 4),
         mask_batch=8,
         gen_batch=2,
         gen_src=8,

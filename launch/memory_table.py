@@ -3,13 +3,14 @@
     python launch/memory_table.py                 # the README table
     python launch/memory_table.py --device_gib=40 # plus the smallest fsdp that fits a 40 GiB card
 
-The formula is validated against jax's saved residuals and XLA's memory_analysis() of the
-compiled train step on tiny configs (tests/training/test_memory.py).
+The formulas are validated against jax's saved residuals and XLA's memory_analysis() of the
+compiled train step and meta step on tiny configs (tests/training/test_memory.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -31,8 +32,8 @@ BART = {
     ),
 }
 # Per device: intermediate MLM batches of 32 sentences x 128 tokens, masked_spans targets of 32
-# (experiments/nq.flags); meta: MetaConfig's 8 inner sentences and 8 outer QA examples
-# (question 32 tokens, answer 16).
+# (experiments/nq.flags); meta (second order, remat, SGD inner steps): MetaConfig's 8 inner
+# sentences and 8 outer QA examples (question 32 tokens, answer 16).
 BATCH, SRC, TGT = 32, 128, 32
 OUTER_SRC, OUTER_TGT = 32, 16
 GIB = 2**30
@@ -54,13 +55,13 @@ def rows() -> list[tuple[str, str, memory.Estimate, memory.Estimate]]:
                 c.replace(remat=True), BATCH, SRC, TGT
             ),
         }
-        for k, remat in ((1, False), (4, True)):
-            label = f"meta K={k}" + (", remat" if remat else "")
-            settings[label] = lambda c, k=k, remat=remat: memory.meta_step_memory(
+        for k, segment, remat in ((1, 0, False), (4, 0, False), (8, 0, False), (8, 3, False),
+                                  (8, 3, True), (32, 6, True)):  # fmt: skip
+            label = f"meta K={k}" + (f", remat_segment={segment}" if segment else "")
+            label += ", model remat" if remat else ""
+            settings[label] = lambda c, k=k, segment=segment, remat=remat: memory.meta_step_memory(
                 c.replace(remat=remat),
-                inner_steps=k,
-                inner_batch=meta.inner_batch_size,
-                outer_batch=meta.outer_batch_size,
+                dataclasses.replace(meta, inner_steps=k, remat_segment=segment),
                 src=SRC,
                 tgt=TGT,
                 outer_src=OUTER_SRC,

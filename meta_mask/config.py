@@ -537,7 +537,16 @@ class MetaConfig:
         1, "Microbatches per inner step whose gradients are summed (must divide the batch)."
     )
     outer_batch_size: int = option(8, "Downstream examples per outer loss.")
-    remat: bool = option(True, "jax.checkpoint each inner step (memory ~ one step, not K).")
+    remat: bool = option(
+        True, "Recompute each inner step in the backward pass (memory ~ one step, not K)."
+    )
+    # Nested checkpointing: about (K - 1) / S + S copies of theta live instead of K, for one more
+    # forward pass of every inner step; sqrt(K) minimizes the copies.
+    remat_segment: int = option(
+        0,
+        "With remat: keep theta only every this many inner steps, recomputing the steps "
+        "between in the backward pass (~sqrt(K) for the least memory); 0 = off.",
+    )
     downstream_steps: int = option(
         0,
         "1: after the MLM steps, one step on other training questions (the in-loop QA step of "
@@ -583,6 +592,13 @@ class MetaConfig:
             )
         if not 0.0 <= self.mask_rate <= 1.0:
             raise ValueError(f"MetaConfig.mask_rate={self.mask_rate!r} must lie in [0, 1]")
+        if self.remat_segment < 0:
+            raise ValueError(f"MetaConfig.remat_segment={self.remat_segment} must be >= 0")
+        if self.remat_segment and not self.remat:
+            raise ValueError(
+                f"MetaConfig.remat_segment={self.remat_segment} needs remat=True (it nests the "
+                "per-step recomputation)"
+            )
         if self.policy_d_model % self.policy_heads:
             raise ValueError(
                 f"MetaConfig.policy_d_model={self.policy_d_model} is not divisible by "

@@ -43,7 +43,10 @@ def test_quick_run_writes_every_section(results):
     assert {"mfu", "peak_flops_per_s", "model_flops_per_s", "xla_flops_per_step"} <= set(mfu)
     meta = results["meta"]
     assert meta["timed_k"] == [1, 2]
-    assert set(meta["memory_bytes"]) == {"1", "2"}
+    assert meta["meta_k2_bound"] == 2.4 and meta["meta_k2_over_k1"] > 0
+    assert len(meta["loadavg"]["meta_k2"]) == len(meta["times"]["meta_k2"])
+    # Flat for every K, nested checkpointing (remat_segment = round(sqrt K)) from K = 4.
+    assert set(meta["memory_bytes"]) == {"1", "2", "4", "4/S=2"}
     for mem in meta["memory_bytes"].values():
         assert mem["peak"] == mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
     masking = results["masking"]
@@ -143,8 +146,8 @@ def test_flags_are_validated():
         cli.parse_args(["--repeats=2"])  # full mode needs >= 5 repeats
     with pytest.raises(SystemExit):
         cli.parse_args(["--sections=train,bogus"])
-    sz, args = cli.parse_args(["--quick", "--meta_k=1,3", "--d_model=64"])
-    assert sz.meta_k == (1, 3) and sz.d_model == 64 and args.quick
+    sz, args = cli.parse_args(["--quick", "--meta_k=1,3", "--meta_mem_k=1,16", "--d_model=64"])
+    assert sz.meta_k == (1, 3) and sz.meta_mem_k == (1, 16) and sz.d_model == 64 and args.quick
 
 
 def test_the_documented_command_runs_from_the_repository_root():

@@ -18,6 +18,11 @@ The derivation, with the reasons for each choice, is docs/meta_gradient.md; in s
   whose per-label alignments come from one jvp. tests/policies/test_meta.py checks the first
   against central finite differences in float64 (`reference_phi`), the second against its
   definition.
+- Memory and time (cfg.remat): each inner step's backward pass keeps only (theta_k, optimizer
+  state, batch) and recomputes the step, forward-over-reverse (`recomputed_inner_step`; the
+  first step needs no Hessian-vector product, theta_0 not depending on phi); remat_segment
+  nests the scan (training/remat.py); training/memory.py counts the bytes. With a mesh the
+  meta step is data parallel (`make_meta_step`).
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+from jax.sharding import Mesh
 
-from meta_mask.config import MetaConfig
+from meta_mask.config import MeshConfig, MetaConfig
 from meta_mask.policies.corrupt import corrupt_full_sentence_jax, corrupt_spans_jax
 from meta_mask.policies.sampler import gumbel_noise_jax, sample_mask_jax
 from meta_mask.special_tokens import SpecialTokens
+from meta_mask.training import remat
+from meta_mask.training import sharding as sharding_lib
 from meta_mask.training.steps import TrainState, token_losses
 
 Array = jax.Array
@@ -246,32 +255,72 @@ def outer_loss(lm_loss: LmLoss, theta: PyTree, batch: Batch) -> Array:
 
 
 def split_microbatches(batch: Batch, microbatches: int) -> dict:
-    """[B, ...] -> [microbatches, B / microbatches, ...] for every entry (rows in order)."""
+    """[B, ...] -> [microbatches, B / microbatches, ...] for every entry; microbatch m holds rows
+    m, m + M, m + 2M, ... (M = microbatches). Strided rather than contiguous so that a batch
+    split over devices in contiguous blocks (training/sharding.py) splits evenly on every
+    device: each microbatch stays data-parallel, with no resharding."""
     return {
-        k: v.reshape((microbatches, v.shape[0] // microbatches) + v.shape[1:])
+        k: v.reshape((v.shape[0] // microbatches, microbatches) + v.shape[1:]).swapaxes(0, 1)
         for k, v in batch.items()
     }
 
 
-def accumulated_grad(lm_loss: LmLoss, theta: PyTree, batch: Batch, microbatches: int = 1) -> PyTree:
-    """grad_theta sum(weights * ce) of `batch` as the sum of its `microbatches` microbatches'
-    gradients: a lax.scan whose per-microbatch gradient is under jax.checkpoint, so one
-    microbatch's activations are live at a time, in the forward and in the meta-gradient's
-    backward pass alike. Exact (up to float summation order) because the weights already carry
-    every batch-level quantity (mlm_examples, normalized) and rows do not interact in the LM."""
-    grad_fn = jax.grad(functools.partial(summed_loss, lm_loss))
-    if microbatches == 1:
-        return grad_fn(theta, batch)
-    # Only the gradient is rematerialized, not the accumulation: the add is linear, so the
-    # backward pass keeps no per-microbatch copy of the running sum (theta is loop-invariant).
-    grad_fn = jax.checkpoint(grad_fn)
+def merge_microbatches(x: Array) -> Array:
+    """The inverse of split_microbatches for one array: [M, B / M, ...] -> [B, ...]."""
+    return x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
-    def body(acc: PyTree, micro: Batch) -> tuple[PyTree, None]:
-        return jax.tree.map(jnp.add, acc, grad_fn(theta, micro)), None
+
+def grad_and_token_losses(
+    lm_loss: LmLoss, theta: PyTree, batch: Batch, microbatches: int = 1
+) -> tuple[PyTree, Array]:
+    """(grad_theta sum(weights * ce), ce [B, T]) of `batch`, the gradient summed over its
+    `microbatches` microbatches (split_microbatches) by a lax.scan whose per-microbatch work is
+    under jax.checkpoint: one microbatch's activations are live at a time, in the forward and
+    in the meta-gradient's backward pass alike. Exact (up to float summation order) because the
+    weights already carry every batch-level quantity (mlm_examples, normalized) and rows do not
+    interact in the LM."""
+
+    def one(th: PyTree, part: Batch) -> tuple[PyTree, Array]:
+        ce, pullback = jax.vjp(lambda t: lm_loss(t, part), th)
+        return pullback(part["weights"].astype(ce.dtype))[0], ce
+
+    if microbatches == 1:
+        return one(theta, batch)
+    # Only the microbatch's work is rematerialized, not the accumulation: the add is linear, so
+    # the backward pass keeps no per-microbatch copy of the running sum (theta is loop-invariant).
+    one = jax.checkpoint(one)
+
+    def body(acc: PyTree, micro: Batch) -> tuple[PyTree, Array]:
+        grads, ce = one(theta, micro)
+        return jax.tree.map(jnp.add, acc, grads), ce
 
     zeros = jax.tree.map(jnp.zeros_like, theta)
-    grads, _ = jax.lax.scan(body, zeros, split_microbatches(batch, microbatches))
-    return grads
+    grads, ce = jax.lax.scan(body, zeros, split_microbatches(batch, microbatches))
+    return grads, merge_microbatches(ce)
+
+
+def microbatched_losses(
+    lm_loss: LmLoss, theta: PyTree, batch: Batch, microbatches: int = 1
+) -> Array:
+    """The per-token losses ce [B, T] of `batch`, one microbatch (split_microbatches) at a
+    time."""
+    if microbatches == 1:
+        return lm_loss(theta, batch)
+    ce = jax.lax.map(lambda micro: lm_loss(theta, micro), split_microbatches(batch, microbatches))
+    return merge_microbatches(ce)
+
+
+def accumulated_grad(lm_loss: LmLoss, theta: PyTree, batch: Batch, microbatches: int = 1) -> PyTree:
+    """grad_theta sum(weights * ce) of `batch`, accumulated over `microbatches` microbatches
+    (grad_and_token_losses)."""
+    return grad_and_token_losses(lm_loss, theta, batch, microbatches)[0]
+
+
+def _apply_update(
+    tx: optax.GradientTransformation, theta: PyTree, opt_state: optax.OptState, grads: PyTree
+) -> tuple[PyTree, optax.OptState]:
+    updates, opt_state = tx.update(grads, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state
 
 
 def inner_step(
@@ -284,33 +333,154 @@ def inner_step(
     """One differentiable update: (theta, opt_state) -> (theta', opt_state'), the gradient
     accumulated over `microbatches` microbatches of `batch`."""
     theta, opt_state = carry
-    grads = accumulated_grad(lm_loss, theta, batch, microbatches)
-    updates, opt_state = tx.update(grads, opt_state, theta)
-    return optax.apply_updates(theta, updates), opt_state
+    return _apply_update(
+        tx, theta, opt_state, accumulated_grad(lm_loss, theta, batch, microbatches)
+    )
+
+
+def _instantiate(cot: PyTree) -> PyTree:
+    """Symbolic-zero cotangents (custom_vjp's symbolic_zeros) as arrays."""
+    return jax.tree.map(
+        lambda c: remat.zeros_for(c) if isinstance(c, SymbolicZero) else c,
+        cot,
+        is_leaf=lambda c: isinstance(c, SymbolicZero),
+    )
+
+
+def recomputed_inner_step(
+    lm_loss: LmLoss, tx: optax.GradientTransformation, microbatches: int = 1
+) -> Callable[[tuple, tuple[Array, Batch]], tuple]:
+    """`(carry, (k, batch)) -> inner_step(carry, batch)` with a hand-written backward pass that
+    keeps only (carry, batch) and recomputes the step once the cotangent has arrived
+    (remat.recomputed's barrier), by forward-over-reverse:
+
+        theta' = U(theta, s, g),  g = sum_i w_i grad ce_i(theta)   (U: the optimizer's update)
+        (v_theta, v_s, u) = vjp of U at the cotangent (v_theta', v_s')
+        cot_theta = v_theta + H u,  cot_w_i = <grad ce_i(theta), u>,  H = sum_i w_i hess ce_i
+
+    with H u and every <grad ce_i, u> from ONE forward-mode product (jax.linearize) of
+    theta -> (g, ce) along u (H is symmetric). Why not jax's own reverse-over-reverse: the same
+    FLOPs (XLA: 82 vs 83 G on the benchmark config), but 1.6x faster on CPU (0.84 vs 1.32 s;
+    the double transposition fuses into slow copy/transpose kernels) and 7% less memory.
+
+    The carry gets no cotangent at k = 0 (lax.cond, at run time): `unroll`'s first step starts
+    from theta_0, a constant of the differentiation, so its backward pass is the Jacobian
+    product alone, with no Hessian. Only batch["weights"] may depend on the differentiated
+    variables (the other entries are token ids)."""
+
+    def step(carry: tuple, xs: tuple[Array, Batch]) -> tuple:
+        return inner_step(lm_loss, tx, carry, xs[1], microbatches)
+
+    def losses(theta: PyTree, batch: Batch) -> tuple[PyTree, Array]:
+        return grad_and_token_losses(lm_loss, theta, batch, microbatches)
+
+    @jax.custom_vjp
+    def f(carry: tuple, xs: tuple[Array, Batch]) -> tuple:
+        return step(carry, xs)
+
+    def f_fwd(carry: tuple, xs: tuple[Array, Batch]) -> tuple[tuple, tuple]:
+        batch = xs[1]
+        for name, leaf in batch.items():
+            if name != "weights" and leaf.perturbed and jnp.issubdtype(leaf.value, jnp.inexact):
+                raise NotImplementedError(
+                    f"recomputed_inner_step differentiates batch['weights'] only; "
+                    f"batch[{name!r}] depends on the differentiated variables too"
+                )
+        carry_perturbed = any(leaf.perturbed for leaf in jax.tree.leaves(carry))
+        weights_perturbed = batch["weights"].perturbed
+        carry, xs = custom_vjp_primal_tree_values((carry, xs))
+        return step(carry, xs), (carry, xs, carry_perturbed, weights_perturbed)
+
+    def f_bwd(res: tuple, cot: tuple) -> tuple:
+        carry, (k, batch), carry_perturbed, weights_perturbed = res
+        cot = _instantiate(cot)
+        carry, batch = remat.after((carry, batch), cot)  # recompute once cot has arrived
+        theta, opt_state = carry
+
+        def floats(d_carry: tuple) -> tuple:  # no cotangent for Adam's integer step count
+            inexact = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)  # noqa: E731
+            return jax.tree.map(lambda d, x: d if inexact(x) else None, d_carry, carry)
+
+        def with_carry() -> tuple:
+            (grads, _), linear = jax.linearize(lambda t: losses(t, batch), theta)
+            _, update_vjp = jax.vjp(functools.partial(_apply_update, tx), theta, opt_state, grads)
+            d_theta, d_state, u = update_vjp(cot)
+            h_u, j_u = linear(u)
+            return floats((jax.tree.map(jnp.add, d_theta, h_u), d_state)), j_u
+
+        def without_carry() -> tuple:
+            # The update's cotangent w.r.t. g (Adam needs g's value; for SGD XLA drops it).
+            grads = accumulated_grad(lm_loss, theta, batch, microbatches)
+            u = jax.vjp(lambda g: _apply_update(tx, theta, opt_state, g), grads)[1](cot)[0]
+            ce = lambda t: microbatched_losses(lm_loss, t, batch, microbatches)  # noqa: E731
+            j_u = jax.jvp(ce, (theta,), (u,))[1]
+            return floats(jax.tree.map(jnp.zeros_like, carry)), j_u
+
+        if carry_perturbed:
+            d_carry, j_u = jax.lax.cond(k == 0, without_carry, with_carry)
+        else:
+            d_carry, j_u = without_carry()
+        d_batch = {name: None for name in batch}
+        if weights_perturbed:
+            d_batch["weights"] = j_u.astype(batch["weights"].dtype)
+        return (d_carry if carry_perturbed else None), (None, d_batch)
+
+    f.defvjp(f_fwd, f_bwd, symbolic_zeros=True)
+    return f
 
 
 def unroll(setup: MetaSetup, theta: PyTree, examples: Batch, extra: tuple = ()) -> PyTree:
     """theta_K after a lax.scan of inner steps over `examples` (leading axis K; each step's
     gradient accumulated over cfg.inner_microbatches microbatches), then one unsplit step on
-    each batch of `extra` in order (the downstream steps). Fresh optimizer state."""
-    tx = make_inner_optimizer(setup.cfg)
+    each batch of `extra` in order (the downstream steps). Fresh optimizer state. theta is a
+    constant of the differentiation (the meta-gradient is w.r.t. phi).
 
-    def step(carry: tuple, batch: Batch, microbatches: int = 1) -> tuple:
-        return inner_step(setup.lm_loss, tx, carry, batch, microbatches)
+    With cfg.remat each step is `recomputed_inner_step`: its backward pass keeps only theta_k,
+    the optimizer state and the batch, and recomputes the step; cfg.remat_segment = S > 0 nests
+    the scan in segments of S steps (remat.checkpointed_scan): theta is kept at segment starts
+    only, ~K / S + S copies instead of K, for one more forward pass of every step. Both give
+    the plain unroll's values and derivatives (to float rounding).
 
-    if setup.cfg.remat:
-        step = jax.checkpoint(step, static_argnums=(2,))
-    micro = setup.cfg.inner_microbatches
-    carry, _ = jax.lax.scan(
-        lambda c, b: (step(c, b, micro), None), (theta, tx.init(theta)), examples
+    Cost. The first step's backward pass needs only the weights' cotangent (theta_0 does not
+    depend on phi): one Jacobian-vector product of the per-token losses. Every later step also
+    needs theta_k's cotangent, a Hessian-vector product through the LM, about twice the FLOPs
+    of a gradient. On the benchmark config XLA counts 85 GFLOP for the whole K = 1 meta step,
+    then 115 GFLOP for each further step (the step 31, its recomputation and second-order
+    backward 84), so time(K) ~ time(1) * (1 + 1.3 (K - 1)) at best, not K * time(1). A plain
+    scan also computed the carry's cotangent of the first step and discarded it (one more such
+    step; ~3.2x K = 1 at K = 2): recomputed_inner_step skips it at run time. (Peeling the first
+    step out of the scan instead costs ~170 MiB more peak memory on the benchmark: XLA's
+    straight-line schedule overlaps what the loop keeps apart.)"""
+    cfg = setup.cfg
+    tx = make_inner_optimizer(cfg)
+    theta = jax.lax.stop_gradient(theta)
+
+    def step_fn(microbatches: int) -> Callable[[tuple, tuple[Array, Batch]], tuple]:
+        if cfg.remat:
+            return recomputed_inner_step(setup.lm_loss, tx, microbatches)
+        return lambda carry, xs: inner_step(setup.lm_loss, tx, carry, xs[1], microbatches)
+
+    k = jax.tree.leaves(examples)[0].shape[0]
+    segment = cfg.remat_segment if cfg.remat else 0
+    step = step_fn(cfg.inner_microbatches)
+    carry = remat.checkpointed_scan(
+        step, (theta, tx.init(theta)), (jnp.arange(k), examples), segment
     )
-    for batch in extra:
-        carry = step(carry, batch, 1)
+    last = step_fn(1)
+    for i, batch in enumerate(extra):
+        carry = last(carry, (jnp.asarray(k + i), batch))
     return carry[0]
 
 
 def _flat(x: Array) -> Array:
-    return x.reshape((-1,) + x.shape[2:])
+    """[K, B, ...] -> [B * K, ...], sentence-major: with B split over devices the flat rows
+    stay split in contiguous blocks (a K-major flattening would need a resharding)."""
+    return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def _unflat(x: Array, shape: tuple[int, ...]) -> Array:
+    """The inverse of _flat: [B * K, ...] -> `shape` = [K, B, ...]."""
+    return x.reshape((shape[1], shape[0]) + tuple(shape[2:])).swapaxes(0, 1)
 
 
 def _policy_logits(setup: MetaSetup, phi: PyTree, batch: Batch, leading: int) -> Array:
@@ -320,8 +490,12 @@ def _policy_logits(setup: MetaSetup, phi: PyTree, batch: Batch, leading: int) ->
     if leading:
         ids, valid = _flat(ids), _flat(valid)
         unit_ids = None if unit_ids is None else _flat(unit_ids)
-    logits = setup.policy_fn(phi, ids, valid, unit_ids)
-    return logits.reshape(batch["input_ids"].shape)
+    # Recomputed in the backward pass: over K x B sentences the policy's activations would
+    # stay live through the whole unroll (~15 MiB per inner step on the benchmark config).
+    # (remat.recomputed, not jax.checkpoint, whose recomputation XLA schedules up front.)
+    policy = remat.recomputed(lambda p, inputs: setup.policy_fn(p, *inputs))
+    logits = policy(phi, (ids, valid, unit_ids))
+    return _unflat(logits, batch["input_ids"].shape) if leading else logits
 
 
 def _check_inner(setup: MetaSetup, inner_batches: Batch, noise: Array) -> None:
@@ -366,7 +540,8 @@ def policy_masks(
             flat(noise),
             cfg.mask_rate,
             None if units is None else flat(units),
-        ).reshape(valid.shape)
+        )
+        masks = _unflat(masks, valid.shape) if leading else masks
 
     def log_p(lg: Array) -> Array:
         return log_inclusion(lg, valid, units, cfg.mask_rate, cfg.clip_weights)
@@ -485,17 +660,11 @@ def first_order_loss(
     label_weights = examples["weights"]
 
     def per_label_alignment(ex: Batch) -> Array:
-        # c_j = <grad ce_j(theta), grad L_down(theta)> for every label: one jvp.
-        return jax.jvp(lambda th: lm_loss(th, ex), (theta,), (down_grad,))[1]
+        # c_j = <grad ce_j(theta), grad L_down(theta)> for every label: one jvp per microbatch.
+        ce = lambda th: microbatched_losses(lm_loss, th, ex, cfg.inner_microbatches)  # noqa: E731
+        return jax.jvp(ce, (theta,), (down_grad,))[1]
 
-    # One jvp per microbatch of each inner batch: [K, B, ...] -> [K * M, B / M, ...] and back.
-    micro = cfg.inner_microbatches
-    k, b = masks.shape[:2]
-    chunks = {
-        n: jax.lax.stop_gradient(v).reshape((k * micro, b // micro) + v.shape[2:])
-        for n, v in examples.items()
-    }
-    align = jax.lax.map(per_label_alignment, chunks).reshape(label_weights.shape)
+    align = jax.lax.map(per_label_alignment, jax.lax.stop_gradient(examples))  # [K, B, T]
     alignment = jnp.sum(label_weights * jax.lax.stop_gradient(align))
     reg, metrics = _regularizers(logits, masks, inner_batches["valid"], cfg)
     surrogate = -cfg.inner_learning_rate * alignment
@@ -566,7 +735,12 @@ def _split(batches: Mapping[str, Any]) -> tuple[dict, Batch, Batch | None, Batch
 
 
 def make_meta_step(
-    setup: MetaSetup, *, jit: bool = True, donate: bool = True
+    setup: MetaSetup,
+    *,
+    mesh: Mesh | None = None,
+    theta_sharding: Any = None,
+    jit: bool = True,
+    donate: bool = True,
 ) -> Callable[[TrainState, PyTree, Mapping[str, Any], Array], tuple[TrainState, Metrics]]:
     """`meta_step(meta_state, theta, batches, rng) -> (meta_state, metrics)`: one policy update.
 
@@ -577,6 +751,14 @@ def make_meta_step(
     as in the sampler. theta is read, never updated. Metrics: loss, outer_loss (outer_own,
     outer_contrast), entropy, mean_p, budget_penalty, mask_rate, grad_norm (and alignment for
     first_order).
+
+    Data parallel with jit=True: the policy state, rng and metrics are replicated over `mesh`
+    (default: every device on the data axis), theta is laid out as `theta_sharding` (default
+    replicated; `sharding.param_shardings` for FSDP) and the batches as the caller placed them:
+    `shard_meta_batches` splits every batch dimension (B, axis 1 of the inner [K,B,L] arrays)
+    over the mesh. Everything batch-level (the masked-token count N, the weights' centring, the
+    LM gradients of the inner steps, the policy's gradient) is then a sum over devices that XLA
+    all-reduces: the step equals the one-device step up to summation order.
     """
     cfg = setup.cfg
     tx = make_policy_optimizer(cfg)
@@ -596,7 +778,24 @@ def make_meta_step(
 
     if not jit:
         return meta_step
-    return jax.jit(meta_step, donate_argnums=(0,) if donate else ())
+    mesh = sharding_lib.make_mesh(MeshConfig()) if mesh is None else mesh
+    repl = sharding_lib.replicated(mesh)
+    theta_sharding = repl if theta_sharding is None else theta_sharding
+    return jax.jit(
+        meta_step,
+        in_shardings=(repl, theta_sharding, None, repl),  # None: the batches' own layout
+        out_shardings=(repl, repl),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def shard_meta_batches(batches: Mapping[str, Any], mesh: Mesh) -> dict:
+    """Host batches (this process's rows of each batch dimension) as global arrays over `mesh`:
+    `sharding.shard_batch` of each part, along axis 1 of the inner [K,B,L] arrays."""
+    return {
+        name: sharding_lib.shard_batch(part, mesh, dim=int(name == "inner"))
+        for name, part in batches.items()
+    }
 
 
 def make_meta_objective(
@@ -604,7 +803,8 @@ def make_meta_objective(
 ) -> Callable[[PyTree, PyTree, Mapping[str, Any], Array, int], Metrics]:
     """`objective(phi, theta, batches, rng, step) -> metrics`: the meta step's forward (the
     same masks, inner steps and outer loss, no gradient), jitted once: the dev meta-objective
-    a policy is selected by (metrics["outer_loss"], lower is better)."""
+    a policy is selected by (metrics["outer_loss"], lower is better). Its inputs' layout
+    decides where it runs (data parallel on batches from `shard_meta_batches`)."""
 
     def objective(phi, theta, batches, rng, step):
         noise = batch_noise(rng, step, batches)

@@ -26,14 +26,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from meta_mask.batches import MetaBatches
-from meta_mask.config import MetaConfig, to_dict
+from meta_mask.config import MeshConfig, MetaConfig, to_dict
 from meta_mask.data import seq2seq
 from meta_mask.errors import UserError
 from meta_mask.policies import heuristic, meta, supervised
 from meta_mask.policies.net import LearnedScorer, PolicyNet
 from meta_mask.special_tokens import SpecialTokens
+from meta_mask.training import sharding
 from meta_mask.training.loop import Learner, LoopOptions
 from meta_mask.training.steps import TrainState
 
@@ -112,6 +114,22 @@ def meta_batch(
     return out
 
 
+def host_rows(batches: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
+    """This process's contiguous block of every batch dimension (axis 1 of the "inner" [K,B,L]
+    arrays, axis 0 of the others): what `meta.shard_meta_batches` assembles into global
+    arrays. The whole batch in a single-process run."""
+    index, count = jax.process_index(), jax.process_count()
+
+    def rows(value: np.ndarray, dim: int) -> np.ndarray:
+        keep = seq2seq.local_rows(np.arange(value.shape[dim]), index, count)
+        return np.take(value, keep, axis=dim)
+
+    return {
+        name: {k: rows(np.asarray(v), int(name == "inner")) for k, v in part.items()}
+        for name, part in batches.items()
+    }
+
+
 def best_key(record: Mapping[str, float]) -> tuple:
     """Larger is better: the lower dev meta-objective, then the earlier step."""
     return (-record["objective"], -record["step"])
@@ -135,6 +153,7 @@ def meta_learner(
     source_length: int,
     target_length: int,
     dev_batches: int = 16,
+    mesh: Mesh | None = None,
 ) -> tuple[Learner, LoopOptions]:
     """The meta-learned policy as a `loop.train` learner: cfg.meta_steps meta steps from `phi`
     against the LM `theta` (fixed), whose inner steps corrupt contexts with `corrupt` (the
@@ -148,7 +167,12 @@ def meta_learner(
 
     `train_triples` / `dev_triples` are token-level triples (data.contexts.add_token_spans:
     input_ids, word_ids, answer_labels, question, answer; entity_spans for entity units).
-    cfg.mask_rate is the sampler's rate during meta-learning (0: budget["mask_rate"])."""
+    cfg.mask_rate is the sampler's rate during meta-learning (0: budget["mask_rate"]).
+
+    Data parallel over `mesh` (default: every device on the data axis): each meta step's
+    batches are split over the devices (every host builds the step's global batch, which
+    depends only on (seed, step), and contributes its own rows), theta is laid out by
+    `sharding.param_shardings` (FSDP when the mesh has fsdp > 1), the policy state replicated."""
     if not train_triples or not dev_triples:
         raise UserError(
             "meta-learning needs (context, question, answer) triples of the train and dev "
@@ -177,14 +201,22 @@ def meta_learner(
         special=special,
         corrupt=corrupt,
     )
-    meta_step = meta.make_meta_step(setup)
+    mesh = sharding.make_mesh(MeshConfig()) if mesh is None else mesh
+    theta_sharding = sharding.param_shardings(theta, mesh)
+    theta = sharding.place(theta, theta_sharding)
+    meta_step = meta.make_meta_step(setup, mesh=mesh, theta_sharding=theta_sharding)
+    replicated = sharding.replicated(mesh)
     objective = meta.make_meta_objective(setup)
     rng = jax.random.fold_in(jax.random.key(seed), 4)
     n_dev = min(dev_batches, max(len(dev_triples) // (cfg.inner_steps * cfg.inner_batch_size), 1))
     dev = [
-        jax.tree.map(
-            jnp.asarray,
-            meta_batch(dev_triples, dev_qa, i, cfg, special=special, seed=seed + 1, length=length),
+        meta.shard_meta_batches(
+            host_rows(
+                meta_batch(
+                    dev_triples, dev_qa, i, cfg, special=special, seed=seed + 1, length=length
+                )
+            ),
+            mesh,
         )
         for i in range(n_dev)
     ]
@@ -202,11 +234,15 @@ def meta_learner(
         batches = meta_batch(
             train_triples, qa, step, cfg, special=special, seed=seed, length=length
         )
-        return jax.tree.map(jnp.asarray, batches)
+        return meta.shard_meta_batches(host_rows(batches), mesh)
+
+    def init_state() -> TrainState:
+        state = meta.create_meta_state(jax.tree.map(jnp.array, phi), cfg)
+        return sharding.place(state, jax.tree.map(lambda _: replicated, state))
 
     eval_every = max(cfg.meta_steps // 10, 1)
     learner = Learner(
-        init_state=lambda: meta.create_meta_state(jax.tree.map(jnp.array, phi), cfg),
+        init_state=init_state,
         step=lambda state, batches, rng: meta_step(state, theta, batches, rng),
         batch_for_step=batch_for_step,
         rng=rng,

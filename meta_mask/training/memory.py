@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meta_mask.config import ModelConfig
+from meta_mask.config import MetaConfig, ModelConfig
 
 F32 = 4
 
@@ -151,34 +151,65 @@ def train_step_memory(
     )
 
 
+def stored_thetas(inner_steps: int, remat_segment: int = 0) -> int:
+    """Copies of theta (with its inner optimizer state) the unroll keeps for its backward pass:
+    every theta_k of the scan, or with nested checkpointing (policies/meta.py, remat_segment
+    = S < K) the K // S segment starts plus the S theta_k of the segment being differentiated
+    (a shorter last segment's start is freed before the full segments' turn)."""
+    if 0 < remat_segment < inner_steps:
+        return inner_steps // remat_segment + remat_segment
+    return inner_steps
+
+
 def meta_step_memory(
     cfg: ModelConfig,
+    meta: MetaConfig,
     *,
-    inner_steps: int,
-    inner_batch: int,
-    outer_batch: int,
     src: int,
     tgt: int,
     outer_src: int,
     outer_tgt: int,
-    inner_optimizer: str = "sgd",
     policy_params: int = 0,
+    devices: int = 1,
     fsdp: int = 1,
 ) -> Estimate:
-    """The second-order meta step (policies/meta.py): K differentiable inner steps on theta.
+    """The second-order meta step (policies/meta.py) per device: K differentiable inner steps
+    of `meta.inner_batch_size` sentences (src -> tgt tokens) and an outer batch of
+    `meta.outer_batch_size` (outer_src -> outer_tgt), every batch split over `devices` (data x
+    fsdp), theta split over `fsdp`, the policy replicated.
 
-    The unroll keeps theta_k for every inner step (K fp32 copies of the LM; with inner Adam also
-    its two moments), the gradient and its cotangent (two more), and each inner step's forward
-    and backward activations (twice the train step's; K times without remat, once with it),
-    plus the outer loss's activations. The policy's own parameters and Adam are small.
+    - params: theta, and the policy's parameters;
+    - gradients: theta's cotangent and the Hessian-vector product of the inner step being
+      differentiated (two theta-sized buffers), and the policy's gradient;
+    - optimizer: the copies of theta (with the inner optimizer's state: Adam's two moments)
+      kept for the backward pass (`stored_thetas`), and the policy's Adam;
+    - activations: the largest of one inner microbatch's forward-and-backward pass (the
+      step's gradient), the outer loss's, and for K >= 2 the second-order backward pass of a
+      step, which keeps the step's forward and backward activations for its tangents (twice
+      the first; three times with inner Adam, whose update also needs the gradient's value,
+      as XLA's memory_analysis shows). K = 1 has no such pass: theta_0 does not depend on the
+      policy, so its step's backward is a forward-mode product. Without meta.remat every
+      step's residuals stay live.
     """
-    p = F32 * num_params(cfg)
-    inner_state = 3 if inner_optimizer == "adam" else 1
-    step_acts = 2 * activation_peak_bytes(cfg, inner_batch, src, tgt)
-    inner = step_acts if cfg.remat else inner_steps * step_acts
+    theta = F32 * num_params(cfg) // fsdp
+    phi = F32 * policy_params
+    state = theta * (3 if meta.inner_optimizer == "adam" else 1)
+    micro = max(meta.inner_batch_size // (devices * meta.inner_microbatches), 1)
+    step = activation_peak_bytes(cfg, micro, src, tgt)
+    outer = activation_peak_bytes(
+        cfg, max(meta.outer_batch_size // devices, 1), outer_src, outer_tgt
+    )
+    k = meta.inner_steps
+    second_order = (3 if meta.inner_optimizer == "adam" else 2) * step if k >= 2 else 0
+    if meta.remat:
+        activations = max(step, outer, second_order)
+        stored = stored_thetas(k, meta.remat_segment)
+    else:
+        activations = max(outer, k * max(step, second_order))
+        stored = k
     return Estimate(
-        params=(p + F32 * policy_params) // fsdp,
-        gradients=(2 * p + F32 * policy_params) // fsdp,
-        optimizer=(inner_steps * inner_state * p + 2 * F32 * policy_params) // fsdp,
-        activations=inner + activation_peak_bytes(cfg, outer_batch, outer_src, outer_tgt),
+        params=theta + phi,
+        gradients=2 * theta + phi,
+        optimizer=stored * state + 2 * phi,
+        activations=activations,
     )

@@ -74,9 +74,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over every device of the mesh; other dims whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_sharding(mesh: Mesh, dim: int = 0) -> NamedSharding:
+    """The batch dimension `dim` (default the leading one) split over every device of the mesh;
+    other dims whole."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * dim), BATCH_AXES))
 
 
 def batch_divisor(mesh: Mesh) -> int:
@@ -84,23 +85,25 @@ def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Place a host batch (dict of arrays with a leading batch dim) on the mesh.
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, dim: int = 0) -> dict[str, jax.Array]:
+    """Place a host batch (dict of arrays with a batch dim, `dim`, default the leading one) on
+    the mesh.
 
     Single process: `batch` is the global batch. Multi-process: `batch` is this process's
     slice, and the global array is assembled from every process's slice.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, dim)
     divisor = batch_divisor(mesh)
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)
-        if value.ndim == 0:
-            raise ValueError(f"batch[{name!r}] is a scalar; every batch entry needs a batch dim")
+        if value.ndim <= dim:
+            what = "is a scalar" if value.ndim == 0 else f"has shape {value.shape}"
+            raise ValueError(f"batch[{name!r}] {what}; every batch entry needs a batch dim {dim}")
         if jax.process_count() == 1:
-            if value.shape[0] % divisor:
+            if value.shape[dim] % divisor:
                 raise ValueError(
-                    f"batch[{name!r}] has batch size {value.shape[0]}, not a multiple of the "
+                    f"batch[{name!r}] has batch size {value.shape[dim]}, not a multiple of the "
                     f"{divisor} devices it is split over (mesh {dict(mesh.shape)})"
                 )
             out[name] = jax.device_put(value, sharding)

@@ -181,21 +181,25 @@ def cosine(a, b):
 
 slow = pytest.mark.slow
 FD_CASES = [
-    # (K, inner optimizer, inner lr, remat, downstream steps, entropy / budget weights, the
-    # study's meta-learning: masked_spans inner examples, clipped weights, contrastive outer)
-    (1, "sgd", 0.5, False, 0, 0.0, False),
-    (3, "adam", 0.05, True, 0, 0.0, False),
-    (1, "sgd", 0.5, False, 0, 0.05, True),
-    pytest.param(3, "sgd", 0.5, True, 0, 0.0, False, marks=slow),
-    pytest.param(1, "adam", 0.05, False, 0, 0.0, False, marks=slow),
-    pytest.param(2, "sgd", 0.5, True, 1, 0.5, False, marks=slow),  # QA step + regularizers
-    pytest.param(2, "sgd", 0.5, True, 1, 0.05, True, marks=slow),
+    # (K, inner optimizer, inner lr, remat, remat_segment, downstream steps, entropy / budget
+    # weights, the study's meta-learning: masked_spans inner examples, clipped weights,
+    # contrastive outer)
+    (1, "sgd", 0.5, False, 0, 0, 0.0, False),
+    (3, "adam", 0.05, True, 0, 0, 0.0, False),
+    (1, "sgd", 0.5, False, 0, 0, 0.05, True),
+    (4, "sgd", 0.5, True, 2, 0, 0.0, False),  # nested checkpointing: 2 segments of 2
+    (6, "adam", 0.05, True, 4, 0, 0.0, False),  # a segment of 4 and the remaining 2
+    pytest.param(3, "sgd", 0.5, True, 0, 0, 0.0, False, marks=slow),
+    pytest.param(1, "adam", 0.05, False, 0, 0, 0.0, False, marks=slow),
+    pytest.param(2, "sgd", 0.5, True, 0, 1, 0.5, False, marks=slow),  # QA step + regularizers
+    pytest.param(2, "sgd", 0.5, True, 0, 1, 0.05, True, marks=slow),
+    pytest.param(6, "sgd", 0.5, True, 3, 1, 0.05, True, marks=slow),
 ]
 
 
-@pytest.mark.parametrize("k,opt,lr,remat,downstream_steps,reg,study", FD_CASES)
+@pytest.mark.parametrize("k,opt,lr,remat,segment,downstream_steps,reg,study", FD_CASES)
 def test_meta_gradient_matches_central_finite_differences(
-    k, opt, lr, remat, downstream_steps, reg, study
+    k, opt, lr, remat, segment, downstream_steps, reg, study
 ):
     with x64():
         cfg = MetaConfig(
@@ -203,6 +207,7 @@ def test_meta_gradient_matches_central_finite_differences(
             inner_optimizer=opt,
             inner_learning_rate=lr,
             remat=remat,
+            remat_segment=segment,
             downstream_steps=downstream_steps,
             entropy_weight=reg,
             budget_weight=reg,
@@ -367,6 +372,61 @@ def _scan_unroll_equals_python_loop(opt):
     assert tree_norm(g_loop) > 0
     for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11 * tree_norm(g_loop))
+
+
+# ----------------------------------------------------------------------------- rematerialization
+
+REMAT_CASES = [
+    # (K, inner optimizer, remat_segment, microbatches, downstream steps, the study's parts)
+    (4, "sgd", 2, 1, 0, False),
+    pytest.param(6, "adam", 4, 2, 1, True, marks=slow),  # ~1 min on a shared CPU
+    pytest.param(6, "sgd", 3, 2, 0, True, marks=slow),
+    pytest.param(5, "adam", 2, 1, 1, False, marks=slow),
+]
+
+
+@pytest.mark.parametrize("k,opt,segment,micro,downstream_steps,study", REMAT_CASES)
+def test_recomputed_and_nested_unrolls_equal_the_plain_one(
+    k, opt, segment, micro, downstream_steps, study
+):
+    """remat (each step's hand-written forward-over-reverse backward pass, the first step's
+    without a Hessian) and nested checkpointing (remat_segment) change nothing but memory and
+    time: theta_K, the meta loss and the meta-gradient equal jax's own differentiation of the
+    plain scan (float64, to rounding)."""
+    with x64():
+        results = {}
+        for remat, seg in ((False, 0), (True, 0), (True, segment)):
+            cfg = _micro_cfg(
+                micro,
+                inner_steps=k,
+                inner_optimizer=opt,
+                inner_learning_rate=0.5 if opt == "sgd" else 0.05,
+                downstream_steps=downstream_steps,
+                remat=remat,
+                remat_segment=seg,
+                clip_weights=study,
+            )
+            setup, phi, theta, inner, outer, noise, extra = make_problem(
+                cfg, seed=11, dtype=jnp.float64, b=MICRO_B, spans=study, contrast=study
+            )
+
+            @jax.jit
+            def run(
+                phi, setup=setup, theta=theta, inner=inner, outer=outer, noise=noise, extra=extra
+            ):
+                qa = extra.get("qa")
+                theta_k, _, _ = meta.inner_loop(phi, theta, inner, noise, setup, qa=qa)
+                grads, loss, _ = meta.meta_gradient(phi, theta, inner, outer, noise, setup, **extra)
+                return theta_k, loss, grads
+
+            results[remat, seg] = run(phi)
+        theta_ref, loss_ref, g_ref = results[False, 0]
+        assert tree_norm(jax.tree.map(jnp.subtract, theta_ref, theta)) > 1e-3
+        assert tree_norm(g_ref) > 1e-6
+        for theta_k, loss, grads in results.values():
+            _assert_trees_close(theta_k, theta_ref, rtol=1e-12, atol_scale=1e-14)
+            np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-13)
+            _assert_trees_close(grads, g_ref, rtol=1e-10, atol_scale=1e-13)
 
 
 # ----------------------------------------------------------------------------- gradient flow
@@ -695,6 +755,10 @@ def test_errors_name_the_field():
         meta.meta_loss(phi, theta, inner, outer, noise, s)
     with pytest.raises(ValueError, match="estimator"):
         MetaConfig(mask_rate=RATE, estimator="third_order")
+    with pytest.raises(ValueError, match="remat_segment=2 needs remat=True"):
+        MetaConfig(remat=False, remat_segment=2)
+    with pytest.raises(ValueError, match="remat_segment=-1 must be >= 0"):
+        MetaConfig(remat_segment=-1)
 
 
 # ----------------------------------------------------------------------------- the study's parts

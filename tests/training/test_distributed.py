@@ -1,7 +1,8 @@
 """Multi-host training: when the CLI joins a cluster, and a real two-process jax.distributed run
 on localhost (gloo CPU collectives) that trains through stages.train_stage on host-local batch
 shards and must match one process, with orbax checkpoints saved and restored by both hosts and
-logs written by process 0 only."""
+logs written by process 0 only; the meta step likewise, each host giving its rows of the meta
+batches."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from meta_mask.config import MeshConfig, PolicyConfig
 from meta_mask.data import seq2seq
 from meta_mask.training import distributed, sharding
 from tests.processes import REPO, module_command, python_env, run_module
+from tests.training import meta_steps
 from tests.training.distributed_process import CFG, STAGE, STEPS, host_batch, stage_context
 from tests.training.helpers import host_params
 
@@ -142,6 +144,40 @@ def test_two_process_training_matches_one_process(tmp_path):
         [r["loss"] for r in rows], [r["loss"] for r in single_rows], rtol=1e-5
     )
     assert (out / "work/finetune/done.json").exists()
+
+
+def test_two_process_meta_step_matches_one_process(tmp_path):
+    """Each host contributes its rows of the meta batches (meta_train.host_rows), theta is
+    FSDP-sharded across the two processes: the meta-gradient and metrics match one process."""
+    reference = meta_steps.run(sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1]))
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            module_command("tests.training.meta_steps", tmp_path, address, pid),
+            cwd=REPO,
+            env=python_env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for pid, proc in enumerate(procs):
+        assert proc.returncode == 0, f"process {pid}:\n{logs[pid][-4000:]}"
+    for pid in range(2):
+        with np.load(tmp_path / f"meta{pid}.npz") as multi:
+            multi = dict(multi)
+        assert multi["inner_shard_rows"].tolist() == [2]  # 8 contexts over 4 devices
+        assert bool(multi["theta_sharded"])
+        meta_steps.assert_matches(multi, reference)
 
 
 # ----------------------------------------------------------------------------- host data

@@ -1,15 +1,19 @@
-"""Scale-out on 8 simulated CPU devices: path-aware FSDP rules, sharded init, and the train
-step under data parallelism (data=8) and FSDP (data=2 x fsdp=4) against one device."""
+"""Scale-out on 8 simulated CPU devices: path-aware FSDP rules, sharded init, the train step
+under data parallelism (data=8) and FSDP (data=2 x fsdp=4) against one device, and the meta
+step with its batches split over data=2 x fsdp=4 and theta FSDP-sharded."""
 
 from __future__ import annotations
 
 import json
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec
 
+from meta_mask.config import MeshConfig
 from meta_mask.model import bart
 from meta_mask.training import sharding, steps
+from tests.training import meta_steps
 from tests.training.helpers import (
     COMMON_OPTIM,
     assert_runs_match,
@@ -67,3 +71,15 @@ def test_eight_devices_data_parallel_and_fsdp_equal_one_device(tmp_path):
     assert_runs_match(
         result.with_suffix(".npz"), ("data8", "data2_fsdp4"), metrics["loss"], state.params
     )
+
+
+def test_meta_step_on_eight_devices_equals_one_device(tmp_path):
+    one = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    reference = meta_steps.run(one)
+    result = tmp_path / "meta"
+    run_on_devices("tests.training.meta_steps", result, devices=8)
+    with np.load(result.with_suffix(".npz")) as multi:
+        multi = dict(multi)
+    assert multi["inner_shard_rows"].tolist() == [1]  # 8 contexts: one per device
+    assert bool(multi["theta_sharded"])  # the embedding split over fsdp
+    meta_steps.assert_matches(multi, reference)
