@@ -745,6 +745,146 @@ def _default_tokenize_fn() -> Callable[[list[dict], Any], list[dict]]:
     return tokenize_sentences
 
 
+def _cache_keys(
+    source: CorpusSource,
+    tokenizer: Any,
+    sentence_filter: SentenceFilter,
+    max_sentences: int | None,
+    max_length: int,
+    ner_labels: Sequence[str] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """build_corpus's cache keys: the sentences' (source, filter, max_sentences), and the
+    tokens' (the sentences' fingerprint under "sentences", the tokenizer, max_length and any
+    NER labels)."""
+    sentence_key = {
+        "version": CACHE_FORMAT_VERSION,
+        "source": source.identity(),
+        "filter": dataclasses.asdict(sentence_filter),
+        "max_sentences": max_sentences,
+    }
+    token_key = {
+        "sentences": _hash_json(sentence_key),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+    }
+    if ner_labels is not None:
+        token_key["ner_labels"] = sorted(ner_labels)
+    return sentence_key, token_key
+
+
+def _cached_corpus(
+    cache_dir: pathlib.Path, stats_path: pathlib.Path, fp: str, label: str
+) -> Corpus | None:
+    """The corpus a complete earlier build left in `cache_dir`, or None if there is none."""
+    import datasets
+
+    # The stats file is written last, so its presence marks a complete build.
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    if stats is None or not all((cache_dir / f).exists() for f in stats["files"]):
+        return None
+    t0 = time.perf_counter()
+    parts = [datasets.Dataset.from_file(str(cache_dir / f)) for f in stats["files"]]
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    ds._fingerprint = fp  # `from_file` does not know the map's fingerprint
+    logger.info(
+        "corpus %s: loaded %d sentences (%d tokens, %d truncated) from cache %s in %.2fs",
+        label,
+        stats["sentences"],
+        stats["tokens"],
+        stats["truncated"],
+        cache_dir / stats["files"][0],
+        time.perf_counter() - t0,
+    )
+    return Corpus(ds, fp, stats, [cache_dir / f for f in stats["files"]], from_cache=True)
+
+
+def _sentence_dataset(
+    source: CorpusSource,
+    sentence_filter: SentenceFilter,
+    max_sentences: int | None,
+    cache_dir: pathlib.Path,
+    sentence_fp: str,
+    counts_path: pathlib.Path,
+) -> Any:
+    """The filtered sentence records of `source` as a `datasets.Dataset`; the reader's counts
+    go to `counts_path`."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    # `from_generator` caches the sentences under their own fingerprint (no tokenizer in it),
+    # so a new tokenizer or max_length re-tokenizes without reading the source again.
+    try:
+        return datasets.Dataset.from_generator(
+            _sentence_rows,
+            features=_sentence_features(),
+            cache_dir=str(cache_dir / "sentences"),
+            gen_kwargs={
+                "source": source,
+                "sentence_filter": sentence_filter,
+                "max_sentences": max_sentences,
+                "counts_path": str(counts_path),
+            },
+            fingerprint=sentence_fp,
+        )
+    except DatasetGenerationError as err:
+        # `datasets` wraps whatever the reader raised; the reader's own error (bad JSONL line,
+        # no network, ...) is the one that tells the user what to fix.
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, OSError, KeyError)):
+            raise cause.with_traceback(cause.__traceback__) from None
+        raise
+
+
+def _build_stats(
+    tokenized: Any,
+    max_length: int,
+    t_read: float,
+    build_s: float,
+    counts_path: pathlib.Path,
+    key: dict[str, Any],
+) -> dict[str, Any]:
+    """The statistics a build stores beside its Arrow file(s) (which they also list)."""
+    lengths = np.asarray(tokenized.data.column("length").to_numpy(), np.int64)
+    truncated = int(np.asarray(tokenized.data.column("truncated").to_numpy()).sum())
+    return {
+        "sentences": len(tokenized),
+        "tokens": int(lengths.sum()),
+        "truncated": truncated,
+        "max_length": max_length,
+        "read_seconds": round(t_read, 3),
+        "build_seconds": round(build_s, 3),
+        "sentences_per_second": round(len(tokenized) / max(build_s, 1e-9), 1),
+        "counts": json.loads(counts_path.read_text()) if counts_path.exists() else {},
+        "key": key,
+        # With num_proc > 1, `map` writes one Arrow file per process.
+        "files": [pathlib.Path(f["filename"]).name for f in tokenized.cache_files],
+    }
+
+
+def _log_build(
+    label: str,
+    stats: dict[str, Any],
+    max_length: int,
+    t_read: float,
+    build_s: float,
+    cache_dir: pathlib.Path,
+) -> None:
+    """Log what a build made and how fast."""
+    logger.info(
+        "corpus %s: built %d sentences, %d tokens (%d truncated to %d) in %.1fs "
+        "(%.0f sentences/s; reading+splitting %.1fs); cache %s",
+        label,
+        stats["sentences"],
+        stats["tokens"],
+        stats["truncated"],
+        max_length,
+        build_s,
+        stats["sentences_per_second"],
+        t_read,
+        cache_dir / stats["files"][0],
+    )
+
+
 def build_corpus(
     source: CorpusSource,
     tokenizer: Any,
@@ -767,74 +907,26 @@ def build_corpus(
     real text), sentences without entity spans get spaCy's entities with those labels plus
     dates, cached with the corpus (the labels are part of the fingerprint).
     """
-    import datasets
-    from datasets.exceptions import DatasetGenerationError
-
     if max_length < 3:
         raise ValueError(f"max_length={max_length}: must leave room for <s>, a token and </s>")
     cache_dir = pathlib.Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    sentence_key = {
-        "version": CACHE_FORMAT_VERSION,
-        "source": source.identity(),
-        "filter": dataclasses.asdict(sentence_filter),
-        "max_sentences": max_sentences,
-    }
-    sentence_fp = _hash_json(sentence_key)
-    token_key = {
-        "sentences": sentence_fp,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_length": max_length,
-    }
-    if ner_labels is not None:
-        token_key["ner_labels"] = sorted(ner_labels)
-    fp = _hash_json(token_key)
+    sentence_key, token_key = _cache_keys(
+        source, tokenizer, sentence_filter, max_sentences, max_length, ner_labels
+    )
+    sentence_fp, fp = token_key["sentences"], _hash_json(token_key)
     arrow_path = cache_dir / f"{source.label}-{fp}.arrow"
     stats_path = cache_dir / f"{source.label}-{fp}.json"
-
-    # The stats file is written last, so its presence marks a complete build.
-    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
-    if stats is not None and all((cache_dir / f).exists() for f in stats["files"]):
-        t0 = time.perf_counter()
-        parts = [datasets.Dataset.from_file(str(cache_dir / f)) for f in stats["files"]]
-        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-        ds._fingerprint = fp  # `from_file` does not know the map's fingerprint
-        logger.info(
-            "corpus %s: loaded %d sentences (%d tokens, %d truncated) from cache %s in %.2fs",
-            source.label,
-            stats["sentences"],
-            stats["tokens"],
-            stats["truncated"],
-            cache_dir / stats["files"][0],
-            time.perf_counter() - t0,
-        )
-        return Corpus(ds, fp, stats, [cache_dir / f for f in stats["files"]], from_cache=True)
+    cached = _cached_corpus(cache_dir, stats_path, fp, source.label)
+    if cached is not None:
+        return cached
 
     t0 = time.perf_counter()
     tokenize_fn = tokenize_fn or _default_tokenize_fn()
     counts_path = cache_dir / f"{source.label}-{sentence_fp}.counts.json"
-    # `from_generator` caches the sentences under their own fingerprint (no tokenizer in it),
-    # so a new tokenizer or max_length re-tokenizes without reading the source again.
-    try:
-        sentences = datasets.Dataset.from_generator(
-            _sentence_rows,
-            features=_sentence_features(),
-            cache_dir=str(cache_dir / "sentences"),
-            gen_kwargs={
-                "source": source,
-                "sentence_filter": sentence_filter,
-                "max_sentences": max_sentences,
-                "counts_path": str(counts_path),
-            },
-            fingerprint=sentence_fp,
-        )
-    except DatasetGenerationError as err:
-        # `datasets` wraps whatever the reader raised; the reader's own error (bad JSONL line,
-        # no network, ...) is the one that tells the user what to fix.
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, OSError, KeyError)):
-            raise cause.with_traceback(cause.__traceback__) from None
-        raise
+    sentences = _sentence_dataset(
+        source, sentence_filter, max_sentences, cache_dir, sentence_fp, counts_path
+    )
     t_read = time.perf_counter() - t0
     tokenized = sentences.map(
         _tokenize_batch,
@@ -855,34 +947,9 @@ def build_corpus(
         desc=f"tokenizing {source.label}",
     )
     build_s = time.perf_counter() - t0
-    lengths = np.asarray(tokenized.data.column("length").to_numpy(), np.int64)
-    truncated = int(np.asarray(tokenized.data.column("truncated").to_numpy()).sum())
-    stats: dict[str, Any] = {
-        "sentences": len(tokenized),
-        "tokens": int(lengths.sum()),
-        "truncated": truncated,
-        "max_length": max_length,
-        "read_seconds": round(t_read, 3),
-        "build_seconds": round(build_s, 3),
-        "sentences_per_second": round(len(tokenized) / max(build_s, 1e-9), 1),
-        "counts": json.loads(counts_path.read_text()) if counts_path.exists() else {},
-        "key": token_key | {"sentence_key": sentence_key},
-        # With num_proc > 1, `map` writes one Arrow file per process.
-        "files": [pathlib.Path(f["filename"]).name for f in tokenized.cache_files],
-    }
+    key = token_key | {"sentence_key": sentence_key}
+    stats = _build_stats(tokenized, max_length, t_read, build_s, counts_path, key)
     stats_path.write_text(json.dumps(stats, indent=1))
-    logger.info(
-        "corpus %s: built %d sentences, %d tokens (%d truncated to %d) in %.1fs "
-        "(%.0f sentences/s; reading+splitting %.1fs); cache %s",
-        source.label,
-        stats["sentences"],
-        stats["tokens"],
-        truncated,
-        max_length,
-        build_s,
-        stats["sentences_per_second"],
-        t_read,
-        cache_dir / stats["files"][0],
-    )
+    _log_build(source.label, stats, max_length, t_read, build_s, cache_dir)
     files = [cache_dir / f for f in stats["files"]]
     return Corpus(tokenized, fp, stats, files, from_cache=False)

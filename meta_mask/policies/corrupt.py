@@ -83,6 +83,79 @@ def _replacement_actions(rng, random_ids, shape):
     return np.minimum(action_at_start, _KEEP), random_tokens
 
 
+def _checked_ids(input_ids, mask, output_format: str, infill: str, overflow: str) -> np.ndarray:
+    """`input_ids` as int32, after checking corrupt_np's options and the mask's shape."""
+    if output_format not in ("masked_spans", "full_sentence"):
+        raise ValueError(f"output_format={output_format!r}; valid: masked_spans, full_sentence")
+    if infill not in ("span", "token"):
+        raise ValueError(f"infill={infill!r}; valid: span, token")
+    input_ids = np.asarray(input_ids, np.int32)
+    if np.shape(mask) != input_ids.shape:
+        raise ValueError(f"mask shape {np.shape(mask)} != input_ids shape {input_ids.shape}")
+    if overflow not in ("drop_spans", "error"):
+        raise ValueError(f"overflow={overflow!r}; valid: drop_spans, error")
+    return input_ids
+
+
+def _replace_80_10_10(input_ids, mask, run_start, rng, random_ids) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's 80/10/10 over the masked runs: each token's action [B, L] (_MASK, _RANDOM or
+    _KEEP) and the encoder values with the _RANDOM runs' tokens replaced by random ids."""
+    if rng is None or random_ids is None or len(random_ids) == 0:
+        raise ValueError("replace_80_10_10 needs rng (a BatchRng) and non-empty random_ids")
+    at_start, random_tokens = _replacement_actions(
+        rng, np.asarray(random_ids, np.int32), input_ids.shape
+    )
+    # Every token of a run follows the draw made at the run's start.
+    run_first = np.maximum.accumulate(np.where(run_start, np.arange(input_ids.shape[1]), 0), axis=1)
+    action = np.take_along_axis(at_start, run_first, axis=1)
+    return action, np.where(mask & (action == _RANDOM), random_tokens, input_ids)
+
+
+def _span_symbols(run_idx, output_format: str, special: SpecialTokens) -> np.ndarray:
+    """The symbol that stands for each token's run [B, L]: its sentinel (masked_spans with a
+    tokenizer that has sentinels), else <mask>."""
+    sentinels = special.sentinels
+    if output_format == "masked_spans" and len(sentinels):
+        if run_idx.max(initial=-1) >= len(sentinels):
+            raise ValueError(
+                f"corrupt: a sentence has {run_idx.max() + 1} masked spans but the tokenizer "
+                f"has {len(sentinels)} sentinels; lower the budget or add <extra_id_*> tokens"
+            )
+        return np.asarray(sentinels, np.int32)[np.maximum(run_idx, 0)]
+    return np.full(run_idx.shape, special.mask, np.int32)
+
+
+def _encoder_ids(enc_values, real, masked_out, run_start, symbol, enc_len, pad_id) -> np.ndarray:
+    """The encoder input [B, enc_len]: each run of <mask>-replaced tokens (`masked_out`)
+    collapsed to its symbol at the run's start, the rest of the sentence kept."""
+    enc_values = np.where(masked_out & run_start, symbol, enc_values)
+    enc_keep = real & ~(masked_out & ~run_start)
+    return _scatter_rows(enc_values, enc_keep, enc_len, pad_id, "enc_len")
+
+
+def _span_targets(
+    input_ids, mask, run_start, symbol, dec_len: int, special: SpecialTokens
+) -> tuple[np.ndarray, np.ndarray]:
+    """The masked_spans target [B, dec_len], sentinel_0 span_0 sentinel_1 span_1 ... </s>, and
+    each row's number of labels [B]."""
+    # Each masked token emits itself, preceded by its span's sentinel at a span start.
+    width = mask.astype(np.int64) + run_start
+    end = np.cumsum(width, axis=1)  # one past each token's own slot
+    n_labels = end[:, -1] + 1  # + </s>
+    if n_labels.max(initial=0) > dec_len:
+        raise ValueError(
+            f"corrupt: a target needs {n_labels.max()} positions but dec_len={dec_len}; "
+            "raise dec_len"
+        )
+    labels = np.full((input_ids.shape[0], dec_len), special.pad, np.int32)
+    rows, cols = np.nonzero(mask)
+    labels[rows, end[rows, cols] - 1] = input_ids[rows, cols]
+    rows, cols = np.nonzero(run_start)
+    labels[rows, end[rows, cols] - 2] = symbol[rows, cols]
+    labels[np.arange(len(labels)), n_labels - 1] = special.eos
+    return labels, n_labels
+
+
 def corrupt_np(
     input_ids: np.ndarray,
     mask: np.ndarray,
@@ -109,17 +182,8 @@ def corrupt_np(
     spans that do not fit are left unmasked, whole. The encoder always fits when enc_len >= L,
     the full-sentence target when dec_len >= L; otherwise both raise, naming the parameter.
     """
-    if output_format not in ("masked_spans", "full_sentence"):
-        raise ValueError(f"output_format={output_format!r}; valid: masked_spans, full_sentence")
-    if infill not in ("span", "token"):
-        raise ValueError(f"infill={infill!r}; valid: span, token")
-    input_ids = np.asarray(input_ids, np.int32)
-    if np.shape(mask) != input_ids.shape:
-        raise ValueError(f"mask shape {np.shape(mask)} != input_ids shape {input_ids.shape}")
-    if overflow not in ("drop_spans", "error"):
-        raise ValueError(f"overflow={overflow!r}; valid: drop_spans, error")
-    pad_id, sentinels = special.pad, special.sentinels
-    real = input_ids != pad_id
+    input_ids = _checked_ids(input_ids, mask, output_format, infill, overflow)
+    real = input_ids != special.pad
     mask = np.asarray(mask, bool) & real
     run_start, run_idx = _runs(mask, infill)
     if output_format == "masked_spans" and overflow == "drop_spans":
@@ -131,51 +195,16 @@ def corrupt_np(
     if replace_80_10_10:
         if output_format != "full_sentence":
             raise ValueError("replace_80_10_10 applies to output_format='full_sentence' only")
-        if rng is None or random_ids is None or len(random_ids) == 0:
-            raise ValueError("replace_80_10_10 needs rng (a BatchRng) and non-empty random_ids")
-        at_start, random_tokens = _replacement_actions(
-            rng, np.asarray(random_ids, np.int32), input_ids.shape
-        )
-        # Every token of a run follows the draw made at the run's start.
-        run_first = np.maximum.accumulate(
-            np.where(run_start, np.arange(input_ids.shape[1]), 0), axis=1
-        )
-        action = np.take_along_axis(at_start, run_first, axis=1)
-        enc_values = np.where(mask & (action == _RANDOM), random_tokens, enc_values)
+        action, enc_values = _replace_80_10_10(input_ids, mask, run_start, rng, random_ids)
 
+    symbol = _span_symbols(run_idx, output_format, special)
     masked_out = mask & (action == _MASK)
-    if output_format == "masked_spans" and len(sentinels):
-        if run_idx.max(initial=-1) >= len(sentinels):
-            raise ValueError(
-                f"corrupt: a sentence has {run_idx.max() + 1} masked spans but the tokenizer "
-                f"has {len(sentinels)} sentinels; lower the budget or add <extra_id_*> tokens"
-            )
-        symbol = np.asarray(sentinels, np.int32)[np.maximum(run_idx, 0)]
-    else:
-        symbol = np.full(input_ids.shape, special.mask, np.int32)
-    enc_values = np.where(masked_out & run_start, symbol, enc_values)
-    enc_keep = real & ~(masked_out & ~run_start)
-    enc = _scatter_rows(enc_values, enc_keep, enc_len, pad_id, "enc_len")
-
+    enc = _encoder_ids(enc_values, real, masked_out, run_start, symbol, enc_len, special.pad)
     if output_format == "full_sentence":
-        labels = _scatter_rows(input_ids, real, dec_len, pad_id, "dec_len")
+        labels = _scatter_rows(input_ids, real, dec_len, special.pad, "dec_len")
         n_labels = real.sum(1)
     else:
-        # Each masked token emits itself, preceded by its span's sentinel at a span start.
-        width = mask.astype(np.int64) + run_start
-        end = np.cumsum(width, axis=1)  # one past each token's own slot
-        n_labels = end[:, -1] + 1  # + </s>
-        if n_labels.max(initial=0) > dec_len:
-            raise ValueError(
-                f"corrupt: a target needs {n_labels.max()} positions but dec_len={dec_len}; "
-                "raise dec_len"
-            )
-        labels = np.full((input_ids.shape[0], dec_len), pad_id, np.int32)
-        rows, cols = np.nonzero(mask)
-        labels[rows, end[rows, cols] - 1] = input_ids[rows, cols]
-        rows, cols = np.nonzero(run_start)
-        labels[rows, end[rows, cols] - 2] = symbol[rows, cols]
-        labels[np.arange(len(labels)), n_labels - 1] = special.eos
+        labels, n_labels = _span_targets(input_ids, mask, run_start, symbol, dec_len, special)
     weights = (np.arange(dec_len)[None, :] < n_labels[:, None]).astype(np.float32)
     return {
         "input_ids": enc,

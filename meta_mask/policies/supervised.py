@@ -337,6 +337,65 @@ def best_key(record: Mapping[str, float]) -> tuple:
     return (record["span_f1"], -record["loss"], -record["step"])
 
 
+def _pos_weight(
+    cfg: SupervisedConfig, train: Sequence[Mapping[str, Any]], special: SpecialTokens
+) -> float:
+    """cfg.pos_weight, or `auto_pos_weight` of the training triples when it is not positive."""
+    if cfg.pos_weight > 0:
+        return cfg.pos_weight
+    return auto_pos_weight(train, cfg.max_length, special=special)
+
+
+def _train_step(
+    update: Callable[[PyTree, PyTree, PolicyTrainBatch], tuple[PyTree, PyTree, jax.Array]],
+) -> Callable[[TrainState, Mapping[str, Any], jax.Array], tuple[TrainState, dict[str, Any]]]:
+    """`update` (make_supervised_step) as the loop's `step(state, batch, rng)`; the objective
+    draws nothing, so rng is unused."""
+
+    def step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array):
+        params, opt_state, loss = update(state.params, state.opt_state, batch)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
+
+    return step
+
+
+def _dev_evaluator(
+    net: PolicyNet,
+    params: PyTree,
+    dev: Sequence[Mapping[str, Any]],
+    cfg: SupervisedConfig,
+    *,
+    special: SpecialTokens,
+    budget: Mapping[str, Any],
+    pos_weight: float,
+) -> Callable[[TrainState], dict[str, float]]:
+    """The learner's `evaluate(state)`: the objective ("loss", the exact mean over the dev set)
+    and `evaluate_scorer`'s metrics under `budget` (zero noise) of the state's parameters."""
+    terms_fn = jax.jit(
+        lambda p, b: policy_loss_terms(net, p, b, objective=cfg.objective, pos_weight=pos_weight)
+    )
+    dev_batches = eval_batches(dev, cfg.max_length, cfg.eval_batch_size, special=special)
+    dev_arrays = [
+        {
+            "input_ids": b["input_ids"],
+            "valid": b["valid"],
+            "labels": b["labels"].astype(np.float32),
+            **({"unit_ids": policy_units(b, cfg.units)} if cfg.units != "token" else {}),
+        }
+        for b in dev_batches
+    ]
+
+    scorer = LearnedScorer(net, params, units=cfg.units)  # one jitted forward for every eval
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        terms = jax.device_get([terms_fn(state.params, b) for b in dev_arrays])
+        loss = sum(float(t) for t, _ in terms) / max(sum(float(c) for _, c in terms), 1.0)
+        scorer.params = state.params
+        return {"loss": loss, **evaluate_scorer(scorer, dev_batches, budget)}
+
+    return evaluate
+
+
 def supervised_learner(
     net: PolicyNet,
     params: PyTree,
@@ -365,39 +424,12 @@ def supervised_learner(
             f"SupervisedConfig.max_length={cfg.max_length} > the PolicyNet's max_length="
             f"{net.max_length} (MetaConfig.policy_max_length)"
         )
-    pos_weight = (
-        cfg.pos_weight
-        if cfg.pos_weight > 0
-        else auto_pos_weight(train, cfg.max_length, special=special)
-    )
+    pos_weight = _pos_weight(cfg, train, special)
     optimizer = make_optimizer(cfg)
     update = make_supervised_step(net, optimizer, objective=cfg.objective, pos_weight=pos_weight)
-
-    def step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array):
-        params, opt_state, loss = update(state.params, state.opt_state, batch)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
-
-    terms_fn = jax.jit(
-        lambda p, b: policy_loss_terms(net, p, b, objective=cfg.objective, pos_weight=pos_weight)
+    evaluate = _dev_evaluator(
+        net, params, dev, cfg, special=special, budget=budget, pos_weight=pos_weight
     )
-    dev_batches = eval_batches(dev, cfg.max_length, cfg.eval_batch_size, special=special)
-    dev_arrays = [
-        {
-            "input_ids": b["input_ids"],
-            "valid": b["valid"],
-            "labels": b["labels"].astype(np.float32),
-            **({"unit_ids": policy_units(b, cfg.units)} if cfg.units != "token" else {}),
-        }
-        for b in dev_batches
-    ]
-
-    scorer = LearnedScorer(net, params, units=cfg.units)  # one jitted forward for every eval
-
-    def evaluate(state: TrainState) -> dict[str, float]:
-        terms = jax.device_get([terms_fn(state.params, b) for b in dev_arrays])
-        loss = sum(float(t) for t, _ in terms) / max(sum(float(c) for _, c in terms), 1.0)
-        scorer.params = state.params
-        return {"loss": loss, **evaluate_scorer(scorer, dev_batches, budget)}
 
     def init_state() -> TrainState:
         own = jax.tree.map(jnp.array, params)  # our own buffers: the caller's are not donated
@@ -413,7 +445,7 @@ def supervised_learner(
 
     learner = Learner(
         init_state=init_state,
-        step=jax.jit(step, donate_argnums=(0,)),
+        step=jax.jit(_train_step(update), donate_argnums=(0,)),
         batch_for_step=batch_for_step,
         rng=jax.random.key(seed),  # unused: the objective draws nothing
         metadata={
