@@ -14,6 +14,11 @@ nothing of the task's facts (the synthetic world's generic LM fine-tuned on its 
 population's questions; a pre-trained checkpoint on real tasks). With a random LM the
 meta-gradient only aligns output embeddings (it then favours tokens shared by many answers,
 e.g. "Systems" in "Vopor Systems"). The policy is selected by its dev meta-objective alone.
+
+Data parallel: each meta step's batches are split over the mesh's devices (every host builds
+the step's global batch, which depends only on (seed, step), and contributes its own rows;
+`host_rows`), theta is laid out by `sharding.param_shardings` (FSDP when the mesh has
+fsdp > 1) and the policy's state is replicated.
 """
 
 from __future__ import annotations
@@ -159,41 +164,17 @@ def meta_learner(
     against the LM `theta` (fixed), whose inner steps corrupt contexts with `corrupt` (the
     intermediate stage's format: meta.corruption).
 
-    Selection uses only what the paper uses, the downstream loss: every meta_steps // 10 steps
-    the dev meta-objective (the meta step's outer loss on up to `dev_batches` fixed batches of
-    dev contexts and questions, fixed masks' noise) is measured and the best step is kept. The
-    masks' span-F1 against the gold answer tokens under the deployment `budget` is reported
-    beside it, a diagnostic only.
-
-    `train_triples` / `dev_triples` are token-level triples (data.contexts.add_token_spans:
-    input_ids, word_ids, answer_labels, question, answer; entity_spans for entity units).
+    Selection uses only the downstream loss: every meta_steps // 10 steps the dev
+    meta-objective (`_dev_evaluator`, on up to `dev_batches` fixed dev batches) is measured and
+    the best step kept; the masks' span-F1 against gold answers is a diagnostic only.
+    `train_triples` / `dev_triples`: token-level triples (data.contexts.add_token_spans).
     cfg.mask_rate is the sampler's rate during meta-learning (0: budget["mask_rate"]).
-
-    Data parallel over `mesh` (default: every device on the data axis): each meta step's
-    batches are split over the devices (every host builds the step's global batch, which
-    depends only on (seed, step), and contributes its own rows), theta is laid out by
-    `sharding.param_shardings` (FSDP when the mesh has fsdp > 1), the policy state replicated."""
-    if not train_triples or not dev_triples:
-        raise UserError(
-            "meta-learning needs (context, question, answer) triples of the train and dev "
-            f"splits; found {len(train_triples)} and {len(dev_triples)}"
-        )
-    if not cfg.mask_rate:
-        if "mask_rate" not in budget:
-            raise UserError(
-                "meta-learning samples masks at a rate: with --policy.spans_per_sentence set, "
-                "set --meta.mask_rate too"
-            )
-        cfg = dataclasses.replace(cfg, mask_rate=budget["mask_rate"])
-
-    def encode(triples):
-        pairs = [SimpleNamespace(source=t["question"], targets=[t["answer"]]) for t in triples]
-        return seq2seq.encode_examples(
-            pairs, tokenizer, special=special, source_length=source_length,
-            target_length=target_length,
-        )  # fmt: skip
-
-    qa, dev_qa = encode(train_triples), encode(dev_triples)
+    Data parallel over `mesh` (default: every device on the data axis; see the module doc)."""
+    cfg = _checked(cfg, budget, train_triples, dev_triples)
+    qa, dev_qa = (
+        _encode_questions(t, tokenizer, special, source_length, target_length)
+        for t in (train_triples, dev_triples)
+    )
     setup = meta.MetaSetup(
         cfg=cfg,
         policy_fn=meta.policy_fn_from_net(net),
@@ -205,30 +186,14 @@ def meta_learner(
     theta_sharding = sharding.param_shardings(theta, mesh)
     theta = sharding.place(theta, theta_sharding)
     meta_step = meta.make_meta_step(setup, mesh=mesh, theta_sharding=theta_sharding)
-    replicated = sharding.replicated(mesh)
-    objective = meta.make_meta_objective(setup)
     rng = jax.random.fold_in(jax.random.key(seed), 4)
-    n_dev = min(dev_batches, max(len(dev_triples) // (cfg.inner_steps * cfg.inner_batch_size), 1))
     dev = [
-        meta.shard_meta_batches(
-            host_rows(
-                meta_batch(
-                    dev_triples, dev_qa, i, cfg, special=special, seed=seed + 1, length=length
-                )
-            ),
-            mesh,
-        )
-        for i in range(n_dev)
+        meta.shard_meta_batches(host_rows(batches), mesh)
+        for batches in _dev_batches(dev_triples, dev_qa, cfg, special, seed, length, dev_batches)
     ]
-    gold = supervised.eval_batches(dev_triples, length, 256, special=special)
-    scorer = LearnedScorer(net, phi, units=cfg.policy_units)  # one jitted forward for every eval
-
-    def evaluate(state: TrainState) -> dict[str, float]:
-        runs = [objective(state.params, theta, d, rng, i) for i, d in enumerate(dev)]
-        means = {k: float(np.mean([float(r[k]) for r in runs])) for k in runs[0]}
-        scorer.params = jax.device_get(state.params)
-        spans = supervised.evaluate_scorer(scorer, gold, budget, draws=4, seed=seed)
-        return {"objective": means.pop("outer_loss"), **means, **spans}
+    evaluate = _dev_evaluator(
+        setup, theta, dev, rng, net, phi, dev_triples, budget, special, seed, length
+    )
 
     def batch_for_step(step: int) -> MetaBatches:
         batches = meta_batch(
@@ -236,13 +201,9 @@ def meta_learner(
         )
         return meta.shard_meta_batches(host_rows(batches), mesh)
 
-    def init_state() -> TrainState:
-        state = meta.create_meta_state(jax.tree.map(jnp.array, phi), cfg)
-        return sharding.place(state, jax.tree.map(lambda _: replicated, state))
-
     eval_every = max(cfg.meta_steps // 10, 1)
     learner = Learner(
-        init_state=init_state,
+        init_state=lambda: _replicated_state(phi, cfg, mesh),
         step=lambda state, batches, rng: meta_step(state, theta, batches, rng),
         batch_for_step=batch_for_step,
         rng=rng,
@@ -259,3 +220,95 @@ def meta_learner(
         desc="meta-learn policy",
     )
     return learner, options
+
+
+def _checked(
+    cfg: MetaConfig,
+    budget: Mapping[str, Any],
+    train_triples: Sequence[Mapping[str, Any]],
+    dev_triples: Sequence[Mapping[str, Any]],
+) -> MetaConfig:
+    """cfg with its sampling rate resolved (cfg.mask_rate, or 0 = the deployment budget's),
+    after checking that both splits have triples."""
+    if not train_triples or not dev_triples:
+        raise UserError(
+            "meta-learning needs (context, question, answer) triples of the train and dev "
+            f"splits; found {len(train_triples)} and {len(dev_triples)}"
+        )
+    if cfg.mask_rate:
+        return cfg
+    if "mask_rate" not in budget:
+        raise UserError(
+            "meta-learning samples masks at a rate: with --policy.spans_per_sentence set, "
+            "set --meta.mask_rate too"
+        )
+    return dataclasses.replace(cfg, mask_rate=budget["mask_rate"])
+
+
+def _replicated_state(phi: Any, cfg: MetaConfig, mesh: Mesh) -> TrainState:
+    """The policy's initial meta state (params and Adam), replicated on every device."""
+    state = meta.create_meta_state(jax.tree.map(jnp.array, phi), cfg)
+    replicated = sharding.replicated(mesh)
+    return sharding.place(state, jax.tree.map(lambda _: replicated, state))
+
+
+def _encode_questions(
+    triples: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    special: SpecialTokens,
+    source_length: int,
+    target_length: int,
+) -> dict[str, np.ndarray]:
+    """The triples' (question, answer) pairs as seq2seq arrays (the outer loss's examples)."""
+    pairs = [SimpleNamespace(source=t["question"], targets=[t["answer"]]) for t in triples]
+    return seq2seq.encode_examples(
+        pairs, tokenizer, special=special, source_length=source_length,
+        target_length=target_length,
+    )  # fmt: skip
+
+
+def _dev_batches(
+    dev_triples: Sequence[Mapping[str, Any]],
+    dev_qa: Mapping[str, np.ndarray],
+    cfg: MetaConfig,
+    special: SpecialTokens,
+    seed: int,
+    length: int,
+    max_batches: int,
+) -> list[MetaBatches]:
+    """Up to `max_batches` fixed meta batches of the dev triples (their own data order)."""
+    per_batch = cfg.inner_steps * cfg.inner_batch_size
+    n = min(max_batches, max(len(dev_triples) // per_batch, 1))
+    return [
+        meta_batch(dev_triples, dev_qa, i, cfg, special=special, seed=seed + 1, length=length)
+        for i in range(n)
+    ]
+
+
+def _dev_evaluator(
+    setup: meta.MetaSetup,
+    theta: Any,
+    dev: Sequence[MetaBatches],
+    rng: jax.Array,
+    net: PolicyNet,
+    phi: Any,
+    dev_triples: Sequence[Mapping[str, Any]],
+    budget: Mapping[str, Any],
+    special: SpecialTokens,
+    seed: int,
+    length: int,
+):
+    """evaluate(state): the dev meta-objective (mean over `dev`, fixed noise per batch; the
+    selector) and the masks' span-F1 against the gold answers under `budget` (a diagnostic)."""
+    objective = meta.make_meta_objective(setup)
+    gold = supervised.eval_batches(dev_triples, length, 256, special=special)
+    scorer = LearnedScorer(net, phi, units=setup.cfg.policy_units)  # one jitted forward
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        runs = [objective(state.params, theta, d, rng, i) for i, d in enumerate(dev)]
+        means = {k: float(np.mean([float(r[k]) for r in runs])) for k in runs[0]}
+        scorer.params = jax.device_get(state.params)
+        spans = supervised.evaluate_scorer(scorer, gold, budget, draws=4, seed=seed)
+        return {"objective": means.pop("outer_loss"), **means, **spans}
+
+    return evaluate
