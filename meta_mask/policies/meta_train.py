@@ -47,24 +47,24 @@ from meta_mask.training.steps import TrainState
 
 def _others(
     triples: Sequence[Mapping[str, Any]],
-    taken: Sequence[int],
+    contexts: str,
+    skip: set[int],
     count: int,
     order: np.ndarray,
 ) -> np.ndarray:
-    """`count` rows in `order` whose answers appear in none of the `taken` rows' contexts (and
-    are not taken): questions the inner steps' contexts cannot teach."""
-    texts = " ".join(str(triples[i]["text"]).casefold() for i in taken)
-    skip = set(int(i) for i in taken)
+    """`count` rows of `triples` in `order`, not in `skip`, whose answers appear nowhere in
+    `contexts` (case-folded): questions the inner steps' contexts cannot teach."""
+    skip = set(skip)
     out = []
     for i in order:
-        if int(i) not in skip and str(triples[i]["answer"]).casefold() not in texts:
+        if int(i) not in skip and str(triples[i]["answer"]).casefold() not in contexts:
             out.append(int(i))
             skip.add(int(i))
             if len(out) == count:
                 return np.asarray(out)
     raise UserError(
         f"meta-learning needs {count} questions whose answers are not in the step's "
-        f"{len(taken)} contexts; only {len(out)} of {len(triples)} qualify: lower "
+        f"contexts; only {len(out)} of {len(triples)} qualify: lower "
         "--meta.inner_batch_size / --meta.outer_batch_size"
     )
 
@@ -78,12 +78,14 @@ def meta_batch(
     special: SpecialTokens,
     seed: int,
     length: int,
+    qa_pool: tuple[Sequence[Mapping[str, Any]], seq2seq.EncodedExamples] | None = None,
 ) -> MetaBatches:
     """The batches of meta step `step` (batches.MetaBatches), a pure function of (seed, step):
     K inner batches of B contexts [K, B, L] (with the policy's units), the first
     outer_batch_size of them's own questions ("outer"), with `cfg.contrastive` as many
     questions about other contexts ("contrast"), and with downstream_steps = 1 a QA batch of
-    yet other questions ("qa")."""
+    yet other questions ("qa"), drawn from `qa_pool` (triples, encoded) when given: the dev
+    batches take their QA step's questions from the training split, as fine-tuning would."""
     k, b = cfg.inner_steps, cfg.inner_batch_size
     rows = supervised.step_indices(len(triples), k * b, seed=seed, step=step)
     parts = [
@@ -109,13 +111,21 @@ def meta_batch(
         "outer": seq2seq.train_batch(qa, rows[:n_out], special=special),
     }
     order = np.random.default_rng([seed, step, 1]).permutation(len(triples))
-    taken = list(rows)
+    taken = [int(i) for i in rows]
     if cfg.contrastive:
-        contrast = _others(triples, taken, n_out, order)
+        contexts = " ".join(str(triples[i]["text"]).casefold() for i in taken)
+        contrast = _others(triples, contexts, set(taken), n_out, order)
         out["contrast"] = seq2seq.train_batch(qa, contrast, special=special)
-        taken += list(contrast)
+        taken += [int(i) for i in contrast]
     if cfg.downstream_steps:
-        out["qa"] = seq2seq.train_batch(qa, _others(triples, taken, n_out, order), special=special)
+        contexts = " ".join(str(triples[i]["text"]).casefold() for i in taken)
+        if qa_pool is None:
+            pool, pool_qa, skip, pool_order = triples, qa, set(taken), order
+        else:
+            pool, pool_qa = qa_pool
+            skip, pool_order = set(), np.random.default_rng([seed, step, 2]).permutation(len(pool))
+        rows_qa = _others(pool, contexts, skip, n_out, pool_order)
+        out["qa"] = seq2seq.train_batch(pool_qa, rows_qa, special=special)
     return out
 
 
@@ -189,7 +199,9 @@ def meta_learner(
     rng = jax.random.fold_in(jax.random.key(seed), 4)
     dev = [
         meta.shard_meta_batches(host_rows(batches), mesh)
-        for batches in _dev_batches(dev_triples, dev_qa, cfg, special, seed, length, dev_batches)
+        for batches in _dev_batches(
+            dev_triples, dev_qa, cfg, special, seed, length, dev_batches, (train_triples, qa)
+        )
     ]
     evaluate = _dev_evaluator(
         setup, theta, dev, rng, net, phi, dev_triples, budget, special, seed, length
@@ -275,12 +287,23 @@ def _dev_batches(
     seed: int,
     length: int,
     max_batches: int,
+    qa_pool: tuple[Sequence[Mapping[str, Any]], seq2seq.EncodedExamples],
 ) -> list[MetaBatches]:
-    """Up to `max_batches` fixed meta batches of the dev triples (their own data order)."""
+    """Up to `max_batches` fixed meta batches of the dev triples (their own data order; the QA
+    step's questions from `qa_pool`, the training split)."""
     per_batch = cfg.inner_steps * cfg.inner_batch_size
     n = min(max_batches, max(len(dev_triples) // per_batch, 1))
     return [
-        meta_batch(dev_triples, dev_qa, i, cfg, special=special, seed=seed + 1, length=length)
+        meta_batch(
+            dev_triples,
+            dev_qa,
+            i,
+            cfg,
+            special=special,
+            seed=seed + 1,
+            length=length,
+            qa_pool=qa_pool,
+        )  # fmt: skip
         for i in range(n)
     ]
 

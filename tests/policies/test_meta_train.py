@@ -66,6 +66,20 @@ def test_contrast_questions_are_about_other_people_and_the_qa_step_about_yet_oth
     assert out["inner"]["example_ids"].tolist() != other["inner"]["example_ids"].tolist()
 
 
+def test_dev_batches_take_the_qa_step_from_the_training_pool():
+    dev = triples()[:8]  # 4 people: too few for own + contrast + QA questions of their own
+    with pytest.raises(UserError, match="outer_batch_size"):
+        meta_batch(dev, QA, 0, cfg(downstream_steps=1), special=SPECIAL, seed=1, length=8)
+    pool = triples()
+    out = meta_batch(
+        dev, QA, 0, cfg(downstream_steps=1, contrastive=False), special=SPECIAL, seed=1,
+        length=8, qa_pool=(pool, QA),
+    )  # fmt: skip
+    inner_people = {i // 2 for i in out["inner"]["example_ids"][0].tolist()}
+    qa = rows_of(out["qa"])
+    assert len(qa) == 4 and not {i // 2 for i in qa} & inner_people
+
+
 def test_too_few_other_contexts_is_an_error_naming_the_flags():
     with pytest.raises(UserError, match="inner_batch_size"):
         meta_batch(triples(), QA, 0, cfg(inner_batch_size=20, outer_batch_size=20),
