@@ -19,6 +19,7 @@ import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from meta_mask.config import MeshConfig, MetaConfig
 from meta_mask.model.bart import Bart
@@ -104,7 +105,15 @@ def run(mesh: jax.sharding.Mesh, fsdp: bool = False) -> dict[str, np.ndarray]:
     # the parameters after them are ill-conditioned where a gradient is at rounding level).
     first = meta.shard_meta_batches(meta_train.host_rows(batches(0)), mesh)
     grad_fn = jax.jit(lambda p, th, b: meta_gradient(setup, p, th, b, jax.random.key(3), 0))
-    grads = grad_fn(sharding.place(phi, jax.tree.map(lambda _: repl, phi)), theta, first)
+    phi_placed = sharding.place(phi, jax.tree.map(lambda _: repl, phi))
+    # Compile both programs before running either, then meet: on a loaded machine one process
+    # can still be compiling when the other reaches the first collective, and the CPU
+    # collectives give up after 30 s.
+    grad_fn = grad_fn.lower(phi_placed, theta, first).compile()
+    step = step.lower(state, theta, first, jax.random.key(3)).compile()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("meta_steps: compiled")
+    grads = grad_fn(phi_placed, theta, first)
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
         out["grad" + jax.tree_util.keystr(path)] = np.asarray(leaf)
     for s in range(STEPS):
