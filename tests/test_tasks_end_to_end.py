@@ -249,7 +249,8 @@ def test_cli_runs_a_nested_flagfile(assets, tmp_path):
 @pytest.mark.parametrize("policy", ["supervised", "meta"])
 def test_learned_policies_on_a_real_task(policy, assets, tmp_path, monkeypatch):
     """nq.flags with a learned policy: nq_open has no contexts, so the (sentence, question,
-    answer) triples come from corpus sentences that contain the answers."""
+    answer) triples come from corpus sentences that contain the answers (two in the dev split:
+    one inner context and one contrast question per meta batch)."""
     from meta_mask import pipeline
 
     monkeypatch.chdir(REPO)
@@ -257,7 +258,7 @@ def test_learned_policies_on_a_real_task(policy, assets, tmp_path, monkeypatch):
         f"--policy.name={policy}", "--meta.policy_layers=1", "--meta.policy_d_model=16",
         "--meta.policy_heads=2", "--meta.policy_ffn_dim=32", "--meta.meta_steps=3",
         "--meta.mask_rate=0.15",
-        "--meta.inner_batch_size=2", "--meta.outer_batch_size=2", "--supervised.steps=6",
+        "--meta.inner_batch_size=1", "--meta.outer_batch_size=1", "--supervised.steps=6",
         "--supervised.eval_every=3", "--supervised.batch_size=2",
     ]  # fmt: skip
     cfg = parse_config(_args("nq.flags", "nq", assets, learned))

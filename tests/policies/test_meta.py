@@ -635,19 +635,21 @@ def test_microbatch_errors_name_the_fields():
 
 @pytest.mark.slow  # two compilations of a 16-sentence meta-gradient (~15 s on a shared CPU)
 def test_microbatches_lower_the_meta_gradients_peak_memory():
-    """Activations dominate (tiny parameters, 16 sentences): with 4 microbatches the compiled
-    meta-gradient's temporary memory (XLA's buffer assignment, deterministic) is well below the
-    unsplit one's (705 kB -> 516 kB on CPU; what remains is full-batch work: the policy net,
-    masks, weights, corruption)."""
+    """Activations dominate (a one-layer BART, 16 sentences, two inner steps: the second one's
+    backward pass is second order): with 4 microbatches the compiled meta-gradient's temporary
+    memory (XLA's buffer assignment, deterministic) is well below the unsplit one's (4.05 MB ->
+    1.98 MB on CPU; what remains is full-batch work: the policy net, masks, weights,
+    corruption, the copies of theta). (At K = 1 the unroll's one step needs no second-order
+    pass and little memory to begin with.)"""
     b = 16
     temp = {}
     for m in (1, 4):
-        cfg = _micro_cfg(m, inner_batch_size=b, inner_steps=1, remat=True)
-        setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=2, b=b)
+        cfg = _micro_cfg(m, inner_batch_size=b, inner_steps=2, remat=True)
+        setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=2, b=b, lm="bart")
         fn = jax.jit(functools.partial(meta.meta_gradient, setup=setup))
         compiled = fn.lower(phi, theta, inner, outer, noise).compile()
         temp[m] = compiled.memory_analysis().temp_size_in_bytes
-    assert temp[4] < 0.85 * temp[1], temp
+    assert temp[4] < 0.6 * temp[1], temp
 
 
 # ----------------------------------------------------------------------------- learning
