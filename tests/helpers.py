@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from meta_mask.special_tokens import SpecialTokens
 
 # BART's special ids as the test tokenizers lay them out (tests/data/tokenizer_helpers.py, the
@@ -21,3 +23,16 @@ def parse_config(args: list[str]):
         return train.config_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
+
+
+@contextlib.contextmanager
+def x64():
+    """float64 inside the block only (restored after, so other tests keep float32)."""
+    import jax
+
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", prev)

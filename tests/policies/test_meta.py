@@ -11,7 +11,6 @@ tied output; the same batch format and LmLoss contract as `bart_lm_loss`); Bart 
 through meta_gradient / meta_step in float32 below.
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -28,6 +27,7 @@ from meta_mask.policies import meta
 from meta_mask.policies import net as netlib
 from meta_mask.policies.corrupt import corrupt_full_sentence_jax, corrupt_spans_jax
 from meta_mask.special_tokens import SpecialTokens
+from tests.helpers import x64
 
 V, L, B, D = 48, 12, 3, 16
 PAD, MASK_ID = 1, V - 1
@@ -35,17 +35,6 @@ SPECIAL = SpecialTokens(pad=PAD, eos=2, bos=0, mask=MASK_ID, decoder_start=2)
 KEY_IDS = (10, 11, 12, 13, 14)  # the toy's rewarded ids
 
 RATE = 0.15  # the sampler's mask rate inside the meta step (the learner resolves it)
-
-
-@contextlib.contextmanager
-def x64():
-    """float64 inside the block only (restored after, so other tests keep float32)."""
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", prev)
 
 
 # ----------------------------------------------------------------------------- a float64 LM

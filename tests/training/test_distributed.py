@@ -29,6 +29,33 @@ DA = distributed.DistributedArgs
 # ----------------------------------------------------------------------------- when to join
 
 
+def run_two_processes(module: str, out) -> None:
+    """`python -m module out address pid` for pid 0 and 1, two jax.distributed processes of
+    two simulated devices each on localhost; fails with a process's log if it fails."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            module_command(module, out, address, pid),
+            cwd=REPO,
+            env=python_env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for pid, proc in enumerate(procs):
+        assert proc.returncode == 0, f"process {pid}:\n{logs[pid][-4000:]}"
+
+
 def test_auto_joins_only_when_the_environment_shows_a_cluster():
     slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "1"}
     assert distributed.cluster_in_environment(slurm) == "slurm"
@@ -99,28 +126,7 @@ def test_two_process_training_matches_one_process(tmp_path):
 
     out = tmp_path / "multi"
     out.mkdir()
-    address = f"127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            module_command("tests.training.distributed_process", out, address, pid),
-            cwd=REPO,
-            env=python_env(devices=2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in range(2)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=300)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for pid, proc in enumerate(procs):
-        assert proc.returncode == 0, f"process {pid}:\n{logs[pid][-4000:]}"
+    run_two_processes("tests.training.distributed_process", out)
 
     for pid in range(2):
         facts = json.loads((out / f"facts{pid}.json").read_text())
@@ -150,28 +156,7 @@ def test_two_process_meta_step_matches_one_process(tmp_path):
     """Each host contributes its rows of the meta batches (meta_train.host_rows), theta is
     FSDP-sharded across the two processes: the meta-gradient and metrics match one process."""
     reference = meta_steps.run(sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1]))
-    address = f"127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            module_command("tests.training.meta_steps", tmp_path, address, pid),
-            cwd=REPO,
-            env=python_env(devices=2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in range(2)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=300)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for pid, proc in enumerate(procs):
-        assert proc.returncode == 0, f"process {pid}:\n{logs[pid][-4000:]}"
+    run_two_processes("tests.training.meta_steps", tmp_path)
     for pid in range(2):
         with np.load(tmp_path / f"meta{pid}.npz") as multi:
             multi = dict(multi)

@@ -3,24 +3,13 @@ the plain scan's values and derivatives (float64), and the segments lower the co
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from meta_mask.training import remat
-
-
-@contextlib.contextmanager
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", prev)
+from tests.helpers import x64
 
 
 def step(carry, xs):
