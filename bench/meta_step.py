@@ -26,7 +26,7 @@ def _meta_setup(cfg, sz: BenchSizes, k: int, segment: int = 0):
 
     from meta_mask.config import MetaConfig
     from meta_mask.model.bart import Bart, init_params
-    from meta_mask.policies import meta
+    from meta_mask.policies import meta, meta_step, unroll
     from meta_mask.policies.net import init_policy_params, policy_net_from_config
     from meta_mask.special_tokens import SpecialTokens
 
@@ -58,7 +58,7 @@ def _meta_setup(cfg, sz: BenchSizes, k: int, segment: int = 0):
     setup = meta.MetaSetup(
         cfg=mcfg,
         policy_fn=meta.policy_fn_from_net(net),
-        lm_loss=meta.bart_lm_loss(model),
+        lm_loss=unroll.bart_lm_loss(model),
         special=special,
     )
     rng = np.random.default_rng(0)
@@ -73,8 +73,8 @@ def _meta_setup(cfg, sz: BenchSizes, k: int, segment: int = 0):
         "inner": {"input_ids": jnp.asarray(ids), "valid": jnp.asarray(valid)},
         "outer": {k2: jnp.asarray(v) for k2, v in outer.items()},
     }
-    state = meta.create_meta_state(phi, mcfg)
-    return meta.make_meta_step(setup, donate=False), state, theta, batches
+    state = meta_step.create_meta_state(phi, mcfg)
+    return meta_step.make_meta_step(setup, donate=False), state, theta, batches
 
 
 def meta_memory(compiled) -> dict[str, int]:

@@ -14,7 +14,7 @@ steps. "pad" is the run's SpecialTokens.pad (special_tokens.py).
 
 The learned policies: supervised.collate_triples -> TripleBatch (a PolicyBatch with answer
 labels), supervised.make_policy_batches -> PolicyTrainBatch; meta_train.meta_batch ->
-MetaBatches (read by policies/meta.py's meta step).
+MetaBatches (read by policies/meta_step.py's meta step).
 """
 
 # No `from __future__ import annotations`: TypedDict must see NotRequired[...] evaluated to
@@ -64,7 +64,7 @@ class MaskableBatch(TypedDict):
     input_ids: Array  # int32 [..., B, L], pad-padded
     valid: Array  # bool [..., B, L]: maskable tokens
     unit_ids: NotRequired[Array]  # int32 [..., B, L]: whole-word units (-1 = none)
-    example_ids: NotRequired[Array]  # int32 [..., B]: the masks' noise streams (meta.batch_noise)
+    example_ids: NotRequired[Array]  # int32 [..., B]: the noise streams (meta_step.batch_noise)
 
 
 class PolicyTrainBatch(MaskableBatch):
@@ -91,7 +91,7 @@ class SpanSeq2SeqBatch(Seq2SeqBatch):
 
 
 class MetaBatches(TypedDict):
-    """One meta step's batches (policies/meta_train.meta_batch; meta.make_meta_step)."""
+    """One meta step's batches (policies/meta_train.meta_batch; meta_step.make_meta_step)."""
 
     inner: MaskableBatch  # [K, B, L]: the K inner MLM batches (contexts)
     outer: Seq2SeqBatch  # [B, .]: the inner contexts' questions, scored after the inner steps

@@ -37,7 +37,7 @@ from meta_mask.batches import MetaBatches
 from meta_mask.config import MeshConfig, MetaConfig, to_dict
 from meta_mask.data import seq2seq
 from meta_mask.errors import UserError
-from meta_mask.policies import heuristic, meta, supervised
+from meta_mask.policies import heuristic, meta, meta_step, supervised, unroll
 from meta_mask.policies.net import LearnedScorer, PolicyNet
 from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training import sharding
@@ -131,7 +131,7 @@ def meta_batch(
 
 def host_rows(batches: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
     """This process's contiguous block of every batch dimension (axis 1 of the "inner" [K,B,L]
-    arrays, axis 0 of the others): what `meta.shard_meta_batches` assembles into global
+    arrays, axis 0 of the others): what `meta_step.shard_meta_batches` assembles into global
     arrays. The whole batch in a single-process run."""
     index, count = jax.process_index(), jax.process_count()
 
@@ -188,17 +188,17 @@ def meta_learner(
     setup = meta.MetaSetup(
         cfg=cfg,
         policy_fn=meta.policy_fn_from_net(net),
-        lm_loss=meta.bart_lm_loss(model),
+        lm_loss=unroll.bart_lm_loss(model),
         special=special,
         corrupt=corrupt,
     )
     mesh = sharding.make_mesh(MeshConfig()) if mesh is None else mesh
     theta_sharding = sharding.param_shardings(theta, mesh)
     theta = sharding.place(theta, theta_sharding)
-    meta_step = meta.make_meta_step(setup, mesh=mesh, theta_sharding=theta_sharding)
+    step_fn = meta_step.make_meta_step(setup, mesh=mesh, theta_sharding=theta_sharding)
     rng = jax.random.fold_in(jax.random.key(seed), 4)
     dev = [
-        meta.shard_meta_batches(host_rows(batches), mesh)
+        meta_step.shard_meta_batches(host_rows(batches), mesh)
         for batches in _dev_batches(
             dev_triples, dev_qa, cfg, special, seed, length, dev_batches, (train_triples, qa)
         )
@@ -211,12 +211,12 @@ def meta_learner(
         batches = meta_batch(
             train_triples, qa, step, cfg, special=special, seed=seed, length=length
         )
-        return meta.shard_meta_batches(host_rows(batches), mesh)
+        return meta_step.shard_meta_batches(host_rows(batches), mesh)
 
     eval_every = max(cfg.meta_steps // 10, 1)
     learner = Learner(
         init_state=lambda: _replicated_state(phi, cfg, mesh),
-        step=lambda state, batches, rng: meta_step(state, theta, batches, rng),
+        step=lambda state, batches, rng: step_fn(state, theta, batches, rng),
         batch_for_step=batch_for_step,
         rng=rng,
         metadata={"meta": to_dict(cfg), "budget": dict(budget), "seed": seed},
@@ -259,7 +259,7 @@ def _checked(
 
 def _replicated_state(phi: Any, cfg: MetaConfig, mesh: Mesh) -> TrainState:
     """The policy's initial meta state (params and Adam), replicated on every device."""
-    state = meta.create_meta_state(jax.tree.map(jnp.array, phi), cfg)
+    state = meta_step.create_meta_state(jax.tree.map(jnp.array, phi), cfg)
     replicated = sharding.replicated(mesh)
     return sharding.place(state, jax.tree.map(lambda _: replicated, state))
 
@@ -323,7 +323,7 @@ def _dev_evaluator(
 ):
     """evaluate(state): the dev meta-objective (mean over `dev`, fixed noise per batch; the
     selector) and the masks' span-F1 against the gold answers under `budget` (a diagnostic)."""
-    objective = meta.make_meta_objective(setup)
+    objective = meta_step.make_meta_objective(setup)
     gold = supervised.eval_batches(dev_triples, length, 256, special=special)
     scorer = LearnedScorer(net, phi, units=setup.cfg.policy_units)  # one jitted forward
 

@@ -13,11 +13,11 @@ transformer encoder layers -> LayerNorm -> one logit per token. Tokens that are 
 (special tokens, padding) get logit -inf: they are never masked.
 
 Some parameters would receive no gradient at all, because the policy's distribution is a
-softmax over each sentence (policies/meta.py), invariant to adding a constant to every logit of a
-sentence: a bias on the logit head and the final LayerNorm's bias (both add the same constant to
-every token), and the attention key bias (the same constant to every key of a query; flax's
-use_bias covers q/k/v/out together, so the attention has none). They are left out
-(use_bias=False), so every parameter of the network receives signal (tested).
+softmax over each sentence (policies/meta_weights.py), invariant to adding a constant to every
+logit of a sentence: a bias on the logit head and the final LayerNorm's bias (both add the same
+constant to every token), and the attention key bias (the same constant to every key of a
+query; flax's use_bias covers q/k/v/out together, so the attention has none). They are left
+out (use_bias=False), so every parameter of the network receives signal (tested).
 
 Span-level scoring: with `unit_ids` (int32 [B, L], -1 = no unit; e.g. whole words from
 heuristic.word_units), each token's logit is replaced by the mean of its unit's token logits, so

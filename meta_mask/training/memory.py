@@ -153,7 +153,7 @@ def train_step_memory(
 
 def stored_thetas(inner_steps: int, remat_segment: int = 0) -> int:
     """Copies of theta (with its inner optimizer state) the unroll keeps for its backward pass:
-    every theta_k of the scan, or with nested checkpointing (policies/meta.py, remat_segment
+    every theta_k of the scan, or with nested checkpointing (policies/unroll.py, remat_segment
     = S < K) the K // S segment starts plus the S theta_k of the segment being differentiated
     (a shorter last segment's start is freed before the full segments' turn)."""
     if 0 < remat_segment < inner_steps:

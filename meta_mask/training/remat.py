@@ -10,7 +10,7 @@ recomputes `fn` (with its own saved values) once the output cotangent has arrive
   does not order anything on CPU);
 - only inputs that are being differentiated get a cotangent (`symbolic_zeros`).
 
-The meta-learning unroll's inner step has its own backward pass (policies/meta.py's
+The meta-learning unroll's inner step has its own backward pass (policies/unroll.py's
 `recomputed_inner_step`, forward-over-reverse, with the same barrier); `recomputed` here wraps
 the nested segments.
 

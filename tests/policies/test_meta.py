@@ -23,7 +23,7 @@ import pytest
 
 from meta_mask.config import MetaConfig, tiny_model_config
 from meta_mask.model.bart import Bart, init_params
-from meta_mask.policies import meta
+from meta_mask.policies import meta, meta_step, meta_weights, unroll
 from meta_mask.policies import net as netlib
 from meta_mask.policies.corrupt import corrupt_full_sentence_jax, corrupt_spans_jax
 from meta_mask.special_tokens import SpecialTokens
@@ -127,7 +127,7 @@ def make_problem(cfg, seed=0, lm="tiny", dtype=jnp.float32, b=B, spans=False, co
     else:
         mcfg = tiny_model_config(vocab_size=V, encoder_layers=1, decoder_layers=1)
         model = Bart(mcfg)
-        theta, lm_loss = init_params(mcfg, jax.random.key(seed + 2)), meta.bart_lm_loss(model)
+        theta, lm_loss = init_params(mcfg, jax.random.key(seed + 2)), unroll.bart_lm_loss(model)
     cast = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t))
     phi, theta, noise = cast(phi), cast(theta), noise.astype(dtype)
     outer["weights"] = outer["weights"].astype(dtype)
@@ -297,7 +297,7 @@ def _plain_mlm_unroll(th, inner, outer, masks, setup):
         w = ex["weights"]
         mean_ce = lambda t, ex=ex, w=w: jnp.sum(w * tiny_lm_loss(t, ex)) / jnp.sum(w)
         th = jax.tree.map(lambda t, gg: t - 0.5 * gg, th, jax.grad(mean_ce)(th))
-    return meta.outer_loss(tiny_lm_loss, th, outer)
+    return unroll.outer_loss(tiny_lm_loss, th, outer)
 
 
 # ----------------------------------------------------------------------------- scan == loop
@@ -327,16 +327,16 @@ def _scan_unroll_equals_python_loop(opt):
         logits = meta.policy_fn_from_net(policy_net())(
             p, inner["input_ids"].reshape(-1, L), inner["valid"].reshape(-1, L)
         ).reshape(inner["input_ids"].shape)
-        masks = meta.sample_masks(
+        masks = meta_weights.sample_masks(
             logits.reshape(-1, L), inner["valid"].reshape(-1, L), noise.reshape(-1, L), 0.3
         ).reshape(logits.shape)
-        tx = optax.sgd(0.3) if opt == "sgd" else optax.adam(0.03, eps_root=meta.ADAM_EPS_ROOT)
+        tx = optax.sgd(0.3) if opt == "sgd" else optax.adam(0.03, eps_root=unroll.ADAM_EPS_ROOT)
         th, state = theta, tx.init(theta)
         for kk in range(3):
             # Clipped: log min(1, T q) (token units), T = the sampler's target count.
             valid = inner["valid"][kk]
-            _, q = meta.policy_distribution(logits[kk], valid)
-            t = meta.target_counts(valid.sum(-1), 0.3)[:, None].astype(q.dtype)
+            _, q = meta_weights.policy_distribution(logits[kk], valid)
+            t = meta_weights.target_counts(valid.sum(-1), 0.3)[:, None].astype(q.dtype)
             log_p = jnp.where(valid, jnp.log(jnp.minimum(1.0, t * q)), 0.0)
             d = jnp.where(masks[kk], log_p - jax.lax.stop_gradient(log_p), 0.0)
             w = jnp.where(masks[kk], jnp.exp(d - jnp.sum(d) / jnp.sum(masks[kk])), 0.0)
@@ -347,8 +347,8 @@ def _scan_unroll_equals_python_loop(opt):
             g = jax.grad(lambda t, ex=ex, w=label_w, n=n: jnp.sum(w * tiny_lm_loss(t, ex)) / n)(th)
             upd, state = tx.update(g, state, th)
             th = optax.apply_updates(th, upd)
-        reg, _ = meta.policy_regularizers(logits, inner["valid"], cfg)
-        return meta.outer_loss(tiny_lm_loss, th, outer) + reg, th
+        reg, _ = meta_weights.policy_regularizers(logits, inner["valid"], cfg)
+        return unroll.outer_loss(tiny_lm_loss, th, outer) + reg, th
 
     theta_scan, _, _ = jax.jit(lambda p: meta.inner_loop(p, theta, inner, noise, setup))(phi)
     (loss_loop, theta_loop), g_loop = jax.jit(jax.value_and_grad(loop_loss, has_aux=True))(phi)
@@ -510,7 +510,7 @@ def test_first_order_estimator_matches_definition_and_aligns_with_exact():
             g_fo, _, metrics = meta.meta_gradient(p, theta, inner, outer, noise, setup)
             # The definition, literally: -lr d/dphi <grad_theta L_mlm(theta, phi),
             # sg(grad L_down(theta))> by a double backward pass (the estimator uses one jvp).
-            down_grad = jax.grad(lambda t: meta.outer_loss(tiny_lm_loss, t, outer))(theta)
+            down_grad = jax.grad(lambda t: unroll.outer_loss(tiny_lm_loss, t, outer))(theta)
             align = lambda p: tree_dot(jax.grad(mlm_loss)(theta, p), down_grad)
             definition = jax.grad(lambda p: -lr * align(p))(p)
             g_exact, _, _ = meta.meta_gradient(p, theta, inner, outer, noise, exact_setup)
@@ -649,7 +649,7 @@ def _key_mass(setup, phi, ids, valid):
 
     @jax.jit
     def mass(phi):
-        _, q = meta.policy_distribution(setup.policy_fn(phi, ids, valid, None), valid)
+        _, q = meta_weights.policy_distribution(setup.policy_fn(phi, ids, valid, None), valid)
         return jnp.mean(jnp.sum(jnp.where(jnp.isin(ids, jnp.asarray(KEY_IDS)), q, 0.0), -1))
 
     return float(mass(phi))
@@ -670,8 +670,8 @@ def test_meta_steps_learn_to_mask_the_rewarded_tokens(estimator):
     )
     setup, phi, theta, _, _, _, _ = make_problem(cfg, seed=6)
     rng = np.random.default_rng(6)
-    step = meta.make_meta_step(setup)
-    state = meta.create_meta_state(phi, cfg)
+    step = meta_step.make_meta_step(setup)
+    state = meta_step.create_meta_state(phi, cfg)
     probe_ids, probe_valid = sentences(np.random.default_rng(1), (16,))
     before = _key_mass(setup, phi, probe_ids, probe_valid)
     for _ in range(40):
@@ -699,8 +699,8 @@ def test_meta_step_with_bart_runs_and_lowers_meta_loss():
         learning_rate=1e-2,
     )
     setup, phi, theta, inner, outer, _, _ = make_problem(cfg, lm="bart", seed=8)
-    step = meta.make_meta_step(setup, donate=False)
-    state = meta.create_meta_state(phi, cfg)
+    step = meta_step.make_meta_step(setup, donate=False)
+    state = meta_step.create_meta_state(phi, cfg)
     batches = {"inner": inner, "outer": outer}
     losses = []
     for _ in range(8):
@@ -718,16 +718,18 @@ def test_policy_probabilities_respect_the_budget():
     valid = jnp.asarray(np.arange(L)[None, :] < np.array([[3], [6], [9], [0]])) & (
         jnp.arange(L) > 0
     )
-    p = meta.policy_probabilities(logits, valid, 0.3)
-    t = meta.target_counts(valid.sum(-1), 0.3)
+    p = meta_weights.policy_probabilities(logits, valid, 0.3)
+    t = meta_weights.target_counts(valid.sum(-1), 0.3)
     # The sampler's own count (rule 4) on each sentence.
     np.testing.assert_array_equal(t, [1, 2, 2, 0])
     assert float(jnp.max(jnp.where(valid, 0.0, p))) == 0.0
     assert np.all(np.asarray(jnp.sum(p, -1)) <= np.asarray(t) + 1e-6)
-    _, q = meta.policy_distribution(logits, valid)
+    _, q = meta_weights.policy_distribution(logits, valid)
     np.testing.assert_allclose(jnp.sum(q, -1), [1, 1, 1, 0], atol=1e-6)
     # Shift invariance: adding a constant to a sentence's logits changes nothing.
-    np.testing.assert_allclose(meta.policy_probabilities(logits + 3.0, valid, 0.3), p, atol=1e-6)
+    np.testing.assert_allclose(
+        meta_weights.policy_probabilities(logits + 3.0, valid, 0.3), p, atol=1e-6
+    )
 
 
 def test_errors_name_the_field():
@@ -763,7 +765,7 @@ def test_clipped_weights_give_no_credit_past_always_masked():
     rate = 0.4  # T = round(0.4 * 6) = 2
 
     def log_p(logits, i):
-        return meta.log_inclusion(logits, valid, units, rate, clip=True)[0, i]
+        return meta_weights.log_inclusion(logits, valid, units, rate, clip=True)[0, i]
 
     high = jnp.asarray([[0.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # Q_unit ~ 0.89: T Q > 1
     assert float(log_p(high, 1)) == 0.0 and float(log_p(high, 2)) == 0.0
@@ -772,7 +774,7 @@ def test_clipped_weights_give_no_credit_past_always_masked():
     np.testing.assert_allclose(float(log_p(flat, 1)), np.log(2 / 3), rtol=1e-6)
     np.testing.assert_allclose(float(log_p(flat, 3)), np.log(2 / 6), rtol=1e-6)
     g = jax.grad(log_p)(flat, 3)
-    g_ref = jax.grad(lambda lg: meta.policy_distribution(lg, valid)[0][0, 3])(flat)
+    g_ref = jax.grad(lambda lg: meta_weights.policy_distribution(lg, valid)[0][0, 3])(flat)
     np.testing.assert_allclose(g, g_ref, atol=1e-7)
 
 
@@ -787,7 +789,7 @@ def test_contrastive_outer_loss_is_own_minus_contrast():
         float(metrics["outer_own"]) - float(metrics["outer_contrast"]),
         rtol=1e-6,
     )
-    objective = meta.make_meta_objective(setup)
+    objective = meta_step.make_meta_objective(setup)
     batches = {"inner": inner, "outer": outer, **extra}
     evaluated = objective(phi, theta, batches, jax.random.key(0), 0)
     assert np.isfinite(float(evaluated["outer_loss"]))

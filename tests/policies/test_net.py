@@ -10,7 +10,7 @@ import pytest
 
 from meta_mask.config import MetaConfig, ModelConfig, tiny_model_config
 from meta_mask.model.bart import Bart, init_params
-from meta_mask.policies import meta
+from meta_mask.policies import meta_step, meta_weights
 from meta_mask.policies import net as netlib
 from meta_mask.policies.heuristic import collate
 from meta_mask.policies.sampler import BatchRng, mask_batch_np, sample_mask_jax, sample_mask_np
@@ -78,7 +78,7 @@ def _grad_of_softmax_objective(net, params, batch):
 
     def objective(p):
         logits = net.apply({"params": p}, jnp.asarray(batch["input_ids"]), valid)
-        log_q, _ = meta.policy_distribution(logits, valid)
+        log_q, _ = meta_weights.policy_distribution(logits, valid)
         return jnp.sum(jnp.where(valid, target * log_q, 0.0))
 
     return jax.jit(jax.grad(objective))(params)
@@ -112,7 +112,7 @@ def test_lm_embeddings_copied_and_frozen(batch):
     grads = _grad_of_softmax_objective(net, params, batch)
     assert float(jnp.abs(grads["embed"]).max()) == 0.0
     assert float(jnp.abs(grads["embed_proj"]["kernel"]).max()) > 0
-    tx = meta.make_policy_optimizer(cfg)
+    tx = meta_step.make_policy_optimizer(cfg)
 
     @jax.jit
     def two_updates(params, grads):

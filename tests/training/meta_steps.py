@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from meta_mask.config import MeshConfig, MetaConfig
 from meta_mask.model.bart import Bart
-from meta_mask.policies import meta, meta_train
+from meta_mask.policies import meta, meta_step, meta_train, unroll
 from meta_mask.policies import net as netlib
 from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training import distributed, sharding
@@ -77,7 +77,7 @@ def batches(step: int) -> dict:
 
 def meta_gradient(setup: meta.MetaSetup, phi, theta, placed: dict, rng: jax.Array, step: int):
     """The gradient the meta step takes at `step` (its noise, its batches)."""
-    noise = meta.batch_noise(rng, step, placed)
+    noise = meta_step.batch_noise(rng, step, placed)
     inner = {k: v for k, v in placed["inner"].items() if k != "example_ids"}
     grads, _, _ = meta.meta_gradient(
         phi, theta, inner, placed["outer"], noise, setup, contrast=placed.get("contrast")
@@ -93,17 +93,19 @@ def run(mesh: jax.sharding.Mesh, fsdp: bool = False) -> dict[str, np.ndarray]:
         pad_id=SPECIAL.pad,
     )  # fmt: skip
     phi = netlib.init_policy_params(pnet, jax.random.key(1), length=L)
-    setup = meta.MetaSetup(CFG, meta.policy_fn_from_net(pnet), meta.bart_lm_loss(Bart(LM)), SPECIAL)
+    setup = meta.MetaSetup(
+        CFG, meta.policy_fn_from_net(pnet), unroll.bart_lm_loss(Bart(LM)), SPECIAL
+    )
     theta = host_params(LM, 2)
     theta_sharding = sharding.param_shardings(theta, mesh, min_size=MIN_SIZE if fsdp else 2**62)
     theta = sharding.place(theta, theta_sharding)
-    step = meta.make_meta_step(setup, mesh=mesh, theta_sharding=theta_sharding)
-    state = meta.create_meta_state(phi, CFG)
+    step = meta_step.make_meta_step(setup, mesh=mesh, theta_sharding=theta_sharding)
+    state = meta_step.create_meta_state(phi, CFG)
     repl = sharding.replicated(mesh)
     out: dict[str, np.ndarray] = {}
     # The meta-gradient itself at the first step (Adam's first updates are ~sign(gradient):
     # the parameters after them are ill-conditioned where a gradient is at rounding level).
-    first = meta.shard_meta_batches(meta_train.host_rows(batches(0)), mesh)
+    first = meta_step.shard_meta_batches(meta_train.host_rows(batches(0)), mesh)
     grad_fn = jax.jit(lambda p, th, b: meta_gradient(setup, p, th, b, jax.random.key(3), 0))
     phi_placed = sharding.place(phi, jax.tree.map(lambda _: repl, phi))
     # Compile both programs before running either, then meet: on a loaded machine one process
@@ -117,7 +119,7 @@ def run(mesh: jax.sharding.Mesh, fsdp: bool = False) -> dict[str, np.ndarray]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
         out["grad" + jax.tree_util.keystr(path)] = np.asarray(leaf)
     for s in range(STEPS):
-        placed = meta.shard_meta_batches(meta_train.host_rows(batches(s)), mesh)
+        placed = meta_step.shard_meta_batches(meta_train.host_rows(batches(s)), mesh)
         state, metrics = step(state, theta, placed, jax.random.key(3))
         for name, value in metrics.items():
             out[f"{name}/{s}"] = np.asarray(value)

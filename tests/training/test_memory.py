@@ -167,7 +167,7 @@ META_CASES = {  # inner optimizer -> (K, remat_segment) compiled; the first is t
 def _meta_peak(k: int, segment: int, opt: str) -> tuple[int, memory.Estimate]:
     """XLA's peak bytes (temp + arguments + outputs - donated) of the compiled, donated meta
     step on META_LM (8 contexts of 48 tokens; 8 questions 24 -> 12), and the estimate."""
-    from meta_mask.policies import meta
+    from meta_mask.policies import meta, meta_step, unroll
     from meta_mask.policies import net as netlib
     from meta_mask.special_tokens import SpecialTokens
 
@@ -188,9 +188,9 @@ def _meta_peak(k: int, segment: int, opt: str) -> tuple[int, memory.Estimate]:
     phi = jax.eval_shape(lambda: netlib.init_policy_params(pnet, jax.random.key(1), length=length))
     theta = jax.eval_shape(lambda: bart.init_params(META_LM, jax.random.key(0)))
     setup = meta.MetaSetup(
-        cfg, meta.policy_fn_from_net(pnet), meta.bart_lm_loss(bart.Bart(META_LM)), special
+        cfg, meta.policy_fn_from_net(pnet), unroll.bart_lm_loss(bart.Bart(META_LM)), special
     )
-    state = jax.eval_shape(lambda p: meta.create_meta_state(p, cfg), phi)
+    state = jax.eval_shape(lambda p: meta_step.create_meta_state(p, cfg), phi)
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     batches = {
         "inner": {
@@ -206,7 +206,7 @@ def _meta_peak(k: int, segment: int, opt: str) -> tuple[int, memory.Estimate]:
         },
     }
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    compiled = meta.make_meta_step(setup).lower(state, theta, batches, rng).compile()
+    compiled = meta_step.make_meta_step(setup).lower(state, theta, batches, rng).compile()
     a = compiled.memory_analysis()
     peak = (
         a.temp_size_in_bytes
