@@ -567,6 +567,12 @@ class MetaConfig:
         "world, NER spans on real text; other words alone), logits mean-pooled over a unit.",
         choices=POLICY_UNITS,
     )
+    policy_repeat_buckets: int = option(
+        0,
+        "Policy network: > 0 adds a learned vector for how often each token recurs in its "
+        "context (0, 1, ..., buckets - 1 other occurrences), so the net can tell the entity a "
+        "passage is about from one-off mentions; 0: none.",
+    )
     use_lm_embeddings: bool = option(
         True, "Policy network: initialize its token table from the LM's shared embedding."
     )
@@ -594,6 +600,10 @@ class MetaConfig:
             raise ValueError(f"MetaConfig.mask_rate={self.mask_rate!r} must lie in [0, 1]")
         if self.remat_segment < 0:
             raise ValueError(f"MetaConfig.remat_segment={self.remat_segment} must be >= 0")
+        if self.policy_repeat_buckets < 0:
+            raise ValueError(
+                f"MetaConfig.policy_repeat_buckets={self.policy_repeat_buckets} must be >= 0"
+            )
         if self.remat_segment and not self.remat:
             raise ValueError(
                 f"MetaConfig.remat_segment={self.remat_segment} needs remat=True (it nests the "

@@ -28,7 +28,7 @@ from meta_mask.training.loop import Learner, LoopOptions
 
 NET_FIELDS = (
     "vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "max_length", "embed_dim",
-    "freeze_embeddings", "pad_id",
+    "freeze_embeddings", "repeat_buckets", "pad_id",
 )  # fmt: skip
 
 

@@ -104,6 +104,7 @@ class PolicyNet(nn.Module):
     max_length: int = 1024
     embed_dim: int = 0
     freeze_embeddings: bool = False
+    repeat_buckets: int = 0
 
     @nn.compact
     def __call__(self, input_ids: Array, valid: Array, unit_ids: Array | None = None) -> Array:
@@ -129,6 +130,8 @@ class PolicyNet(nn.Module):
         x = x + positions[None, :length].astype(x.dtype)
         # Every real token (specials included: they mark sentence boundaries) is attended to.
         attend = input_ids != self.pad_id
+        if self.repeat_buckets:
+            x = x + self._repeat_embedding(input_ids, valid)
         attn_mask = nn.make_attention_mask(attend, attend)
         for i in range(self.num_layers):
             x = _EncoderLayer(self.d_model, self.num_heads, self.ffn_dim, name=f"layers_{i}")(
@@ -141,6 +144,26 @@ class PolicyNet(nn.Module):
         if unit_ids is not None:
             logits = pool_over_units(logits, jnp.where(valid, unit_ids, -1))
         return jnp.where(valid, logits, -jnp.inf)
+
+    def _repeat_embedding(self, input_ids: Array, valid: Array) -> Array:
+        """A learned vector per `repeat_counts` bucket (repeat_buckets > 0): the net sees how
+        often a token recurs in its context, whatever the token."""
+        table = self.param(
+            "repeats",
+            nn.initializers.normal(EMBED_INIT_STD),
+            (self.repeat_buckets, self.d_model),
+        )
+        return jnp.take(table, repeat_counts(input_ids, valid, self.repeat_buckets), axis=0)
+
+
+def repeat_counts(input_ids: Array, valid: Array, buckets: int) -> Array:
+    """int32 [B, L]: how many OTHER valid tokens of the same example have this token's id, capped
+    at buckets - 1 (0 off valid). The topic entity of a document (the person a biography is
+    about) recurs, a one-off mention does not; token identity alone cannot tell them apart in
+    a context the policy has not seen."""
+    same = (input_ids[:, :, None] == input_ids[:, None, :]) & valid[:, None, :] & valid[:, :, None]
+    others = jnp.sum(same, axis=-1) - valid.astype(jnp.int32)
+    return jnp.minimum(others, buckets - 1).astype(jnp.int32)
 
 
 def policy_net_from_config(
@@ -156,6 +179,7 @@ def policy_net_from_config(
         max_length=cfg.policy_max_length,
         embed_dim=lm_d_model if cfg.use_lm_embeddings else 0,
         freeze_embeddings=cfg.freeze_embeddings,
+        repeat_buckets=cfg.policy_repeat_buckets,
         pad_id=pad_id,
     )
 

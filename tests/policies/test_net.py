@@ -84,8 +84,9 @@ def _grad_of_softmax_objective(net, params, batch):
     return jax.jit(jax.grad(objective))(params)
 
 
-def test_every_parameter_gets_gradient(batch):
-    net = small_net()
+@pytest.mark.parametrize("repeat_buckets", [0, 4])
+def test_every_parameter_gets_gradient(batch, repeat_buckets):
+    net = small_net(repeat_buckets=repeat_buckets)
     params = netlib.init_policy_params(net, jax.random.key(2))
     grads = _grad_of_softmax_objective(net, params, batch)
     zero = [
@@ -94,6 +95,36 @@ def test_every_parameter_gets_gradient(batch):
         if not float(jnp.abs(g).max()) > 0
     ]
     assert not zero, f"parameters without gradient: {zero}"
+
+
+def test_repeat_counts_count_other_occurrences_in_the_same_example():
+    ids = jnp.asarray([[0, 7, 8, 7, 9, 7, 2, 1], [0, 7, 5, 5, 2, 1, 1, 1]])
+    valid = jnp.asarray([[0, 1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(
+        netlib.repeat_counts(ids, valid, buckets=8),
+        [[0, 2, 0, 2, 0, 2, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0]],
+    )
+    # Capped at buckets - 1; token 7 of row 1 does not count row 0's occurrences.
+    np.testing.assert_array_equal(
+        netlib.repeat_counts(ids, valid, buckets=2)[0], [0, 1, 0, 1, 0, 1, 0, 0]
+    )
+
+
+def test_repeat_buckets_add_one_vector_per_count_to_the_input(batch):
+    """The feature is only an addition to the token's input vector: with its table at zero the
+    net computes exactly what the net without it computes from the same other parameters; a
+    nonzero table changes the logits of rows with recurring tokens."""
+    plain = small_net()
+    params = netlib.init_policy_params(plain, jax.random.key(5))
+    net = small_net(repeat_buckets=4)
+    table = netlib.init_policy_params(net, jax.random.key(6))["repeats"]
+    assert table.shape == (4, 16)
+    zero = {**params, "repeats": jnp.zeros_like(table)}
+    np.testing.assert_array_equal(apply(net, zero, batch), apply(plain, params, batch))
+    counts = netlib.repeat_counts(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["valid"]), 4)
+    assert int(counts.max()) > 0
+    changed = apply(net, {**params, "repeats": table}, batch) != apply(plain, params, batch)
+    assert bool(jnp.any(changed))
 
 
 def test_lm_embeddings_copied_and_frozen(batch):
