@@ -677,6 +677,12 @@ class SupervisedConfig:
         "(e.g. the person asked about).",
         choices=SUPERVISED_TARGETS,
     )
+    merge_contexts: bool = option(
+        False,
+        "One training example per context text, labelled with the targets of every question "
+        "about it (else one per question: a context asked two questions labels each answer in "
+        "one example and counts it as a negative in the other).",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

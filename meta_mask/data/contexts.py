@@ -314,6 +314,7 @@ def policy_triples(
     sentence_level: bool = True,
     ner_labels: Sequence[str] | None = None,
     question_entities: bool = False,
+    merge_contexts: bool = False,
     **corpus_kw: Any,
 ) -> list[dict[str, Any]]:
     """All triples for a task's examples: from their contexts, then from corpus sentences.
@@ -324,7 +325,8 @@ def policy_triples(
     without gold entities get spaCy's named entities of those labels (and dates): the entity
     units of a learned policy on real text are the spans salient-span masking uses. With
     `question_entities`, the entities the question names join the answer spans
-    (`add_question_entities`).
+    (`add_question_entities`). With `merge_contexts`, the triples of one text become one
+    (`merge_by_text`).
     """
     triples = list(context_triples(examples, sentence_level=sentence_level))
     if corpus_sentences is not None:
@@ -337,6 +339,8 @@ def policy_triples(
         _add_ner_entities(triples, ner_labels)
     if question_entities:
         triples = [add_question_entities(t) for t in triples]
+    if merge_contexts:
+        triples = merge_by_text(triples)
     if tokenizer is not None:
         triples = add_token_spans(triples, tokenizer, max_length=max_length)
     return triples
@@ -354,6 +358,22 @@ def add_question_entities(triple: dict[str, Any]) -> dict[str, Any]:
     if not named:
         return triple
     return triple | {"answer_spans": merge_spans([*triple["answer_spans"], *named])}
+
+
+def merge_by_text(triples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One triple per distinct text (in first-seen order): the first triple's fields, with the
+    union of the answer spans and answers of every triple of that text. A context asked about
+    twice then labels both answers in one example, instead of labelling each answer in one
+    example and calling it a negative in the other."""
+    merged: dict[str, dict[str, Any]] = {}
+    for t in triples:
+        first = merged.get(t["text"])
+        if first is None:
+            merged[t["text"]] = {**t, "answers": list(t["answers"])}
+            continue
+        first["answer_spans"] = merge_spans([*first["answer_spans"], *t["answer_spans"]])
+        first["answers"] += [a for a in t["answers"] if a not in first["answers"]]
+    return list(merged.values())
 
 
 def _add_ner_entities(triples: list[dict[str, Any]], labels: Sequence[str]) -> None:

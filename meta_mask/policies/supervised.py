@@ -488,7 +488,8 @@ def supervised_triples(
     unless cfg.sentence_level is False, plus corpus sentences that mention an answer when
     `corpus_sentences` is given), tokenized to cfg.max_length; `ner_labels`: NER entities for
     triples without gold ones (entity units); cfg.targets: whether the question's entities are
-    labelled too."""
+    labelled too; cfg.merge_contexts: one triple per text, labelled with every question's
+    targets."""
     return policy_triples(
         examples,
         corpus_sentences=corpus_sentences,
@@ -497,5 +498,6 @@ def supervised_triples(
         sentence_level=cfg.sentence_level,
         ner_labels=ner_labels,
         question_entities=cfg.targets == "answers_and_question_entities",
+        merge_contexts=cfg.merge_contexts,
         **corpus_kw,
     )

@@ -299,3 +299,21 @@ def test_question_entities_join_the_answer_spans_only_when_asked_for():
         "London",
         "Ada Lovelace",
     ]
+
+
+def test_merge_contexts_labels_every_question_about_a_text_in_one_triple():
+    text = "Ada Lovelace was born in London. Ada Lovelace works for Acme."
+    other = "Alan Turing works for Bletchley."
+    examples = [
+        ex("Where was Ada Lovelace born?", "London", contexts=[{"text": text}], id_="1"),
+        ex("Who employs Ada Lovelace?", "Acme", contexts=[{"text": text}], id_="2"),
+        ex("Who employs Alan Turing?", "Bletchley", contexts=[{"text": other}], id_="3"),
+    ]
+    separate = policy_triples(examples, sentence_level=False)
+    # One triple per question: London is a target in the first and a negative in the second.
+    assert [t["answer_spans"] for t in separate] == [[(25, 31)], [(56, 60)], [(22, 31)]]
+    merged = policy_triples(examples, sentence_level=False, merge_contexts=True)
+    assert [t["text"] for t in merged] == [text, other]
+    assert merged[0]["answer_spans"] == [(25, 31), (56, 60)]
+    assert merged[0]["answers"] == ["London", "Acme"]
+    assert merged[0]["example_id"] == "1" and merged[1] == separate[2]
