@@ -88,19 +88,26 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, capsys):
     assert steps and max(steps) < bad_step
 
 
-@pytest.mark.parametrize("policy", ["supervised", "meta"])
-def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy):
+# The supervised case also runs the options a world study uses: a policy net that sees how often
+# a token recurs (saved with the policy, so the transferred run rebuilds the same net) and
+# one training example per context.
+SUPERVISED_OPTIONS = ("--meta.policy_repeat_buckets=4", "--supervised.merge_contexts=true")
+
+
+@pytest.mark.parametrize("policy, options", [("supervised", SUPERVISED_OPTIONS), ("meta", ())])
+def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy, options):
     from meta_mask import pipeline
     from meta_mask.errors import UserError
     from meta_mask.policies import learned
     from meta_mask.training.checkpoint import load_params
 
-    cfg = parse_config([*TINY, *LEARNED, f"--policy.name={policy}"])
+    cfg = parse_config([*TINY, *LEARNED, f"--policy.name={policy}", *options])
     source = tmp_path / "source"
     pipeline.run(cfg, source)
     folder = source / "learn_policy"
     spec = json.loads((folder / "policy.json").read_text())
     assert spec["policy"] == policy and spec["task"] == "world_qa"
+    assert spec["net"]["repeat_buckets"] == (4 if options else 0)
     history = json.loads((folder / "history.json").read_text())
     assert history["evals"], "the policy was never evaluated on dev"
     assert (source / "intermediate" / "masks.html").exists()
