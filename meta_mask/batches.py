@@ -53,7 +53,8 @@ class PolicyBatch(TypedDict):
 class TripleBatch(PolicyBatch):
     """A PolicyBatch of (context sentence, answer) triples: supervised.collate_triples."""
 
-    labels: np.ndarray  # int32 [B, L]: 1 on maskable answer tokens, 0 elsewhere
+    labels: np.ndarray  # int32 [B, L]: 1 on maskable target tokens, 0 elsewhere
+    label_kinds: np.ndarray  # int32 [B, L]: 1 answer, 2 question entity, 0 elsewhere
     rows: NotRequired[int]  # supervised.eval_batches: the real rows (the rest is filler)
 
 
@@ -70,7 +71,7 @@ class MaskableBatch(TypedDict):
 class PolicyTrainBatch(MaskableBatch):
     """A supervised policy's training batch (supervised.make_policy_batches), [B, L]."""
 
-    labels: Array  # float32 [B, L]: 1.0 on maskable answer tokens
+    labels: Array  # float32 [B, L]: 1.0 on maskable target tokens (span objective: the mass)
 
 
 class Seq2SeqBatch(TypedDict):

@@ -677,6 +677,12 @@ class SupervisedConfig:
         "(e.g. the person asked about).",
         choices=SUPERVISED_TARGETS,
     )
+    balance_targets: bool = option(
+        False,
+        "span objective with answers_and_question_entities: half of each example's target "
+        "distribution on the answer tokens, half on the question's entities (else uniform over "
+        "all target tokens, so an entity mentioned seven times outweighs the answer).",
+    )
     merge_contexts: bool = option(
         False,
         "One training example per context text, labelled with the targets of every question "
@@ -692,6 +698,14 @@ class SupervisedConfig:
         for name in ("patience", "max_triples", "max_dev_triples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SupervisedConfig.{name}={getattr(self, name)} must be >= 0")
+        if self.balance_targets and (
+            self.objective != "span" or self.targets != "answers_and_question_entities"
+        ):
+            raise ValueError(
+                "SupervisedConfig.balance_targets needs objective='span' and "
+                "targets='answers_and_question_entities' (it splits the span objective's target "
+                "distribution between the answers and the question's entities)"
+            )
 
 
 STAGES = ("generic", "learn_policy", "intermediate", "finetune", "evaluate")

@@ -255,14 +255,18 @@ def add_token_spans(
     Uses `meta_mask.data.tokenize.tokenize_sentences` (the answers passed as entities), so the
     ids are exactly those of the tokenized corpus. Triples whose answers are all cut off by
     `max_length` are dropped (logged). Adds "input_ids", "word_ids", "answer_token_spans"
-    int32 [K, 2] and "answer_labels" int32 [L] (1 on tokens inside an answer span); a triple
+    int32 [K, 2] and "answer_labels" int32 [L] (1 on tokens inside an answer span, 2 inside one
+    of the triple's "question_entity_spans", 0 elsewhere); a triple
     with gold "entities" (char spans) also gets their token spans as "entity_spans" int32
     [E, 2], with "entity_labels" and "entity_types" (what policies.heuristic.collate reads).
     """
     from meta_mask.data.tokenize import tokenize_sentences  # another helper's module
 
     def entities(t: Mapping[str, Any]) -> list[tuple]:
-        answers = [(s, e, "ANSWER", "") for s, e in t["answer_spans"]]
+        named = {tuple(span) for span in t.get("question_entity_spans", ())}
+        answers = [
+            (s, e, "ANSWER", "question" if (s, e) in named else "") for s, e in t["answer_spans"]
+        ]
         gold = [
             (s, e, label, kind[0] if kind else "") for s, e, label, *kind in t.get("entities", ())
         ]
@@ -279,8 +283,10 @@ def add_token_spans(
             dropped += 1
             continue
         labels = np.zeros(len(tok["input_ids"]), np.int32)
-        for s, e in spans:
-            labels[s:e] = 1
+        attributes = tok.get("entity_attributes") or [""] * len(is_answer)
+        target_kinds = [a for a, answer in zip(attributes, is_answer, strict=True) if answer]
+        for (s, e), kind in zip(spans, target_kinds, strict=True):
+            labels[s:e] = 2 if kind == "question" else 1
         extra = {}
         if triple.get("entities"):
             keep = np.flatnonzero(~is_answer)
@@ -348,7 +354,8 @@ def policy_triples(
 
 def add_question_entities(triple: dict[str, Any]) -> dict[str, Any]:
     """The triple with every entity of its text that its question names (the same words, up to
-    case) added to its answer spans: the context's mentions of what the question is about."""
+    case) added to its answer spans: the context's mentions of what the question is about.
+    They are also listed as "question_entity_spans" (add_token_spans labels their tokens 2)."""
     text, question = triple["text"], triple["question"]
     named = [
         (s, e)
@@ -357,7 +364,10 @@ def add_question_entities(triple: dict[str, Any]) -> dict[str, Any]:
     ]
     if not named:
         return triple
-    return triple | {"answer_spans": merge_spans([*triple["answer_spans"], *named])}
+    return triple | {
+        "answer_spans": merge_spans([*triple["answer_spans"], *named]),
+        "question_entity_spans": named,
+    }
 
 
 def merge_by_text(triples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -373,6 +383,9 @@ def merge_by_text(triples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         first["answer_spans"] = merge_spans([*first["answer_spans"], *t["answer_spans"]])
         first["answers"] += [a for a in t["answers"] if a not in first["answers"]]
+        named = [*first.get("question_entity_spans", ()), *t.get("question_entity_spans", ())]
+        if named:
+            first["question_entity_spans"] = merge_spans(named)
     return list(merged.values())
 
 

@@ -11,10 +11,12 @@ Objectives (SupervisedConfig.objective), both over the maskable (`valid`) tokens
   tokens weighted by `pos_weight` (answers are rare: auto = n_negative / n_positive), averaged
   over the valid tokens of the batch.
 - "span": per sentence, the cross-entropy between the uniform distribution over its answer
-  tokens and q = softmax of the logits over its valid tokens, averaged over sentences. q is the
-  distribution the sampler's Gumbel-top-k draws from (and the meta-learned policy's), so this
-  trains exactly the quantity that decides the masks. With word units a k-token word appears k
-  times in the softmax (its mass counts k-fold); the ranking of units is what matters.
+  tokens (with `balance_targets`: half on the answers, half on the question's entities,
+  `target_mass`) and q = softmax of the logits over its valid tokens, averaged over sentences.
+  q is the distribution the sampler's Gumbel-top-k draws from (and the meta-learned policy's),
+  so this trains exactly the quantity that decides the masks. With word units a k-token word
+  appears k times in the softmax (its mass counts k-fold); the ranking of units is what
+  matters.
 
 Dev metric, `span_f1`: for each dev sentence the policy's mask is the shared sampler's output
 (`sample_mask_np`) on the scorer's scores and units under the eval budget (mask_rate r: the
@@ -94,14 +96,33 @@ def collate_triples(
     special: SpecialTokens,
     example_ids: Sequence[int] | None = None,
 ) -> TripleBatch:
-    """`heuristic.collate` of the triples plus their answer "labels" (batches.TripleBatch)."""
+    """`heuristic.collate` of the triples plus their target "labels" (1 on every target token)
+    and "label_kinds" (1 answer, 2 question entity): batches.TripleBatch."""
     batch = collate(triples, length, special=special, example_ids=example_ids)
     labels = np.zeros(batch["input_ids"].shape, np.int32)
     for i, t in enumerate(triples):
         lab = np.asarray(t["answer_labels"], np.int32)
         labels[i, : len(lab)] = lab
-    batch["labels"] = ((labels > 0) & batch["valid"]).astype(np.int32)
+    batch["label_kinds"] = np.where(batch["valid"], labels, 0).astype(np.int32)
+    batch["labels"] = (batch["label_kinds"] > 0).astype(np.int32)
     return batch
+
+
+def target_mass(batch: TripleBatch, *, balance: bool) -> np.ndarray:
+    """float32 [B, L]: the span objective's target distribution per row (uniform over the row's
+    target tokens), or with `balance` half on the answer tokens and half on the question-entity
+    tokens (all on one kind when the row has only that kind): the answer and the entity the
+    question is about weigh the same, however often the entity is mentioned."""
+    kinds = batch["label_kinds"]
+    if not balance:
+        return batch["labels"].astype(np.float32)
+    mass = np.zeros(kinds.shape, np.float32)
+    for kind in (1, 2):
+        on = kinds == kind
+        count = on.sum(axis=1, keepdims=True)
+        mass += np.where(on, 1.0 / np.maximum(count, 1), 0.0).astype(np.float32)
+    both = np.all([(kinds == k).any(axis=1) for k in (1, 2)], axis=0)
+    return np.where(both[:, None], mass / 2, mass).astype(np.float32)
 
 
 def step_indices(n: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
@@ -128,10 +149,11 @@ def make_policy_batches(
     start_step: int = 0,
     num_steps: int | None = None,
     units: str = "token",
+    balance: bool = False,
 ) -> Iterator[PolicyTrainBatch]:
     """Fixed-shape training batches (batches.PolicyTrainBatch) for steps start_step,
-    start_step + 1, ..., with "unit_ids" (heuristic.policy_units) unless units == "token". Order:
-    `step_indices`."""
+    start_step + 1, ..., with "unit_ids" (heuristic.policy_units) unless units == "token" and
+    "labels" = `target_mass` (balance). Order: `step_indices`."""
     step = start_step
     while num_steps is None or step < start_step + num_steps:
         idx = step_indices(len(triples), batch_size, seed=seed, step=step)
@@ -139,7 +161,7 @@ def make_policy_batches(
         batch = {
             "input_ids": host["input_ids"],
             "valid": host["valid"],
-            "labels": host["labels"].astype(np.float32),
+            "labels": target_mass(host, balance=balance),
         }
         unit_ids = policy_units(host, units)
         if unit_ids is not None:
@@ -379,7 +401,7 @@ def _dev_evaluator(
         {
             "input_ids": b["input_ids"],
             "valid": b["valid"],
-            "labels": b["labels"].astype(np.float32),
+            "labels": target_mass(b, balance=cfg.balance_targets),
             **({"unit_ids": policy_units(b, cfg.units)} if cfg.units != "token" else {}),
         }
         for b in dev_batches
@@ -439,7 +461,7 @@ def supervised_learner(
         return next(
             make_policy_batches(
                 train, cfg.max_length, cfg.batch_size, seed=seed, start_step=step,
-                num_steps=1, units=cfg.units, special=special,
+                num_steps=1, units=cfg.units, special=special, balance=cfg.balance_targets,
             )
         )  # fmt: skip
 

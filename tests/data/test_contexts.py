@@ -317,3 +317,29 @@ def test_merge_contexts_labels_every_question_about_a_text_in_one_triple():
     assert merged[0]["answer_spans"] == [(25, 31), (56, 60)]
     assert merged[0]["answers"] == ["London", "Acme"]
     assert merged[0]["example_id"] == "1" and merged[1] == separate[2]
+
+
+def test_question_entity_tokens_are_labelled_2_and_survive_merging():
+    text = "Ada Lovelace was born in London. Ada Lovelace works for Acme."
+    entities = [(0, 12, "PERSON", "name"), (33, 45, "PERSON", "name")]
+    context = [{"text": text, "entities": entities}]
+    examples = [
+        ex("Where was Ada Lovelace born?", "London", contexts=context, id_="1"),
+        ex("Who employs Ada Lovelace?", "Acme", contexts=context, id_="2"),
+    ]
+    tokenizer = word_tokenizer([text])
+    merged = policy_triples(
+        examples,
+        tokenizer=tokenizer,
+        sentence_level=False,
+        question_entities=True,
+        merge_contexts=True,
+    )
+    assert len(merged) == 1 and merged[0]["question_entity_spans"] == [(0, 12), (33, 45)]
+    words = tokenizer.convert_ids_to_tokens(merged[0]["input_ids"].tolist())
+    kinds = dict(zip(words, merged[0]["answer_labels"].tolist(), strict=False))
+    assert (kinds["Ada"], kinds["Lovelace"], kinds["London"], kinds["Acme"]) == (2, 2, 1, 1)
+    assert kinds["born"] == kinds["works"] == 0
+    # Without question entities every target is an answer (label 1), as before.
+    plain = policy_triples(examples, tokenizer=tokenizer, sentence_level=False)
+    assert {int(x) for t in plain for x in t["answer_labels"]} == {0, 1}

@@ -202,6 +202,27 @@ def test_losses_match_hand_formulas():
         assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[~valid] == 0)
 
 
+def test_target_mass_uniform_or_balanced_between_answers_and_question_entities():
+    kinds = np.asarray(
+        [[0, 2, 2, 2, 2, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]], np.int32
+    )
+    batch = {"label_kinds": kinds, "labels": (kinds > 0).astype(np.int32)}
+    np.testing.assert_array_equal(sup.target_mass(batch, balance=False), kinds > 0)
+    mass = sup.target_mass(batch, balance=True)
+    np.testing.assert_allclose(mass[0], [0, 1 / 8, 1 / 8, 1 / 8, 1 / 8, 1 / 4, 1 / 4, 0])
+    np.testing.assert_allclose(mass[1], [0, 1 / 2, 1 / 2, 0, 0, 0, 0, 0])  # answers only
+    np.testing.assert_array_equal(mass[2], 0)
+    # The span objective reads the mass as its target distribution: on row 0 a policy that
+    # puts q = mass scores lower than one uniform over the six targets.
+    valid = jnp.asarray(kinds >= 0) & jnp.asarray(np.arange(8) > 0) & jnp.asarray(np.arange(8) < 7)
+    on_mass = jnp.log(jnp.asarray(np.where(mass > 0, mass, 1e-9)))
+    uniform = jnp.log(jnp.asarray(np.where(kinds > 0, 1 / 6, 1e-9)))
+    labels = jnp.asarray(mass[:1])
+    assert sup.span_softmax_loss(on_mass[:1], labels, valid[:1]) < sup.span_softmax_loss(
+        uniform[:1], labels, valid[:1]
+    )
+
+
 def test_mask_f1_hand_values():
     mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1]], bool)
     gold = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]])
@@ -214,6 +235,11 @@ def test_config_errors_name_the_field_and_choices():
         SupervisedConfig(objective="sigmoid")
     with pytest.raises(ValueError, match="eval_every"):
         SupervisedConfig(eval_every=0)
+    with pytest.raises(ValueError, match="balance_targets needs objective='span'"):
+        SupervisedConfig(balance_targets=True, targets="answers_and_question_entities")
+    SupervisedConfig(
+        balance_targets=True, objective="span", targets="answers_and_question_entities"
+    )
 
 
 # ----------------------------------------------------------------------------- learning
