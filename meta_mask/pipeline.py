@@ -50,7 +50,9 @@ def run(
     if finished is not None:
         log.info("%s is finished; returning its stored results", workdir)
         return finished
-    cache = pathlib.Path(cache_dir) if cache_dir else workdir / "cache"
+    # Absolute: a shared stage's folder under the cache is joined onto the run's folder
+    # (stages.train_stage), which keeps an absolute path as it is and nests a relative one.
+    cache = (pathlib.Path(cache_dir) if cache_dir else workdir / "cache").absolute()
     ctx = build_context(cfg, workdir, cache)
     ctx.examples("train", cfg.data.max_train_examples)  # bad task data fails before any write
     workdir.mkdir(parents=True, exist_ok=True)

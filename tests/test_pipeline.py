@@ -190,3 +190,18 @@ def test_transfer_grid_cells_and_matrix(tmp_path):
     table = report.transfer_table(runs)
     assert "| a | 0.500 | 0.100 |" in table and "| b | 0.200 | 0.600 |" in table
     assert "meta (from a)" in report.results_table(runs)
+
+
+def test_a_relative_cache_dir_is_shared_by_every_run_of_a_seed(tmp_path, monkeypatch):
+    """The README's command uses a relative --workdir (so the sweep's cache is relative too):
+    the generic stage is trained once per seed in <cache>/generic, not once per run inside
+    each run's folder."""
+    from meta_mask import pipeline
+
+    flags = ["--flagfile=experiments/world_quick.flags", "--stages=generic"]
+    configs = {p: parse_config([*flags, f"--policy.name={p}"]) for p in ("none", "random_tokens")}
+    monkeypatch.chdir(tmp_path)
+    for policy, cfg in configs.items():
+        pipeline.run(cfg, f"runs/{policy}", cache_dir="runs/cache")
+    assert len(list((tmp_path / "runs/cache/generic").iterdir())) == 1
+    assert not list(tmp_path.glob("runs/*/runs"))
