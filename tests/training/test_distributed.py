@@ -152,9 +152,6 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert (out / "work/finetune/done.json").exists()
 
 
-# Slow (1-2 minutes on 2 cores: two processes each compile the meta step); the default run
-# checks the same data-parallel meta step on 8 simulated devices (test_scale_out.py).
-@pytest.mark.slow
 def test_two_process_meta_step_matches_one_process(tmp_path):
     """Each host contributes its rows of the meta batches (meta_train.host_rows), theta is
     FSDP-sharded across the two processes: the meta-gradient and metrics match one process."""
