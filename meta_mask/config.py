@@ -509,6 +509,13 @@ class MetaConfig:
         "Credit a masked unit through log min(1, T * its probability): no credit past "
         "'always masked' (else log q: the policy can collapse onto one unit per sentence).",
     )
+    mask_credit: float = option(
+        0.0,
+        "alpha in [0, 1]: each masked token's credit = (1 - alpha) * its own loss's effect on the "
+        "downstream objective + alpha * the mean effect of its context's masked tokens. 0: "
+        "per-token credit (the exact gradient); 1: the score-function estimator of the whole "
+        "mask, which also credits a token with its effect on the other masked tokens' predictions.",
+    )
     select: str = option(
         "dev_objective",
         "Which meta step's policy is kept: the best dev meta-objective (the outer loss on the dev "
@@ -598,6 +605,8 @@ class MetaConfig:
             )
         if not 0.0 <= self.mask_rate <= 1.0:
             raise ValueError(f"MetaConfig.mask_rate={self.mask_rate!r} must lie in [0, 1]")
+        if not 0.0 <= self.mask_credit <= 1.0:
+            raise ValueError(f"MetaConfig.mask_credit={self.mask_credit!r} must lie in [0, 1]")
         if self.remat_segment < 0:
             raise ValueError(f"MetaConfig.remat_segment={self.remat_segment} must be >= 0")
         if self.policy_repeat_buckets < 0:

@@ -8,7 +8,8 @@ each choice, is docs/meta_gradient.md; in short:
   distribution; unit logits mean-pooled); the mask m is drawn from sg(logits) with fixed noise;
   each masked token's loss is weighted by w_i = exp(d_i - mean_{j masked} d_j), d = lp - sg(lp),
   lp = log min(1, T Q_u) (clip_weights; else log q): 1 in value, likelihood-ratio gradient
-  (policies/meta_weights.py).
+  (policies/meta_weights.py); mask_credit > 0 spreads each token's credit over its context's
+  mask (`share_credit`: the whole-mask score function).
 - The inner examples are the intermediate stage's (`corruption`); `label_source` maps w onto
   the labels, so the inner loss equals that stage's loss in value (`mlm_examples`). K optax
   steps (policies/unroll.py: microbatched gradients, optional QA step, remat), then the outer
@@ -39,6 +40,7 @@ from meta_mask.policies.meta_weights import (
     mask_weights,
     policy_regularizers,
     sample_masks,
+    share_credit,
 )
 from meta_mask.policies.unroll import LmLoss, microbatched_losses, normalized, outer_loss, unroll
 from meta_mask.special_tokens import SpecialTokens
@@ -187,7 +189,10 @@ def policy_masks(
     log_p_ref = None
     if reference_phi is not None:
         log_p_ref = log_p(_policy_logits(setup, reference_phi, batch, leading))
-    return logits, masks, mask_weights(log_p(logits), masks, log_p_ref)
+    weights = mask_weights(log_p(logits), masks, log_p_ref)
+    if cfg.mask_credit:
+        weights = share_credit(weights, masks, cfg.mask_credit)
+    return logits, masks, weights
 
 
 def _regularizers(

@@ -5,11 +5,15 @@ over a context's maskable tokens (the sampler's own distribution); masks are dra
 stop_gradient(logits) with fixed noise by the shared sampler (policies/sampler.py); each masked
 token's loss is weighted by w_i = exp(d_i - mean_{j masked} d_j), d = lp - sg(lp),
 lp = `log_inclusion` (log min(1, T Q_u) with clipping, else log q): 1 in value, the
-likelihood-ratio gradient. The regularizers (entropy, budget) are functions of q too.
+likelihood-ratio gradient; `share_credit` optionally spreads the credit a masked token receives
+over its context's mask (the whole-mask score function). The regularizers (entropy, budget) are
+functions of q too.
 docs/meta_gradient.md derives them; policies/meta.py puts them together with the unroll.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -121,3 +125,29 @@ def mask_weights(log_q: Array, mask: Array, log_q_ref: Array | None = None) -> A
     count = jnp.maximum(jnp.sum(mask, axis=(-2, -1), keepdims=True), 1).astype(delta.dtype)
     center = jnp.sum(delta, axis=(-2, -1), keepdims=True) / count
     return jnp.where(mask, jnp.exp(delta - center), 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def share_credit(weights: Array, mask: Array, alpha: float) -> Array:
+    """The identity on the masked tokens' weights [..., L], whose backward pass replaces each
+    masked token's cotangent c_i (its loss's effect on the outer objective, the credit
+    `mask_weights` turns into grad log q_i) by (1 - alpha) c_i + alpha * mean_{j masked in its
+    row} c_j. alpha = 1: every token of a row's mask gets the effect of the whole mask, the
+    first-order score-function estimator of E_m[J(m)] over the row's masks (m also decides what
+    the other masked tokens are predicted from, which per-token credit does not see); alpha = 0:
+    the exact gradient of the weighted objective."""
+    del mask, alpha
+    return weights
+
+
+def _share_credit_fwd(weights: Array, mask: Array, alpha: float) -> tuple[Array, Array]:
+    return weights, mask
+
+
+def _share_credit_bwd(alpha: float, mask: Array, g: Array) -> tuple[Array, None]:
+    m = mask.astype(g.dtype)
+    row = jnp.sum(g * m, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(m, -1, keepdims=True), 1)
+    return jnp.where(mask, (1.0 - alpha) * g + alpha * row, g), None
+
+
+share_credit.defvjp(_share_credit_fwd, _share_credit_bwd)

@@ -528,6 +528,64 @@ def test_first_order_estimator_matches_definition_and_aligns_with_exact():
         assert rel < 0.05, rel
 
 
+def test_share_credit_mixes_each_masked_tokens_cotangent_with_its_rows_mean():
+    mask = jnp.array([[[1, 1, 0, 1], [0, 1, 0, 0]]], bool)  # [K=1, B=2, L=4]
+    credit = jnp.array([[[1.0, 2.0, 7.0, 6.0], [5.0, -4.0, 9.0, 3.0]]])
+    for alpha in (0.0, 0.25, 1.0):
+        w = jnp.where(mask, 1.0, 0.0)
+        g = jax.grad(lambda w, a=alpha: jnp.sum(credit * meta_weights.share_credit(w, mask, a)))(w)
+        row_mean = jnp.array([[[3.0], [-4.0]]])  # (1 + 2 + 6) / 3, -4 / 1
+        want = jnp.where(mask, (1 - alpha) * credit + alpha * row_mean, credit)
+        np.testing.assert_allclose(g, want, rtol=1e-6)
+        np.testing.assert_array_equal(meta_weights.share_credit(w, mask, alpha), w)  # identity
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_mask_credit_is_the_per_token_credit_averaged_over_each_row(alpha):
+    # The definition, literally: c_i = d(first-order objective)/d w_i at w = 1 (a masked
+    # token's own credit), c' = (1 - alpha) c + alpha * (its row's mean c), and the estimator
+    # is d/dphi sum_i sg(c'_i) w_i(phi).
+    with x64():
+        lr = 1e-2
+        cfg = MetaConfig(
+            inner_steps=1,
+            inner_learning_rate=lr,
+            estimator="first_order",
+            entropy_weight=0.0,
+            budget_weight=0.0,
+            mask_rate=0.3,
+            mask_credit=alpha,
+        )
+        setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=7, dtype=jnp.float64)
+        plain = dataclasses.replace(setup, cfg=dataclasses.replace(cfg, mask_credit=0.0))
+        masks = fixed_masks(setup, phi, inner, noise)
+        down_grad = jax.grad(lambda t: unroll.outer_loss(tiny_lm_loss, t, outer))(theta)
+
+        def objective(w):  # -lr <grad_theta L_mlm(theta; w), grad L_down(theta)>
+            def mlm(t):
+                ex = meta.mlm_examples(inner["input_ids"][0], masks[0], w[0], plain)
+                return jnp.sum(ex["weights"] * tiny_lm_loss(t, ex))
+
+            return -lr * tree_dot(jax.grad(mlm)(theta), down_grad)
+
+        @jax.jit
+        def everything(p):
+            got, _, _ = meta.meta_gradient(p, theta, inner, outer, noise, setup)
+            c = jax.grad(objective)(jnp.where(masks, 1.0, 0.0))
+            m = masks.astype(c.dtype)
+            row = jnp.sum(c * m, -1, keepdims=True) / jnp.maximum(jnp.sum(m, -1, keepdims=True), 1)
+            shared = jax.lax.stop_gradient((1 - alpha) * c + alpha * row)
+            weights = lambda q: meta.policy_masks(q, inner, noise, plain, masks=masks, leading=1)[2]
+            want = jax.grad(lambda q: jnp.sum(jnp.where(masks, shared, 0.0) * weights(q)))(p)
+            per_token, _, _ = meta.meta_gradient(p, theta, inner, outer, noise, plain)
+            return got, want, per_token
+
+        got, want, per_token = everything(phi)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12 * tree_norm(want))
+        assert tree_norm(jax.tree.map(jnp.subtract, got, per_token)) > 1e-3 * tree_norm(got)
+
+
 # ----------------------------------------------------------------------------- microbatching
 
 MICRO_B = 4  # inner batch size of the microbatching tests: splits into 2 and 4
