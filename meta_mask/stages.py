@@ -161,6 +161,12 @@ def learn_policy_stage(ctx: RunContext, corpus, theta: Any) -> pathlib.Path:
     )  # fmt: skip
     trained = loop.train(learner, folder, options)
     spec = learned.save_policy(folder, net, trained.state.params, cfg=cfg, units=units)
+    if cfg.policy.name == "meta" and ctx.world is not None:  # gold subjects: world tasks
+        probe = learned.meta_objective_probe(
+            cfg, ctx.model, theta, net, trained.state.params, train, dev,
+            tokenizer=ctx.tokenizer, special=ctx.special,
+        )  # fmt: skip
+        workdir_lib.write_json(folder / "mask_probe.json", probe)
     workdir_lib.write_json(folder / "policy.json", spec)
     workdir_lib.write_json(folder / "history.json", {**learner.metadata, **trained.history()})
     workdir_lib.write_json(folder / "done.json", {"policy": cfg.policy.name})

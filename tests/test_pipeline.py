@@ -110,6 +110,13 @@ def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy, option
     assert spec["net"]["repeat_buckets"] == (4 if options else 0)
     history = json.loads((folder / "history.json").read_text())
     assert history["evals"], "the policy was never evaluated on dev"
+    probe = folder / "mask_probe.json"  # the meta-objective of reference masks (world tasks)
+    assert probe.exists() == (policy == "meta")
+    if policy == "meta":
+        found = json.loads(probe.read_text())
+        assert set(found["objective"]) == set(found["diff"]) >= {"answer", "answer+subject"}
+        assert all(np.isfinite(v) for v in found["objective"].values())
+        assert found["diff"]["answer+other_entities"] == [0.0, 0.0, 0.0]
     assert (source / "intermediate" / "masks.html").exists()
     assert (source / "intermediate" / "masks.png").exists()
     # Transfer: a run on another task uses the policy learned on world_qa, learning nothing.

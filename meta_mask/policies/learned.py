@@ -20,7 +20,7 @@ import numpy as np
 
 from meta_mask.config import LEARNED_POLICIES, Config, MetaConfig
 from meta_mask.errors import UserError
-from meta_mask.policies import meta, meta_train, supervised
+from meta_mask.policies import meta, meta_train, supervised, unroll
 from meta_mask.policies import net as net_lib
 from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training import checkpoint
@@ -111,16 +111,7 @@ def policy_learner(
         tokenizer=tokenizer,
         special=special,
         cfg=cfg.meta,
-        # The inner step writes exactly the examples the intermediate stage will.
-        corrupt=meta.corruption(
-            cfg.policy.output_format,
-            cfg.policy.infill,
-            special,
-            enc_len=cfg.data.mlm_length,
-            dec_len=cfg.data.mlm_length
-            if cfg.policy.output_format == "full_sentence"
-            else cfg.data.mlm_target_length,
-        ),
+        corrupt=_inner_corruption(cfg, special),
         budget=budget,
         seed=cfg.seed,
         length=cfg.data.mlm_length,
@@ -128,6 +119,72 @@ def policy_learner(
         target_length=cfg.data.target_length,
     )
     return learner, options, cfg.meta.policy_units
+
+
+def _inner_corruption(cfg: Config, special: SpecialTokens) -> meta.Corrupt:
+    """The meta inner step's corruption: exactly the examples the intermediate stage writes."""
+    return meta.corruption(
+        cfg.policy.output_format,
+        cfg.policy.infill,
+        special,
+        enc_len=cfg.data.mlm_length,
+        dec_len=cfg.data.mlm_length
+        if cfg.policy.output_format == "full_sentence"
+        else cfg.data.mlm_target_length,
+    )
+
+
+def meta_objective_probe(
+    cfg: Config,
+    model: Any,
+    theta: Any,
+    net: net_lib.PolicyNet,
+    phi: Any,
+    train: Sequence[Any],
+    dev: Sequence[Any],
+    *,
+    tokenizer: Any,
+    special: SpecialTokens,
+    fill: int = 4,
+    max_batches: int = 16,
+) -> dict:
+    """policies/mask_probe.py on the run's dev examples: the meta-objective (the run's meta
+    config at its exploration rate, the LM `theta`) of reference masks made from the answers
+    and the questions' entities, and where the learned policy (`phi`) puts its masks is in the
+    run's diagnostics. Contexts with a subject and an answer only (world tasks)."""
+    from meta_mask.policies import mask_probe
+
+    mcfg = cfg.meta if cfg.meta.mask_rate else dataclasses.replace(
+        cfg.meta, mask_rate=cfg.policy.mask_rate
+    )  # fmt: skip
+    scfg = dataclasses.replace(
+        cfg.supervised, max_length=cfg.data.mlm_length, targets="answers_and_question_entities"
+    )
+    ner = cfg.policy.salient_labels if mcfg.policy_units == "entity" else None
+    train_t, dev_t = (
+        supervised.prepare_triples(
+            supervised.supervised_triples(x, tokenizer, scfg, ner_labels=ner),
+            max_triples=cap,
+            seed=cfg.seed,
+        )
+        for x, cap in ((train, 0), (dev, cfg.supervised.max_dev_triples))
+    )
+    encode = lambda t: meta_train.encode_questions(  # noqa: E731
+        t, tokenizer, special, cfg.data.source_length, cfg.data.target_length
+    )
+    setup = meta.MetaSetup(
+        cfg=mcfg,
+        policy_fn=meta.policy_fn_from_net(net),
+        lm_loss=unroll.bart_lm_loss(model),
+        special=special,
+        corrupt=_inner_corruption(cfg, special),
+    )
+    batches = mask_probe.probe_batches(
+        dev_t, encode(dev_t), mcfg, special=special, seed=cfg.seed, length=cfg.data.mlm_length,
+        fill=fill, max_batches=max_batches,
+        qa_pool=(train_t, encode(train_t)) if mcfg.downstream_steps else None,
+    )  # fmt: skip
+    return {"fill": fill, **mask_probe.probe(setup, phi, theta, batches)}
 
 
 def save_policy(

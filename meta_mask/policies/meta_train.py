@@ -182,7 +182,7 @@ def meta_learner(
     Data parallel over `mesh` (default: every device on the data axis; see the module doc)."""
     cfg = _checked(cfg, budget, train_triples, dev_triples)
     qa, dev_qa = (
-        _encode_questions(t, tokenizer, special, source_length, target_length)
+        encode_questions(t, tokenizer, special, source_length, target_length)
         for t in (train_triples, dev_triples)
     )
     setup = meta.MetaSetup(
@@ -264,7 +264,7 @@ def _replicated_state(phi: Any, cfg: MetaConfig, mesh: Mesh) -> TrainState:
     return sharding.place(state, jax.tree.map(lambda _: replicated, state))
 
 
-def _encode_questions(
+def encode_questions(
     triples: Sequence[Mapping[str, Any]],
     tokenizer: Any,
     special: SpecialTokens,
