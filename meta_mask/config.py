@@ -449,6 +449,27 @@ class GenericConfig:
         default_factory=lambda: PolicyConfig(name="salient_spans", mask_rate=0.3)
     )
     qa: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch_size=32))
+    qa_every: int = option(
+        0,
+        "Mixed training: every this many generic-stage steps, one step is on the generic "
+        "population's questions (a QA batch of generic.train.batch_size, padded to the MLM "
+        "batch's shape) instead of their biographies; 0 = MLM only.",
+    )
+    intermediate_qa_every: int = option(
+        0,
+        "Mixed intermediate stage: every this many intermediate steps, one step is on the "
+        "generic population's questions (intermediate.batch_size rows) instead of the task's "
+        "corpus, the same steps for every policy; 0 = MLM only.",
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("qa_every", "intermediate_qa_every"):
+            every = getattr(self, name)
+            if every < 0 or every == 1:
+                raise ValueError(
+                    f"GenericConfig.{name}={every}: 0 (MLM only) or >= 2 (one QA step in every "
+                    f"{name} steps)"
+                )
 
 
 @dataclass(frozen=True)
@@ -757,6 +778,13 @@ class Config:
             )
         if self.generic.train.eval_every or self.generic.qa.eval_every:
             raise ValueError("generic.*.eval_every: the generic stages train their steps")
+        mixed = self.generic.qa_every or self.generic.intermediate_qa_every
+        if mixed and (self.data.corpus != "world" or not self.world.generic_people):
+            raise ValueError(
+                "generic.qa_every / generic.intermediate_qa_every mix in the synthetic world's "
+                "generic population's questions: they need --data.corpus=world and "
+                "--world.generic_people > 0"
+            )
         if self.intermediate.eval_every or self.intermediate.patience:
             raise ValueError(
                 "intermediate.eval_every / intermediate.patience: dev selection applies to "

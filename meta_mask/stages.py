@@ -93,8 +93,28 @@ def generic_stage(ctx: RunContext) -> Any:
         seed=cfg.seed,
         batch_size=cfg.generic.train.batch_size,
     )
-    folder = ctx.shared_dir("generic", cfg.generic.train, policy)
+    every = cfg.generic.qa_every  # mixed training: the generic population's questions too
+    if every:
+        batches = mixed_batches(batches, _generic_questions(ctx, cfg.generic.train), every, ctx)
+    folder = ctx.shared_dir("generic", cfg.generic.train, policy, *([every] if every else []))
     return train_stage(ctx, folder, ctx.init_params, cfg.generic.train, batches, rng_salt=5)
+
+
+def mixed_batches(mlm, qa, every: int, ctx: RunContext):
+    """Step -> the MLM batch, except that every `every`-th step is a QA batch padded to the MLM
+    batch's shape (one compiled step). Both streams keep their own consecutive order: a pure
+    function of the step."""
+    from meta_mask.data import seq2seq
+
+    shapes: list = []  # the MLM batch's shapes (step 0's), read once
+
+    def batch_for_step(step: int):
+        if (step + 1) % every:
+            return mlm(step - (step + 1) // every)
+        shapes[:] = shapes or [mlm(0)]
+        return seq2seq.pad_batch(qa(step // every), shapes[0], pad=ctx.special.pad)
+
+    return batch_for_step
 
 
 def generic_qa_stage(ctx: RunContext, generic: Any) -> Any:
@@ -105,7 +125,10 @@ def generic_qa_stage(ctx: RunContext, generic: Any) -> Any:
     from meta_mask.evaluation import predict
 
     cfg = ctx.cfg
-    folder = ctx.shared_dir("generic_qa", cfg.generic.train, cfg.generic.policy, cfg.generic.qa)
+    mixed = (cfg.generic.qa_every,) if cfg.generic.qa_every else ()  # the generic LM's recipe
+    folder = ctx.shared_dir(
+        "generic_qa", cfg.generic.train, cfg.generic.policy, cfg.generic.qa, *mixed
+    )
     examples = tasks.load_task(world.GENERIC_QA_TASK, "train", world=ctx.world)
     params = train_stage(
         ctx, folder, generic, cfg.generic.qa, finetune_batches(ctx, examples, cfg.generic.qa),
@@ -192,7 +215,19 @@ def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
     heatmap = ctx.workdir / "intermediate" / "masks.html"
     if is_writer() and not heatmap.exists():
         report.write_mask_examples(heatmap, batches, ctx.tokenizer, cfg.policy)
-    return train_stage(ctx, "intermediate", params, cfg.intermediate, batches, rng_salt=1)
+    every = cfg.generic.intermediate_qa_every
+    steps = mixed_batches(batches, _generic_questions(ctx, cfg.intermediate), every, ctx)
+    return train_stage(
+        ctx, "intermediate", params, cfg.intermediate, steps if every else batches, rng_salt=1
+    )
+
+
+def _generic_questions(ctx: RunContext, stage_cfg):
+    """Step -> a batch of the generic population's questions (stage_cfg.batch_size rows)."""
+    from meta_mask.data import tasks, world
+
+    questions = tasks.load_task(world.GENERIC_QA_TASK, "train", world=ctx.world)
+    return finetune_batches(ctx, questions, stage_cfg)
 
 
 def finetune_batches(ctx: RunContext, examples, stage_cfg):

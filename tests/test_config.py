@@ -99,3 +99,14 @@ def test_sweep_is_not_part_of_a_runs_config():
     assert config_lib.SweepConfig().is_single()
     assert not config_lib.SweepConfig(seeds=(1,)).is_single()
     assert config_lib.SweepConfig().reference == "salient_spans"
+
+
+def test_mixed_training_options_name_their_field_and_need_a_generic_population():
+    from meta_mask.config import Config, GenericConfig, WorldConfig
+
+    for name in ("qa_every", "intermediate_qa_every"):
+        for bad in (-1, 1):
+            with pytest.raises(ValueError, match=f"GenericConfig.{name}={bad}"):
+                GenericConfig(**{name: bad})
+        with pytest.raises(ValueError, match="generic population's questions"):
+            Config(generic=GenericConfig(**{name: 4}), world=WorldConfig(generic_people=0))

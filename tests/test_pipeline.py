@@ -212,3 +212,56 @@ def test_a_relative_cache_dir_is_shared_by_every_run_of_a_seed(tmp_path, monkeyp
         pipeline.run(cfg, f"runs/{policy}", cache_dir="runs/cache")
     assert len(list((tmp_path / "runs/cache/generic").iterdir())) == 1
     assert not list(tmp_path.glob("runs/*/runs"))
+
+
+def test_mixed_generic_stage_alternates_padded_qa_steps_whose_loss_padding_leaves_unchanged(
+    tmp_path, monkeypatch
+):
+    """--generic.qa_every=N: every N-th generic step is a batch of the generic population's
+    questions, padded to the MLM batch's shape (so one compiled step takes both) without
+    changing its loss; the shared folder (and the meta-learning LM's) is another recipe's."""
+    import dataclasses
+
+    import jax
+
+    from meta_mask import pipeline, stages
+    from meta_mask.context import build_context
+    from meta_mask.data import seq2seq, tasks, world
+    from meta_mask.training import steps
+
+    flags = ["--flagfile=experiments/world_quick.flags", "--policy.name=none", "--stages=generic"]
+    cfg = parse_config([*flags, "--generic.qa_every=3"])
+    ctx = build_context(cfg, tmp_path / "run", tmp_path / "cache")
+    with monkeypatch.context() as patch:
+        patch.setattr(seq2seq, "pad_batch", lambda batch, like, pad: batch)
+        mixed = stages.mixed_batches(lambda s: ("mlm", s), lambda s: ("qa", s), 3, ctx)
+        order = [mixed(s) for s in range(7)]
+    assert order == [("mlm", 0), ("mlm", 1), ("qa", 0), ("mlm", 2), ("mlm", 3), ("qa", 1),
+                     ("mlm", 4)]  # fmt: skip
+    # Padding keeps the loss: a real batch of the generic questions, padded longer.
+    questions = tasks.load_task(world.GENERIC_QA_TASK, "train", world=ctx.world)
+    real = stages.finetune_batches(ctx, questions, cfg.generic.train)(0)
+    like = {k: np.zeros((v.shape[0], v.shape[1] + 5), v.dtype) for k, v in real.items()}
+    padded = seq2seq.pad_batch(real, like, pad=ctx.special.pad)
+    assert all(padded[k].shape == like[k].shape for k in real)
+
+    def loss(batch):
+        ce = steps.token_losses(ctx.model, ctx.init_params, batch)
+        return float(jax.numpy.sum(ce * batch["weights"]) / np.sum(batch["weights"]))
+
+    np.testing.assert_allclose(loss(padded), loss(real), rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot pad"):
+        seq2seq.pad_batch(real, {**like, "extra": like["labels"]}, pad=ctx.special.pad)
+    # The mixed recipe trains (one compiled step) into its own shared folder.
+    pipeline.run(cfg, tmp_path / "mixed", cache_dir=tmp_path / "c")
+    plain = dataclasses.replace(cfg, generic=dataclasses.replace(cfg.generic, qa_every=0))
+    pipeline.run(plain, tmp_path / "plain", cache_dir=tmp_path / "c")
+    assert len(list((tmp_path / "c/generic").iterdir())) == 2
+    # The mixed intermediate stage: the same steps, every 2nd on the generic questions.
+    mixed_intermediate = parse_config(
+        ["--flagfile=experiments/world_quick.flags", "--policy.name=salient_spans",
+         "--stages=generic,intermediate", "--generic.intermediate_qa_every=2"]
+    )  # fmt: skip
+    pipeline.run(mixed_intermediate, tmp_path / "inter", cache_dir=tmp_path / "c")
+    done = json.loads((tmp_path / "inter/intermediate/done.json").read_text())
+    assert done["steps"] == mixed_intermediate.intermediate.steps

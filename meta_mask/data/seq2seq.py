@@ -118,6 +118,22 @@ def train_batch(data: EncodedExamples, rows: np.ndarray, *, special: SpecialToke
     }
 
 
+def pad_batch(batch: Seq2SeqBatch, like: Seq2SeqBatch, *, pad: int) -> Seq2SeqBatch:
+    """`batch` padded on the right to the shapes of `like` (same keys and rows; longer
+    sequences): pad tokens (masked out of attention) and weight 0, so its loss is unchanged and
+    one compiled step takes both."""
+    if set(batch) != set(like):
+        raise ValueError(f"cannot pad a batch with keys {sorted(batch)} to {sorted(like)}")
+    out = {}
+    for key, value in batch.items():
+        value, shape = np.asarray(value), np.shape(like[key])
+        if value.shape[0] != shape[0] or value.shape[1] > shape[1]:
+            raise ValueError(f"cannot pad {key} of shape {value.shape} to {shape}")
+        fill = 0 if key == "weights" else pad
+        out[key] = np.pad(value, ((0, 0), (0, shape[1] - value.shape[1])), constant_values=fill)
+    return out  # type: ignore[return-value]
+
+
 def eval_batches(
     data: EncodedExamples, batch_size: int, *, special: SpecialTokens
 ) -> Iterator[tuple[np.ndarray, int]]:
