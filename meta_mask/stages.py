@@ -215,11 +215,10 @@ def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
     heatmap = ctx.workdir / "intermediate" / "masks.html"
     if is_writer() and not heatmap.exists():
         report.write_mask_examples(heatmap, batches, ctx.tokenizer, cfg.policy)
-    every = cfg.generic.intermediate_qa_every
-    steps = mixed_batches(batches, _generic_questions(ctx, cfg.intermediate), every, ctx)
-    return train_stage(
-        ctx, "intermediate", params, cfg.intermediate, steps if every else batches, rng_salt=1
-    )
+    steps, every = batches, cfg.generic.intermediate_qa_every
+    if every:  # mixed: the generic population's questions in every `every`-th step
+        steps = mixed_batches(batches, _generic_questions(ctx, cfg.intermediate), every, ctx)
+    return train_stage(ctx, "intermediate", params, cfg.intermediate, steps, rng_salt=1)
 
 
 def _generic_questions(ctx: RunContext, stage_cfg):

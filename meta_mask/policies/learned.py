@@ -90,17 +90,7 @@ def policy_learner(
         )
     # Token-level (context, question, answer) triples of the task, at the corpus length.
     # (answer spans only: they are the meta policy's diagnostic, never its target)
-    scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length, targets="answers")
-    train_t, dev_t = (
-        supervised.prepare_triples(
-            supervised.supervised_triples(
-                x, tokenizer, scfg, corpus_sentences=corpus_sentences, ner_labels=ner
-            ),
-            max_triples=cap,
-            seed=cfg.seed,
-        )
-        for x, cap in ((train, 0), (dev, cfg.supervised.max_dev_triples))
-    )
+    train_t, dev_t = _meta_triples(cfg, train, dev, tokenizer, "answers", ner, corpus_sentences)
     learner, options = meta_train.meta_learner(
         model,
         theta,
@@ -119,6 +109,31 @@ def policy_learner(
         target_length=cfg.data.target_length,
     )
     return learner, options, cfg.meta.policy_units
+
+
+def _meta_triples(
+    cfg: Config,
+    train: Sequence[Any],
+    dev: Sequence[Any],
+    tokenizer: Any,
+    targets: str,
+    ner: Sequence[str] | None,
+    corpus_sentences: Sequence[str] | None,
+) -> tuple[list, list]:
+    """Token-level (context, question, answer) triples of the train and dev examples at the
+    corpus length, labelled with `targets` (dev capped at --supervised.max_dev_triples)."""
+    scfg = dataclasses.replace(cfg.supervised, max_length=cfg.data.mlm_length, targets=targets)
+    train_t, dev_t = (
+        supervised.prepare_triples(
+            supervised.supervised_triples(
+                x, tokenizer, scfg, corpus_sentences=corpus_sentences, ner_labels=ner
+            ),
+            max_triples=cap,
+            seed=cfg.seed,
+        )
+        for x, cap in ((train, 0), (dev, cfg.supervised.max_dev_triples))
+    )
+    return train_t, dev_t
 
 
 def _inner_corruption(cfg: Config, special: SpecialTokens) -> meta.Corrupt:
@@ -150,24 +165,15 @@ def meta_objective_probe(
 ) -> dict:
     """policies/mask_probe.py on the run's dev examples: the meta-objective (the run's meta
     config at its exploration rate, the LM `theta`) of reference masks made from the answers
-    and the questions' entities, and where the learned policy (`phi`) puts its masks is in the
-    run's diagnostics. Contexts with a subject and an answer only (world tasks)."""
+    and the questions' entities (gold on world tasks). `phi` only shapes the computation."""
     from meta_mask.policies import mask_probe
 
     mcfg = cfg.meta if cfg.meta.mask_rate else dataclasses.replace(
         cfg.meta, mask_rate=cfg.policy.mask_rate
     )  # fmt: skip
-    scfg = dataclasses.replace(
-        cfg.supervised, max_length=cfg.data.mlm_length, targets="answers_and_question_entities"
-    )
     ner = cfg.policy.salient_labels if mcfg.policy_units == "entity" else None
-    train_t, dev_t = (
-        supervised.prepare_triples(
-            supervised.supervised_triples(x, tokenizer, scfg, ner_labels=ner),
-            max_triples=cap,
-            seed=cfg.seed,
-        )
-        for x, cap in ((train, 0), (dev, cfg.supervised.max_dev_triples))
+    train_t, dev_t = _meta_triples(
+        cfg, train, dev, tokenizer, "answers_and_question_entities", ner, None
     )
     encode = lambda t: meta_train.encode_questions(  # noqa: E731
         t, tokenizer, special, cfg.data.source_length, cfg.data.target_length
