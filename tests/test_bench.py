@@ -33,6 +33,7 @@ def results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the quick benchmark end to end (~40 s idle)
 def test_quick_run_writes_every_section(results):
     torch = results["train_vs_torch"]
     for key in ("ours_s", "ours_tokens_per_s", "tokens_per_step"):
@@ -66,6 +67,7 @@ def test_quick_run_writes_every_section(results):
     assert "| (b) MFU |" in results["table"]
 
 
+@pytest.mark.slow  # the quick benchmark end to end (~40 s idle)
 def test_every_section_records_its_load_and_the_cpu_is_described(results):
     for section in ("train_vs_torch", "mfu", "meta", "masking", "generation"):
         load = results[section]["load"]
@@ -92,6 +94,7 @@ def test_unreliable_load_is_flagged():
     assert measured["reliable"] == (measured["background_load"] <= load_lib.UNRELIABLE_LOAD)
 
 
+@pytest.mark.slow  # the quick benchmark end to end (~40 s idle)
 def test_every_measurement_is_finite_and_positive(results):
     # Skipped: the config echo, the machine (load average), memory breakdowns (alias may be 0).
     skip = ("/sizes/", "/machine/", "memory_bytes/", "/load/")

@@ -50,7 +50,11 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("learner", sorted(CASES))
+@pytest.mark.parametrize(
+    "learner",
+    # meta: ~25 s idle, slow; the same resume machinery as supervised
+    [pytest.param(k, marks=pytest.mark.slow) if k == "meta" else k for k in sorted(CASES)],
+)
 def test_kill9_at_a_known_step_then_rerun_equals_an_uninterrupted_run(tmp_path, learner):
     from meta_mask import pipeline
 

@@ -610,7 +610,7 @@ def _assert_trees_close(a, b, rtol, atol_scale=0.0):
 MICRO_CASES = [
     # (K, inner optimizer, microbatches, downstream steps, estimator)
     (1, "sgd", 2, 0, "second_order"),
-    (2, "adam", 4, 0, "second_order"),
+    pytest.param(2, "adam", 4, 0, "second_order", marks=slow),
     (2, "sgd", 4, 1, "second_order"),
     (2, "adam", 2, 0, "first_order"),
     pytest.param(2, "sgd", 2, 0, "second_order", marks=slow),

@@ -152,6 +152,7 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert (out / "work/finetune/done.json").exists()
 
 
+@pytest.mark.slow  # two processes compiling a meta step (~80 s idle); 8 simulated devices in CI
 def test_two_process_meta_step_matches_one_process(tmp_path):
     """Each host contributes its rows of the meta batches (meta_train.host_rows), theta is
     FSDP-sharded across the two processes: the meta-gradient and metrics match one process."""
