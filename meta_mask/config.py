@@ -653,6 +653,7 @@ class MetaConfig:
 
 SUPERVISED_OBJECTIVES = ("token", "span")
 SUPERVISED_TARGETS = ("answers", "answers_and_question_entities")
+SAMPLE_SCORES = ("logits", "log_probability")
 
 
 @dataclass(frozen=True)
@@ -720,6 +721,16 @@ class SupervisedConfig:
         "one example and counts it as a negative in the other).",
     )
 
+    sample_scores: str = option(
+        "logits",
+        "What the sampler ranks the policy's units by. logits: a unit is drawn in proportion "
+        "to exp(logit) (the span objective's softmax; for the token objective, the odds of "
+        "being a target, so the surest targets crowd out the rest); log_probability: in "
+        "proportion to sigmoid(logit), the token objective's probability of being a target "
+        "(every unit the policy is sure of is equally likely, as the oracle masks them).",
+        choices=SAMPLE_SCORES,
+    )
+
     def __post_init__(self) -> None:
         check_choices(self)
         for name in ("steps", "batch_size", "max_length", "eval_every", "eval_batch_size"):
@@ -735,6 +746,11 @@ class SupervisedConfig:
                 "SupervisedConfig.balance_targets needs objective='span' and "
                 "targets='answers_and_question_entities' (it splits the span objective's target "
                 "distribution between the answers and the question's entities)"
+            )
+        if self.sample_scores == "log_probability" and self.objective != "token":
+            raise ValueError(
+                "SupervisedConfig.sample_scores='log_probability' needs objective='token' (only "
+                "the per-token objective's sigmoid is a probability of being a target)"
             )
 
 

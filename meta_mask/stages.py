@@ -183,7 +183,11 @@ def learn_policy_stage(ctx: RunContext, corpus, theta: Any) -> pathlib.Path:
         tokenizer=ctx.tokenizer, special=ctx.special, corpus_sentences=sentences,
     )  # fmt: skip
     trained = loop.train(learner, folder, options)
-    spec = learned.save_policy(folder, net, trained.state.params, cfg=cfg, units=units)
+    # What the sampler ranks the units by (a meta-learned policy's logits are its scores).
+    scores = cfg.supervised.sample_scores if cfg.policy.name == "supervised" else "logits"
+    spec = learned.save_policy(
+        folder, net, trained.state.params, cfg=cfg, units=units, scores=scores
+    )
     if cfg.policy.name == "meta" and ctx.world is not None:  # gold subjects: world tasks
         probe = learned.meta_objective_probe(
             cfg, ctx.model, theta, net, trained.state.params, train, dev,

@@ -89,9 +89,13 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, capsys):
 
 
 # The supervised case also runs the options a world study uses: a policy net that sees how often
-# a token recurs (saved with the policy, so the transferred run rebuilds the same net) and
-# one training example per context.
-SUPERVISED_OPTIONS = ("--meta.policy_repeat_buckets=4", "--supervised.merge_contexts=true")
+# a token recurs (saved with the policy, so the transferred run rebuilds the same net), one
+# training example per context and units drawn by probability (also saved with the policy).
+SUPERVISED_OPTIONS = (
+    "--meta.policy_repeat_buckets=4",
+    "--supervised.merge_contexts=true",
+    "--supervised.sample_scores=log_probability",
+)
 
 
 @pytest.mark.parametrize("policy, options", [("supervised", SUPERVISED_OPTIONS), ("meta", ())])
@@ -108,6 +112,7 @@ def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy, option
     spec = json.loads((folder / "policy.json").read_text())
     assert spec["policy"] == policy and spec["task"] == "world_qa"
     assert spec["net"]["repeat_buckets"] == (4 if options else 0)
+    assert spec["scores"] == ("log_probability" if options else "logits")
     history = json.loads((folder / "history.json").read_text())
     assert history["evals"], "the policy was never evaluated on dev"
     probe = folder / "mask_probe.json"  # the meta-objective of reference masks (world tasks)
@@ -130,6 +135,7 @@ def test_learned_policy_is_learned_used_and_transferred(tmp_path, policy, option
     assert (target / "intermediate" / "done.json").exists()
     scorer = learned.load_scorer(folder, spec["net"]["vocab_size"])
     _assert_trees_equal(scorer.params, load_params(folder / "policy"))
+    assert scorer.scores == spec["scores"]
     missing = parse_config(
         [*TINY, *LEARNED, "--policy.name=meta", f"--policy.checkpoint={tmp_path}"]
     )

@@ -194,7 +194,13 @@ def meta_objective_probe(
 
 
 def save_policy(
-    folder: pathlib.Path, net: net_lib.PolicyNet, params: Any, *, cfg: Config, units: str
+    folder: pathlib.Path,
+    net: net_lib.PolicyNet,
+    params: Any,
+    *,
+    cfg: Config,
+    units: str,
+    scores: str = "logits",
 ) -> dict[str, Any]:
     """Write the policy's parameters to `folder`/policy (every host: orbax writes together);
     returns the content of its policy.json, for the run's writer to write."""
@@ -203,6 +209,7 @@ def save_policy(
         "policy": cfg.policy.name,
         "task": cfg.data.task,
         "units": units,
+        "scores": scores,
         "net": {f: getattr(net, f) for f in NET_FIELDS},
         "parameters": net_lib.count_params(net),
     }
@@ -218,7 +225,10 @@ def load_scorer(folder: pathlib.Path, vocab_size: int) -> net_lib.LearnedScorer:
             f"this run's model has {vocab_size}: transfer needs the same tokenizer"
         )
     params = checkpoint.load_params(folder / "policy")
-    return net_lib.LearnedScorer(net, params, units=spec["units"])
+    # policy.json of runs before `scores` existed: the logits.
+    return net_lib.LearnedScorer(
+        net, params, units=spec["units"], scores=spec.get("scores", "logits")
+    )
 
 
 def learned_on(cfg: Config) -> str:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_mask.batches import PolicyBatch
-from meta_mask.config import POLICY_UNITS, MetaConfig
+from meta_mask.config import POLICY_UNITS, SAMPLE_SCORES, MetaConfig
 from meta_mask.policies.heuristic import policy_units
 from meta_mask.policies.sampler import BatchRng
 
@@ -222,7 +222,10 @@ def count_params(net: PolicyNet, length: int = 8) -> dict[str, int]:
 class LearnedScorer:
     """A trained PolicyNet as a Scorer: (padded host batch, BatchRng) -> (scores, unit_ids).
 
-    scores are the network's logits (float32 [B, L], -inf off `valid`); unit_ids are token
+    scores are the network's logits (float32 [B, L], -inf off `valid`), or with
+    scores="log_probability" their log-sigmoid (a per-token objective's log probability of
+    being a target: the sampler then draws units in proportion to that probability, not to its
+    odds); unit_ids are token
     positions (units="token"), whole words (units="word", logits mean-pooled per word, needs
     batch["word_ids"]) or entities (units="entity": each batch["entity_spans"] span one unit,
     every other word another; logits mean-pooled per unit). The forward pass is jitted once per
@@ -230,14 +233,20 @@ class LearnedScorer:
     the sampling).
     """
 
-    def __init__(self, net: PolicyNet, params: PyTree, *, units: str = "token") -> None:
+    def __init__(
+        self, net: PolicyNet, params: PyTree, *, units: str = "token", scores: str = "logits"
+    ) -> None:
         if units not in POLICY_UNITS:
             raise ValueError(f"LearnedScorer units={units!r}; valid: {POLICY_UNITS}")
+        if scores not in SAMPLE_SCORES:
+            raise ValueError(f"LearnedScorer scores={scores!r}; valid: {SAMPLE_SCORES}")
         self.net = net
         self.params = params
         self.units = units
+        self.scores = scores
+        squash = jax.nn.log_sigmoid if scores == "log_probability" else (lambda x: x)
         self._forward = jax.jit(
-            lambda p, ids, valid, unit_ids: net.apply({"params": p}, ids, valid, unit_ids)
+            lambda p, ids, valid, unit_ids: squash(net.apply({"params": p}, ids, valid, unit_ids))
         )
 
     def unit_ids(self, batch: PolicyBatch) -> np.ndarray:

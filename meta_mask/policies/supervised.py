@@ -407,7 +407,8 @@ def _dev_evaluator(
         for b in dev_batches
     ]
 
-    scorer = LearnedScorer(net, params, units=cfg.units)  # one jitted forward for every eval
+    # One jitted forward for every eval; it ranks units as the intermediate stage will.
+    scorer = LearnedScorer(net, params, units=cfg.units, scores=cfg.sample_scores)
 
     def evaluate(state: TrainState) -> dict[str, float]:
         terms = jax.device_get([terms_fn(state.params, b) for b in dev_arrays])

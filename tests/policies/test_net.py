@@ -225,3 +225,36 @@ def test_too_long_input_names_the_field():
     net = small_net(max_length=8)
     with pytest.raises(ValueError, match="policy_max_length"):
         net.init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32), jnp.ones((1, 9), bool))
+
+
+def test_log_probability_scores_draw_units_by_probability(batch):
+    """scores="log_probability": the scores are log sigmoid(logit) (-inf off valid), so the
+    sampler draws a unit in proportion to the probability that it is a target; two units the
+    policy is sure of (logits 4 and 9) are then about equally likely to be masked first, where
+    under the logits (odds) the surer one nearly always wins."""
+    net = small_net()
+    params = netlib.init_policy_params(net, jax.random.key(8))
+    rng = BatchRng(0, 0, batch["example_ids"])
+    logits, units = netlib.LearnedScorer(net, params)(batch, rng)
+    probs, same_units = netlib.LearnedScorer(net, params, scores="log_probability")(batch, rng)
+    np.testing.assert_array_equal(units, same_units)
+    valid = batch["valid"]
+    np.testing.assert_allclose(
+        probs[valid], np.asarray(jax.nn.log_sigmoid(logits[valid])), rtol=1e-6, atol=1e-7
+    )
+    assert np.all(np.isneginf(probs[~valid]))
+    with pytest.raises(ValueError, match="scores="):
+        netlib.LearnedScorer(net, params, scores="odds")
+
+    # Two sure targets among eight unlikely tokens, one unit drawn per example, 2000 draws.
+    raw = np.full((2000, 10), -4.0, np.float32)
+    raw[:, 0], raw[:, 1] = 4.0, 9.0
+    unit_ids = np.tile(np.arange(10, dtype=np.int32), (2000, 1))
+    ok = np.ones((2000, 10), bool)
+    noise = BatchRng(3, 0, np.arange(2000)).noise(10)
+    first = {}
+    for name, scores in (("logits", raw), ("log_probability", np.asarray(jax.nn.log_sigmoid(raw)))):
+        mask = sample_mask_np(scores, unit_ids, ok, noise, num_units=1)
+        first[name] = mask[:, 0].mean(), mask[:, 1].mean()
+    assert first["logits"][0] < 0.02 and first["logits"][1] > 0.98  # odds e^4 : e^9
+    assert abs(first["log_probability"][0] - first["log_probability"][1]) < 0.1  # ~0.98 : ~1

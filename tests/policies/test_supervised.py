@@ -240,6 +240,9 @@ def test_config_errors_name_the_field_and_choices():
     SupervisedConfig(
         balance_targets=True, objective="span", targets="answers_and_question_entities"
     )
+    with pytest.raises(ValueError, match="log_probability' needs objective='token'"):
+        SupervisedConfig(sample_scores="log_probability", objective="span")
+    SupervisedConfig(sample_scores="log_probability")
 
 
 # ----------------------------------------------------------------------------- learning
