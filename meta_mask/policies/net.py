@@ -225,12 +225,11 @@ class LearnedScorer:
     scores are the network's logits (float32 [B, L], -inf off `valid`), or with
     scores="log_probability" their log-sigmoid (a per-token objective's log probability of
     being a target: the sampler then draws units in proportion to that probability, not to its
-    odds); unit_ids are token
-    positions (units="token"), whole words (units="word", logits mean-pooled per word, needs
-    batch["word_ids"]) or entities (units="entity": each batch["entity_spans"] span one unit,
-    every other word another; logits mean-pooled per unit). The forward pass is jitted once per
-    padded shape; the scorer draws no randomness of its own (the sampler's Gumbel noise does
-    the sampling).
+    odds). unit_ids are token positions (units="token"), whole words (units="word", logits
+    mean-pooled per word, needs batch["word_ids"]) or entities (units="entity": each
+    batch["entity_spans"] span one unit, every other word another; logits mean-pooled per
+    unit). The forward pass is jitted once per padded shape; the scorer draws no randomness of
+    its own (the sampler's Gumbel noise does the sampling).
     """
 
     def __init__(
