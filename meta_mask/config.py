@@ -462,8 +462,15 @@ class GenericConfig:
         "corpus, the same steps for every policy; 0 = MLM only.",
     )
 
+    intermediate_replay_every: int = option(
+        0,
+        "Replay: every this many intermediate steps, one step is MLM on the generic "
+        "population's biographies, masked as the generic stage masks them (generic.policy), "
+        "the same steps for every policy; 0 = none.",
+    )
+
     def __post_init__(self) -> None:
-        for name in ("qa_every", "intermediate_qa_every"):
+        for name in ("qa_every", "intermediate_qa_every", "intermediate_replay_every"):
             every = getattr(self, name)
             if every < 0 or every == 1:
                 raise ValueError(
@@ -510,6 +517,12 @@ class MetaConfig:
     """
 
     inner_steps: int = option(1, "K: differentiable LM updates on policy-masked MLM batches.")
+    inner_repeat: bool = option(
+        False,
+        "The K inner steps train on the same contexts, each step with its own mask draw (a "
+        "lookahead over repeated exposure, as the intermediate stage revisits every passage); "
+        "False: K different batches of contexts, the first batch's questions scored.",
+    )
     inner_learning_rate: float = option(1e-2, "Learning rate of the inner LM updates.")
     inner_optimizer: str = option(
         "sgd", "Optimizer of the inner LM updates.", choices=INNER_OPTIMIZERS
@@ -794,11 +807,13 @@ class Config:
             )
         if self.generic.train.eval_every or self.generic.qa.eval_every:
             raise ValueError("generic.*.eval_every: the generic stages train their steps")
-        mixed = self.generic.qa_every or self.generic.intermediate_qa_every
+        g = self.generic
+        mixed = g.qa_every or g.intermediate_qa_every or g.intermediate_replay_every
         if mixed and (self.data.corpus != "world" or not self.world.generic_people):
             raise ValueError(
-                "generic.qa_every / generic.intermediate_qa_every mix in the synthetic world's "
-                "generic population's questions: they need --data.corpus=world and "
+                "generic.qa_every / generic.intermediate_qa_every / "
+                "generic.intermediate_replay_every mix in the synthetic world's generic "
+                "population's questions or biographies: they need --data.corpus=world and "
                 "--world.generic_people > 0"
             )
         if self.intermediate.eval_every or self.intermediate.patience:

@@ -78,32 +78,38 @@ def train_stage(
 def generic_stage(ctx: RunContext) -> Any:
     """MLM on the world's generic population from the initial parameters: the generic LM
     (the world's stand-in for a pre-trained BART), shared by every run of the seed."""
+    cfg = ctx.cfg
+    batches = _generic_biographies(ctx, cfg.generic.train.batch_size)
+    every = cfg.generic.qa_every  # mixed training: the generic population's questions too
+    if every:
+        batches = mixed_batches(batches, _generic_questions(ctx, cfg.generic.train), every, ctx)
+    policy = cfg.generic.policy
+    folder = ctx.shared_dir("generic", cfg.generic.train, policy, *([every] if every else []))
+    return train_stage(ctx, folder, ctx.init_params, cfg.generic.train, batches, rng_salt=5)
+
+
+def _generic_biographies(ctx: RunContext, batch_size: int):
+    """Step -> an MLM batch of the generic population's biographies, masked by generic.policy."""
     from meta_mask.policies import heuristic, mlm_batches
 
-    cfg = ctx.cfg
     corpus = ctx.corpus("generic")
-    policy = cfg.generic.policy
-    batches = mlm_batches.for_corpus(
+    policy = ctx.cfg.generic.policy
+    return mlm_batches.for_corpus(
         corpus,
         heuristic.corpus_scorer(policy, corpus),
         ctx.tokenizer,
         special=ctx.special,
         policy=policy,
-        data=cfg.data,
-        seed=cfg.seed,
-        batch_size=cfg.generic.train.batch_size,
+        data=ctx.cfg.data,
+        seed=ctx.cfg.seed,
+        batch_size=batch_size,
     )
-    every = cfg.generic.qa_every  # mixed training: the generic population's questions too
-    if every:
-        batches = mixed_batches(batches, _generic_questions(ctx, cfg.generic.train), every, ctx)
-    folder = ctx.shared_dir("generic", cfg.generic.train, policy, *([every] if every else []))
-    return train_stage(ctx, folder, ctx.init_params, cfg.generic.train, batches, rng_salt=5)
 
 
 def mixed_batches(mlm, qa, every: int, ctx: RunContext):
-    """Step -> the MLM batch, except that every `every`-th step is a QA batch padded to the MLM
-    batch's shape (one compiled step). Both streams keep their own consecutive order: a pure
-    function of the step."""
+    """Step -> the MLM batch, except that every `every`-th step is a batch of the `qa` stream
+    (questions, or another corpus's MLM batches) padded to the MLM batch's shape (one compiled
+    step). Both streams keep their own consecutive order: a pure function of the step."""
     from meta_mask.data import seq2seq
 
     shapes: list = []  # the MLM batch's shapes (step 0's), read once
@@ -203,10 +209,23 @@ def learn_policy_stage(ctx: RunContext, corpus, theta: Any) -> pathlib.Path:
 def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
     """MLM on the corpus under the run's masking policy, in the chosen output format."""
     from meta_mask.evaluation import report
+
+    cfg = ctx.cfg
+    policy_batches, steps = intermediate_batches(ctx, corpus, scorer)
+    heatmap = ctx.workdir / "intermediate" / "masks.html"
+    if is_writer() and not heatmap.exists():
+        report.write_mask_examples(heatmap, policy_batches, ctx.tokenizer, cfg.policy)
+    return train_stage(ctx, "intermediate", params, cfg.intermediate, steps, rng_salt=1)
+
+
+def intermediate_batches(ctx: RunContext, corpus, scorer):
+    """(the policy's MlmBatches of the corpus, step -> the intermediate stage's batch): the
+    policy's batches, with the generic population's questions (generic.intermediate_qa_every)
+    and biographies (generic.intermediate_replay_every) in their steps."""
     from meta_mask.policies import mlm_batches
 
     cfg = ctx.cfg
-    batches = mlm_batches.for_corpus(
+    policy_batches = mlm_batches.for_corpus(
         corpus,
         scorer,
         ctx.tokenizer,
@@ -216,13 +235,14 @@ def intermediate_stage(ctx: RunContext, params: Any, corpus, scorer) -> Any:
         seed=cfg.seed,
         batch_size=cfg.intermediate.batch_size,
     )
-    heatmap = ctx.workdir / "intermediate" / "masks.html"
-    if is_writer() and not heatmap.exists():
-        report.write_mask_examples(heatmap, batches, ctx.tokenizer, cfg.policy)
-    steps, every = batches, cfg.generic.intermediate_qa_every
+    steps, every = policy_batches, cfg.generic.intermediate_qa_every
     if every:  # mixed: the generic population's questions in every `every`-th step
-        steps = mixed_batches(batches, _generic_questions(ctx, cfg.intermediate), every, ctx)
-    return train_stage(ctx, "intermediate", params, cfg.intermediate, steps, rng_salt=1)
+        steps = mixed_batches(steps, _generic_questions(ctx, cfg.intermediate), every, ctx)
+    replay = cfg.generic.intermediate_replay_every
+    if replay:  # the generic population's biographies in every `replay`-th step
+        generic = _generic_biographies(ctx, cfg.intermediate.batch_size)
+        steps = mixed_batches(steps, generic, replay, ctx)
+    return policy_batches, steps
 
 
 def _generic_questions(ctx: RunContext, stage_cfg):

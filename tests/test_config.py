@@ -104,7 +104,7 @@ def test_sweep_is_not_part_of_a_runs_config():
 def test_mixed_training_options_name_their_field_and_need_a_generic_population():
     from meta_mask.config import Config, GenericConfig, WorldConfig
 
-    for name in ("qa_every", "intermediate_qa_every"):
+    for name in ("qa_every", "intermediate_qa_every", "intermediate_replay_every"):
         for bad in (-1, 1):
             with pytest.raises(ValueError, match=f"GenericConfig.{name}={bad}"):
                 GenericConfig(**{name: bad})

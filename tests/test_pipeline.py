@@ -233,6 +233,7 @@ def test_mixed_generic_stage_alternates_padded_qa_steps_whose_loss_padding_leave
     from meta_mask import pipeline, stages
     from meta_mask.context import build_context
     from meta_mask.data import seq2seq, tasks, world
+    from meta_mask.policies import heuristic
     from meta_mask.training import steps
 
     flags = ["--flagfile=experiments/world_quick.flags", "--policy.name=none", "--stages=generic"]
@@ -271,3 +272,27 @@ def test_mixed_generic_stage_alternates_padded_qa_steps_whose_loss_padding_leave
     pipeline.run(mixed_intermediate, tmp_path / "inter", cache_dir=tmp_path / "c")
     done = json.loads((tmp_path / "inter/intermediate/done.json").read_text())
     assert done["steps"] == mixed_intermediate.intermediate.steps
+
+    # Replay: every 3rd intermediate step is the generic stage's kind of batch (the generic
+    # population's biographies, masked by generic.policy), composed with the QA mixing.
+    replaying = parse_config(
+        ["--flagfile=experiments/world_quick.flags", "--policy.name=salient_spans",
+         "--generic.intermediate_qa_every=2", "--generic.intermediate_replay_every=3"]
+    )  # fmt: skip
+    ctx = build_context(replaying, tmp_path / "replay", tmp_path / "c")
+    corpus = ctx.corpus()
+    scorer = heuristic.corpus_scorer(replaying.policy, corpus)
+    policy_batches, batch_for_step = stages.intermediate_batches(ctx, corpus, scorer)
+    generic = stages._generic_biographies(ctx, replaying.intermediate.batch_size)
+    questions = stages._generic_questions(ctx, replaying.intermediate)
+    mlm0 = policy_batches(0)
+
+    def same(a, b):
+        return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+    def qa(i):
+        return seq2seq.pad_batch(questions(i), mlm0, pad=ctx.special.pad)
+
+    expected = [mlm0, qa(0), generic(0), policy_batches(1), qa(1), generic(1)]
+    assert [same(batch_for_step(s), e) for s, e in enumerate(expected)] == [True] * 6
+    assert not same(generic(0), policy_batches(0))

@@ -76,19 +76,20 @@ def probe_batches(
     """Up to `max_batches` (meta batches, {variant: masks [K, B, L]}) of `triples` (token
     triples labelled with answers and question entities: kinds 1 and 2), built as the
     meta-learner's dev batches are (meta_train.meta_batch, seed + 1)."""
-    per = cfg.inner_steps * cfg.inner_batch_size
     out = []
-    for step in range(min(max_batches, max(len(triples) // per, 1))):
+    for step in range(min(max_batches, max(len(triples) // meta_train.distinct_contexts(cfg), 1))):
         batches = meta_train.meta_batch(
             triples, qa, step, cfg, special=special, seed=seed + 1, length=length, qa_pool=qa_pool
         )
-        rows = supervised.step_indices(len(triples), per, seed=seed + 1, step=step)
+        rows = meta_train.inner_rows(len(triples), cfg, seed=seed + 1, step=step)
         masks: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
         for k in range(cfg.inner_steps):
             part = rows[k * cfg.inner_batch_size : (k + 1) * cfg.inner_batch_size]
             col = supervised.collate_triples([triples[i] for i in part], length, special=special)
             entity = heuristic.span_units(np.asarray(col["entity_spans"]), col["valid"]) >= 0
-            made = reference_masks(col["label_kinds"], col["valid"], entity, fill, seed + step)
+            # A repeated context gets a fresh draw of its filler tokens at every step.
+            draw = seed + step + 1000 * k * cfg.inner_repeat
+            made = reference_masks(col["label_kinds"], col["valid"], entity, fill, draw)
             for name in VARIANTS:
                 masks[name].append(made[name])
         out.append((batches, {name: np.stack(m) for name, m in masks.items()}))

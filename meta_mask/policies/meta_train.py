@@ -69,6 +69,20 @@ def _others(
     )
 
 
+def inner_rows(n: int, cfg: MetaConfig, *, seed: int, step: int) -> np.ndarray:
+    """The triples of meta step `step`'s K inner batches, [K * B] (batch k = rows [kB, (k+1)B)):
+    K consecutive batches of the seeded data order, or with cfg.inner_repeat one batch K times."""
+    k, b = cfg.inner_steps, cfg.inner_batch_size
+    if cfg.inner_repeat:
+        return np.tile(supervised.step_indices(n, b, seed=seed, step=step), k)
+    return supervised.step_indices(n, k * b, seed=seed, step=step)
+
+
+def distinct_contexts(cfg: MetaConfig) -> int:
+    """How many different contexts one meta step's inner batches hold."""
+    return cfg.inner_batch_size * (1 if cfg.inner_repeat else cfg.inner_steps)
+
+
 def meta_batch(
     triples: Sequence[Mapping[str, Any]],
     qa: seq2seq.EncodedExamples,
@@ -87,7 +101,7 @@ def meta_batch(
     yet other questions ("qa"), drawn from `qa_pool` (triples, encoded) when given: the dev
     batches take their QA step's questions from the training split, as fine-tuning would."""
     k, b = cfg.inner_steps, cfg.inner_batch_size
-    rows = supervised.step_indices(len(triples), k * b, seed=seed, step=step)
+    rows = inner_rows(len(triples), cfg, seed=seed, step=step)
     parts = [
         supervised.collate_triples(
             [triples[i] for i in rows[j * b : (j + 1) * b]],
@@ -291,8 +305,7 @@ def _dev_batches(
 ) -> list[MetaBatches]:
     """Up to `max_batches` fixed meta batches of the dev triples (their own data order; the QA
     step's questions from `qa_pool`, the training split)."""
-    per_batch = cfg.inner_steps * cfg.inner_batch_size
-    n = min(max_batches, max(len(dev_triples) // per_batch, 1))
+    n = min(max_batches, max(len(dev_triples) // distinct_contexts(cfg), 1))
     return [
         meta_batch(
             dev_triples,

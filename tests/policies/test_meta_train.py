@@ -84,3 +84,22 @@ def test_too_few_other_contexts_is_an_error_naming_the_flags():
     with pytest.raises(UserError, match="inner_batch_size"):
         meta_batch(triples(), QA, 0, cfg(inner_batch_size=20, outer_batch_size=20),
                    special=SPECIAL, seed=0, length=8)  # fmt: skip
+
+
+def test_inner_repeat_trains_every_step_on_the_scored_contexts():
+    t = triples()
+    plain = meta_batch(t, QA, 2, cfg(inner_steps=3), special=SPECIAL, seed=0, length=8)
+    ids = plain["inner"]["example_ids"]
+    assert ids.shape == (3, 4) and len(set(ids.ravel().tolist())) == 12  # three batches
+    assert rows_of(plain["outer"]) == ids[0].tolist()  # only the first batch's questions
+    out = meta_batch(
+        t, QA, 2, cfg(inner_steps=3, inner_repeat=True), special=SPECIAL, seed=0, length=8
+    )
+    ids = out["inner"]["example_ids"]
+    tokens = out["inner"]["input_ids"]
+    assert (ids == ids[0]).all() and (tokens == tokens[0]).all()
+    assert rows_of(out["outer"]) == ids[0].tolist()  # every step's contexts are scored
+    assert not {i // 2 for i in rows_of(out["contrast"])} & {i // 2 for i in ids[0].tolist()}
+    # The step's contexts are the same as K = 1's: repeat only adds exposures.
+    one = meta_batch(t, QA, 2, cfg(), special=SPECIAL, seed=0, length=8)
+    assert ids[0].tolist() == one["inner"]["example_ids"][0].tolist()
