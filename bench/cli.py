@@ -13,6 +13,7 @@ import time
 from bench.report import cpu_line, table
 from bench.run import SECTIONS, run
 from bench.sizes import BenchSizes, quick_sizes
+from meta_mask.training import host_heap
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
@@ -29,6 +30,12 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
             p.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=None)
     p.add_argument("--out", default="", help="write the results JSON here")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument(
+        "--no_keep_host_buffers",
+        action="store_true",
+        help="return freed host memory to the OS as glibc does by default (meta_mask.train's "
+        "--nokeep_host_buffers; see meta_mask/training/host_heap.py)",
+    )
     p.add_argument(
         "--sections",
         default=",".join(SECTIONS),
@@ -61,6 +68,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSizes, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table (stdout) and progress (stderr); write --out."""
     sz, args = parse_args(argv)
+    # As meta_mask.train does; process-wide, so it applies to PyTorch's reference as well.
+    kept = not args.no_keep_host_buffers and host_heap.keep_freed_buffers()
     t0 = time.time()
     t_start = time.time()
 
@@ -69,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res = run(sz, with_torch=not args.no_torch, sections=args.sections, log=log)
     res["wall_s"] = time.time() - t0
+    res["machine"]["keep_host_buffers"] = kept
     res["machine"]["load_average_end"] = list(os.getloadavg())
     md = table(res)
     res["table"] = md
@@ -81,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nmachine: {cpu_line(res['machine'])}; load average "
         f"{res['machine']['load_average']} (start) {res['machine']['load_average_end']} (end); "
-        f"jax {res['machine']['jax']}; {res['wall_s']:.0f} s"
+        f"jax {res['machine']['jax']}; freed host buffers "
+        f"{'kept in the heap' if kept else 'returned to the OS'}; {res['wall_s']:.0f} s"
         + (f"\nUNRELIABLE (background load > 1.5): {', '.join(unreliable)}" if unreliable else "")
     )
     if args.out:

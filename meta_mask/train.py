@@ -56,6 +56,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Processes in the run (default: detected by jax).")
 flags.DEFINE_integer("process_id", None, "This process's index (default: detected by jax).")
+flags.DEFINE_bool(
+    "keep_host_buffers",
+    True,
+    "Keep freed host memory (up to 1 GiB) in the process's heap, so that XLA's per-step "
+    "temporaries are not unmapped and page-faulted back every step (glibc only; "
+    "meta_mask/training/host_heap.py has the measurements). Results are the same either way.",
+)
 
 _OPTIONAL_INT = int | None
 
@@ -213,6 +220,10 @@ def _main(argv: list[str]) -> int:
         raise app.UsageError("--workdir is required (the folder for this run's outputs)")
     cfg = config_from_flags()
     grid = sweep_from_flags()
+    if FLAGS.keep_host_buffers:
+        from meta_mask.training import host_heap
+
+        host_heap.keep_freed_buffers()
     # Imported here so that `--help` and flag errors stay fast (sweep imports no jax).
     from meta_mask import sweep
 

@@ -1,0 +1,52 @@
+"""Keep freed host memory in the process's heap, so that a step does not page-fault it back in.
+
+On a CPU backend XLA runs each compiled step out of one temporary allocation (the buffers its
+buffer assignment packs together), taken with malloc and freed when the step ends. glibc serves
+a block larger than its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap and unmaps it
+on free, so every step touches new pages: one page fault per 4 KiB, every step, paid as system
+time. Raising the mmap and trim thresholds (glibc's mallopt) keeps such blocks in the heap
+between steps. Numbers, bit-identical, `--sweep.policies=salient_spans` of the main job (the
+intermediate stage and the fine-tune, generic LM cached; 2-core AMD EPYC): page faults
+16.6 M -> 2.9-5.2 M, system time 43-45 s -> 9-17 s, wall 101-106 s -> 75-91 s. On a 2-core
+Intel Xeon the main job's system time fell 211 s -> 44 s while its wall time did not change.
+
+The call is process-wide, so only the command lines make it (meta_mask.train, bench), before
+any jax computation; the library never does. Elsewhere than glibc (macOS, musl) it does
+nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# <malloc.h>
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+DEFAULT_THRESHOLD_BYTES = 1 << 30
+
+
+def keep_freed_buffers(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
+    """Serve blocks up to threshold_bytes from the heap and keep up to that much freed memory
+    at its top; True when glibc accepted both settings."""
+    if not 0 < threshold_bytes < 2**31:
+        raise ValueError(f"threshold_bytes={threshold_bytes}: must be in (0, 2**31)")
+    libc = _glibc()
+    if libc is None:
+        return False
+    mmap_ok = libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
+    trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes)
+    return bool(mmap_ok and trim_ok)
+
+
+def _glibc():
+    """The process's C library when it is glibc (it names its version), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return None
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    return libc
