@@ -852,9 +852,17 @@ class SweepConfig:
         "The policy that sweep tables report paired differences against.",
         choices=POLICIES,
     )
+    workers: int = option(
+        1,
+        "Run up to this many of the grid's runs at once, each in its own process with its log "
+        "in <workdir>/logs (the same commands as --sweep.print_commands, so the same results). "
+        "On a CPU host 2 uses the cores one run leaves idle; on one accelerator keep 1.",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.workers < 1:
+            raise ValueError(f"SweepConfig.workers={self.workers}: must be >= 1")
 
     def is_single(self) -> bool:
         return not (self.policies or self.seeds or self.tasks)

@@ -42,6 +42,31 @@ def train_stage(
     `name`, a shared stage's), resuming its checkpoints or loading its final params when done;
     returns the final params (the best dev step's with stage_cfg.eval_every > 0:
     `dev_score(params)` -> metrics, best `select_by`)."""
+    stage_dir = ctx.workdir / name
+    # A shared stage (under the cache) is trained by one of the runs that need it at a time;
+    # not across the hosts of one run, which train it together.
+    shared = isinstance(name, pathlib.Path) and jax.process_count() == 1
+    if not shared:
+        return _train_or_load(ctx, name, params, stage_cfg, batch_for_step, rng_salt=rng_salt,
+                              dev_score=dev_score, select_by=select_by)  # fmt: skip
+    with workdir_lib.exclusive(
+        stage_dir, on_wait=lambda: log.info("waiting for another run training %s", stage_dir)
+    ):
+        return _train_or_load(ctx, name, params, stage_cfg, batch_for_step, rng_salt=rng_salt,
+                              dev_score=dev_score, select_by=select_by)  # fmt: skip
+
+
+def _train_or_load(
+    ctx: RunContext,
+    name: str | pathlib.Path,
+    params: Any,
+    stage_cfg: config_lib.StageConfig,
+    batch_for_step,
+    *,
+    rng_salt: int,
+    dev_score,
+    select_by: str,
+) -> Any:
     from meta_mask.training import checkpoint, lm_learner, loop
 
     stage_dir = ctx.workdir / name

@@ -101,7 +101,23 @@ def commands(
     """One shell command per cell of the grid (for a cluster scheduler), in the folders that
     `cells` gives, all sharing one --cache_dir (default <workdir>/cache); when the config trains
     a generic stage, one command per seed trains it first (GENERIC_WAVE), and the transfer cells
-    come last (TRANSFER_WAVE): each wave after a comment line saying what it waits for.
+    come last (TRANSFER_WAVE): each wave after a comment line saying what it waits for."""
+    out = []
+    for note, wave in command_waves(cfg, grid, argv, workdir, cache_dir):
+        if wave and note:
+            out.append(note)
+        out += [shlex.join(args) for _, args in wave]
+    return out
+
+
+def command_waves(
+    cfg: Config,
+    grid: SweepConfig,
+    argv: Sequence[str],
+    workdir: str,
+    cache_dir: str | None = None,
+) -> list[tuple[str, list[tuple[str, list[str]]]]]:
+    """(what the wave waits for, [(cell folder, argv)]) for the waves of `commands`.
 
     Each command is this process's `argv` (without its --workdir, --cache_dir and --sweep.*
     flags), then the flags that turn `cfg` into the cell's config, then resets of the --sweep.*
@@ -118,17 +134,17 @@ def commands(
         for f in dataclasses.fields(SweepConfig)
         if getattr(grid, f.name) != getattr(empty, f.name) or f.name in dropped
     ]
-    out = []
     generic = generic_cells(cfg, grid)
     first, second = waves(cfg, grid, root)
+    out = []
     for note, wave in ((GENERIC_WAVE, generic), (RUNS_WAVE if generic else "", first),
                        (TRANSFER_WAVE, second)):  # fmt: skip
-        if wave and note:
-            out.append(note)
+        runs = []
         for sub, cell in wave:
             args = _flag_args(to_dict(cfg), to_dict(cell))
             shared = [f"--cache_dir={cache}", f"--workdir={root / sub}"]
-            out.append(shlex.join([*base, *args, *resets, *shared]))
+            runs.append((sub, [*base, *args, *resets, *shared]))
+        out.append((note, runs))
     return out
 
 
@@ -180,6 +196,26 @@ def _split_sweep_and_workdir(args: Sequence[str]) -> tuple[list[str], set[str]]:
     return kept, dropped
 
 
+def _run_in_workers(
+    cfg: Config,
+    grid: SweepConfig,
+    root: pathlib.Path,
+    argv: Sequence[str] | None,
+    cache_dir: str | None,
+) -> int:
+    """Every cell as its own command (`command_waves`), `grid.workers` at a time; exit status."""
+    from meta_mask import sweep_workers
+
+    if not argv:
+        raise ValueError("--sweep.workers > 1 runs the grid's commands: pass the command line")
+    grouped = []
+    for _, wave in command_waves(cfg, grid, argv, str(root), cache_dir):
+        # The learned policies' runs are the longest: started first, they finish with the rest.
+        learned = [c for c in wave if any(f"/{p}/" in f"/{c[0]}" for p in LEARNED_POLICIES)]
+        grouped.append(learned + [c for c in wave if c not in learned])
+    return sweep_workers.run_waves(grouped, grid.workers, root / "logs")
+
+
 def run(
     cfg: Config,
     grid: SweepConfig,
@@ -197,7 +233,11 @@ def run(
 
     root = pathlib.Path(workdir)
     cache = pathlib.Path(cache_dir) if cache_dir else root / "cache"
-    if not grid.aggregate_only:
+    if not grid.aggregate_only and grid.workers > 1 and not grid.is_single():
+        status = _run_in_workers(cfg, grid, root, argv, cache_dir)
+        if status:
+            return status
+    elif not grid.aggregate_only:
         todo = cells(cfg, grid, root)
         for i, (sub, cell) in enumerate(todo):
             where = root / sub if sub else root

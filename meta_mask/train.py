@@ -220,10 +220,6 @@ def _main(argv: list[str]) -> int:
         raise app.UsageError("--workdir is required (the folder for this run's outputs)")
     cfg = config_from_flags()
     grid = sweep_from_flags()
-    if FLAGS.keep_host_buffers:
-        from meta_mask.training import host_heap
-
-        host_heap.keep_freed_buffers()
     # Imported here so that `--help` and flag errors stay fast (sweep imports no jax).
     from meta_mask import sweep
 
@@ -231,6 +227,10 @@ def _main(argv: list[str]) -> int:
         for line in sweep.commands(cfg, grid, sys.argv, FLAGS.workdir, FLAGS.cache_dir):
             print(line)
         return 0
+    if FLAGS.keep_host_buffers:  # process-wide, so before any computation
+        from meta_mask.training import host_heap
+
+        host_heap.keep_freed_buffers()
     _quiet_libraries()
     _join_cluster()
     return sweep.run(cfg, grid, FLAGS.workdir, argv=sys.argv, cache_dir=FLAGS.cache_dir)

@@ -12,11 +12,13 @@ Only one process of a multi-host run writes these files (`is_writer`); every pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from meta_mask import config as config_lib
@@ -117,6 +119,28 @@ def fingerprint(obj: Any) -> str:
 
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def exclusive(folder: pathlib.Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock (flock on `<folder>.lock`) while the block runs, so that of the
+    processes sharing a cache (a sweep's workers) one trains a shared stage and the others wait,
+    then find it done. `on_wait()` is called once when another process holds the lock."""
+    import fcntl
+
+    lock = folder.with_name(folder.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def stage_done(stage_dir: pathlib.Path) -> dict | None:

@@ -263,3 +263,24 @@ def test_sweep_commands_reproduce_the_cells(extra, n_cells, n_transfer):
     first_folders = {str(root / sub) for sub, _ in first}
     for _, cell in second:
         assert str(pathlib.Path(cell.policy.checkpoint).parent) in first_folders
+
+
+# ------------------------------------------------------------------------------ host memory
+
+
+@pytest.mark.parametrize(("flag", "kept"), [([], True), (["--nokeep_host_buffers"], False)])
+def test_a_run_keeps_freed_host_buffers_unless_told_not_to(flag, kept, monkeypatch, tmp_path):
+    from meta_mask.training import host_heap
+
+    calls = []
+    monkeypatch.setattr(host_heap, "keep_freed_buffers", lambda: calls.append(1) or True)
+    monkeypatch.setattr(sweep, "run", lambda *a, **k: 0)
+    monkeypatch.setattr(train, "_join_cluster", lambda: None)
+    monkeypatch.setattr(train, "_quiet_libraries", lambda: None)  # global loggers untouched
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(["prog", f"--flagfile={WORLD}", f"--workdir={tmp_path}", *flag])
+        assert train._main(["prog"]) == 0
+    finally:
+        FLAGS.unparse_flags()
+    assert calls == ([1] if kept else [])

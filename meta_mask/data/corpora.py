@@ -647,7 +647,9 @@ def _sentence_rows(
             "entity_char_labels": [str(e[2]) for e in ents],
             "entity_char_types": [str(e[3]) if len(e) > 3 else "" for e in ents],
         }
-    pathlib.Path(counts_path).write_text(json.dumps(counts))
+    from meta_mask.workdir import write_text_atomic  # (imports jax: only when building)
+
+    write_text_atomic(pathlib.Path(counts_path), json.dumps(counts))
 
 
 def truncate_record(record: dict[str, Any], max_length: int, eos_id: int) -> tuple[dict, bool]:
@@ -949,7 +951,10 @@ def build_corpus(
     build_s = time.perf_counter() - t0
     key = token_key | {"sentence_key": sentence_key}
     stats = _build_stats(tokenized, max_length, t_read, build_s, counts_path, key)
-    stats_path.write_text(json.dumps(stats, indent=1))
+    from meta_mask.workdir import write_text_atomic  # (imports jax: only when building)
+
+    # Atomic: runs sharing the cache (a sweep's workers) read it as the mark of a finished build.
+    write_text_atomic(stats_path, json.dumps(stats, indent=1))
     _log_build(source.label, stats, max_length, t_read, build_s, cache_dir)
     files = [cache_dir / f for f in stats["files"]]
     return Corpus(tokenized, fp, stats, files, from_cache=False)

@@ -5,10 +5,16 @@ buffer assignment packs together), taken with malloc and freed when the step end
 a block larger than its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap and unmaps it
 on free, so every step touches new pages: one page fault per 4 KiB, every step, paid as system
 time. Raising the mmap and trim thresholds (glibc's mallopt) keeps such blocks in the heap
-between steps. Numbers, bit-identical, `--sweep.policies=salient_spans` of the main job (the
-intermediate stage and the fine-tune, generic LM cached; 2-core AMD EPYC): page faults
-16.6 M -> 2.9-5.2 M, system time 43-45 s -> 9-17 s, wall 101-106 s -> 75-91 s. On a 2-core
-Intel Xeon the main job's system time fell 211 s -> 44 s while its wall time did not change.
+between steps. Measured on `--sweep.policies=salient_spans` of the main job (the intermediate
+stage and the fine-tune, generic LM cached), results bit-identical either way:
+
+    2-core AMD EPYC, AVX-512:   page faults 16.6 M -> 2.9-5.2 M, system 43-45 s -> 9-17 s,
+                                wall 101-106 s -> 75-91 s
+    2-core AMD EPYC, AVX2 only: page faults 16.2 M -> 2.2-3.4 M, system 61 s -> 17-19 s,
+                                wall 145-147 s -> 121-128 s
+
+On a 2-core Intel Xeon the whole main job's system time fell 211 s -> 44 s while its wall time
+did not change, so the gain depends on the CPU.
 
 The call is process-wide, so only the command lines make it (meta_mask.train, bench), before
 any jax computation; the library never does. Elsewhere than glibc (macOS, musl) it does
