@@ -130,7 +130,7 @@ def test_a_shared_stage_lock_makes_the_second_process_wait(tmp_path):
     holder.communicate("release\n", timeout=60)
     thread.join(60)
     assert entered.is_set()
-    assert (folder.parent / "seed0-abc.lock").exists()
+    assert (folder.parent / ".seed0-abc.lock").exists()
 
 
 @pytest.mark.slow
