@@ -123,9 +123,10 @@ def fingerprint(obj: Any) -> str:
 
 @contextlib.contextmanager
 def exclusive(folder: pathlib.Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold an exclusive lock (flock on `.<folder>.lock` beside it) while the block runs, so that of the
-    processes sharing a cache (a sweep's workers) one trains a shared stage and the others wait,
-    then find it done. `on_wait()` is called once when another process holds the lock."""
+    """Hold an exclusive lock (flock on `.<folder>.lock` beside it) while the block runs, so
+    that of the processes sharing a cache (a sweep's workers) one trains a shared stage and the
+    others wait, then find it done. `on_wait()` is called once when another process holds the
+    lock."""
     import fcntl
 
     lock = folder.with_name(f".{folder.name}.lock")
