@@ -9,6 +9,7 @@ cache named by a fingerprint of what they depend on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -42,62 +43,48 @@ def train_stage(
     `name`, a shared stage's), resuming its checkpoints or loading its final params when done;
     returns the final params (the best dev step's with stage_cfg.eval_every > 0:
     `dev_score(params)` -> metrics, best `select_by`)."""
-    stage_dir = ctx.workdir / name
-    # A shared stage (under the cache) is trained by one of the runs that need it at a time;
-    # not across the hosts of one run, which train it together.
-    shared = isinstance(name, pathlib.Path) and jax.process_count() == 1
-    if not shared:
-        return _train_or_load(ctx, name, params, stage_cfg, batch_for_step, rng_salt=rng_salt,
-                              dev_score=dev_score, select_by=select_by)  # fmt: skip
-    with workdir_lib.exclusive(
-        stage_dir, on_wait=lambda: log.info("waiting for another run training %s", stage_dir)
-    ):
-        return _train_or_load(ctx, name, params, stage_cfg, batch_for_step, rng_salt=rng_salt,
-                              dev_score=dev_score, select_by=select_by)  # fmt: skip
-
-
-def _train_or_load(
-    ctx: RunContext,
-    name: str | pathlib.Path,
-    params: Any,
-    stage_cfg: config_lib.StageConfig,
-    batch_for_step,
-    *,
-    rng_salt: int,
-    dev_score,
-    select_by: str,
-) -> Any:
     from meta_mask.training import checkpoint, lm_learner, loop
 
     stage_dir = ctx.workdir / name
-    if workdir_lib.stage_done(stage_dir) is not None:
-        log.info("stage %s already done; loading its final params", name)
-        # Into `params`' layout (each host reads only its shards) when it is on the mesh.
-        return checkpoint.load_params(stage_dir / "final", params)
-    stage_cfg = lm_learner.resolved(stage_cfg)
-    learner = lm_learner.lm_learner(
-        ctx.model,
-        params,
-        stage_cfg,
-        mesh=ctx.mesh,
-        batch_for_step=batch_for_step,
-        rng=jax.random.fold_in(jax.random.key(ctx.cfg.seed), rng_salt),
-        metadata={
-            "stage": stage_dir.name,
-            "model": config_lib.to_dict(ctx.model_cfg),
-            "stage_config": config_lib.to_dict(stage_cfg),
-            "seed": ctx.cfg.seed,
-        },
-        dev_score=dev_score,
-        select_by=select_by,
+    with _one_run_at_a_time(stage_dir, shared=isinstance(name, pathlib.Path)):
+        if workdir_lib.stage_done(stage_dir) is not None:
+            log.info("stage %s already done; loading its final params", name)
+            # Into `params`' layout (each host reads only its shards) when it is on the mesh.
+            return checkpoint.load_params(stage_dir / "final", params)
+        stage_cfg = lm_learner.resolved(stage_cfg)
+        learner = lm_learner.lm_learner(
+            ctx.model,
+            params,
+            stage_cfg,
+            mesh=ctx.mesh,
+            batch_for_step=batch_for_step,
+            rng=jax.random.fold_in(jax.random.key(ctx.cfg.seed), rng_salt),
+            metadata={
+                "stage": stage_dir.name,
+                "model": config_lib.to_dict(ctx.model_cfg),
+                "stage_config": config_lib.to_dict(stage_cfg),
+                "seed": ctx.cfg.seed,
+            },
+            dev_score=dev_score,
+            select_by=select_by,
+        )
+        start = time.time()
+        desc = name if isinstance(name, str) else stage_dir.parent.name
+        trained = loop.train(learner, stage_dir, lm_learner.options(stage_cfg, desc))
+        checkpoint.save_params(stage_dir / "final", trained.state.params, overwrite=True)
+        done = {"steps": stage_cfg.steps, "seconds": time.time() - start, **trained.history()}
+        workdir_lib.write_json(stage_dir / "done.json", done)
+        return trained.state.params
+
+
+def _one_run_at_a_time(stage_dir: pathlib.Path, *, shared: bool):
+    """A shared stage (under the cache) is trained by one of the runs that need it at a time
+    (workdir.exclusive); not across the hosts of one run, which train it together."""
+    if not shared or jax.process_count() > 1:
+        return contextlib.nullcontext()
+    return workdir_lib.exclusive(
+        stage_dir, on_wait=lambda: log.info("waiting for another run training %s", stage_dir)
     )
-    start = time.time()
-    desc = name if isinstance(name, str) else stage_dir.parent.name
-    trained = loop.train(learner, stage_dir, lm_learner.options(stage_cfg, desc))
-    checkpoint.save_params(stage_dir / "final", trained.state.params, overwrite=True)
-    done = {"steps": stage_cfg.steps, "seconds": time.time() - start, **trained.history()}
-    workdir_lib.write_json(stage_dir / "done.json", done)
-    return trained.state.params
 
 
 def generic_stage(ctx: RunContext) -> Any:

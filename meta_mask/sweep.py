@@ -1,4 +1,5 @@
-"""Grids of runs: policies x seeds x tasks, one after another here or one command each.
+"""Grids of runs: policies x seeds x tasks, one after another here, N at a time in their own
+processes (--sweep.workers, sweep_workers.py), or one command each (--sweep.print_commands).
 
 A grid (config.SweepConfig) with no axes is a single run in the workdir itself. Otherwise each
 cell runs in `workdir/<task>/<policy>/seed<k>` (sharing one corpus cache in `workdir/cache`),
