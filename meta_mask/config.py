@@ -527,6 +527,13 @@ class MetaConfig:
     inner_optimizer: str = option(
         "sgd", "Optimizer of the inner LM updates.", choices=INNER_OPTIMIZERS
     )
+    inner_frozen: tuple[str, ...] = option(
+        (),
+        "Top-level LM parameter groups the unrolled updates leave unchanged, e.g. 'shared' (the "
+        "token embedding, tied to the output layer); the first-order estimator's alignment "
+        "then leaves them out too. Empty = every parameter is updated, as in the intermediate "
+        "stage.",
+    )
     estimator: str = option(
         "second_order",
         "Policy gradient: second_order (exact, through the unroll) or first_order (MLM and "

@@ -6,7 +6,9 @@
     workdir/results.json      a finished run: never overwritten
 
 A folder that holds another config is refused (RunConflict, naming every differing field),
-so a finished run's results are never silently replaced and stages never mix configs.
+so a finished run's results are never silently replaced and stages never mix configs. An
+option the stored record lacks (a folder written before the option existed) counts as set to
+its default, so a new option does not orphan finished runs.
 Only one process of a multi-host run writes these files (`is_writer`); every process reads.
 """
 
@@ -70,6 +72,18 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _with_defaults(stored: dict, defaults: dict) -> dict:
+    """`stored` with every key it lacks taken from `defaults` (recursively): a folder written
+    before an option existed holds that option's default."""
+    out = dict(stored)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def _resolved(cfg: config_lib.Config) -> dict:
     resolved = json.loads(json.dumps(config_lib.to_dict(cfg), default=str))
     # Which stages a command runs may change between invocations of the same run.
@@ -85,7 +99,8 @@ def stored_results(cfg: config_lib.Config, workdir: pathlib.Path) -> dict | None
     stored_path = workdir / "config.json"
     if not stored_path.exists():
         return None
-    diff = _differences(json.loads(stored_path.read_text()), _resolved(cfg))
+    stored = _with_defaults(json.loads(stored_path.read_text()), _resolved(config_lib.Config()))
+    diff = _differences(stored, _resolved(cfg))
     if diff:
         raise RunConflict(
             f"{workdir} holds a run with a different config:\n  "

@@ -220,6 +220,7 @@ def test_a_relative_cache_dir_is_shared_by_every_run_of_a_seed(tmp_path, monkeyp
     assert not list(tmp_path.glob("runs/*/runs"))
 
 
+@pytest.mark.slow  # three pipeline runs (~33 s on 2 cores); the option is off in the main job
 def test_mixed_generic_stage_alternates_padded_qa_steps_whose_loss_padding_leaves_unchanged(
     tmp_path, monkeypatch
 ):

@@ -42,7 +42,14 @@ from meta_mask.policies.meta_weights import (
     sample_masks,
     share_credit,
 )
-from meta_mask.policies.unroll import LmLoss, microbatched_losses, normalized, outer_loss, unroll
+from meta_mask.policies.unroll import (
+    LmLoss,
+    frozen_leaves,
+    microbatched_losses,
+    normalized,
+    outer_loss,
+    unroll,
+)
 from meta_mask.special_tokens import SpecialTokens
 from meta_mask.training import remat
 
@@ -294,6 +301,12 @@ def first_order_loss(
         lambda th: downstream_loss(lm_loss, th, outer_batch, contrast), has_aux=True
     )(theta)
     down_grad = jax.lax.stop_gradient(down_grad)
+    if cfg.inner_frozen:  # frozen groups do not move: no part in the alignment
+        down_grad = jax.tree.map(
+            lambda g, frozen: jnp.zeros_like(g) if frozen else g,
+            down_grad,
+            frozen_leaves(cfg, theta),
+        )
     logits, masks, weights = policy_masks(
         phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
     )

@@ -41,10 +41,31 @@ def bart_lm_loss(model: Any) -> LmLoss:
 
 
 def make_inner_optimizer(cfg: MetaConfig) -> optax.GradientTransformation:
-    """The inner loop's optimizer: plain SGD or Adam (eps_root > 0, see ADAM_EPS_ROOT)."""
+    """The inner loop's optimizer: plain SGD or Adam (eps_root > 0, see ADAM_EPS_ROOT); the
+    groups in cfg.inner_frozen get no update (and no optimizer state)."""
     if cfg.inner_optimizer == "sgd":
-        return optax.sgd(cfg.inner_learning_rate)
-    return optax.adam(cfg.inner_learning_rate, eps_root=ADAM_EPS_ROOT)
+        tx = optax.sgd(cfg.inner_learning_rate)
+    else:
+        tx = optax.adam(cfg.inner_learning_rate, eps_root=ADAM_EPS_ROOT)
+    if not cfg.inner_frozen:
+        return tx
+    labels = lambda theta: jax.tree.map(  # noqa: E731
+        lambda frozen: "frozen" if frozen else "trained", frozen_leaves(cfg, theta)
+    )
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_leaves(cfg: MetaConfig, theta: PyTree) -> PyTree:
+    """theta's structure with True on the leaves of the groups in cfg.inner_frozen (top-level
+    keys of theta); ValueError naming the groups when one is not in theta."""
+    groups = sorted(theta)
+    unknown = [g for g in cfg.inner_frozen if g not in theta]
+    if unknown:
+        raise ValueError(
+            f"--meta.inner_frozen={','.join(cfg.inner_frozen)}: no LM parameter group "
+            f"{', '.join(map(repr, unknown))}; the groups are {', '.join(groups)}"
+        )
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key in cfg.inner_frozen, theta)
 
 
 def normalized(batch: Batch) -> dict:

@@ -528,6 +528,74 @@ def test_first_order_estimator_matches_definition_and_aligns_with_exact():
         assert rel < 0.05, rel
 
 
+# ----------------------------------------------------------------------------- frozen groups
+
+
+def test_frozen_groups_keep_their_values_and_the_others_step_as_without_freezing():
+    cfg = MetaConfig(inner_steps=1, inner_learning_rate=0.5, mask_rate=0.3)
+    setup, phi, theta, inner, _, noise, _ = make_problem(cfg, seed=3)
+    masks = fixed_masks(setup, phi, inner, noise)
+
+    def stepped(frozen):
+        s = dataclasses.replace(setup, cfg=dataclasses.replace(cfg, inner_frozen=frozen))
+        return jax.jit(lambda p: meta.inner_loop(p, theta, inner, noise, s, masks=masks)[0])(phi)
+
+    free, frozen = stepped(()), stepped(("emb", "bias"))
+    for name in theta:
+        if name in ("emb", "bias"):
+            np.testing.assert_array_equal(frozen[name], theta[name])
+            assert not np.array_equal(free[name], theta[name]), name  # it would have moved
+        else:  # K = 1: the gradient at theta_0 does not depend on what is frozen
+            np.testing.assert_allclose(frozen[name], free[name], rtol=1e-6, atol=1e-7)
+            assert not np.array_equal(frozen[name], theta[name]), name
+
+
+def test_meta_gradient_with_a_frozen_group_matches_central_finite_differences():
+    with x64():
+        cfg = MetaConfig(
+            inner_steps=2,
+            inner_optimizer="adam",
+            inner_learning_rate=0.05,
+            inner_frozen=("emb",),
+            remat=True,
+            entropy_weight=0.0,
+            budget_weight=0.0,
+            mask_rate=0.3,
+        )
+        _assert_meta_gradient_matches_finite_differences(cfg)
+
+
+def test_first_order_alignment_leaves_out_the_frozen_groups():
+    # The alignment is linear in the downstream gradient: freezing a partition's two halves in
+    # turn gives two alignments that sum to the unfrozen one (ignoring the freeze gives twice).
+    cfg = MetaConfig(inner_steps=1, estimator="first_order", mask_rate=0.3)
+    setup, phi, theta, inner, outer, noise, _ = make_problem(cfg, seed=4)
+
+    def alignment(frozen):
+        s = dataclasses.replace(setup, cfg=dataclasses.replace(cfg, inner_frozen=frozen))
+        return float(
+            jax.jit(lambda p: meta.meta_gradient(p, theta, inner, outer, noise, s))(phi)[2][
+                "alignment"
+            ]
+        )
+
+    both = alignment(())
+    rest = tuple(name for name in theta if name != "emb")
+    assert abs(both) > 1e-6
+    np.testing.assert_allclose(alignment(("emb",)) + alignment(rest), both, rtol=1e-4)
+
+
+def test_an_unknown_frozen_group_is_refused_naming_the_groups():
+    with pytest.raises(ValueError, match="no LM parameter group 'embeddings'.*emb, pos"):
+        unroll.frozen_leaves(MetaConfig(inner_frozen=("embeddings",)), init_tiny_lm(0))
+    mcfg = tiny_model_config(vocab_size=V, encoder_layers=1, decoder_layers=1)
+    leaves = unroll.frozen_leaves(
+        MetaConfig(inner_frozen=("shared",)), init_params(mcfg, jax.random.key(0))
+    )
+    paths = [jax.tree_util.keystr(p) for p, f in jax.tree_util.tree_leaves_with_path(leaves) if f]
+    assert paths == ["['shared']['embedding']"]  # BART's token embedding, tied to the output
+
+
 def test_share_credit_mixes_each_masked_tokens_cotangent_with_its_rows_mean():
     mask = jnp.array([[[1, 1, 0, 1], [0, 1, 0, 0]]], bool)  # [K=1, B=2, L=4]
     credit = jnp.array([[[1.0, 2.0, 7.0, 6.0], [5.0, -4.0, 9.0, 3.0]]])

@@ -74,9 +74,9 @@ def tiny_setup(dropout: float = 0.1, optim: OptimConfig = COMMON_OPTIM, seed: in
     return Bart(cfg), optim, place(state)
 
 
-def run_on_devices(module: str, out: pathlib.Path, devices: int) -> None:
-    """Run `python -m module out` in a fresh python with `devices` simulated CPU devices."""
-    proc = run_module(module, out, devices=devices)
+def run_on_devices(module: str, out: pathlib.Path, *args: object, devices: int) -> None:
+    """Run `python -m module out args` in a fresh python with `devices` simulated CPU devices."""
+    proc = run_module(module, out, *args, devices=devices)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

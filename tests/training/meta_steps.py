@@ -1,10 +1,10 @@
 """The data-parallel meta step on a mesh, and the problem the tests compare it on.
 
-    python -m tests.training.meta_steps OUT                      # 8 simulated devices
+    python -m tests.training.meta_steps OUT [full|quick]         # 8 simulated devices
     python -m tests.training.meta_steps OUT ADDRESS PROCESS_ID   # one of 2 jax.distributed
                                                                  # processes, 2 devices each
 
-`run(mesh, fsdp)` takes STEPS meta steps of a tiny Bart on `mesh` (theta FSDP-sharded when
+`run(mesh, fsdp, cfg)` takes STEPS meta steps of a tiny Bart on `mesh` (theta FSDP-sharded when
 `fsdp`), every process building the same global batches (a function of the step) and
 contributing its own rows, as policies/meta_train.py does. The 8-device run uses data=2 x
 fsdp=4, the two processes data=2 x fsdp=2; each writes OUT.npz (or OUT/meta<ID>.npz): the
@@ -48,6 +48,19 @@ CFG = MetaConfig(
     mask_rate=0.3,
     learning_rate=1e-2,
 )
+# What CI runs (the comprehensive CFG above is a slow test): one SGD step of the whole batch,
+# which still splits the inner, outer and contrast rows over the devices and all-reduces the
+# meta-gradient, at a fraction of the tracing.
+QUICK = MetaConfig(
+    inner_steps=1,
+    inner_learning_rate=0.5,
+    inner_batch_size=B,
+    outer_batch_size=B,
+    contrastive=True,
+    mask_rate=0.3,
+    learning_rate=1e-2,
+)
+CONFIGS = {"full": CFG, "quick": QUICK}
 LM = one_layer_config(vocab_size=V)
 
 
@@ -59,10 +72,9 @@ def _questions(rng: np.random.Generator) -> dict:
     return {"input_ids": ids, "decoder_input_ids": dec, "labels": labels, "weights": weights}
 
 
-def batches(step: int) -> dict:
-    """The global host batches of meta step `step` (the same in every process)."""
+def batches(step: int, k: int = CFG.inner_steps) -> dict:
+    """The global host batches of meta step `step` with K = `k` (the same in every process)."""
     rng = np.random.default_rng(100 + step)
-    k = CFG.inner_steps
     ids = rng.integers(4, V - 1, size=(k, B, L)).astype(np.int32)
     ids[..., 0], ids[..., -1] = SPECIAL.bos, SPECIAL.eos
     valid = np.ones_like(ids, bool)
@@ -85,8 +97,10 @@ def meta_gradient(setup: meta.MetaSetup, phi, theta, placed: dict, rng: jax.Arra
     return grads
 
 
-def run(mesh: jax.sharding.Mesh, fsdp: bool = False) -> dict[str, np.ndarray]:
-    """STEPS meta steps on `mesh`: "grad<path>" (the first step's meta-gradient),
+def run(
+    mesh: jax.sharding.Mesh, fsdp: bool = False, cfg: MetaConfig = CFG
+) -> dict[str, np.ndarray]:
+    """STEPS meta steps of `cfg` on `mesh`: "grad<path>" (the first step's meta-gradient),
     "<metric>/<step>" and placement facts."""
     pnet = netlib.PolicyNet(
         vocab_size=V, d_model=16, num_layers=1, num_heads=2, ffn_dim=32, max_length=L,
@@ -94,18 +108,18 @@ def run(mesh: jax.sharding.Mesh, fsdp: bool = False) -> dict[str, np.ndarray]:
     )  # fmt: skip
     phi = netlib.init_policy_params(pnet, jax.random.key(1), length=L)
     setup = meta.MetaSetup(
-        CFG, meta.policy_fn_from_net(pnet), unroll.bart_lm_loss(Bart(LM)), SPECIAL
+        cfg, meta.policy_fn_from_net(pnet), unroll.bart_lm_loss(Bart(LM)), SPECIAL
     )
     theta = host_params(LM, 2)
     theta_sharding = sharding.param_shardings(theta, mesh, min_size=MIN_SIZE if fsdp else 2**62)
     theta = sharding.place(theta, theta_sharding)
     step = meta_step.make_meta_step(setup, mesh=mesh, theta_sharding=theta_sharding)
-    state = meta_step.create_meta_state(phi, CFG)
+    state = meta_step.create_meta_state(phi, cfg)
     repl = sharding.replicated(mesh)
     out: dict[str, np.ndarray] = {}
     # The meta-gradient itself at the first step (Adam's first updates are ~sign(gradient):
     # the parameters after them are ill-conditioned where a gradient is at rounding level).
-    first = meta_step.shard_meta_batches(meta_train.host_rows(batches(0)), mesh)
+    first = meta_step.shard_meta_batches(meta_train.host_rows(batches(0, cfg.inner_steps)), mesh)
     grad_fn = jax.jit(lambda p, th, b: meta_gradient(setup, p, th, b, jax.random.key(3), 0))
     phi_placed = sharding.place(phi, jax.tree.map(lambda _: repl, phi))
     # Compile both programs before running either, then meet: on a loaded machine one process
@@ -119,7 +133,9 @@ def run(mesh: jax.sharding.Mesh, fsdp: bool = False) -> dict[str, np.ndarray]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
         out["grad" + jax.tree_util.keystr(path)] = np.asarray(leaf)
     for s in range(STEPS):
-        placed = meta_step.shard_meta_batches(meta_train.host_rows(batches(s)), mesh)
+        placed = meta_step.shard_meta_batches(
+            meta_train.host_rows(batches(s, cfg.inner_steps)), mesh
+        )
         state, metrics = step(state, theta, placed, jax.random.key(3))
         for name, value in metrics.items():
             out[f"{name}/{s}"] = np.asarray(value)
@@ -147,9 +163,10 @@ def assert_matches(result: dict, reference: dict) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 2:
+    if len(sys.argv) <= 3:
         assert jax.device_count() == 8, jax.devices()
-        result = run(sharding.make_mesh(MeshConfig(data=2, fsdp=4)), fsdp=True)
+        cfg = CONFIGS[sys.argv[2] if len(sys.argv) == 3 else "full"]
+        result = run(sharding.make_mesh(MeshConfig(data=2, fsdp=4)), fsdp=True, cfg=cfg)
         np.savez(sys.argv[1] + ".npz", **result)
         return
     out, address, pid = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])

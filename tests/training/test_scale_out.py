@@ -8,6 +8,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec
 
 from meta_mask.config import MeshConfig
@@ -73,11 +74,19 @@ def test_eight_devices_data_parallel_and_fsdp_equal_one_device(tmp_path):
     )
 
 
-def test_meta_step_on_eight_devices_equals_one_device(tmp_path):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "quick",
+        # K = 3 Adam steps, nested checkpointing and microbatches: ~75 s of tracing on 2 cores.
+        pytest.param("full", marks=pytest.mark.slow),
+    ],
+)
+def test_meta_step_on_eight_devices_equals_one_device(tmp_path, name):
     one = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
-    reference = meta_steps.run(one)
+    reference = meta_steps.run(one, cfg=meta_steps.CONFIGS[name])
     result = tmp_path / "meta"
-    run_on_devices("tests.training.meta_steps", result, devices=8)
+    run_on_devices("tests.training.meta_steps", result, name, devices=8)
     with np.load(result.with_suffix(".npz")) as multi:
         multi = dict(multi)
     assert multi["inner_shard_rows"].tolist() == [1]  # 8 contexts: one per device

@@ -253,6 +253,7 @@ def test_train_step_traces_once_and_donates_the_state(common):
     assert donate.jitted._cache_size() == 1
 
 
+@pytest.mark.slow  # op-by-op execution of a whole train step: ~27 s on 2 cores
 def test_jit_equals_no_jit_with_dropout(common):
     model, optim, host_state, jitted = common
     state = place(host_state)
