@@ -235,6 +235,7 @@ def meta_learner(
         rng=rng,
         metadata={"meta": to_dict(cfg), "budget": dict(budget), "seed": seed},
         compare=("meta", "budget"),
+        defaults={"meta": to_dict(MetaConfig())},
         evaluate=evaluate,
         eval_every=eval_every,
         best_key=best_key if cfg.select == "dev_objective" else None,

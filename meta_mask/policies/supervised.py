@@ -480,6 +480,7 @@ def supervised_learner(
             "num_dev": len(dev),
         },
         compare=("supervised", "budget"),
+        defaults={"supervised": to_dict(SupervisedConfig())},
         evaluate=evaluate,
         eval_every=cfg.eval_every,
         best_key=best_key,

@@ -96,14 +96,23 @@ def to_jsonable(metadata: Any) -> dict[str, Any]:
 
 
 def check_metadata_matches(
-    stored: Mapping[str, Any], expected: Any, sections: Iterable[str], where: str
+    stored: Mapping[str, Any],
+    expected: Any,
+    sections: Iterable[str],
+    where: str,
+    defaults: Any = None,
 ) -> None:
-    """Raise CheckpointMismatchError naming each field of `sections` whose value differs."""
+    """Raise CheckpointMismatchError naming each field of `sections` whose value differs. A
+    field the checkpoint lacks (written before that option existed) counts as its value in
+    `defaults` (the sections of the default config), when given."""
     expected = to_jsonable(expected)
+    defaults = to_jsonable(defaults) if defaults is not None else {}
     problems = []
     for section in sections:
         have = _flatten_dict(stored.get(section, {}), section + ".")
         want = _flatten_dict(expected.get(section, {}), section + ".")
+        default = _flatten_dict(defaults.get(section, {}), section + ".")
+        have.update({f: default[f] for f in want.keys() - have.keys() if f in default})
         for field in sorted(have.keys() | want.keys()):
             missing = "<missing>"
             if have.get(field, missing) != want.get(field, missing):
@@ -267,6 +276,7 @@ class CheckpointManager:
         expected_metadata: Any = None,
         compare_sections: Iterable[str] = ("model",),
         sharding: Any = None,
+        defaults: Any = None,
     ) -> Any:
         """Read `step` (default: latest) into the structure, shapes and shardings of `target_state`.
 
@@ -275,12 +285,15 @@ class CheckpointManager:
         for a target from jax.eval_shape, which carries none. Before reading, every leaf's
         shape and dtype is checked against the checkpoint, and when `expected_metadata` is
         given, each field of its `compare_sections` (default: the model config) must equal the
-        stored one; both raise CheckpointMismatchError naming what differs.
+        stored one (a field the checkpoint lacks counts as its value in `defaults`); both
+        raise CheckpointMismatchError naming what differs.
         """
         step = self._step_or_latest(step)
         where = os.path.join(self.directory, str(step))
         if expected_metadata is not None:
-            check_metadata_matches(self.metadata(step), expected_metadata, compare_sections, where)
+            check_metadata_matches(
+                self.metadata(step), expected_metadata, compare_sections, where, defaults
+            )
         stored = self._manager.item_metadata(step)[STATE_ITEM]
         check_tree_matches(getattr(stored, "tree", stored), target_state, where)
         restored = self._manager.restore(

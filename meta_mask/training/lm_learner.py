@@ -79,6 +79,10 @@ def lm_learner(
         rng=rng,
         metadata=metadata,
         compare=("model", "stage_config"),
+        defaults={
+            "model": config_lib.to_dict(config_lib.ModelConfig()),
+            "stage_config": config_lib.to_dict(config_lib.StageConfig()),
+        },
         **_selection(stage_cfg, dev_score, select_by),
     )
 

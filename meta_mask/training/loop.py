@@ -67,6 +67,8 @@ class Learner:
     rng: the run's key for this learner (the step folds the step number in itself).
     metadata: stored with every checkpoint; the `compare` sections must equal the stored ones
         on resume (a checkpoint of another config is refused, naming the field).
+    defaults: the `compare` sections of the default config: a field a checkpoint lacks (it
+        was written before that option existed) counts as its default.
     evaluate: state -> dev metrics {name: float}; run before the first step, every
         `eval_every` steps and after the last one.
     best_key: an evaluation record -> a sortable key, larger is better; the returned state is
@@ -80,6 +82,7 @@ class Learner:
     rng: jax.Array
     metadata: Mapping[str, Any] = field(default_factory=dict)
     compare: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     evaluate: Callable[[Any], Mapping[str, float]] | None = None
     eval_every: int = 0
     best_key: Callable[[Record], Any] | None = None
@@ -239,6 +242,7 @@ def train(learner: Learner, directory: str | pathlib.Path, options: LoopOptions)
                 jax.eval_shape(lambda: state),
                 expected_metadata=learner.metadata,
                 compare_sections=learner.compare,
+                defaults=learner.defaults,
                 sharding=shardings,
             )
             run.evals = list(stored.get("evals", []))

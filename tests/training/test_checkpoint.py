@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from meta_mask.config import Config, MeshConfig, OptimConfig, StageConfig
+from meta_mask.config import Config, MeshConfig, ModelConfig, OptimConfig, StageConfig
 from meta_mask.model.bart import Bart, init_params
 from meta_mask.training import checkpoint, sharding, steps
 from tests.processes import run_module
@@ -112,6 +112,23 @@ def test_restore_with_different_model_config_names_the_field(tmp_path, trained):
         # A different optimizer (e.g. a longer schedule on resume) is not a model change.
         longer = dataclasses.replace(cfg, intermediate=StageConfig(steps=99))
         manager.restore(abstract_state(cfg), expected_metadata=longer)
+
+
+def test_a_field_the_checkpoint_lacks_counts_as_its_default(tmp_path, trained):
+    cfg, _, state = trained
+    stored = checkpoint.to_jsonable(cfg)
+    del stored["model"]["remat"]  # written by a version without the option
+    with checkpoint.CheckpointManager(tmp_path) as manager:
+        manager.save(2, state, stored)
+        defaults = {"model": checkpoint.to_jsonable(ModelConfig())}
+        with pytest.raises(checkpoint.CheckpointMismatchError, match="has '<missing>'"):
+            manager.restore(abstract_state(cfg), expected_metadata=cfg)
+        manager.restore(abstract_state(cfg), expected_metadata=cfg, defaults=defaults)
+        other = dataclasses.replace(cfg, model=cfg.model.replace(remat=True))
+        with pytest.raises(
+            checkpoint.CheckpointMismatchError, match="model.remat: checkpoint has False"
+        ):
+            manager.restore(abstract_state(cfg), expected_metadata=other, defaults=defaults)
 
 
 def test_partial_checkpoint_dir_is_ignored_and_cleaned(tmp_path, trained):

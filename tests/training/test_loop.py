@@ -162,3 +162,26 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_field(tmp_path):
     loop.train(toy_learner(), tmp_path, dataclasses.replace(OPTIONS, num_steps=4))
     with pytest.raises(ValueError, match="toy.peak: checkpoint has 8, expected 9"):
         loop.train(toy_learner(peak=9), tmp_path, OPTIONS)
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(tmp_path):
+    # A run killed at step 4, resumed by a version whose config has a new option ("rate"):
+    # the checkpoint's metadata lacks it, so it counts as the default the learner declares.
+    with pytest.raises(Crash):
+        loop.train(toy_learner(crash_at=4), tmp_path, OPTIONS)
+
+    def upgraded(rate):
+        learner = toy_learner()
+        return dataclasses.replace(
+            learner,
+            metadata={"toy": {"peak": 8, "rate": rate}},
+            defaults={"toy": {"peak": 8, "rate": 0.5}},
+        )
+
+    with pytest.raises(ValueError, match="toy.rate: checkpoint has 0.5, expected 0.7"):
+        loop.train(upgraded(0.7), tmp_path, OPTIONS)
+    resumed = loop.train(upgraded(0.5), tmp_path, OPTIONS)
+    ref = loop.train(toy_learner(), tmp_path / "ref", OPTIONS)
+    assert resumed.evals == ref.evals
+    for a, b in zip(leaves(ref.state), leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(a, b)
