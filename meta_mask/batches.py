@@ -97,7 +97,7 @@ class MetaBatches(TypedDict):
     inner: MaskableBatch  # [K, B, L]: the K inner MLM batches (contexts)
     outer: Seq2SeqBatch  # [B, .]: the inner contexts' questions, scored after the inner steps
     contrast: NotRequired[Seq2SeqBatch]  # [B, .]: other contexts' questions (contrastive)
-    qa: NotRequired[Seq2SeqBatch]  # [B, .]: the in-loop QA step (MetaConfig.downstream_steps)
+    qa: NotRequired[Seq2SeqBatch]  # [N * B, .]: N in-loop QA steps (downstream_steps = N)
 
 
 A = TypeVar("A", np.ndarray, jax.Array)

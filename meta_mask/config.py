@@ -508,7 +508,7 @@ class MetaConfig:
     Inner loop: `inner_steps` (K) differentiable updates of the LM on the task's contexts,
     masked by the policy at `mask_rate` and corrupted exactly as the intermediate stage
     corrupts its corpus, with `inner_optimizer` at `inner_learning_rate` (`downstream_steps`
-    = 1 adds a QA step on other training questions). Outer: the loss of the contexts' own
+    = N adds N QA steps on other training questions). Outer: the loss of the contexts' own
     questions under the updated LM, minus (`contrastive`) that of questions about other
     contexts; the policy's Adam at `learning_rate` descends its `estimator` gradient
     (second_order: exact, through the unroll; first_order: the alignment of the MLM gradient
@@ -597,9 +597,9 @@ class MetaConfig:
     )
     downstream_steps: int = option(
         0,
-        "1: after the MLM steps, one step on other training questions (the in-loop QA step of "
-        "the paper's figure: the LM learns to answer before its questions are scored); 0: none.",
-        choices=(0, 1),
+        "N > 0: after the MLM steps, N steps on other training questions, each on its own batch "
+        "(the in-loop QA step of the paper's figure, N = 1: the LM learns to answer before its "
+        "questions are scored); 0: none.",
     )
     # The LM theta the inner loop starts from is the caller's, fixed for all meta steps
     # (policies/meta_train.py uses the run's initial LM).
@@ -648,8 +648,9 @@ class MetaConfig:
             raise ValueError(f"MetaConfig.mask_rate={self.mask_rate!r} must lie in [0, 1]")
         if not 0.0 <= self.mask_credit <= 1.0:
             raise ValueError(f"MetaConfig.mask_credit={self.mask_credit!r} must lie in [0, 1]")
-        if self.remat_segment < 0:
-            raise ValueError(f"MetaConfig.remat_segment={self.remat_segment} must be >= 0")
+        for name in ("remat_segment", "downstream_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MetaConfig.{name}={getattr(self, name)} must be >= 0")
         if self.policy_repeat_buckets < 0:
             raise ValueError(
                 f"MetaConfig.policy_repeat_buckets={self.policy_repeat_buckets} must be >= 0"

@@ -225,23 +225,35 @@ def inner_loop(
     """theta_K(phi), the policy's regularizer loss and metrics.
 
     inner_batches: batches.MaskableBatch [K,B,L] (with optional "unit_ids"); noise: Gumbel
-    [K,B,L]; masks: optional fixed masks [K,B,L]. qa (needed iff cfg.downstream_steps = 1): a
-    Seq2SeqBatch of question -> answer pairs for one QA step after the MLM steps.
+    [K,B,L]; masks: optional fixed masks [K,B,L]. qa (needed iff cfg.downstream_steps = N > 0):
+    a Seq2SeqBatch of N * B' question -> answer pairs, N QA steps after the MLM steps, step i
+    on rows [i B', (i + 1) B').
     """
     cfg = setup.cfg
     _check_inner(setup, inner_batches, noise)
     if cfg.downstream_steps and qa is None:
-        raise ValueError("MetaConfig.downstream_steps=1 needs a `qa` batch (the QA step)")
+        raise ValueError("MetaConfig.downstream_steps > 0 needs a `qa` batch (the QA steps)")
     logits, masks, weights = policy_masks(
         phi, inner_batches, noise, setup, masks=masks, reference_phi=reference_phi, leading=1
     )
     examples = jax.vmap(lambda i, m, w: mlm_examples(i, m, w, setup))(
         inner_batches["input_ids"], masks, weights
     )
-    extra = (normalized(qa),) if cfg.downstream_steps else ()
+    extra = qa_steps(qa, cfg.downstream_steps) if cfg.downstream_steps else ()
     theta_k = unroll(setup.cfg, setup.lm_loss, theta, examples, extra)
     reg, metrics = _regularizers(logits, masks, inner_batches["valid"], cfg)
     return theta_k, reg, metrics
+
+
+def qa_steps(qa: Batch, n: int) -> tuple[dict, ...]:
+    """The in-loop QA steps' batches: `qa`'s rows in n equal consecutive blocks, normalized."""
+    rows = jax.tree.leaves(qa)[0].shape[0]
+    if rows % n:
+        raise ValueError(f"{rows} QA rows do not split into downstream_steps={n} equal batches")
+    size = rows // n
+    return tuple(
+        normalized(jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], qa)) for i in range(n)
+    )
 
 
 def downstream_loss(
@@ -344,7 +356,7 @@ def meta_gradient(
     else:
         if setup.cfg.downstream_steps:
             raise ValueError(
-                "MetaConfig.downstream_steps=1 needs estimator='second_order' (the first-order "
+                "MetaConfig.downstream_steps > 0 needs estimator='second_order' (the first-order "
                 "estimator evaluates the downstream gradient at theta_0, before any step)"
             )
         fn = functools.partial(first_order_loss, setup=setup, contrast=contrast)

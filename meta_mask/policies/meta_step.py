@@ -73,11 +73,11 @@ def make_meta_step(
 
     batches: batches.MetaBatches: "inner" [K,B,L] (with "example_ids" [K,B]), "outer" (the
     inner contexts' questions), optional "contrast" (other contexts' questions: the
-    contrastive outer loss) and, with downstream_steps = 1, "qa" (the in-loop QA step). `rng`
-    is the run's base key (the same every step); the masks' noise is derived from (rng, step)
-    as in the sampler. theta is read, never updated. Metrics: loss, outer_loss (outer_own,
-    outer_contrast), entropy, mean_p, budget_penalty, mask_rate, grad_norm (and alignment for
-    first_order).
+    contrastive outer loss) and, with downstream_steps = N > 0, "qa" (the N in-loop QA steps'
+    batches, one after another). `rng` is the run's base key (the same every step); the masks'
+    noise is derived from (rng, step) as in the sampler. theta is read, never updated.
+    Metrics: loss, outer_loss (outer_own, outer_contrast), entropy, mean_p, budget_penalty,
+    mask_rate, grad_norm (and alignment for first_order).
 
     Data parallel with jit=True: the policy state, rng and metrics are replicated over `mesh`
     (default: every device on the data axis), theta is laid out as `theta_sharding` (default

@@ -97,9 +97,10 @@ def meta_batch(
     """The batches of meta step `step` (batches.MetaBatches), a pure function of (seed, step):
     K inner batches of B contexts [K, B, L] (with the policy's units), the first
     outer_batch_size of them's own questions ("outer"), with `cfg.contrastive` as many
-    questions about other contexts ("contrast"), and with downstream_steps = 1 a QA batch of
-    yet other questions ("qa"), drawn from `qa_pool` (triples, encoded) when given: the dev
-    batches take their QA step's questions from the training split, as fine-tuning would."""
+    questions about other contexts ("contrast"), and with downstream_steps = N > 0 N *
+    outer_batch_size yet other questions ("qa", the N QA steps' batches one after another),
+    drawn from `qa_pool` (triples, encoded) when given: the dev batches take their QA steps'
+    questions from the training split, as fine-tuning would."""
     k, b = cfg.inner_steps, cfg.inner_batch_size
     rows = inner_rows(len(triples), cfg, seed=seed, step=step)
     parts = [
@@ -138,7 +139,7 @@ def meta_batch(
         else:
             pool, pool_qa = qa_pool
             skip, pool_order = set(), np.random.default_rng([seed, step, 2]).permutation(len(pool))
-        rows_qa = _others(pool, contexts, skip, n_out, pool_order)
+        rows_qa = _others(pool, contexts, skip, cfg.downstream_steps * n_out, pool_order)
         out["qa"] = seq2seq.train_batch(pool_qa, rows_qa, special=special)
     return out
 

@@ -111,9 +111,9 @@ def policy_net(**kw):
 
 def make_problem(cfg, seed=0, lm="tiny", dtype=jnp.float32, b=B, spans=False, contrast=False):
     """A meta problem: (setup, phi, theta, inner, outer, noise, extra) with extra the keyword
-    batches of meta_loss / meta_gradient: "qa" (downstream_steps = 1), "contrast" (with
-    `contrast`). `spans`: the inner step writes masked_spans examples (as an intermediate
-    stage in that format does), else full sentences with one <mask> per token."""
+    batches of meta_loss / meta_gradient: "qa" (downstream_steps = N: N batches of b),
+    "contrast" (with `contrast`). `spans`: the inner step writes masked_spans examples (as an
+    intermediate stage in that format does), else full sentences with one <mask> per token."""
     rng = np.random.default_rng(seed)
     k = cfg.inner_steps
     ids, valid = sentences(rng, (k, b))
@@ -136,13 +136,13 @@ def make_problem(cfg, seed=0, lm="tiny", dtype=jnp.float32, b=B, spans=False, co
     )
     setup = meta.MetaSetup(cfg, meta.policy_fn_from_net(pnet), lm_loss, SPECIAL, corrupt)
 
-    def qa_of(rng):
-        qa = {k_: jnp.asarray(v) for k_, v in qa_batch(rng, b).items()}
+    def qa_of(rng, steps=1):
+        qa = {k_: jnp.asarray(v) for k_, v in qa_batch(rng, b * steps).items()}
         return {**qa, "weights": qa["weights"].astype(dtype)}
 
     extra = {}
     if cfg.downstream_steps:
-        extra["qa"] = qa_of(rng)
+        extra["qa"] = qa_of(rng, cfg.downstream_steps)
     if contrast:
         extra["contrast"] = qa_of(rng)
     return setup, phi, theta, inner, outer, noise, extra
@@ -183,6 +183,7 @@ FD_CASES = [
     pytest.param(2, "sgd", 0.5, True, 0, 1, 0.5, False, marks=slow),  # QA step + regularizers
     pytest.param(2, "sgd", 0.5, True, 0, 1, 0.05, True, marks=slow),
     pytest.param(6, "sgd", 0.5, True, 3, 1, 0.05, True, marks=slow),
+    (2, "sgd", 0.5, True, 0, 3, 0.05, True),  # three QA steps after the MLM steps
 ]
 
 
@@ -878,6 +879,41 @@ def test_errors_name_the_field():
         MetaConfig(remat=False, remat_segment=2)
     with pytest.raises(ValueError, match="remat_segment=-1 must be >= 0"):
         MetaConfig(remat_segment=-1)
+    with pytest.raises(ValueError, match="downstream_steps=-1 must be >= 0"):
+        MetaConfig(downstream_steps=-1)
+    with pytest.raises(ValueError, match="do not split into downstream_steps=2"):
+        s = meta.MetaSetup(
+            MetaConfig(mask_rate=RATE, inner_steps=2, downstream_steps=2),
+            setup.policy_fn,
+            tiny_lm_loss,
+            SPECIAL,
+        )
+        meta.meta_loss(phi, theta, inner, outer, noise, s, qa=outer)  # B = 3 rows
+
+
+def test_n_qa_steps_are_n_steps_on_consecutive_blocks_of_the_qa_rows():
+    """downstream_steps = 2: after the MLM steps, a step on the first half of the QA rows, then
+    one on the second (the unroll's `extra` batches, in order); not one step on all of them."""
+    cfg = MetaConfig(mask_rate=RATE, inner_steps=1, downstream_steps=2, inner_learning_rate=0.5)
+    setup, phi, theta, inner, outer, noise, extra = make_problem(cfg)
+    qa = extra["qa"]
+    first, second = ({k: v[i * B : (i + 1) * B] for k, v in qa.items()} for i in (0, 1))
+    theta_k = jax.jit(lambda p: meta.inner_loop(p, theta, inner, noise, setup, qa=qa)[0])(phi)
+    masks = fixed_masks(setup, phi, inner, noise)
+
+    def by_hand(batches, s):
+        _, _, w = meta.policy_masks(phi, inner, noise, s, masks=masks, leading=1)
+        ex = jax.vmap(lambda i, m, w: meta.mlm_examples(i, m, w, s))(inner["input_ids"], masks, w)
+        extra_ = tuple(unroll.normalized(b) for b in batches)
+        return unroll.unroll(s.cfg, s.lm_loss, theta, ex, extra_)
+
+    expected = jax.jit(lambda: by_hand((first, second), setup))()
+    _assert_trees_close(theta_k, expected, rtol=1e-6, atol_scale=1e-7)
+    one = meta.MetaSetup(
+        dataclasses.replace(cfg, downstream_steps=1), setup.policy_fn, tiny_lm_loss, SPECIAL
+    )
+    merged = jax.jit(lambda: by_hand((qa,), one))()
+    assert tree_norm(jax.tree.map(jnp.subtract, theta_k, merged)) > 1e-4
 
 
 # ----------------------------------------------------------------------------- the study's parts

@@ -66,6 +66,18 @@ def test_contrast_questions_are_about_other_people_and_the_qa_step_about_yet_oth
     assert out["inner"]["example_ids"].tolist() != other["inner"]["example_ids"].tolist()
 
 
+def test_n_qa_steps_take_n_batches_of_yet_other_questions_the_first_as_with_one():
+    t = triples()
+    one = meta_batch(t, QA, 3, cfg(downstream_steps=1), special=SPECIAL, seed=0, length=8)
+    two = meta_batch(t, QA, 3, cfg(downstream_steps=2), special=SPECIAL, seed=0, length=8)
+    qa = rows_of(two["qa"])
+    assert len(qa) == 8 == len(set(qa))  # two steps' batches of 4, no question twice
+    assert qa[:4] == rows_of(one["qa"])  # one step's batch is the first of two
+    assert rows_of(two["contrast"]) == rows_of(one["contrast"])
+    taken = {i // 2 for i in two["inner"]["example_ids"][0].tolist() + rows_of(two["contrast"])}
+    assert not {i // 2 for i in qa} & taken  # about people neither scored nor contrasted
+
+
 def test_dev_batches_take_the_qa_step_from_the_training_pool():
     dev = triples()[:8]  # 4 people: too few for own + contrast + QA questions of their own
     with pytest.raises(UserError, match="outer_batch_size"):
