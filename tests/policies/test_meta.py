@@ -865,14 +865,13 @@ def test_errors_name_the_field():
     bad = {k: v[:1] for k, v in inner.items()}
     with pytest.raises(ValueError, match="inner_steps=2"):
         meta.meta_loss(phi, theta, bad, outer, noise[:1], setup)
+
+    def with_qa_steps(n):
+        mcfg = MetaConfig(mask_rate=RATE, inner_steps=2, downstream_steps=n)
+        return meta.MetaSetup(mcfg, setup.policy_fn, tiny_lm_loss, SPECIAL)
+
     with pytest.raises(ValueError, match="downstream"):
-        s = meta.MetaSetup(
-            MetaConfig(mask_rate=RATE, inner_steps=2, downstream_steps=1),
-            setup.policy_fn,
-            tiny_lm_loss,
-            SPECIAL,
-        )
-        meta.meta_loss(phi, theta, inner, outer, noise, s)
+        meta.meta_loss(phi, theta, inner, outer, noise, with_qa_steps(1))
     with pytest.raises(ValueError, match="estimator"):
         MetaConfig(mask_rate=RATE, estimator="third_order")
     with pytest.raises(ValueError, match="remat_segment=2 needs remat=True"):
@@ -882,13 +881,7 @@ def test_errors_name_the_field():
     with pytest.raises(ValueError, match="downstream_steps=-1 must be >= 0"):
         MetaConfig(downstream_steps=-1)
     with pytest.raises(ValueError, match="do not split into downstream_steps=2"):
-        s = meta.MetaSetup(
-            MetaConfig(mask_rate=RATE, inner_steps=2, downstream_steps=2),
-            setup.policy_fn,
-            tiny_lm_loss,
-            SPECIAL,
-        )
-        meta.meta_loss(phi, theta, inner, outer, noise, s, qa=outer)  # B = 3 rows
+        meta.meta_loss(phi, theta, inner, outer, noise, with_qa_steps(2), qa=outer)  # 3 rows
 
 
 def test_n_qa_steps_are_n_steps_on_consecutive_blocks_of_the_qa_rows():
