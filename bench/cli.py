@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    res = run(sz, with_torch=not args.no_torch, sections=args.sections, log=log)
+    res = run(
+        sz,
+        with_torch=not args.no_torch,
+        sections=args.sections,
+        log=log,
+        keep_host_buffers=kept,
+    )
     res["wall_s"] = time.time() - t0
     res["machine"]["keep_host_buffers"] = kept
     res["machine"]["load_average_end"] = list(os.getloadavg())

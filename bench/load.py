@@ -3,11 +3,12 @@
 `measure(fn)` runs one section and records, around it, `os.getloadavg()` (1, 5, 15 minutes)
 before and after, and the CPUs that OTHER processes kept busy meanwhile: busy CPU time from
 /proc/stat (steal included: on a VM it is time the host gave to someone else) less this
-process's own CPU time, over the section's wall time. The load average alone cannot tell: this
-benchmark's own threads raise it (a 2-thread section lifts the 1-minute average towards 2 on an
-otherwise idle machine), so a section is marked unreliable when its background load, the
-1-minute load average (mean of before and after) less this process's own average busy CPUs, or
-the CPUs others used, exceeds UNRELIABLE_LOAD.
+process's own CPU time (its finished child processes' included: PyTorch's worker), over the
+section's wall time. The load average alone cannot tell: this benchmark's own threads raise it
+(a 2-thread section lifts the 1-minute average towards 2 on an otherwise idle machine), so a
+section is marked unreliable when its background load, the 1-minute load average (mean of before
+and after) less this process's own average busy CPUs, or the CPUs others used, exceeds
+UNRELIABLE_LOAD.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def _busy_cpu_seconds() -> float | None:
 
 
 def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds of every thread of this process and of its finished child processes
+    (PyTorch's worker, which a section waits for before it returns)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def measure(fn: Callable[[], Any]) -> tuple[Any, dict]:

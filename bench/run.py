@@ -23,9 +23,11 @@ def run(
     with_torch: bool = True,
     sections: tuple[str, ...] = SECTIONS,
     log: Callable[[str], None] = print,
+    keep_host_buffers: bool = False,
 ) -> dict:
     """The sections (train = a + b, always: the others compare against its step); returns the
-    JSON-able results."""
+    JSON-able results. keep_host_buffers: whether this process keeps freed host buffers
+    (training/host_heap.py), passed on to PyTorch's worker process."""
     import jax
 
     cfg = model_config(sz)
@@ -34,7 +36,7 @@ def run(
     results["machine"]["devices"] = [str(d) for d in jax.devices()]
     # Every section carries its load record ("load": load averages before / after, background
     # load, reliable); see bench/load.py.
-    train, load = measure(lambda: train_section(cfg, sz, with_torch, log))
+    train, load = measure(lambda: train_section(cfg, sz, with_torch, log, keep_host_buffers))
     for part in train.values():
         part["load"] = load
     results |= train

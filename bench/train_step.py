@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from bench.flops import matmul_params, train_flops, xla_flops
 from bench.sizes import BenchSizes
 from bench.timing import interleave, median, timed
+from bench.torch_worker import TorchProcess
 
 
 def make_peak(n: int, dtype: str = "float32") -> tuple[Callable[[], float], float]:
@@ -77,46 +77,6 @@ class OurStep:
         return xla_flops(self.compiled)
 
 
-class TorchStep:
-    """HF PyTorch BartForConditionalGeneration + AdamW (+ grad clip), dropout on."""
-
-    def __init__(self, cfg, batch: dict, iters: int) -> None:
-        import torch
-        from transformers import BartConfig, BartForConditionalGeneration
-
-        torch.manual_seed(0)
-        hf_cfg = BartConfig(
-            **{
-                f.name: getattr(cfg, f.name)
-                for f in dataclasses.fields(cfg)
-                if f.name not in ("dtype", "remat")
-            }
-        )
-        self.model = BartForConditionalGeneration(hf_cfg).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
-        self.batch = {k: torch.from_numpy(v.astype("int64")) for k, v in batch.items()}
-        self.iters = iters
-        self.threads = torch.get_num_threads()
-        self.torch_version = torch.__version__
-        self._one()
-
-    def _one(self) -> None:
-        import torch
-
-        out = self.model(
-            input_ids=self.batch["input_ids"],
-            decoder_input_ids=self.batch["decoder_input_ids"],
-            labels=self.batch["labels"],
-        )
-        self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-
-    def run(self) -> float:
-        return timed(self._one, self.iters)
-
-
 def torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -125,9 +85,11 @@ def torch_available() -> bool:
     return True
 
 
-def train_section(cfg, sz: BenchSizes, with_torch: bool, log: Callable[[str], None]) -> dict:
-    """(a) + (b): our step, torch's step and the matmul peak, interleaved. Returns
-    {"train_vs_torch": ..., "mfu": ...}."""
+def train_section(
+    cfg, sz: BenchSizes, with_torch: bool, log: Callable[[str], None], keep_host_buffers: bool
+) -> dict:
+    """(a) + (b): our step, torch's step (in its own process, bench/torch_worker.py) and the
+    matmul peak, interleaved. Returns {"train_vs_torch": ..., "mfu": ...}."""
     b, s = sz.batch, sz.seq
     tokens = b * 2 * s
     log("building train steps ...")
@@ -137,10 +99,14 @@ def train_section(cfg, sz: BenchSizes, with_torch: bool, log: Callable[[str], No
     fns: dict[str, Callable[[], float]] = {"ours": ours.run, "peak": peak_fn}
     torch_step = None
     if with_torch and torch_available():
-        torch_step = TorchStep(cfg, batch, sz.iters)
+        torch_step = TorchProcess(sz, keep_host_buffers)
         fns["torch"] = torch_step.run
     log(f"timing train steps x{sz.repeats} ...")
-    times = interleave(fns, sz.repeats)
+    try:
+        times = interleave(fns, sz.repeats)
+    finally:
+        if torch_step is not None:
+            torch_step.close()
     t_ours = median(times["ours"])
     flops = train_flops(cfg, b, s, s)
     peak = peak_flops / median(times["peak"])

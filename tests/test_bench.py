@@ -5,6 +5,8 @@ assert."""
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -92,6 +94,14 @@ def test_unreliable_load_is_flagged():
     )
     _, measured = load_lib.measure(lambda: sum(range(10_000)))
     assert measured["reliable"] == (measured["background_load"] <= load_lib.UNRELIABLE_LOAD)
+
+
+def test_a_child_process_cpu_counts_as_the_sections_own():
+    # PyTorch's reference runs in a worker process (bench/torch_worker.py): its CPU time is the
+    # benchmark's, not background load.
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    _, measured = load_lib.measure(lambda: subprocess.run([sys.executable, "-c", burn], check=True))
+    assert measured["own_cpus"] > 0.5
 
 
 @pytest.mark.slow  # the quick benchmark end to end (~40 s idle)
