@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -78,11 +79,8 @@ class OurStep:
 
 
 def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torch is installed (found, not imported: PyTorch runs in its worker process)."""
+    return importlib.util.find_spec("torch") is not None
 
 
 def train_section(
