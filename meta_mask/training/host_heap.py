@@ -23,10 +23,10 @@ are limited to one (the main heap, which grows without such a bound). Measured o
 AVX2 EPYC, `python -m bench --sections=train --no_torch --repeats=5` (a step whose temporaries
 exceed 64 MiB: d_model 256, 4+4 layers, vocab 8192, batch 16 x 128), thresholds only against
 thresholds and one arena: page faults 3.4 M -> 0.3-1.5 M, system time 10-11 s -> 2-10 s, ms per
-step 1761 / 1763 (two runs) -> 1328-1496 in five of six runs (the sixth 1773, 1.5 M faults;
-the faults vary from run to run, also when the call comes before any import). The main job's salient-spans run
-(as above): page faults 2.2-3.4 M -> 0.2 M, system 17-19 s -> 9 s, wall 127 s (unchanged),
-results bit-identical.
+step 1761 / 1763 (two runs) -> 1328-1496 in five of six runs (the sixth 1773, 1.5 M faults; the
+faults vary from run to run, also when the call comes before any import). The main job's
+salient-spans run (as above): page faults 2.2-3.4 M -> 0.2 M, system 17-19 s -> 9 s, wall 127 s
+(unchanged), results bit-identical.
 
 The call is process-wide, so only the command lines make it (meta_mask.train, bench), before
 any jax computation; the library never does. Elsewhere than glibc (macOS, musl) it does
