@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.flops import xla_flops
-from bench.sizes import BenchSizes
+from bench.sizes import BenchSizes, synthetic_batch
 from bench.timing import median, timed
-from bench.train_step import OurStep, synthetic_batch
+from bench.train_step import OurStep
 
 
 def nested_segment(k: int) -> int:

@@ -190,7 +190,8 @@ def profile(sz: BenchSizes, steps: int, trace_dir: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from bench.train_step import OurStep, synthetic_batch
+    from bench.sizes import synthetic_batch
+    from bench.train_step import OurStep
 
     cfg = model_config(sz)
     ours = OurStep(cfg, synthetic_batch(cfg, sz.batch, sz.seq, sz.seq), 1)

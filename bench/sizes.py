@@ -1,4 +1,5 @@
-"""The benchmark's sizes: the defaults, the --quick ones, and the model config they give."""
+"""The benchmark's sizes: the defaults, the --quick ones, the model config they give, and a
+synthetic batch for it."""
 
 from __future__ import annotations
 
@@ -70,3 +71,20 @@ def model_config(sz: BenchSizes):
         max_position_embeddings=max(sz.seq, sz.gen_src, sz.gen_len, sz.meta_len, 64),
         dtype=sz.dtype,
     )
+
+
+def synthetic_batch(cfg, batch: int, src: int, tgt: int, seed: int = 0) -> dict:
+    """A full (no padding) seq2seq batch in the train step's format (numpy)."""
+    import numpy as np
+
+    from meta_mask.batches import shift_right
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, cfg.vocab_size, size=(batch, src), dtype=np.int32)
+    labels = rng.integers(4, cfg.vocab_size, size=(batch, tgt), dtype=np.int32)
+    return {
+        "input_ids": ids,
+        "decoder_input_ids": shift_right(labels, cfg.decoder_start_token_id),
+        "labels": labels,
+        "weights": np.ones((batch, tgt), np.float32),
+    }

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from typing import Any
 
-from bench.sizes import BenchSizes, model_config
+from bench.sizes import BenchSizes, model_config, synthetic_batch
 from bench.timing import timed
 
 
@@ -103,12 +103,11 @@ class TorchProcess:
 
 
 def _sizes(fields: dict[str, Any]) -> BenchSizes:
-    tuples = {f.name for f in dataclasses.fields(BenchSizes) if f.name.endswith("_k")}
-    return BenchSizes(**{k: tuple(v) if k in tuples else v for k, v in fields.items()})
+    """BenchSizes from its JSON fields (JSON turned its tuples into lists)."""
+    return BenchSizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def main() -> int:
-    from bench.train_step import synthetic_batch
     from meta_mask.training import host_heap
 
     setup = json.loads(sys.stdin.readline())

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.flops import matmul_params, train_flops, xla_flops
-from bench.sizes import BenchSizes
+from bench.sizes import BenchSizes, synthetic_batch
 from bench.timing import interleave, median, timed
 from bench.torch_worker import TorchProcess
 
@@ -22,23 +22,6 @@ def make_peak(n: int, dtype: str = "float32") -> tuple[Callable[[], float], floa
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
     return (lambda: timed(lambda: dot(a, b).block_until_ready(), 2)), 2.0 * n**3
-
-
-def synthetic_batch(cfg, batch: int, src: int, tgt: int, seed: int = 0) -> dict:
-    """A full (no padding) seq2seq batch in the train step's format (numpy)."""
-    import numpy as np
-
-    from meta_mask.batches import shift_right
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(4, cfg.vocab_size, size=(batch, src), dtype=np.int32)
-    labels = rng.integers(4, cfg.vocab_size, size=(batch, tgt), dtype=np.int32)
-    return {
-        "input_ids": ids,
-        "decoder_input_ids": shift_right(labels, cfg.decoder_start_token_id),
-        "labels": labels,
-        "weights": np.ones((batch, tgt), np.float32),
-    }
 
 
 class OurStep:
